@@ -1,0 +1,244 @@
+"""One validated configuration for kvtier.
+
+Sources, later ones winning: defaults < YAML file < ``KVTIER_*`` environment
+variables < the engine's extra config dict. Every value is checked at start-up;
+a bad one raises :class:`ConfigError` naming the key, the value and what is
+allowed, so a user fixes it before the first request rather than after.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+TIER_NAMES = ("cpu", "disk", "redis")
+HASH_NAMES = ("blake3", "xxh3_128")
+ENV_PREFIX = "KVTIER_"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, malformed or out of range."""
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+               "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_size(key: str, value: Any) -> int:
+    """Bytes from an int or a string such as ``"4GiB"``, ``"512MB"``, ``"1g"``."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r}: expected a byte size such as 4GiB or 1073741824")
+    if isinstance(value, int):
+        n = value
+    else:
+        m = _SIZE_RE.match(str(value))
+        if not m:
+            raise ConfigError(f"{key}={value!r}: expected a byte size such as 4GiB, 512MB or 1073741824")
+        unit = (m.group(2) or "").lower().rstrip("b")
+        n = int(float(m.group(1)) * _SIZE_UNITS[unit])
+    if n < 0:
+        raise ConfigError(f"{key}={value!r}: a size cannot be negative")
+    return n
+
+
+@dataclass(frozen=True)
+class KVTierConfig:
+    """All settings of kvtier, with their defaults. See docs/config.md."""
+
+    chunk_size: int = 256
+    """Tokens per chunk; a multiple of the engine's block size."""
+    tiers: tuple[str, ...] = ("cpu", "disk")
+    """Tiers in lookup order, fastest first; any of cpu, disk, redis ("cpu" always first when present)."""
+    cpu_bytes: int = 4 * 2**30
+    """Host memory for the cpu tier (one allocation, cut into chunk slots)."""
+    disk_path: str = "./kvtier-data"
+    """Directory of the disk tier (one file per chunk)."""
+    disk_bytes: int = 64 * 2**30
+    """Size cap of the disk tier; least recently used chunks are removed beyond it."""
+    redis_url: tuple[str, ...] = ()
+    """redis://host:port[/db] URLs; several URLs (or redis_cluster) mean a Redis Cluster."""
+    redis_cluster: bool = False
+    """Treat redis_url as seed nodes of a Redis Cluster."""
+    redis_prefix: str = "kvtier:"
+    """Key prefix in Redis, so kvtier shares a server with other data."""
+    redis_ttl_s: int = 0
+    """Expiry of chunks written to Redis (0 = none; rely on the server's maxmemory policy)."""
+    hash: str = "blake3"
+    """Hash of chunk keys: blake3 or xxh3_128."""
+    write_queue_depth: int = 256
+    """Chunks waiting to be written to lower tiers; when full, new writes are dropped and counted."""
+    write_threads: int = 2
+    """Background threads writing chunks down to lower tiers."""
+    connect_timeout_s: float = 1.0
+    """Timeout to connect to a remote tier."""
+    op_timeout_s: float = 2.0
+    """Timeout of one remote operation; a slower answer is treated as a miss."""
+    retry_after_s: float = 2.0
+    """After a remote tier failed, how long to answer misses before trying it again."""
+    lease_ttl_s: float = 60.0
+    """A leased chunk (found by a lookup, not yet loaded) is kept from eviction this long at most."""
+    model: str = ""
+    """Model name folded into chunk keys (the connector fills it in from the engine)."""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    """Settings for an engine adapter that the core does not interpret."""
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @classmethod
+    def from_sources(
+        cls,
+        extra: Mapping[str, Any] | None = None,
+        env: Mapping[str, str] | None = None,
+        yaml_path: str | os.PathLike | None = None,
+    ) -> "KVTierConfig":
+        """Merge defaults, an optional YAML file, ``KVTIER_*`` env vars and ``extra``.
+
+        ``yaml_path`` may also come from ``extra["config_file"]`` or ``KVTIER_CONFIG_FILE``.
+        Keys not known to the core go to ``.extra`` only when prefixed by an engine name
+        (``vllm_*``); any other unknown key is an error, so a typo is never silently ignored.
+        """
+        env = os.environ if env is None else env
+        extra = dict(extra or {})
+        merged: dict[str, Any] = {}
+        yaml_path = yaml_path or extra.pop("config_file", None) or env.get(ENV_PREFIX + "CONFIG_FILE")
+        if yaml_path:
+            merged.update(_load_yaml(yaml_path))
+        for name, value in env.items():
+            if name.startswith(ENV_PREFIX) and name != ENV_PREFIX + "CONFIG_FILE":
+                merged[name[len(ENV_PREFIX):].lower()] = value
+        merged.update(extra)
+        return cls.from_dict(merged)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "KVTierConfig":
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        adapter: dict[str, Any] = dict(values.get("extra", {}) or {})
+        for key, value in values.items():
+            if key == "extra":
+                continue
+            if key not in known:
+                if key.startswith(("vllm_", "engine_")):
+                    adapter[key] = value
+                    continue
+                close = [k for k in known if k.split("_")[0] == key.split("_")[0]]
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(
+                    f"unknown kvtier setting {key!r}.{hint} Known settings: {', '.join(sorted(known))}"
+                )
+            kwargs[key] = _coerce(key, known[key].type, value)
+        kwargs["extra"] = adapter
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["tiers"] = list(self.tiers)
+        out["redis_url"] = list(self.redis_url)
+        out["extra"] = dict(self.extra)
+        return out
+
+
+def _load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    import yaml
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ConfigError(f"config_file={str(path)!r}: cannot read it ({e.strerror})") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config_file={str(path)!r}: not valid YAML ({e})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config_file={str(path)!r}: expected a mapping of settings at the top level")
+    return data
+
+
+def _split_list(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return tuple(p.strip() for p in value.split(",") if p.strip())
+    if isinstance(value, (list, tuple)):
+        return tuple(str(v).strip() for v in value)
+    raise ConfigError(f"expected a list or a comma-separated string, got {value!r}")
+
+
+def _coerce(key: str, type_name: Any, value: Any) -> Any:
+    """Turn strings from env/YAML into the field's type; leave type errors to _validate."""
+    t = str(type_name)
+    try:
+        if key in ("cpu_bytes", "disk_bytes"):
+            return parse_size(key, value)
+        if t.startswith("tuple"):
+            return _split_list(value)
+        if t == "bool":
+            if isinstance(value, bool):
+                return value
+            s = str(value).strip().lower()
+            if s in ("1", "true", "yes", "on"):
+                return True
+            if s in ("0", "false", "no", "off", ""):
+                return False
+            raise ConfigError(f"{key}={value!r}: expected true or false")
+        if t == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if t == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if t == "str":
+            if not isinstance(value, (str, os.PathLike)):
+                raise ValueError
+            return str(value)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{key}={value!r}: expected a value of type {t}") from e
+    return value
+
+
+def _validate(c: KVTierConfig) -> None:
+    def bad(key: str, allowed: str) -> ConfigError:
+        return ConfigError(f"{key}={getattr(c, key)!r}: {allowed}")
+
+    if not isinstance(c.chunk_size, int) or c.chunk_size <= 0 or c.chunk_size % 16:
+        raise bad("chunk_size", "must be a positive multiple of 16 (and of the engine's block size), e.g. 256")
+    if not c.tiers:
+        raise bad("tiers", f"list at least one tier of {', '.join(TIER_NAMES)}")
+    for t in c.tiers:
+        if t not in TIER_NAMES:
+            raise bad("tiers", f"unknown tier {t!r}; allowed: {', '.join(TIER_NAMES)}")
+    if len(set(c.tiers)) != len(c.tiers):
+        raise bad("tiers", "a tier may appear only once")
+    if "cpu" in c.tiers and c.tiers[0] != "cpu":
+        raise bad("tiers", "cpu must come first: lower tiers are filled from it")
+    if "cpu" in c.tiers and c.cpu_bytes <= 0:
+        raise bad("cpu_bytes", "must be > 0 when the cpu tier is enabled, e.g. 4GiB")
+    if "disk" in c.tiers:
+        if not c.disk_path:
+            raise bad("disk_path", "set a directory for the disk tier")
+        if c.disk_bytes <= 0:
+            raise bad("disk_bytes", "must be > 0 when the disk tier is enabled, e.g. 64GiB")
+    if "redis" in c.tiers and not c.redis_url:
+        raise bad("redis_url", "set redis://HOST:PORT (or several for a cluster) when the redis tier is enabled")
+    for url in c.redis_url:
+        if not re.match(r"^(redis|rediss|unix)://", url):
+            raise ConfigError(f"redis_url={url!r}: expected redis://HOST:PORT[/DB], rediss://... or unix:///path")
+    if c.hash not in HASH_NAMES:
+        raise bad("hash", f"allowed: {', '.join(HASH_NAMES)}")
+    for key in ("write_queue_depth", "write_threads"):
+        v = getattr(c, key)
+        if not isinstance(v, int) or v < 1:
+            raise bad(key, "must be an integer >= 1")
+    for key in ("connect_timeout_s", "op_timeout_s", "retry_after_s", "lease_ttl_s"):
+        v = getattr(c, key)
+        if not isinstance(v, (int, float)) or v <= 0:
+            raise bad(key, "must be a number of seconds > 0")
+    if not isinstance(c.redis_ttl_s, int) or c.redis_ttl_s < 0:
+        raise bad("redis_ttl_s", "must be an integer >= 0 (0 = no expiry)")

@@ -1,0 +1,128 @@
+"""Chunk keys: a prefix chain of hashes over token ids, seeded by a namespace.
+
+Key of chunk i = H(key of chunk i-1 || token ids of chunk i), and key -1 is the
+namespace digest. So two prompts share the key of chunk i exactly when they
+share all tokens up to the end of chunk i *and* the namespace (model, KV dtype
+and shape, TP rank), on any host and in any process. Only full chunks get keys:
+a partial chunk is never stored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import blake3
+import numpy as np
+import xxhash
+
+FORMAT_VERSION = 1
+KEY_BYTES = 16
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """Everything that changes the bytes of a chunk's KV for the same tokens."""
+
+    model: str
+    kv_dtype: str
+    num_layers: int
+    num_kv_heads: int
+    head_size: int
+    tp_rank: int = 0
+    tp_size: int = 1
+    format_version: int = FORMAT_VERSION
+    extra: str = ""
+    """Anything else an adapter knows changes the KV (e.g. a LoRA id, an MLA flag)."""
+
+    def canonical(self) -> bytes:
+        fields = (
+            f"model={self.model}", f"kv_dtype={self.kv_dtype}", f"layers={self.num_layers}",
+            f"kv_heads={self.num_kv_heads}", f"head_size={self.head_size}",
+            f"tp={self.tp_rank}/{self.tp_size}", f"format={self.format_version}", f"extra={self.extra}",
+        )
+        # Length-prefix each field so no two namespaces serialise alike.
+        return b"".join(len(f).to_bytes(4, "little") + f.encode() for f in fields)
+
+    def seed(self, hash_name: str = "blake3") -> bytes:
+        return _hash(hash_name, b"kvtier-namespace", self.canonical())
+
+    def label(self) -> str:
+        """Human-readable summary, stored in chunk headers for `kvtier inspect`."""
+        return (f"{self.model}|{self.kv_dtype}|L{self.num_layers}|H{self.num_kv_heads}"
+                f"|D{self.head_size}|tp{self.tp_rank}/{self.tp_size}")
+
+
+def _hash(hash_name: str, prev: bytes, data: bytes | memoryview) -> bytes:
+    if hash_name == "blake3":
+        h = blake3.blake3(prev)
+        h.update(data)
+        return h.digest(KEY_BYTES)
+    if hash_name == "xxh3_128":
+        h = xxhash.xxh3_128(prev)
+        h.update(data)
+        return h.digest()
+    raise ValueError(f"unknown hash {hash_name!r}; allowed: blake3, xxh3_128")
+
+
+def as_token_array(token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Token ids as a contiguous little-endian uint32 array (the bytes that get hashed)."""
+    if hasattr(token_ids, "numpy"):  # torch tensor, without importing torch here
+        token_ids = token_ids.cpu().numpy()
+    arr = np.asarray(token_ids)
+    if arr.ndim != 1:
+        raise ValueError(f"token ids must be one-dimensional, got shape {arr.shape}")
+    if arr.size and (arr.dtype.kind not in "iu" or arr.min() < 0 or arr.max() >= 2**32):
+        raise ValueError("token ids must be integers in [0, 2**32)")
+    return np.ascontiguousarray(arr, dtype="<u4")
+
+
+def chunk_keys(
+    namespace: Namespace,
+    token_ids: Sequence[int] | np.ndarray,
+    chunk_size: int,
+    hash_name: str = "blake3",
+    max_chunks: int | None = None,
+) -> list[bytes]:
+    """Keys of the full chunks of ``token_ids`` (a trailing partial chunk has none).
+
+    One hash call per chunk over a view of the token array: no per-token Python.
+    """
+    arr = as_token_array(token_ids)
+    n = arr.size // chunk_size
+    if max_chunks is not None:
+        n = min(n, max_chunks)
+    raw = memoryview(arr[: n * chunk_size]).cast("B")
+    step = chunk_size * 4
+    keys: list[bytes] = []
+    prev = namespace.seed(hash_name)
+    for i in range(n):
+        prev = _hash(hash_name, prev, raw[i * step:(i + 1) * step])
+        keys.append(prev)
+    return keys
+
+
+class KeyChain:
+    """Incremental keys for a growing token sequence (one request's prompt and output).
+
+    Keeps the keys computed so far, so each scheduler call hashes only new full chunks.
+    """
+
+    def __init__(self, namespace: Namespace, chunk_size: int, hash_name: str = "blake3") -> None:
+        self.namespace = namespace
+        self.chunk_size = chunk_size
+        self.hash_name = hash_name
+        self.keys: list[bytes] = []
+        self._seed = namespace.seed(hash_name)
+
+    def extend(self, token_ids: Sequence[int] | np.ndarray) -> list[bytes]:
+        """Keys of all full chunks of ``token_ids``, which must start with the tokens seen before."""
+        arr = as_token_array(token_ids)
+        n = arr.size // self.chunk_size
+        step = self.chunk_size * 4
+        raw = memoryview(arr[: n * self.chunk_size]).cast("B")
+        prev = self.keys[-1] if self.keys else self._seed
+        for i in range(len(self.keys), n):
+            prev = _hash(self.hash_name, prev, raw[i * step:(i + 1) * step])
+            self.keys.append(prev)
+        return self.keys[:n]

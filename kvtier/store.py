@@ -1,0 +1,343 @@
+"""The store: one object over the tiers, the only thing engines talk to.
+
+- ``lookup`` answers how many leading chunk keys some tier holds: one batched
+  ``contains`` per tier, asking each tier only about keys the faster tiers lacked.
+- ``get`` hands out references to host slots holding verified chunks; a hit in a
+  lower tier is read into a fresh slot and promoted to ``cpu`` (and written back to
+  the tiers between, so the next reader finds it closer).
+- ``allocate`` + ``commit`` is the save path: the engine fills a slot, the store
+  indexes it in ``cpu`` and queues it for the lower tiers. Background threads drain
+  that bounded queue; when it is full a write is dropped and counted, never blocking
+  the engine.
+- ``lease`` keeps chunks found by a lookup from eviction until their load is done.
+
+A tier that raises (a bug: tiers are meant to answer misses) is counted and
+treated as a miss, so the serving process never dies because a tier did.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from kvtier.config import KVTierConfig
+from kvtier.layout import ChunkLayout
+from kvtier.memory import ChunkRef, HostPool
+from kvtier.metrics import Metrics
+from kvtier.tiers.base import Buffer, Protected, Tier
+from kvtier.tiers.cpu import CpuTier
+
+log = logging.getLogger(__name__)
+
+# Without a cpu tier the pool only stages chunks on their way to or from a lower tier.
+_STAGING_SLOTS = 64
+
+
+def make_tier(name: str, config: KVTierConfig, layout: ChunkLayout, label: str, protected: Protected) -> Tier:
+    """Build the lower tier ``name`` ("disk" or "redis") from ``config``."""
+    if name == "disk":
+        from kvtier.tiers.disk import DiskTier
+
+        return DiskTier(config.disk_path, config.disk_bytes, layout, label=label, protected=protected)
+    if name == "redis":
+        from kvtier.tiers.redis import RedisTier
+
+        return RedisTier(
+            config.redis_url, layout, label=label, cluster=config.redis_cluster, prefix=config.redis_prefix,
+            ttl_s=config.redis_ttl_s, connect_timeout_s=config.connect_timeout_s,
+            op_timeout_s=config.op_timeout_s, retry_after_s=config.retry_after_s,
+        )
+    raise ValueError(f"no tier named {name!r}")
+
+
+class Lease:
+    """Protection of some keys from eviction; release it when the load is done."""
+
+    def __init__(self, store: "Store", keys: Sequence[bytes]) -> None:
+        self._store = store
+        self.keys = tuple(keys)
+        self.expires = time.monotonic() + store.config.lease_ttl_s
+        self.released = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self._store._end_lease(self)
+
+    def __enter__(self) -> "Lease":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class Store:
+    """Lookup, load and save of chunks across the configured tiers."""
+
+    def __init__(
+        self,
+        config: KVTierConfig,
+        layout: ChunkLayout,
+        label: str = "",
+        metrics: Metrics | None = None,
+        pin: bool | None = None,
+        tiers: Sequence[Tier] | None = None,
+    ) -> None:
+        """``tiers`` overrides the lower tiers built from ``config`` (tests, custom backends)."""
+        self.config = config
+        self.layout = layout
+        self.chunk_size = layout.tokens
+        self.label = label
+        self.metrics = metrics or Metrics()
+        self._lease_lock = threading.Lock()
+        self._leased: dict[bytes, int] = {}
+        self._leases: set[Lease] = set()
+        if "cpu" in config.tiers:
+            self.pool = HostPool.for_bytes(config.cpu_bytes, layout.nbytes, pin)
+            self.cpu: CpuTier | None = CpuTier(self.pool, protected=self.is_leased)
+        else:
+            self.pool = HostPool(layout.nbytes, _STAGING_SLOTS, pin)
+            self.cpu = None
+        if tiers is None:
+            tiers = [make_tier(n, config, layout, label, self.is_leased) for n in config.tiers if n != "cpu"]
+        self.lower: list[Tier] = list(tiers)
+        self.tiers: list[Tier] = ([self.cpu] if self.cpu else []) + self.lower
+        self.metrics.watch_tiers(lambda: self.tiers)
+        self._queue: queue.Queue[tuple[bytes, ChunkRef, tuple[Tier, ...]] | None] = queue.Queue(
+            config.write_queue_depth
+        )
+        self._writers = [
+            threading.Thread(target=self._write_behind, name=f"kvtier-writer-{i}", daemon=True)
+            for i in range(config.write_threads if self.lower else 0)
+        ]
+        for t in self._writers:
+            t.start()
+        self._closed = False
+
+    # ---------------------------------------------------------------- lookup
+    def lookup(self, keys: Sequence[bytes]) -> int:
+        """Number of leading ``keys`` held by some tier (a hint: ``get`` may still miss)."""
+        t0 = time.perf_counter()
+        n = len(keys)
+        found = [False] * n
+        first = 0
+        for tier in self.tiers:
+            if first >= n:
+                break
+            answer = self._call(tier, "contains", keys[first:])
+            if answer is None:
+                continue
+            for i, present in enumerate(answer):
+                if present:
+                    found[first + i] = True
+            while first < n and found[first]:
+                first += 1
+        m = self.metrics
+        m.lookups.inc()
+        m.hit_tokens.inc(first * self.chunk_size)
+        m.miss_tokens.inc((n - first) * self.chunk_size)
+        m.latency.labels("store", "lookup").observe(time.perf_counter() - t0)
+        return first
+
+    def contains(self, keys: Sequence[bytes]) -> list[bool]:
+        """Per key: whether some tier holds it (used to skip saving what is stored)."""
+        found = [False] * len(keys)
+        for tier in self.tiers:
+            todo = [i for i, f in enumerate(found) if not f]
+            if not todo:
+                break
+            answer = self._call(tier, "contains", [keys[i] for i in todo])
+            for i, present in zip(todo, answer or ()):
+                found[i] = found[i] or present
+        return found
+
+    # ---------------------------------------------------------------- load
+    def get(self, keys: Sequence[bytes]) -> list[ChunkRef | None]:
+        """References to host slots holding each key's verified chunk; None for a miss.
+
+        The caller releases every reference it gets. A hit below ``cpu`` is promoted.
+        """
+        t0 = time.perf_counter()
+        refs: list[ChunkRef | None] = [None] * len(keys)
+        missing = list(range(len(keys)))
+        if self.cpu is not None:
+            missing = []
+            for i, key in enumerate(keys):
+                refs[i] = self.cpu.acquire(key)
+                if refs[i] is None:
+                    missing.append(i)
+        for depth, tier in enumerate(self.lower):
+            if not missing:
+                break
+            slots: list[tuple[int, ChunkRef]] = []
+            for i in missing:
+                ref = self.allocate()
+                if ref is None:
+                    break  # host memory full of chunks in use: the rest are misses
+                slots.append((i, ref))
+            answer = self._call(tier, "get_into", [keys[i] for i, _ in slots],
+                                [ref.data.numpy() for _, ref in slots]) or [False] * len(slots)
+            still = []
+            for (i, ref), ok in zip(slots, answer):
+                if ok:
+                    refs[i] = ref
+                    self._promote(keys[i], ref, self.lower[:depth])
+                else:
+                    ref.release()
+                    still.append(i)
+            missing = still + missing[len(slots):]
+        self.metrics.latency.labels("store", "get").observe(time.perf_counter() - t0)
+        return refs
+
+    def _promote(self, key: bytes, ref: ChunkRef, upper: Sequence[Tier]) -> None:
+        if self.cpu is not None:
+            self.cpu.insert(key, ref.share())
+        if upper:
+            self._enqueue(key, ref.share(), tuple(upper))
+
+    # ---------------------------------------------------------------- save
+    def allocate(self) -> ChunkRef | None:
+        """A writable host slot for one chunk, or None when none can be freed."""
+        if self.cpu is not None:
+            return self.cpu.alloc()
+        slot = self.pool.alloc()
+        return None if slot is None else ChunkRef(self.pool, slot)
+
+    def commit(self, key: bytes, ref: ChunkRef) -> None:
+        """Publish the chunk the caller wrote into ``ref``; takes ownership of ``ref``."""
+        self.metrics.saved_chunks.inc()
+        if self.cpu is not None:
+            self.cpu.insert(key, ref.share())
+        if self.lower:
+            self._enqueue(key, ref, tuple(self.lower))
+        else:
+            ref.release()
+
+    def put(self, key: bytes, payload: torch.Tensor | Buffer) -> bool:
+        """Copy ``payload`` (``layout.nbytes`` bytes) into a slot and commit it; False if no slot."""
+        ref = self.allocate()
+        if ref is None:
+            return False
+        src = payload.numpy() if isinstance(payload, torch.Tensor) else np.frombuffer(payload, dtype=np.uint8)
+        np.copyto(ref.data.numpy(), src.reshape(-1))
+        self.commit(key, ref)
+        return True
+
+    def _enqueue(self, key: bytes, ref: ChunkRef, targets: tuple[Tier, ...]) -> None:
+        try:
+            self._queue.put_nowait((key, ref, targets))
+        except queue.Full:
+            self.metrics.dropped_writes.inc()
+            ref.release()
+
+    def _write_behind(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                key, ref, targets = item
+                with ref:
+                    for tier in targets:
+                        self._call(tier, "put", [key], [ref.data.numpy()])
+            finally:
+                self._queue.task_done()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until queued writes reached the lower tiers; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._queue.unfinished_tasks:
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.001)
+        return True
+
+    # ---------------------------------------------------------------- leases
+    def lease(self, keys: Sequence[bytes]) -> Lease:
+        """Keep ``keys`` from eviction (in tiers that evict) until released or ``lease_ttl_s``."""
+        lease = Lease(self, keys)
+        with self._lease_lock:
+            self._expire_leases()
+            self._leases.add(lease)
+            for k in lease.keys:
+                self._leased[k] = self._leased.get(k, 0) + 1
+        return lease
+
+    def _end_lease(self, lease: Lease) -> None:
+        with self._lease_lock:
+            self._drop_lease(lease)
+
+    def _drop_lease(self, lease: Lease) -> None:
+        if lease not in self._leases:
+            return
+        self._leases.discard(lease)
+        for k in lease.keys:
+            n = self._leased[k] - 1
+            if n:
+                self._leased[k] = n
+            else:
+                del self._leased[k]
+
+    def _expire_leases(self) -> None:
+        now = time.monotonic()
+        for lease in [x for x in self._leases if x.expires < now]:
+            log.warning("kvtier: a lease on %d chunks expired before release", len(lease.keys))
+            self._drop_lease(lease)
+
+    def is_leased(self, key: bytes) -> bool:
+        return key in self._leased
+
+    # ---------------------------------------------------------------- misc
+    def _call(self, tier: Tier, op: str, *args: object) -> list | None:
+        t0 = time.perf_counter()
+        try:
+            return getattr(tier, op)(*args)
+        except Exception:  # a tier must not raise; if one does, it is a miss, not a crash
+            log.exception("kvtier: tier %s raised in %s; treating as a miss", tier.name, op)
+            self.metrics.tier_exceptions.labels(tier.name).inc()
+            return None
+        finally:
+            self.metrics.latency.labels(tier.name, op).observe(time.perf_counter() - t0)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Finish queued writes (up to ``timeout``), stop the writers, close the tiers."""
+        if self._closed:
+            return
+        self._closed = True
+        self.flush(timeout)
+        for _ in self._writers:
+            self._queue.put(None)
+        for t in self._writers:
+            t.join(timeout)
+        for tier in self.tiers:
+            tier.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_registry: dict[tuple, Store] = {}
+_registry_lock = threading.Lock()
+
+
+def get_store(config: KVTierConfig, layout: ChunkLayout, label: str = "") -> Store:
+    """The process-wide store for this config and layout, created on first use.
+
+    Lets the scheduler-side and worker-side halves of an engine adapter, living in
+    one process, share one store (and one cpu tier).
+    """
+    key = (repr(config.to_dict()), layout, label)
+    with _registry_lock:
+        store = _registry.get(key)
+        if store is None or store._closed:
+            store = _registry[key] = Store(config, layout, label)
+        return store

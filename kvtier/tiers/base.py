@@ -1,0 +1,89 @@
+"""The interface every tier implements, and what the store relies on.
+
+Contract (each is tested for every tier):
+- Calls are batched: one call answers for many keys, in order.
+- A tier never raises from ``contains``/``get_into``/``put``/``delete`` because its
+  backend failed (dead server, full or unwritable disk, corrupt data): it answers a
+  miss / ``False``, counts the error in its stats, and recovers when the backend does.
+  Programming errors (wrong buffer size) still raise.
+- ``get_into`` writes a payload into the caller's buffer only after checking it; on a
+  ``False`` answer the buffer's content is unspecified and must not be used.
+- ``put`` stores a copy; the caller may reuse its buffer when ``put`` returns.
+- Eviction never removes a key for which ``protected(key)`` is true (a leased chunk).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+Buffer = memoryview | np.ndarray
+Protected = Callable[[bytes], bool]
+
+
+def never_protected(key: bytes) -> bool:
+    return False
+
+
+@dataclass
+class TierStats:
+    """Counters of one tier since it started."""
+
+    name: str
+    chunks: int = 0
+    bytes: int = 0
+    capacity_bytes: int = 0
+    hits: int = 0
+    misses: int = 0
+    puts: int = 0
+    evictions: int = 0
+    errors: int = 0
+    corrupt: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StoredChunk:
+    """What `kvtier inspect` shows of one stored chunk."""
+
+    key: bytes
+    nbytes: int
+    label: str
+
+
+class Tier(ABC):
+    """A place that holds chunks by key."""
+
+    name: str = "tier"
+
+    @abstractmethod
+    def contains(self, keys: Sequence[bytes]) -> list[bool]:
+        """Which of ``keys`` this tier holds now (a hint: a later get may still miss)."""
+
+    @abstractmethod
+    def get_into(self, keys: Sequence[bytes], dests: Sequence[Buffer]) -> list[bool]:
+        """Copy each key's verified payload into ``dests[i]``; True where that worked."""
+
+    @abstractmethod
+    def put(self, keys: Sequence[bytes], payloads: Sequence[Buffer]) -> list[bool]:
+        """Store copies of the payloads; True where stored."""
+
+    @abstractmethod
+    def delete(self, keys: Sequence[bytes]) -> None:
+        """Remove keys if present."""
+
+    @abstractmethod
+    def stats(self) -> TierStats:
+        """Counters and occupancy."""
+
+    def scan(self) -> Iterator[StoredChunk]:
+        """Every chunk held (for inspection; may be slow)."""
+        return iter(())
+
+    def close(self) -> None:
+        """Release resources; the tier is unusable afterwards."""

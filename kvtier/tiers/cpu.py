@@ -1,0 +1,123 @@
+"""The cpu tier: an LRU index of chunks held in :class:`kvtier.memory.HostPool` slots.
+
+The tier owns one reference to each slot it indexes. Readers take their own
+reference (:meth:`CpuTier.acquire`), so evicting a chunk that is being loaded
+removes it from the index at once but frees its memory only after the load.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from kvtier.memory import ChunkRef, HostPool
+from kvtier.tiers.base import Buffer, Protected, StoredChunk, Tier, TierStats, never_protected
+
+
+class CpuTier(Tier):
+    name = "cpu"
+
+    def __init__(self, pool: HostPool, protected: Protected = never_protected) -> None:
+        self.pool = pool
+        self.protected = protected
+        self._index: OrderedDict[bytes, ChunkRef] = OrderedDict()
+        self._lock = threading.Lock()
+        self._stats = TierStats("cpu", capacity_bytes=pool.slot_bytes * pool.num_slots)
+
+    # Zero-copy paths used by the store.
+    def acquire(self, key: bytes) -> ChunkRef | None:
+        """A new reference to the chunk under ``key`` (marks it recently used), or None."""
+        with self._lock:
+            ref = self._index.get(key)
+            if ref is None:
+                self._stats.misses += 1
+                return None
+            self._index.move_to_end(key)
+            self._stats.hits += 1
+            self._stats.bytes_read += self.pool.slot_bytes
+            return ref.share()
+
+    def insert(self, key: bytes, ref: ChunkRef) -> None:
+        """Index ``ref`` under ``key``; the tier takes ownership of ``ref``."""
+        with self._lock:
+            old = self._index.pop(key, None)
+            self._index[key] = ref
+            self._stats.puts += 1
+            self._stats.bytes_written += self.pool.slot_bytes
+        if old is not None:
+            old.release()
+
+    def alloc(self) -> ChunkRef | None:
+        """A writable slot, evicting least recently used unprotected chunks if needed."""
+        while True:
+            slot = self.pool.alloc()
+            if slot is not None:
+                return ChunkRef(self.pool, slot)
+            if not self._evict_one():
+                return None
+
+    def _evict_one(self) -> bool:
+        with self._lock:
+            victim = next((k for k in self._index if not self.protected(k)), None)
+            if victim is None:
+                return False
+            ref = self._index.pop(victim)
+            self._stats.evictions += 1
+        ref.release()
+        return True
+
+    # The generic Tier interface.
+    def contains(self, keys: Sequence[bytes]) -> list[bool]:
+        index = self._index
+        return [k in index for k in keys]
+
+    def get_into(self, keys: Sequence[bytes], dests: Sequence[Buffer]) -> list[bool]:
+        out = []
+        for key, dest in zip(keys, dests, strict=True):
+            ref = self.acquire(key)
+            if ref is None:
+                out.append(False)
+                continue
+            with ref:
+                np.copyto(np.frombuffer(dest, dtype=np.uint8), ref.data.numpy())
+            out.append(True)
+        return out
+
+    def put(self, keys: Sequence[bytes], payloads: Sequence[Buffer]) -> list[bool]:
+        out = []
+        for key, payload in zip(keys, payloads, strict=True):
+            ref = self.alloc()
+            if ref is None:
+                out.append(False)
+                continue
+            np.copyto(ref.data.numpy(), np.frombuffer(payload, dtype=np.uint8))
+            self.insert(key, ref)
+            out.append(True)
+        return out
+
+    def delete(self, keys: Sequence[bytes]) -> None:
+        with self._lock:
+            refs = [self._index.pop(k) for k in keys if k in self._index]
+        for ref in refs:
+            ref.release()
+
+    def stats(self) -> TierStats:
+        with self._lock:
+            self._stats.chunks = len(self._index)
+            self._stats.bytes = len(self._index) * self.pool.slot_bytes
+        return self._stats
+
+    def scan(self) -> Iterator[StoredChunk]:
+        with self._lock:
+            keys = list(self._index)
+        return (StoredChunk(k, self.pool.slot_bytes, "") for k in keys)
+
+    def close(self) -> None:
+        with self._lock:
+            refs = list(self._index.values())
+            self._index.clear()
+        for ref in refs:
+            ref.release()

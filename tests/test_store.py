@@ -1,0 +1,216 @@
+"""The store against a plain dict model, and its failure handling."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvtier.config import KVTierConfig
+from kvtier.layout import ChunkLayout
+from kvtier.memory import HostPool
+from kvtier.store import Store
+from kvtier.tiers.base import Tier, TierStats
+from kvtier.tiers.cpu import CpuTier
+
+LAYOUT = ChunkLayout(2, 16, 8, torch.float16)  # 1 KiB chunks
+
+
+def payload(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, LAYOUT.nbytes, dtype=np.uint8)
+
+
+def key(i: int) -> bytes:
+    return i.to_bytes(16, "little")
+
+
+def make_store(cpu_chunks=4, lower: list[Tier] | None = None, **cfg) -> Store:
+    config = KVTierConfig(cpu_bytes=cpu_chunks * LAYOUT.nbytes, tiers=("cpu",), **cfg)
+    return Store(config, LAYOUT, pin=False, tiers=lower or [])
+
+
+def lower_cpu(chunks: int) -> CpuTier:
+    """A second in-memory tier standing in for a lower tier (real disk/redis run in their own tests)."""
+    t = CpuTier(HostPool(LAYOUT.nbytes, chunks, pin=False))
+    t.name = "lower"
+    return t
+
+
+def read(store: Store, k: bytes) -> np.ndarray | None:
+    (ref,) = store.get([k])
+    if ref is None:
+        return None
+    with ref:
+        return ref.data.numpy().copy()
+
+
+def test_put_get_lookup_roundtrip():
+    with make_store() as s:
+        for i in range(3):
+            assert s.put(key(i), torch.from_numpy(payload(i)))
+        assert s.lookup([key(0), key(1), key(2), key(9)]) == 3
+        assert s.lookup([key(9), key(0)]) == 0
+        assert np.array_equal(read(s, key(1)), payload(1))
+        assert read(s, key(9)) is None
+        assert s.contains([key(2), key(5)]) == [True, False]
+        assert s.metrics.value("kvtier_lookup_hit_tokens_total") == 3 * LAYOUT.tokens
+
+
+def test_write_behind_then_eviction_then_promotion():
+    low = lower_cpu(16)
+    with make_store(cpu_chunks=2, lower=[low]) as s:
+        for i in range(5):
+            assert s.put(key(i), payload(i))
+            assert s.flush(5)  # a slot stays held until its write-behind is done
+        assert s.cpu.contains([key(0)]) == [False]  # evicted from the 2-slot cpu tier
+        assert s.lookup([key(i) for i in range(5)]) == 5  # but the lower tier has all
+        assert np.array_equal(read(s, key(0)), payload(0))
+        assert s.cpu.contains([key(0)]) == [True]  # promoted
+        assert s.metrics.value("kvtier_tier_evictions_total", {"tier": "cpu"}) >= 3
+
+
+def test_lookup_asks_lower_tier_only_for_what_cpu_lacks():
+    calls = []
+
+    class Recording(CpuTier):
+        def contains(self, keys):
+            calls.append(list(keys))
+            return super().contains(keys)
+
+    low = Recording(HostPool(LAYOUT.nbytes, 8, pin=False))
+    low.put([key(2)], [payload(2)])
+    with make_store(lower=[low]) as s:
+        s.put(key(0), payload(0))
+        s.put(key(1), payload(1))
+        s.flush(5)
+        calls.clear()
+        assert s.lookup([key(0), key(1), key(2), key(3)]) == 3
+        assert calls == [[key(2), key(3)]]
+
+
+def test_full_write_queue_drops_and_counts_without_blocking():
+    class Slow(CpuTier):
+        name = "slow"
+
+        def __init__(self, *a, **kw):
+            import threading
+
+            super().__init__(*a, **kw)
+            self.gate = threading.Event()
+
+        def put(self, keys, payloads):
+            self.gate.wait(10)
+            return super().put(keys, payloads)
+
+    low = Slow(HostPool(LAYOUT.nbytes, 32, pin=False))
+    with make_store(cpu_chunks=32, lower=[low], write_queue_depth=2, write_threads=1) as s:
+        for i in range(8):
+            assert s.put(key(i), payload(i))  # returns at once although the tier is stuck
+        dropped = s.metrics.value("kvtier_dropped_writes_total")
+        assert dropped >= 8 - 2 - 1
+        low.gate.set()
+        assert s.flush(5)
+        assert sum(low.contains([key(i) for i in range(8)])) == 8 - dropped
+        # dropped writes released their slots: all 8 are still readable from cpu, nothing leaked
+        assert all(np.array_equal(read(s, key(i)), payload(i)) for i in range(8))
+    assert s.pool.free_slots == s.pool.num_slots
+
+
+def test_lease_keeps_chunks_from_eviction():
+    with make_store(cpu_chunks=2) as s:
+        s.put(key(0), payload(0))
+        s.put(key(1), payload(1))
+        lease = s.lease([key(0), key(1)])
+        assert s.put(key(2), payload(2)) is False  # nothing evictable
+        lease.release()
+        assert s.put(key(2), payload(2)) is True
+        assert s.lookup([key(2)]) == 1
+
+
+def test_expired_lease_no_longer_protects():
+    with make_store(cpu_chunks=1, lease_ttl_s=0.01) as s:
+        s.put(key(0), payload(0))
+        s.lease([key(0)])  # never released: a leak must not pin memory forever
+        import time
+
+        time.sleep(0.02)
+        s.lease([])  # expiry is checked when leases are taken
+        assert s.put(key(1), payload(1)) is True
+
+
+class Broken(Tier):
+    name = "broken"
+
+    def contains(self, keys):
+        raise ConnectionError("backend gone")
+
+    get_into = put = delete = contains
+
+    def stats(self):
+        return TierStats("broken")
+
+
+def test_a_raising_tier_is_a_miss_not_a_crash():
+    with make_store(lower=[Broken()]) as s:
+        assert s.lookup([key(0)]) == 0
+        assert s.get([key(0)]) == [None]
+        s.put(key(1), payload(1))
+        s.flush(5)
+        assert np.array_equal(read(s, key(1)), payload(1))
+        assert s.metrics.value("kvtier_tier_exceptions_total", {"tier": "broken"}) >= 3
+    assert s.pool.free_slots == s.pool.num_slots
+
+
+def test_get_when_every_slot_is_held_returns_misses():
+    low = lower_cpu(8)
+    low.put([key(i) for i in range(4)], [payload(i) for i in range(4)])
+    with make_store(cpu_chunks=2, lower=[low]) as s:
+        refs = s.get([key(0), key(1), key(2), key(3)])
+        assert [r is not None for r in refs] == [True, True, False, False]
+        for r, i in zip(refs[:2], range(2)):
+            assert np.array_equal(r.data.numpy(), payload(i))
+            r.release()
+
+
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("put"), st.integers(0, 11), st.integers(0, 3)),
+        st.tuples(st.just("get"), st.lists(st.integers(0, 11), max_size=4), st.just(0)),
+        st.tuples(st.just("lookup"), st.lists(st.integers(0, 11), max_size=6), st.just(0)),
+        st.tuples(st.just("delete"), st.integers(0, 11), st.just(0)),
+        st.tuples(st.just("flush"), st.just(0), st.just(0)),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=ops, cpu_chunks=st.integers(1, 4), low_chunks=st.integers(1, 6))
+def test_store_matches_dict_model(ops, cpu_chunks, low_chunks):
+    """Whatever is returned equals the last value put under that key; unknown keys never hit."""
+    low = lower_cpu(low_chunks)
+    model: dict[bytes, int] = {}
+    with make_store(cpu_chunks=cpu_chunks, lower=[low]) as s:
+        for op, a, version in ops:
+            if op == "put":
+                # A key's bytes never change in kvtier (same key = same tokens); the model keeps
+                # one value per key, so a re-put carries the same payload.
+                seed = model.setdefault(key(a), a * 10 + version)
+                s.put(key(a), payload(seed))
+            elif op == "get":
+                refs = s.get([key(i) for i in a])
+                for i, ref in zip(a, refs):
+                    if ref is not None:
+                        assert key(i) in model
+                        assert np.array_equal(ref.data.numpy(), payload(model[key(i)]))
+                        ref.release()
+            elif op == "lookup":
+                hit = s.lookup([key(i) for i in a])
+                assert all(key(i) in model for i in a[:hit])
+            elif op == "delete":
+                for t in s.tiers:
+                    t.delete([key(a)])
+            else:
+                assert s.flush(5)
+    # every slot came back: no leaked references
+    assert s.pool.free_slots == s.pool.num_slots
