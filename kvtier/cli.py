@@ -1,0 +1,159 @@
+"""The `kvtier` command line: demo, bench, inspect, config."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+import click
+
+from kvtier.config import ConfigError, KVTierConfig
+
+
+def _table(rows: Iterable[dict[str, Any]], columns: list[str]) -> str:
+    def fmt(v: Any) -> str:
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    body = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(b[i]) for b in body)) if body else len(c) for i, c in enumerate(columns)]
+    line = lambda cells: "  ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(b) for b in body])
+
+
+def _write_json(path: str, payload: dict[str, Any]) -> None:
+    payload = {"command": "kvtier " + " ".join(sys.argv[1:]), **payload}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)
+    click.echo(f"wrote {path}")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="kvtier")
+def main() -> None:
+    """kvtier: keep the KV cache of prompt prefixes in CPU memory, on disk and in Redis."""
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks that print ratios against a baseline measured in the same run."""
+
+
+@bench.command("tiers")
+@click.option("--shape", type=click.Choice(["llama8b", "small"]), default="llama8b", show_default=True,
+              help="llama8b: 32 layers x 8 KV heads x 128, bf16, 32 MiB chunks; small: 4 layers, 4 MiB chunks.")
+@click.option("--chunk-size", default=256, show_default=True, help="Tokens per chunk.")
+@click.option("--chunks", default=16, show_default=True, help="Chunks per round.")
+@click.option("--rounds", default=5, show_default=True, help="Alternating baseline/kvtier rounds (median).")
+@click.option("--tiers", "tier_names", default="cpu,disk,redis,lookup", show_default=True,
+              help="Comma-separated subset of cpu,disk,redis,lookup.")
+@click.option("--disk-path", default=None, help="Directory for the disk benchmark (default: system temp).")
+@click.option("--redis-url", default=None,
+              help="Redis to benchmark against; default: start a private redis-server on 127.0.0.1.")
+@click.option("--json", "json_path", default=None, help="Also write the results as JSON here.")
+def bench_tiers(shape: str, chunk_size: int, chunks: int, rounds: int, tier_names: str, disk_path: str | None,
+                redis_url: str | None, json_path: str | None) -> None:
+    """Each tier vs the raw operation under it: memcpy, file I/O, redis-py."""
+    import torch
+    from tqdm import tqdm
+
+    from kvtier import bench_tiers as bt
+    from kvtier.layout import ChunkLayout
+
+    spec = bt.LLAMA8B if shape == "llama8b" else bt.SMALL
+    layout = ChunkLayout(spec["num_layers"], chunk_size, spec["width"], spec["dtype"])
+    names = [t.strip() for t in tier_names.split(",") if t.strip()]
+    unknown = set(names) - {"cpu", "disk", "redis", "lookup"}
+    if unknown:
+        raise click.BadParameter(f"unknown {sorted(unknown)}; choose from cpu,disk,redis,lookup", param_hint="--tiers")
+    steps = rounds * (("cpu" in names) + 2 * ("disk" in names) + 2 * ("redis" in names))
+    results: list[dict[str, Any]] = []
+    notes: list[str] = []
+    with tqdm(total=steps, desc=f"bench tiers ({layout.nbytes / 2**20:.0f} MiB chunks)", unit="round",
+              file=sys.stderr) as bar:
+        tick = lambda: bar.update(1)  # noqa: E731
+        if "cpu" in names:
+            results.append(bt.bench_cpu(layout, chunks, rounds, tick))
+        if "disk" in names:
+            results += bt.bench_disk(layout, chunks, rounds, tick, disk_path)
+        if "redis" in names:
+            from kvtier.local_redis import LocalRedis, redis_server_binary
+
+            if redis_url:
+                results += bt.bench_redis(layout, chunks, rounds, tick, redis_url)
+            elif redis_server_binary():
+                with LocalRedis() as server:
+                    results += bt.bench_redis(layout, chunks, rounds, tick, server.url)
+            else:
+                notes.append("redis skipped: no redis-server on PATH and no --redis-url")
+        if "lookup" in names:
+            results.append(bt.bench_lookup(chunk_size=chunk_size))
+    click.echo(_table(results, ["tier", "op", "baseline", "baseline_GBps", "kvtier_GBps", "ratio", "goal"]))
+    for r in results:
+        if r["tier"] == "keys+lookup":
+            click.echo(f"keys+lookup of {r['op']}: keys {r['keys_ms']:.3f} ms + lookup {r['lookup_ms']:.3f} ms "
+                       f"= {r['total_ms']:.3f} ms (budget {r['budget_ms']:.3f} ms = 1% of loading at 50 GB/s)")
+    for n in notes:
+        click.echo(n)
+    if json_path:
+        _write_json(json_path, {"layout": layout.describe(), "chunk_bytes": layout.nbytes, "chunks": chunks,
+                                "rounds": rounds, "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                                "results": results, "notes": notes})
+
+
+@main.command()
+@click.option("--disk-path", default=None, help="A disk tier directory to inspect.")
+@click.option("--redis-url", default=None, help="A Redis server (or cluster seed) to inspect.")
+@click.option("--redis-cluster", is_flag=True, help="Treat --redis-url as a Redis Cluster seed.")
+@click.option("--redis-prefix", default="kvtier:", show_default=True, help="Key prefix kvtier uses in Redis.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def inspect(disk_path: str | None, redis_url: str | None, redis_cluster: bool, redis_prefix: str,
+            as_json: bool) -> None:
+    """What a disk directory or Redis namespace holds: chunks, bytes, models."""
+    if not disk_path and not redis_url:
+        raise click.UsageError("give --disk-path DIR and/or --redis-url redis://HOST:PORT")
+    rows = []
+    for name, chunks in _scan_sources(disk_path, redis_url, redis_cluster, redis_prefix):
+        per_model: Counter[str] = Counter()
+        size: Counter[str] = Counter()
+        for c in chunks:
+            per_model[c.label or "?"] += 1
+            size[c.label or "?"] += c.nbytes
+        for label in sorted(per_model):
+            rows.append({"source": name, "model": label, "chunks": per_model[label], "bytes": size[label]})
+        if not per_model:
+            rows.append({"source": name, "model": "(empty)", "chunks": 0, "bytes": 0})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        click.echo(_table(rows, ["source", "model", "chunks", "bytes"]))
+
+
+def _scan_sources(disk_path: str | None, redis_url: str | None, cluster: bool, prefix: str):
+    from kvtier.tiers.scan import scan_disk, scan_redis
+
+    if disk_path:
+        if not os.path.isdir(disk_path):
+            raise click.BadParameter(f"{disk_path!r} is not a directory", param_hint="--disk-path")
+        yield f"disk:{disk_path}", scan_disk(disk_path)
+    if redis_url:
+        yield f"redis:{redis_url}", scan_redis(redis_url, cluster, prefix)
+
+
+@main.command("config")
+@click.option("--file", "yaml_path", default=None, help="A YAML config file to merge.")
+def show_config(yaml_path: str | None) -> None:
+    """Print the configuration kvtier resolves from defaults, YAML and KVTIER_* variables."""
+    try:
+        config = KVTierConfig.from_sources(yaml_path=yaml_path)
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(json.dumps(config.to_dict(), indent=2))
+
+
+if __name__ == "__main__":
+    main()
