@@ -82,6 +82,10 @@ class KVTierConfig:
     """After a remote tier failed, how long to answer misses before trying it again."""
     lease_ttl_s: float = 60.0
     """A leased chunk (found by a lookup, not yet loaded) is kept from eviction this long at most."""
+    server: str = ""
+    """Address of a `kvtier serve` process (ipc:///path or tcp://127.0.0.1:PORT); empty = in-process store."""
+    server_token: str = ""
+    """Shared secret a client presents to a TCP server."""
     model: str = ""
     """Model name folded into chunk keys (the connector fills it in from the engine)."""
     extra: Mapping[str, Any] = field(default_factory=dict)
@@ -240,5 +244,7 @@ def _validate(c: KVTierConfig) -> None:
         v = getattr(c, key)
         if not isinstance(v, (int, float)) or v <= 0:
             raise bad(key, "must be a number of seconds > 0")
+    if c.server and not re.match(r"^(ipc|tcp)://", c.server):
+        raise bad("server", "expected ipc:///path/to/socket or tcp://127.0.0.1:PORT")
     if not isinstance(c.redis_ttl_s, int) or c.redis_ttl_s < 0:
         raise bad("redis_ttl_s", "must be an integer >= 0 (0 = no expiry)")

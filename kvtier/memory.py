@@ -21,15 +21,23 @@ class PoolExhausted(RuntimeError):
 class HostPool:
     """``num_slots`` slots of ``slot_bytes`` each, reference counted."""
 
-    def __init__(self, slot_bytes: int, num_slots: int, pin: bool | None = None) -> None:
+    def __init__(self, slot_bytes: int, num_slots: int, pin: bool | None = None,
+                 buffer: torch.Tensor | None = None) -> None:
+        """``buffer``: carve the slots out of this uint8 tensor (e.g. shared memory) instead of allocating."""
         if slot_bytes <= 0 or num_slots <= 0:
             raise ValueError(f"HostPool needs slot_bytes > 0 and num_slots > 0, got {slot_bytes}, {num_slots}")
         if pin is None:
             pin = torch.cuda.is_available()
         self.slot_bytes = slot_bytes
         self.num_slots = num_slots
+        if buffer is None:
+            buffer = torch.empty(slot_bytes * num_slots, dtype=torch.uint8, pin_memory=pin)
+        elif buffer.dtype != torch.uint8 or buffer.numel() < slot_bytes * num_slots:
+            raise ValueError(f"HostPool buffer must be uint8 of at least {slot_bytes * num_slots} bytes")
+        elif pin and not buffer.is_pinned():
+            torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0)
         self.pinned = pin
-        self.buffer = torch.empty(slot_bytes * num_slots, dtype=torch.uint8, pin_memory=pin)
+        self.buffer = buffer
         self._views = [self.buffer[i * slot_bytes:(i + 1) * slot_bytes] for i in range(num_slots)]
         self._refs = [0] * num_slots
         self._free = list(range(num_slots - 1, -1, -1))
