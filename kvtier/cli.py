@@ -81,12 +81,12 @@ def bench_tiers(shape: str, chunk_size: int, chunks: int, rounds: int, tier_name
         if "disk" in names:
             results += bt.bench_disk(layout, chunks, rounds, tick, disk_path)
         if "redis" in names:
-            from kvtier.local_redis import LocalRedis, redis_server_binary
+            from kvtier.local_redis import RedisServer, redis_server_binary
 
             if redis_url:
                 results += bt.bench_redis(layout, chunks, rounds, tick, redis_url)
             elif redis_server_binary():
-                with LocalRedis() as server:
+                with RedisServer() as server:
                     results += bt.bench_redis(layout, chunks, rounds, tick, server.url)
             else:
                 notes.append("redis skipped: no redis-server on PATH and no --redis-url")
@@ -154,6 +154,81 @@ def show_config(yaml_path: str | None) -> None:
         raise click.ClickException(str(e)) from e
     click.echo(json.dumps(config.to_dict(), indent=2))
 
+
+
+@main.command()
+@click.option("--address", default=None,
+              help="ipc:///path (default: server setting, else ipc:///tmp/kvtier-UID/server.sock) or tcp://127.0.0.1:PORT.")
+@click.option("--config-file", default=None, help="YAML config (cpu_bytes, tiers, disk_path, server_token, ...).")
+@click.option("--cpu-bytes", default=None, help="Shared host memory for chunks, e.g. 64GiB (overrides config).")
+@click.option("--tiers", default=None, help="Tiers, e.g. cpu,disk (overrides config; cpu is always first).")
+@click.option("--disk-path", default=None, help="Disk tier directory (overrides config).")
+@click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on 127.0.0.1:PORT.")
+@click.option("--num-layers", type=int, default=None, help="Model layout: layers (omit the layout to learn it "
+              "from the first client).")
+@click.option("--kv-heads", type=int, default=None, help="Model layout: KV heads per TP rank.")
+@click.option("--head-size", type=int, default=None, help="Model layout: head size.")
+@click.option("--dtype", default="bfloat16", show_default=True, help="Model layout: KV cache dtype.")
+@click.option("--mla", is_flag=True, help="Model layout: MLA ([L, T, head_size] chunks).")
+@click.option("--chunk-size", type=int, default=None, help="Tokens per chunk (default: config chunk_size).")
+@click.option("--label", default="", help="Accept only clients whose namespace label is exactly this.")
+@click.option("--client-timeout", type=float, default=10.0, show_default=True,
+              help="Seconds of silence after which a client is presumed dead and its slots released.")
+@click.option("--max-refs-per-client", type=int, default=0, help="Slots one client may hold (0: half of them).")
+@click.option("--allow-remote", is_flag=True, help="Allow a non-loopback TCP address.")
+@click.option("--log-level", default="INFO", show_default=True)
+def serve(address, config_file, cpu_bytes, tiers, disk_path, metrics_port, num_layers, kv_heads, head_size,
+          dtype, mla, chunk_size, label, client_timeout, max_refs_per_client, allow_remote, log_level) -> None:
+    """Serve one shared host-memory cache to many engine processes on this host (until SIGTERM)."""
+    import logging
+
+    from kvtier.layout import ChunkLayout, dtype_from_name
+    from kvtier.server.server import Server, run
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    extra = {k: v for k, v in (("cpu_bytes", cpu_bytes), ("tiers", tiers), ("disk_path", disk_path),
+                               ("chunk_size", chunk_size)) if v is not None}
+    try:
+        config = KVTierConfig.from_sources(extra=extra, yaml_path=config_file)
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from e
+    layout = None
+    if num_layers or kv_heads or head_size:
+        if not num_layers or not head_size or (not kv_heads and not mla):
+            raise click.UsageError("a layout needs --num-layers, --head-size and --kv-heads (or --mla)")
+        try:
+            width = head_size if mla else kv_heads * head_size
+            layout = ChunkLayout(num_layers, config.chunk_size, width, dtype_from_name(dtype), mla)
+        except ValueError as e:
+            raise click.BadParameter(str(e)) from e
+    try:
+        server = Server(config, address, layout=layout, label=label, metrics_port=metrics_port,
+                        client_timeout_s=client_timeout, max_refs_per_client=max_refs_per_client,
+                        allow_remote=allow_remote)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from e
+    try:
+        run(server)
+    except (RuntimeError, OSError) as e:
+        raise click.ClickException(str(e)) from e
+
+
+@main.command()
+@click.argument("address", required=False)
+@click.option("--timeout", type=float, default=2.0, show_default=True, help="Seconds to wait for an answer.")
+def health(address: str | None, timeout: float) -> None:
+    """Exit 0 when a kvtier server answers at ADDRESS (default: the configured or default address)."""
+    from kvtier.server.server import default_address, ping
+
+    try:
+        address = address or KVTierConfig.from_sources().server or default_address()
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from e
+    if ping(address, timeout):
+        click.echo(f"ok {address}")
+        return
+    click.echo(f"no answer from {address}", err=True)
+    sys.exit(1)
 
 if __name__ == "__main__":
     main()

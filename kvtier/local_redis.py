@@ -1,76 +1,246 @@
-"""A private redis-server on 127.0.0.1 and a free port, for benchmarks, demos and tests.
+"""Real ``redis-server`` processes for tests, benchmarks and demos: one server, or a 3-node cluster.
 
-Never binds another address. No persistence: the data lives only while it runs.
+Everything listens on 127.0.0.1 only, keeps no data on disk (``--save ''``,
+``--appendonly no``) and runs in its own temp directory. Processes are stopped by the
+fixtures' finalizers; an ``atexit`` hook kills whatever is left as a backstop.
+
+    with RedisServer() as srv:      # srv.url == "redis://127.0.0.1:PORT"
+        srv.kill(); srv.restart()   # a crash, then the same server back on the same port
 """
 
 from __future__ import annotations
 
+import atexit
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
 import time
 
+import redis
+
+HOST = "127.0.0.1"
+_live: set[subprocess.Popen] = set()
+
 
 def redis_server_binary() -> str | None:
-    return shutil.which("redis-server") or shutil.which("valkey-server")
+    return shutil.which("redis-server")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(cluster_bus: bool = False) -> int:
+    """A free TCP port on 127.0.0.1 (and port + 10000 free too, for a cluster node's bus)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind((HOST, 0))
+            port = s.getsockname()[1]
+        if not cluster_bus:
+            return port
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((HOST, port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair on 127.0.0.1")
 
 
-class LocalRedis:
-    """``with LocalRedis() as r: r.url``; ``kill()`` and ``start()`` again on the same port."""
+class RedisServer:
+    """One ``redis-server`` on 127.0.0.1:``port`` (a free port unless given)."""
 
-    def __init__(self, port: int | None = None, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(self, port: int | None = None, extra_args: tuple[str, ...] = (), workdir: str | None = None,
+                 start: bool = True) -> None:
         binary = redis_server_binary()
         if binary is None:
-            raise RuntimeError("redis-server is not installed: apt-get install -y redis-server")
+            raise RuntimeError("redis-server is not installed (apt-get install -y redis-server)")
         self.binary = binary
-        self.port = port or free_port()
-        self.extra_args = extra_args
-        self.dir = tempfile.mkdtemp(prefix="kvtier-redis-")
+        cluster = "--cluster-enabled" in extra_args
+        self.port = port or free_port(cluster_bus=cluster)
+        self._own_dir = workdir is None
+        self.workdir = workdir or tempfile.mkdtemp(prefix=f"kvtier-redis-{self.port}-")
+        os.makedirs(self.workdir, exist_ok=True)
+        self.extra_args = tuple(extra_args)
         self.proc: subprocess.Popen | None = None
+        if start:
+            self.start()
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}"
+        return f"redis://{HOST}:{self.port}"
 
-    def start(self, timeout: float = 10.0) -> "LocalRedis":
-        self.proc = subprocess.Popen(
-            [self.binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
-             "--dir", self.dir, "--protected-mode", "yes", *self.extra_args],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+    def client(self, **kw) -> redis.Redis:
+        return redis.Redis(host=HOST, port=self.port, socket_connect_timeout=1, socket_timeout=5, **kw)
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        if self.alive():
+            return
+        args = [self.binary, "--bind", HOST, "--port", str(self.port), "--save", "", "--appendonly", "no",
+                "--dir", self.workdir, "--daemonize", "no", "--protected-mode", "yes",
+                "--logfile", os.path.join(self.workdir, "redis.log"), *self.extra_args]
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, cwd=self.workdir)
+        _live.add(self.proc)
+        deadline = time.monotonic() + timeout_s
+        while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.proc.returncode} on port {self.port}")
+                raise RuntimeError(f"redis-server on port {self.port} exited with {self.proc.returncode}; "
+                                   f"log: {self.log_tail()}")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), 0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return self
-            except OSError:
-                time.sleep(0.02)
-        self.kill()
-        raise RuntimeError(f"redis-server did not answer on 127.0.0.1:{self.port} within {timeout} s")
+                with self.client() as c:
+                    if c.ping():
+                        return
+            except redis.exceptions.RedisError:
+                pass
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"redis-server on port {self.port} did not answer PING in {timeout_s}s")
+            time.sleep(0.02)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
+        """Stop the server at once (SIGKILL: a crash, nothing flushed)."""
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.kill()
             self.proc.wait(10)
-        self.proc = None
+            _live.discard(self.proc)
+            self.proc = None
+
+    def pause(self) -> None:
+        """Freeze the server (SIGSTOP): connections stay open, nothing answers."""
+        if self.alive():
+            self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.alive():
+            self.proc.send_signal(signal.SIGCONT)
+
+    def restart(self) -> None:
+        """Kill (if running) and start again on the same port and directory."""
+        self.kill()
+        self.start()
+
+    def log_tail(self, n: int = 2000) -> str:
+        try:
+            with open(os.path.join(self.workdir, "redis.log")) as f:
+                return f.read()[-n:]
+        except OSError:
+            return "(no log)"
 
     def stop(self) -> None:
+        self.resume()
         self.kill()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if self._own_dir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def __enter__(self) -> "LocalRedis":
-        return self.start()
+    def __enter__(self) -> "RedisServer":
+        return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class RedisClusterProcs:
+    """A Redis Cluster of ``n`` primaries (no replicas) on loopback ports.
+
+    Started with ``cluster-require-full-coverage no`` so that, with one node down, the
+    others keep serving their slots (what a tier-failure test needs to observe).
+    """
+
+    def __init__(self, n: int = 3, node_timeout_ms: int = 2000) -> None:
+        self.root = tempfile.mkdtemp(prefix="kvtier-cluster-")
+        self.nodes: list[RedisServer] = []
+        try:
+            for i in range(n):
+                d = os.path.join(self.root, f"node{i}")
+                args = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                        "--cluster-node-timeout", str(node_timeout_ms),
+                        "--cluster-require-full-coverage", "no")
+                self.nodes.append(RedisServer(extra_args=args, workdir=d))
+            cli = shutil.which("redis-cli")
+            if cli is None:
+                raise RuntimeError("redis-cli is not installed (it comes with apt-get install redis-server)")
+            out = subprocess.run([cli, "--cluster", "create", *[f"{HOST}:{s.port}" for s in self.nodes],
+                                  "--cluster-replicas", "0", "--cluster-yes"],
+                                 capture_output=True, text=True, timeout=60)
+            if out.returncode != 0:
+                raise RuntimeError(f"redis-cli --cluster create failed: {out.stdout[-2000:]} {out.stderr[-2000:]}")
+            self.wait_ok()
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def urls(self) -> list[str]:
+        return [s.url for s in self.nodes]
+
+    def wait_ok(self, timeout_s: float = 30.0) -> None:
+        """Wait until every running node reports cluster_state:ok and knows all slots."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                ok = True
+                for s in self.nodes:
+                    if not s.alive():
+                        continue
+                    with s.client() as c:
+                        info = c.execute_command("CLUSTER INFO")
+                        if isinstance(info, bytes):
+                            info = info.decode()
+                        state = info.get("cluster_state") if isinstance(info, dict) else None
+                        if state != "ok" and "cluster_state:ok" not in str(info):
+                            ok = False
+                            break
+                if ok:
+                    return
+            except redis.exceptions.RedisError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis cluster did not reach cluster_state:ok")
+            time.sleep(0.05)
+
+    def node_of(self, key: bytes) -> int:
+        """Index in ``nodes`` of the node that owns ``key``'s slot."""
+        slot = redis.crc.key_slot(key)
+        with self.nodes[0].client() as c:
+            for entry in c.execute_command("CLUSTER SLOTS"):
+                start, end, primary = entry[0], entry[1], entry[2]
+                if start <= slot <= end:
+                    port = int(primary[1])
+                    return next(i for i, s in enumerate(self.nodes) if s.port == port)
+        raise KeyError(slot)
+
+    def flushall(self) -> None:
+        for s in self.nodes:
+            if s.alive():
+                with s.client() as c:
+                    c.flushall()
+
+    def stop(self) -> None:
+        for s in self.nodes:
+            s.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> "RedisClusterProcs":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    for p in list(_live):
+        try:
+            if p.poll() is None:
+                p.send_signal(signal.SIGCONT)
+                p.kill()
+                p.wait(5)
+        except OSError:
+            pass
+    _live.clear()

@@ -1,0 +1,390 @@
+"""The disk tier: one file per chunk under a directory, size-capped with LRU eviction.
+
+Layout on disk: ``<path>/<first key byte as 2 hex>/<key hex>.kvc``, each file the
+256-byte header of :mod:`kvtier.layout` followed by the payload. The 256-way fan-out
+keeps every directory small (64 GiB of 256 KiB chunks is ~1000 files per directory)
+while costing one ``mkdir`` per subdirectory over the tier's whole life.
+
+Writes are atomic: the chunk goes to a temp file in the same subdirectory, which
+``os.replace`` then renames over the final name, so a reader sees either the whole
+old file or the whole new one, never a partial one. There is no ``fsync``: the tier
+is a cache, every file carries its size and checksum, so what a power loss leaves
+torn is detected on read (a miss, counted, removed); an fsync per 32 MiB chunk would
+cost more than the write itself.
+
+The index (key -> file size, in LRU order) lives in memory and is rebuilt from the
+directory on start (oldest mtime first; a hit refreshes the file's mtime so recency
+survives a restart). Leftover temp files of an earlier run are removed then.
+
+Reads go straight into the caller's buffer and are checked on the way: the payload
+is read in pieces and each piece is hashed while it is still in the CPU cache, which
+makes the checksum nearly free next to the read itself.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import xxhash
+
+from kvtier.config import ConfigError
+from kvtier.layout import HEADER_SIZE, ChunkLayout, CorruptChunk, decode_header, encode_header
+from kvtier.tiers.base import Buffer, Protected, StoredChunk, Tier, TierStats, never_protected
+
+log = logging.getLogger(__name__)
+
+SUFFIX = ".kvc"
+TMP_PREFIX = ".tmp-"
+# Payload bytes read (and hashed) per step: small enough to stay in L2 while hashed.
+_READ_PIECE = 4 * 1024 * 1024
+# The payload starts on a page boundary: the header, then zeros up to 4 KiB. Copies out
+# of the page cache are then page-aligned (an unaligned file offset reads ~15% slower).
+DATA_OFFSET = 4096
+_PAD = bytes(DATA_OFFSET - HEADER_SIZE)
+
+
+def as_bytes(buf: Buffer) -> memoryview:
+    """A flat, byte-typed view of ``buf`` (no copy)."""
+    if isinstance(buf, np.ndarray):
+        return memoryview(buf.reshape(-1).view(np.uint8))
+    mv = memoryview(buf)
+    return mv if mv.format == "B" and mv.ndim == 1 else mv.cast("B")
+
+
+class DiskTier(Tier):
+    name = "disk"
+
+    def __init__(self, path: str | Path, capacity_bytes: int, layout: ChunkLayout, label: str = "",
+                 protected: Protected = never_protected) -> None:
+        self.root = Path(path)
+        self.capacity = int(capacity_bytes)
+        self.layout = layout
+        self.label = label
+        self.protected = protected
+        self.file_bytes = DATA_OFFSET + layout.nbytes
+        self._lock = threading.Lock()
+        self._index: OrderedDict[bytes, int] = OrderedDict()  # key -> file size, oldest first
+        self._used = 0  # bytes of indexed files plus space reserved by writes in flight
+        self._stored = 0  # bytes of indexed files
+        self._made_dirs: set[str] = set()
+        self._failing = False  # the last put failed (log once per failing spell)
+        self._tmp_ids = itertools.count()
+        self._stats = TierStats("disk", capacity_bytes=self.capacity)
+        self._hasher = ThreadPoolExecutor(2, thread_name_prefix="kvtier-disk-hash")
+        self._check_dir()
+        self._rebuild()
+
+    # ---- start-up -------------------------------------------------------------------------
+    def _check_dir(self) -> None:
+        fix = "set disk_path to a writable directory (or fix its permissions / mount)"
+        if self.root.exists() and not self.root.is_dir():
+            raise ConfigError(f"disk_path={str(self.root)!r}: exists and is not a directory; {fix}")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"disk_path={str(self.root)!r}: cannot create the directory "
+                              f"({e.strerror or e}); {fix}") from e
+        if not self.root.is_dir():
+            raise ConfigError(f"disk_path={str(self.root)!r}: exists and is not a directory; {fix}")
+        probe = self.root / f"{TMP_PREFIX}probe-{os.getpid()}"
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.write(fd, b"kvtier")
+            finally:
+                os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise ConfigError(f"disk_path={str(self.root)!r}: directory is not writable "
+                              f"({e.strerror or e}); {fix}") from e
+        if self.capacity < self.file_bytes:
+            raise ConfigError(f"disk_bytes={self.capacity}: holds no chunk of {self.file_bytes} bytes; "
+                              f"raise disk_bytes (better: to hundreds of chunks)")
+
+    def _rebuild(self) -> None:
+        found: list[tuple[int, bytes, int]] = []
+        for sub in os.scandir(self.root):
+            if sub.name.startswith(TMP_PREFIX) and sub.is_file(follow_symlinks=False):
+                _unlink_quiet(sub.path)
+                continue
+            if not sub.is_dir(follow_symlinks=False) or len(sub.name) != 2:
+                continue
+            self._made_dirs.add(sub.name)
+            for entry in os.scandir(sub.path):
+                if entry.name.startswith(TMP_PREFIX):
+                    _unlink_quiet(entry.path)
+                    continue
+                if not entry.name.endswith(SUFFIX):
+                    continue
+                try:
+                    key = bytes.fromhex(entry.name[:-len(SUFFIX)])
+                    st = entry.stat(follow_symlinks=False)
+                except (ValueError, OSError):
+                    continue
+                found.append((st.st_mtime_ns, key, st.st_size))
+        found.sort()
+        for _, key, size in found:
+            self._index[key] = size
+            self._used += size
+            self._stored += size
+        # The cap may have shrunk since the last run.
+        while self._used > self.capacity:
+            victim = next((k for k in self._index if not self.protected(k)), None)
+            if victim is None:
+                break
+            self._drop(victim)
+            _unlink_quiet(self._path(victim))
+            self._stats.evictions += 1
+
+    # ---- paths ------------------------------------------------------------------------------
+    def _path(self, key: bytes) -> str:
+        h = key.hex()
+        return os.path.join(self.root, h[:2], h + SUFFIX)
+
+    def _subdir(self, key: bytes) -> str:
+        sub = key[:1].hex()
+        d = os.path.join(self.root, sub)
+        if sub not in self._made_dirs:
+            os.makedirs(d, exist_ok=True)
+            self._made_dirs.add(sub)
+        return d
+
+    # ---- space ----------------------------------------------------------------------------
+    def _reserve(self, size: int) -> bool:
+        """Make room for ``size`` bytes (evicting LRU unprotected chunks); lock held."""
+        if self._used + size <= self.capacity:
+            self._used += size
+            return True
+        victims = []
+        free = self.capacity - self._used
+        for k, s in self._index.items():
+            if free >= size:
+                break
+            if not self.protected(k):
+                victims.append(k)
+                free += s
+        if free < size:
+            return False
+        for k in victims:
+            self._drop(k)
+            _unlink_quiet(self._path(k))
+            self._stats.evictions += 1
+        self._used += size
+        return True
+
+    # ---- Tier -----------------------------------------------------------------------------
+    def contains(self, keys: Sequence[bytes]) -> list[bool]:
+        index = self._index
+        return [k in index for k in keys]
+
+    def put(self, keys: Sequence[bytes], payloads: Sequence[Buffer]) -> list[bool]:
+        return [self._put_one(k, p) for k, p in zip(keys, payloads, strict=True)]
+
+    def _put_one(self, key: bytes, payload: Buffer) -> bool:
+        data = as_bytes(payload)
+        if len(data) != self.layout.nbytes:
+            raise ValueError(f"payload of {len(data)} bytes, the layout needs {self.layout.nbytes}")
+        size = self.file_bytes
+        with self._lock:
+            if not self._reserve(size):
+                self._stats.errors += 1
+                return False
+        tmp = None
+        try:
+            header = encode_header(key, self.layout, data, self.label)
+            d = self._subdir(key)
+            tmp = os.path.join(d, f"{TMP_PREFIX}{os.getpid()}-{next(self._tmp_ids)}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                _write_all(fd, [header, _PAD, data])
+            finally:
+                os.close(fd)
+            with self._lock:
+                os.replace(tmp, self._path(key))
+                tmp = None
+                self._drop(key)
+                self._index[key] = size
+                self._stored += size
+                self._stats.puts += 1
+                self._stats.bytes_written += size
+                self._failing = False
+            return True
+        except OSError as e:
+            with self._lock:
+                self._used -= size
+                self._stats.errors += 1
+                warn, self._failing = not self._failing, True
+            if warn:
+                log.warning("disk tier: cannot write under %s (%s); chunks are not stored there until it works",
+                            self.root, e.strerror or e)
+            if tmp is not None:
+                _unlink_quiet(tmp)
+            # A subdirectory removed behind our back is made again next time.
+            self._made_dirs.discard(key[:1].hex())
+            return False
+
+    def get_into(self, keys: Sequence[bytes], dests: Sequence[Buffer]) -> list[bool]:
+        return [self._get_one(k, d) for k, d in zip(keys, dests, strict=True)]
+
+    def _get_one(self, key: bytes, dest: Buffer) -> bool:
+        out = as_bytes(dest)
+        if len(out) != self.layout.nbytes:
+            raise ValueError(f"destination of {len(out)} bytes, the layout needs {self.layout.nbytes}")
+        if key not in self._index:
+            with self._lock:
+                self._stats.misses += 1
+            return False
+        path = self._path(key)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            self._forget(key, None, error=e.errno != errno.ENOENT)
+            return False
+        st = None
+        try:
+            st = os.fstat(fd)
+            self._read_checked(fd, key, out, st.st_size)
+        except CorruptChunk:
+            self._forget(key, st, corrupt=True)
+            return False
+        except OSError:
+            self._forget(key, None, error=True)
+            return False
+        finally:
+            os.close(fd)
+        with self._lock:
+            if key in self._index:
+                self._index.move_to_end(key)
+            self._stats.hits += 1
+            self._stats.bytes_read += st.st_size
+        try:
+            os.utime(path)  # recency for the index rebuilt after a restart
+        except OSError:
+            pass
+        return True
+
+    def _read_checked(self, fd: int, key: bytes, out: memoryview, file_size: int) -> None:
+        """Read the chunk of ``fd`` into ``out``, raising CorruptChunk unless it is exactly right.
+
+        The checksum is the header's xxh3-64 of the payload (:func:`kvtier.layout.checksum`),
+        computed incrementally piece by piece as the pieces land in ``out``.
+        """
+        head = bytearray(HEADER_SIZE)
+        if os.preadv(fd, [head], 0) < HEADER_SIZE:
+            raise CorruptChunk(f"file truncated ({file_size} bytes)")
+        header = decode_header(head)
+        if header.key != key:
+            raise CorruptChunk("chunk stored under another key")
+        if header.layout != self.layout:
+            raise CorruptChunk(f"layout {header.layout.describe()} differs from expected {self.layout.describe()}")
+        if file_size != DATA_OFFSET + header.nbytes:
+            raise CorruptChunk(f"file of {file_size} bytes, expected {DATA_OFFSET + header.nbytes}")
+        h = xxhash.xxh3_64()
+        n = len(out)
+        pos = 0
+        hashing = None  # the hash of the previous piece runs on the helper thread meanwhile
+        try:
+            while pos < n:
+                k = os.preadv(fd, [out[pos:pos + _READ_PIECE]], DATA_OFFSET + pos)
+                if k <= 0:
+                    raise CorruptChunk(f"payload truncated ({pos} of {n} bytes)")
+                if hashing is not None:
+                    hashing.result()
+                hashing = self._hasher.submit(h.update, out[pos:pos + k])
+                pos += k
+        finally:
+            if hashing is not None:
+                hashing.result()
+        if h.intdigest() != header.checksum:
+            raise CorruptChunk("checksum mismatch")
+
+    def _forget(self, key: bytes, st: os.stat_result | None, corrupt: bool = False, error: bool = False) -> None:
+        """Account a failed read of ``key``.
+
+        A corrupt file is removed (only if it is still the file we read, ``st``: a concurrent
+        put may have replaced it with a good one) and forgotten; a vanished file is forgotten;
+        after an I/O error the entry is kept (the error may pass).
+        """
+        path = self._path(key)
+        with self._lock:
+            self._stats.misses += 1
+            self._stats.corrupt += corrupt
+            self._stats.errors += error
+            if error:
+                return
+            if corrupt and st is not None:
+                try:
+                    now = os.stat(path)
+                except OSError:
+                    now = None
+                if now is not None and (now.st_ino, now.st_dev) != (st.st_ino, st.st_dev):
+                    return
+                _unlink_quiet(path)
+            self._drop(key)
+
+    def _drop(self, key: bytes) -> None:
+        """Remove ``key`` from the index (lock held)."""
+        size = self._index.pop(key, None)
+        if size is not None:
+            self._used -= size
+            self._stored -= size
+
+    def delete(self, keys: Sequence[bytes]) -> None:
+        with self._lock:
+            for k in keys:
+                if k in self._index:
+                    self._drop(k)
+                    _unlink_quiet(self._path(k))
+
+    def stats(self) -> TierStats:
+        with self._lock:
+            self._stats.chunks = len(self._index)
+            self._stats.bytes = self._stored
+        return self._stats
+
+    def scan(self) -> Iterator[StoredChunk]:
+        with self._lock:
+            keys = list(self._index)
+        for k in keys:
+            try:
+                with open(self._path(k), "rb", buffering=0) as f:
+                    header = decode_header(f.read(HEADER_SIZE))
+            except (OSError, CorruptChunk):
+                continue
+            yield StoredChunk(k, header.nbytes, header.label)
+
+    def close(self) -> None:
+        with self._lock:
+            self._index.clear()
+            self._used = self._stored = 0
+        self._hasher.shutdown(wait=True)
+
+
+def _write_all(fd: int, parts: list) -> None:
+    """``writev`` all of ``parts``, continuing after short writes."""
+    views = [memoryview(p) for p in parts]
+    while views:
+        n = os.writev(fd, views)
+        if n == 0:
+            raise OSError(errno.ENOSPC, "no progress writing chunk")
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if n:
+            views[0] = views[0][n:]
+
+
+def _unlink_quiet(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

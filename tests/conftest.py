@@ -1,0 +1,101 @@
+"""Shared fixtures: real redis-server processes, chunk directories, small chunk payloads."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kvtier import local_redis as servers
+from kvtier.layout import ChunkLayout
+
+SMALL_LAYOUT = ChunkLayout(4, 16, 64, torch.float16)  # 16 KiB chunks
+
+
+def make_payload(seed: int, layout: ChunkLayout = SMALL_LAYOUT) -> np.ndarray:
+    """A random chunk payload (uint8) of ``layout``, the same for the same seed."""
+    return np.random.default_rng(seed).integers(0, 256, layout.nbytes, dtype=np.uint8)
+
+
+def make_keys(n: int, rng: np.random.Generator | None = None) -> list[bytes]:
+    """``n`` distinct random 16-byte chunk keys."""
+    rng = rng or np.random.default_rng()
+    return [rng.bytes(16) for _ in range(n)]
+
+
+def require_redis() -> None:
+    """Skip (locally) or fail (in CI) when redis-server is not installed."""
+    if servers.redis_server_binary() is None:
+        msg = "redis-server is not installed: apt-get update && apt-get install -y redis-server"
+        if os.environ.get("CI"):
+            pytest.fail("CI must run the Redis tests, but " + msg, pytrace=False)
+        pytest.skip(msg)
+
+
+@pytest.fixture(scope="session")
+def _redis_proc():
+    require_redis()
+    srv = servers.RedisServer()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def redis_server(_redis_proc) -> servers.RedisServer:
+    """A running, empty redis-server (shared by the session; tests may kill and restart it)."""
+    _redis_proc.resume()
+    _redis_proc.start()
+    with _redis_proc.client() as c:
+        c.flushall()
+    return _redis_proc
+
+
+@pytest.fixture(scope="module")
+def redis_cluster():
+    """A 3-primary Redis Cluster on loopback; tests that kill a node bring it back."""
+    require_redis()
+    cluster = servers.RedisClusterProcs(3)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def tmp_chunk_dir(tmp_path: Path) -> Path:
+    return tmp_path / "chunks"
+
+
+def mount_tmpfs(path: Path, options: str) -> None:
+    """Mount a tmpfs at ``path`` (skips the test when mounting is not permitted here)."""
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN): {r.stderr.strip()}")
+
+
+def remount(path: Path, options: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{options}", str(path)], check=True, capture_output=True)
+
+
+def umount(path: Path) -> None:
+    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path):
+    """``make(name, options)`` mounts a tmpfs under tmp_path; all are unmounted afterwards."""
+    mounted: list[Path] = []
+
+    def make(name: str, options: str) -> Path:
+        p = tmp_path / name
+        mount_tmpfs(p, options)
+        mounted.append(p)
+        return p
+
+    yield make
+    for p in reversed(mounted):
+        umount(p)

@@ -1,0 +1,321 @@
+"""The disk tier on real files: restart, LRU, corruption, full and read-only disks, threads."""
+
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import xxhash
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import SMALL_LAYOUT, make_keys, make_payload, remount
+from kvtier.config import ConfigError
+from kvtier.layout import ChunkLayout, checksum
+from kvtier.tiers.disk import DATA_OFFSET, TMP_PREFIX, DiskTier
+
+N = SMALL_LAYOUT.nbytes
+FILE = DATA_OFFSET + N  # bytes of one chunk file
+
+
+def chunk_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def temp_files(root: Path) -> list[Path]:
+    return [p for p in chunk_files(root) if p.name.startswith(TMP_PREFIX)]
+
+
+def read(tier: DiskTier, key: bytes) -> np.ndarray | None:
+    d = np.zeros(N, dtype=np.uint8)
+    return d if tier.get_into([key], [d]) == [True] else None
+
+
+def test_files_fan_out_by_first_key_byte(tmp_chunk_dir):
+    tier = DiskTier(tmp_chunk_dir, 100 * FILE, SMALL_LAYOUT)
+    keys = [bytes([b]) + bytes(15) for b in (0x00, 0xAB, 0xAB, 0xFF)]
+    keys[2] = keys[2][:-1] + b"\x01"
+    tier.put(keys, [make_payload(i) for i in range(4)])
+    names = {str(p.relative_to(tmp_chunk_dir)) for p in chunk_files(tmp_chunk_dir)}
+    assert names == {f"{k[:1].hex()}/{k.hex()}.kvc" for k in keys}
+    assert all(p.stat().st_size == FILE for p in chunk_files(tmp_chunk_dir))
+
+
+def test_restart_rebuilds_index_in_lru_order(tmp_chunk_dir):
+    keys = make_keys(4)
+    tier = DiskTier(tmp_chunk_dir, 4 * FILE, SMALL_LAYOUT, label="m")
+    for i, k in enumerate(keys):
+        tier.put([k], [make_payload(i)])
+        os.utime(tier._path(k), ns=(10**18 + i * 10**9,) * 2)  # distinct mtimes, in put order
+    assert read(tier, keys[0]) is not None  # keys[0] becomes most recent (mtime refreshed)
+    tier.close()
+    # A crash left a temp file behind.
+    leftover = tmp_chunk_dir / keys[1][:1].hex() / f"{TMP_PREFIX}123-4"
+    leftover.write_bytes(b"partial")
+
+    tier = DiskTier(tmp_chunk_dir, 4 * FILE, SMALL_LAYOUT, label="m")
+    assert not leftover.exists()
+    assert tier.contains(keys) == [True] * 4
+    s = tier.stats()
+    assert (s.chunks, s.bytes) == (4, 4 * FILE)
+    for i, k in enumerate(keys):
+        assert np.array_equal(read(tier, k), make_payload(i))
+    assert {c.key: (c.nbytes, c.label) for c in tier.scan()} == {k: (N, "m") for k in keys}
+
+    # LRU order survived the restart: reads above touched all; rebuild again and evict one.
+    tier.close()
+    for i, k in enumerate(keys):
+        os.utime(tier._path(k), ns=(10**18 + (3 - i) * 10**9,) * 2)  # keys[3] oldest now
+    tier = DiskTier(tmp_chunk_dir, 4 * FILE, SMALL_LAYOUT)
+    tier.put(make_keys(1), [make_payload(9)])
+    assert tier.contains(keys) == [True, True, True, False]
+
+
+def test_restart_with_a_smaller_cap_evicts_down_to_it(tmp_chunk_dir):
+    tier = DiskTier(tmp_chunk_dir, 6 * FILE, SMALL_LAYOUT)
+    tier.put(make_keys(6), [make_payload(i) for i in range(6)])
+    tier.close()
+    tier = DiskTier(tmp_chunk_dir, 2 * FILE, SMALL_LAYOUT)
+    assert tier.stats().chunks == 2
+    assert len(chunk_files(tmp_chunk_dir)) == 2
+
+
+def test_lru_eviction_respects_capacity(tmp_chunk_dir):
+    tier = DiskTier(tmp_chunk_dir, 4 * FILE + 100, SMALL_LAYOUT)
+    keys = make_keys(6)
+    tier.put(keys[:4], [make_payload(i) for i in range(4)])
+    assert read(tier, keys[0]) is not None  # keys[0] is now the most recently used
+    tier.put(keys[4:], [make_payload(4), make_payload(5)])
+    assert tier.contains(keys) == [True, False, False, True, True, True]
+    s = tier.stats()
+    assert s.evictions == 2 and s.chunks == 4 and s.bytes <= s.capacity_bytes
+    assert len(chunk_files(tmp_chunk_dir)) == 4
+    assert np.array_equal(read(tier, keys[0]), make_payload(0))
+
+
+def test_eviction_skips_protected_keys(tmp_chunk_dir):
+    leased: set[bytes] = set()
+    tier = DiskTier(tmp_chunk_dir, 3 * FILE, SMALL_LAYOUT, protected=lambda k: k in leased)
+    keys = make_keys(6)
+    tier.put(keys[:3], [make_payload(i) for i in range(3)])
+    leased.update(keys[:2])  # the two oldest are being loaded
+    assert tier.put([keys[3]], [make_payload(3)]) == [True]
+    assert tier.contains(keys[:4]) == [True, True, False, True]
+    leased.add(keys[3])
+    assert tier.put([keys[4]], [make_payload(4)]) == [False]  # everything is leased: no room
+    assert tier.stats().errors == 1 and not temp_files(tmp_chunk_dir)
+    leased.clear()
+    assert tier.put([keys[5]], [make_payload(5)]) == [True]
+    assert tier.contains(keys[:1] + keys[5:]) == [False, True]
+    for i in (1, 3, 5):
+        assert np.array_equal(read(tier, keys[i]), make_payload(i))
+
+
+def _damage_flip(path: Path) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[DATA_OFFSET + 1234] ^= 0x01
+    path.write_bytes(bytes(raw))
+
+
+def _damage_truncate(path: Path) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(DATA_OFFSET + N // 2)
+
+
+def _damage_header_magic(path: Path) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[0:4] = b"XXXX"
+    path.write_bytes(bytes(raw))
+
+
+def _damage_empty(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+@pytest.mark.parametrize("damage", [_damage_flip, _damage_truncate, _damage_header_magic, _damage_empty])
+def test_damaged_file_is_a_counted_miss_and_removed(tmp_chunk_dir, damage):
+    tier = DiskTier(tmp_chunk_dir, 10 * FILE, SMALL_LAYOUT)
+    keys = make_keys(2)
+    tier.put(keys, [make_payload(0), make_payload(1)])
+    path = Path(tier._path(keys[0]))
+    damage(path)
+    d = np.zeros(N, dtype=np.uint8)
+    assert tier.get_into(keys, [d, np.zeros(N, dtype=np.uint8)]) == [False, True]
+    s = tier.stats()
+    assert (s.corrupt, s.misses, s.hits) == (1, 1, 1)
+    assert not path.exists()
+    assert tier.contains(keys) == [False, True]
+    assert np.array_equal(read(tier, keys[1]), make_payload(1))
+    # The key can be stored again.
+    assert tier.put([keys[0]], [make_payload(0)]) == [True]
+    assert np.array_equal(read(tier, keys[0]), make_payload(0))
+
+
+def test_chunk_of_another_layout_or_key_is_a_miss(tmp_path):
+    other_layout = ChunkLayout(4, 16, 64, torch.bfloat16)  # same size, other dtype
+    a = DiskTier(tmp_path / "a", 10 * FILE, SMALL_LAYOUT)
+    b = DiskTier(tmp_path / "b", 10 * FILE, other_layout)
+    k1, k2 = make_keys(2)
+    a.put([k1], [make_payload(1)])
+    b.put([k1], [make_payload(2)])
+    # b's file of k1 copied over a's: right key, wrong layout.
+    Path(a._path(k1)).write_bytes(Path(b._path(k1)).read_bytes())
+    assert read(a, k1) is None
+    # a's file of k1 renamed as k2: right layout, wrong key.
+    a.put([k1], [make_payload(1)])
+    a.put([k2], [make_payload(3)])
+    os.replace(a._path(k1), a._path(k2))
+    assert read(a, k2) is None
+    s = a.stats()
+    assert s.corrupt == 2 and s.hits == 0
+    assert not Path(a._path(k2)).exists()
+
+
+def test_streaming_checksum_matches_layout_checksum():
+    x = make_payload(3)
+    h = xxhash.xxh3_64()
+    for i in range(0, N, 1000):
+        h.update(memoryview(x)[i:i + 1000])
+    assert h.intdigest() == checksum(memoryview(x))
+
+
+def test_full_disk_put_fails_cleanly_and_recovers(tmpfs):
+    root = tmpfs("small", "size=512k")
+    tier = DiskTier(root / "chunks", 100 * FILE, SMALL_LAYOUT)  # the cap is above what fits
+    keys = make_keys(40)
+    ok = [tier.put([k], [make_payload(i)])[0] for i, k in enumerate(keys)]
+    stored = [k for k, o in zip(keys, ok) if o]
+    assert 5 < len(stored) < 40 and not all(ok[len(stored):])
+    s = tier.stats()
+    assert s.errors == 40 - len(stored) and s.chunks == len(stored)
+    assert not temp_files(root)
+    assert all(p.stat().st_size == FILE for p in chunk_files(root / "chunks"))
+    for k in stored:
+        assert np.array_equal(read(tier, k), make_payload(keys.index(k)))
+    # Space comes back: puts work again.
+    tier.delete(stored[:3])
+    assert tier.put([keys[-1]], [make_payload(39)]) == [True]
+    assert np.array_equal(read(tier, keys[-1]), make_payload(39))
+
+
+def test_read_only_directory_is_a_config_error(tmpfs, tmp_path):
+    ro = tmpfs("ro", "ro,size=1m")
+    with pytest.raises(ConfigError, match="disk_path=.*not writable"):
+        DiskTier(ro, 10 * FILE, SMALL_LAYOUT)
+    with pytest.raises(ConfigError, match="disk_path=.*cannot create"):
+        DiskTier(ro / "sub", 10 * FILE, SMALL_LAYOUT)
+    a_file = tmp_path / "file"
+    a_file.write_bytes(b"x")
+    with pytest.raises(ConfigError, match="disk_path="):
+        DiskTier(a_file / "chunks", 10 * FILE, SMALL_LAYOUT)
+    with pytest.raises(ConfigError, match="disk_path=.*not a directory"):
+        DiskTier(a_file, 10 * FILE, SMALL_LAYOUT)
+    with pytest.raises(ConfigError, match="disk_bytes"):
+        DiskTier(tmp_path / "tiny", FILE - 1, SMALL_LAYOUT)
+
+
+def test_disk_turning_read_only_fails_puts_keeps_reads(tmpfs):
+    root = tmpfs("rw", "size=2m")
+    tier = DiskTier(root, 50 * FILE, SMALL_LAYOUT)
+    keys = make_keys(4)
+    assert tier.put(keys[:2], [make_payload(0), make_payload(1)]) == [True, True]
+    remount(root, "ro")
+    try:
+        assert tier.put(keys[2:], [make_payload(2), make_payload(3)]) == [False, False]
+        assert tier.stats().errors == 2
+        assert np.array_equal(read(tier, keys[0]), make_payload(0))
+    finally:
+        remount(root, "rw")
+    assert tier.put(keys[2:], [make_payload(2), make_payload(3)]) == [True, True]
+    assert not temp_files(root)
+    assert np.array_equal(read(tier, keys[3]), make_payload(3))
+
+
+def test_directory_removed_behind_its_back_recovers(tmp_chunk_dir):
+    import shutil
+
+    tier = DiskTier(tmp_chunk_dir, 10 * FILE, SMALL_LAYOUT)
+    (k,) = make_keys(1)
+    tier.put([k], [make_payload(0)])
+    shutil.rmtree(tmp_chunk_dir)
+    assert read(tier, k) is None  # a miss, not an exception
+    tmp_chunk_dir.mkdir()
+    assert tier.put([k], [make_payload(0)]) in ([True], [False])  # the subdirectory is made again
+    assert tier.put([k], [make_payload(0)]) == [True]
+    assert np.array_equal(read(tier, k), make_payload(0))
+
+
+def test_concurrent_puts_and_gets_never_return_wrong_bytes(tmp_chunk_dir):
+    tier = DiskTier(tmp_chunk_dir, 20 * FILE, SMALL_LAYOUT)  # small: eviction under way
+    keys = make_keys(40)
+    payloads = {k: make_payload(i) for i, k in enumerate(keys)}
+    errors: list[str] = []
+
+    def writer(part: list[bytes]) -> None:
+        for _ in range(3):
+            for k in part:
+                tier.put([k], [payloads[k]])
+
+    def reader() -> None:
+        d = np.zeros(N, dtype=np.uint8)
+        for _ in range(4):
+            for k in keys:
+                if tier.get_into([k], [d]) == [True] and not np.array_equal(d, payloads[k]):
+                    errors.append(k.hex())
+
+    threads = [threading.Thread(target=writer, args=(keys[i::2],)) for i in range(2)]
+    threads += [threading.Thread(target=reader) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    s = tier.stats()
+    assert s.corrupt == 0 and s.errors == 0 and s.bytes <= s.capacity_bytes
+    assert len([p for p in chunk_files(tmp_chunk_dir)]) == s.chunks
+    assert not temp_files(tmp_chunk_dir)
+
+
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("put"), st.integers(0, 11), st.integers(0, 3)),
+        st.tuples(st.just("get"), st.integers(0, 11), st.just(0)),
+        st.tuples(st.just("delete"), st.integers(0, 11), st.just(0)),
+        st.tuples(st.just("restart"), st.just(0), st.just(0)),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=OPS)
+def test_random_sequences_against_a_dict_model(tmp_path_factory, ops):
+    root = tmp_path_factory.mktemp("model")
+    keys = [bytes([i]) * 16 for i in range(12)]
+    cap = 5
+    tier = DiskTier(root, cap * FILE, SMALL_LAYOUT)
+    model: dict[bytes, int] = {}  # key -> seed of the payload last put
+    d = np.zeros(N, dtype=np.uint8)
+    for op, ki, seed in ops:
+        k = keys[ki]
+        if op == "put":
+            assert tier.put([k], [make_payload(seed)]) == [True]
+            model[k] = seed
+        elif op == "get":
+            if tier.get_into([k], [d]) == [True]:
+                assert k in model and np.array_equal(d, make_payload(model[k]))  # never wrong bytes
+        elif op == "delete":
+            tier.delete([k])
+            model.pop(k, None)
+            assert tier.contains([k]) == [False]
+        else:
+            tier.close()
+            tier = DiskTier(root, cap * FILE, SMALL_LAYOUT)
+        held = [k for k in keys if tier.contains([k])[0]]
+        assert set(held) <= set(model)  # evicted keys may miss; unknown ones never hit
+        assert len(held) <= cap
+        assert tier.stats().bytes <= cap * FILE
+    s = tier.stats()
+    assert s.corrupt == 0 and s.errors == 0

@@ -1,0 +1,207 @@
+"""The redis tier against real redis-server processes: batches, faults, corruption, cluster."""
+
+import time
+
+import numpy as np
+import pytest
+
+from conftest import SMALL_LAYOUT, make_keys, make_payload
+from kvtier.layout import HEADER_SIZE
+from kvtier.tiers.redis import RedisTier
+
+N = SMALL_LAYOUT.nbytes
+
+
+def zeros(n: int = 1) -> list[np.ndarray]:
+    return [np.zeros(N, dtype=np.uint8) for _ in range(n)]
+
+
+def check_bytes(tier: RedisTier, keys: list[bytes], seeds: list[int]) -> list[bool]:
+    """get_into ``keys``; every hit must hold exactly ``make_payload(seed)``."""
+    dests = zeros(len(keys))
+    ok = tier.get_into(keys, dests)
+    for hit, d, s in zip(ok, dests, seeds):
+        if hit:
+            assert np.array_equal(d, make_payload(s))
+    return ok
+
+
+def test_pipelined_batches_keep_order(redis_server):
+    tier = RedisTier([redis_server.url], SMALL_LAYOUT, label="m", prefix="t1:")
+    keys = make_keys(60)
+    assert all(tier.put(keys[:50], [make_payload(i) for i in range(50)]))
+    rng = np.random.default_rng(0)
+    order = list(rng.permutation(60))
+    asked = [keys[i] for i in order]
+    assert tier.contains(asked) == [i < 50 for i in order]
+    assert check_bytes(tier, asked, order) == [i < 50 for i in order]
+    with redis_server.client() as c:
+        names = sorted(c.keys("t1:*"))
+        assert names == sorted(b"t1:" + k.hex().encode() for k in keys[:50])
+        assert c.strlen(names[0]) == HEADER_SIZE + N
+        assert c.ttl(names[0]) == -1  # no expiry unless asked
+    s = tier.stats()
+    assert (s.puts, s.hits, s.misses, s.errors) == (50, 50, 10, 0)
+    assert {c.key for c in tier.scan()} == set(keys[:50])
+
+
+def test_ttl_sets_expiry(redis_server):
+    tier = RedisTier([redis_server.url], SMALL_LAYOUT, ttl_s=100)
+    (k,) = make_keys(1)
+    tier.put([k], [make_payload(0)])
+    with redis_server.client() as c:
+        assert 0 < c.ttl(b"kvtier:" + k.hex().encode()) <= 100
+
+
+def test_server_killed_mid_run_then_back(redis_server):
+    tier = RedisTier([redis_server.url], SMALL_LAYOUT, connect_timeout_s=0.5, op_timeout_s=0.5,
+                     retry_after_s=0.3)
+    keys = make_keys(10)
+    assert all(tier.put(keys[:5], [make_payload(i) for i in range(5)]))
+    redis_server.kill()
+    t0 = time.monotonic()
+    calls = 0
+    while time.monotonic() - t0 < 1.0:  # keep calling through a few breaker periods
+        assert tier.contains(keys) == [False] * 10
+        assert check_bytes(tier, keys, list(range(10))) == [False] * 10
+        assert tier.put(keys[5:], [make_payload(i) for i in range(5, 10)]) == [False] * 5
+        tier.delete(keys[:1])
+        calls += 4
+    assert time.monotonic() - t0 < 5
+    s = tier.stats()
+    assert s.errors >= 1 and s.extra["skipped"] > 0 and s.extra["breaker_open"] == 1
+    assert s.errors < calls  # the breaker spared most calls a network attempt
+
+    redis_server.restart()  # same port, empty (no persistence)
+    time.sleep(0.35)
+    assert tier.put(keys[5:], [make_payload(i) for i in range(5, 10)]) == [True] * 5
+    assert check_bytes(tier, keys, list(range(10))) == [False] * 5 + [True] * 5
+    assert tier.stats().extra["breaker_open"] == 0
+
+
+def test_frozen_server_costs_one_timeout_then_breaker(redis_server):
+    tier = RedisTier([redis_server.url], SMALL_LAYOUT, op_timeout_s=0.3, retry_after_s=1.0)
+    keys = make_keys(3)
+    tier.put(keys, [make_payload(i) for i in range(3)])
+    redis_server.pause()
+    try:
+        t0 = time.monotonic()
+        for _ in range(20):
+            assert check_bytes(tier, keys, [0, 1, 2]) == [False] * 3
+            assert tier.contains(keys) == [False] * 3
+        assert time.monotonic() - t0 < 5  # one timeout, then answers without the network
+        assert tier.stats().errors == 1
+    finally:
+        redis_server.resume()
+    time.sleep(1.05)
+    assert check_bytes(tier, keys, [0, 1, 2]) == [True] * 3
+
+
+def test_down_at_start_then_up(redis_server):
+    port = redis_server.port
+    redis_server.kill()
+    tier = RedisTier([f"redis://127.0.0.1:{port}"], SMALL_LAYOUT, retry_after_s=0.2)
+    (k,) = make_keys(1)
+    assert tier.put([k], [make_payload(1)]) == [False]
+    redis_server.start()
+    time.sleep(0.25)
+    assert tier.put([k], [make_payload(1)]) == [True]
+    assert check_bytes(tier, [k], [1]) == [True]
+
+
+def test_corrupt_values_are_counted_misses_and_removed(redis_server):
+    tier = RedisTier([redis_server.url], SMALL_LAYOUT)
+    keys = make_keys(5)
+    tier.put(keys, [make_payload(i) for i in range(5)])
+    names = [b"kvtier:" + k.hex().encode() for k in keys]
+    with redis_server.client() as c:
+        good = c.get(names[0])
+        c.set(names[0], b"garbage")  # not a chunk at all
+        c.set(names[1], good[:-10])  # truncated
+        flipped = bytearray(good)
+        flipped[HEADER_SIZE + 100] ^= 0xFF
+        c.set(names[2], bytes(flipped))  # a flipped payload bit
+        c.set(names[3], good)  # a valid chunk, but of another key
+    assert check_bytes(tier, keys, list(range(5))) == [False, False, False, False, True]
+    s = tier.stats()
+    assert (s.corrupt, s.hits, s.misses) == (4, 1, 4)
+    with redis_server.client() as c:
+        assert c.exists(*names[:4]) == 0  # removed: later reads do not pay for them again
+        assert c.exists(names[4]) == 1
+
+
+def test_prefixes_separate_users_of_one_server(redis_server):
+    a = RedisTier([redis_server.url], SMALL_LAYOUT, prefix="a:")
+    b = RedisTier([redis_server.url], SMALL_LAYOUT, prefix="b:")
+    (k,) = make_keys(1)
+    a.put([k], [make_payload(1)])
+    assert b.contains([k]) == [False]
+    assert {c.key for c in b.scan()} == set()
+    assert check_bytes(a, [k], [1]) == [True]
+
+
+# ---- cluster ------------------------------------------------------------------------------
+
+def test_cluster_batches_across_slots_and_nodes(redis_cluster):
+    tier = RedisTier(redis_cluster.urls, SMALL_LAYOUT, label="c", prefix="cl1:")
+    keys = make_keys(60)
+    owners = {redis_cluster.node_of(b"cl1:" + k.hex().encode()) for k in keys}
+    assert owners == {0, 1, 2}  # the batch really spans the three nodes
+    assert all(tier.put(keys[:40], [make_payload(i) for i in range(40)]))
+    order = list(np.random.default_rng(1).permutation(60))
+    asked = [keys[i] for i in order]
+    assert tier.contains(asked) == [i < 40 for i in order]
+    assert check_bytes(tier, asked, order) == [i < 40 for i in order]
+    counts = []
+    for node in redis_cluster.nodes:
+        with node.client() as c:
+            counts.append(len(c.keys("cl1:*")))
+    assert sum(counts) == 40 and all(n > 0 for n in counts)
+    assert {c.key for c in tier.scan()} == set(keys[:40])
+    tier.delete(keys)
+    assert tier.contains(keys) == [False] * 60
+
+
+def test_cluster_node_killed_its_keys_miss_others_hit(redis_cluster):
+    tier = RedisTier(redis_cluster.urls[:1], SMALL_LAYOUT, cluster=True, prefix="cl2:",
+                     connect_timeout_s=0.5, op_timeout_s=0.5, retry_after_s=0.3)
+    keys = make_keys(45)
+    seeds = list(range(45))
+    assert all(tier.put(keys, [make_payload(i) for i in seeds]))
+    owner = [redis_cluster.node_of(b"cl2:" + k.hex().encode()) for k in keys]
+    victim = 1
+    redis_cluster.nodes[victim].kill()
+    try:
+        t0 = time.monotonic()
+        for _ in range(5):
+            expect = [o != victim for o in owner]
+            assert check_bytes(tier, keys, seeds) == expect
+            assert tier.contains(keys) == expect
+            assert tier.put(keys, [make_payload(i) for i in seeds]) == expect
+        assert time.monotonic() - t0 < 5
+        assert tier.stats().errors >= 1
+    finally:
+        redis_cluster.nodes[victim].start()  # same port and nodes.conf: it rejoins, empty
+        redis_cluster.wait_ok()
+    time.sleep(0.35)
+    assert all(tier.put(keys, [make_payload(i) for i in seeds]))
+    assert check_bytes(tier, keys, seeds) == [True] * 45
+
+
+def test_cluster_seed_list_with_a_dead_seed(redis_cluster):
+    dead = "redis://127.0.0.1:1"  # nothing listens there
+    tier = RedisTier([dead] + redis_cluster.urls[2:], SMALL_LAYOUT, prefix="cl3:", connect_timeout_s=0.3)
+    keys = make_keys(10)
+    assert all(tier.put(keys, [make_payload(i) for i in range(10)]))
+    assert check_bytes(tier, keys, list(range(10))) == [True] * 10
+
+
+@pytest.mark.parametrize("bad_url", ["redis://127.0.0.1:1"])
+def test_cluster_all_seeds_dead_is_misses(bad_url):
+    tier = RedisTier([bad_url], SMALL_LAYOUT, cluster=True, connect_timeout_s=0.3, retry_after_s=5)
+    keys = make_keys(3)
+    assert tier.contains(keys) == [False] * 3
+    assert tier.put(keys, [make_payload(i) for i in range(3)]) == [False] * 3
+    assert check_bytes(tier, keys, [0, 1, 2]) == [False] * 3
+    assert list(tier.scan()) == []
+    assert tier.stats().errors >= 1
