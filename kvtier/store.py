@@ -329,12 +329,17 @@ _registry: dict[tuple, Store] = {}
 _registry_lock = threading.Lock()
 
 
-def get_store(config: KVTierConfig, layout: ChunkLayout, label: str = "") -> Store:
+def get_store(config: KVTierConfig, layout: ChunkLayout, label: str = "") -> "Store":
     """The process-wide store for this config and layout, created on first use.
 
     Lets the scheduler-side and worker-side halves of an engine adapter, living in
-    one process, share one store (and one cpu tier).
+    one process, share one store (and one cpu tier). With ``config.server`` set, it is
+    a client of that `kvtier serve` process instead (same methods).
     """
+    if config.server:
+        from kvtier.server.client import get_remote_store
+
+        return get_remote_store(config, layout, label)
     key = (repr(config.to_dict()), layout, label)
     with _registry_lock:
         store = _registry.get(key)

@@ -319,3 +319,28 @@ def test_random_sequences_against_a_dict_model(tmp_path_factory, ops):
         assert tier.stats().bytes <= cap * FILE
     s = tier.stats()
     assert s.corrupt == 0 and s.errors == 0
+
+
+def test_two_processes_share_one_directory(tmp_chunk_dir):
+    """A tier sees chunks another process wrote after it started (how engines share a disk)."""
+    import subprocess
+    import sys
+
+    reader = DiskTier(tmp_chunk_dir, 1 << 30, SMALL_LAYOUT)
+    keys = make_keys(3)
+    code = (
+        "import sys, numpy as np; from conftest import SMALL_LAYOUT, make_payload;"
+        "from kvtier.tiers.disk import DiskTier;"
+        f"t = DiskTier({str(tmp_chunk_dir)!r}, 1 << 30, SMALL_LAYOUT);"
+        f"keys = [bytes.fromhex(h) for h in {[k.hex() for k in keys]!r}];"
+        "assert all(t.put(keys, [make_payload(i) for i in range(3)]))"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(__file__))
+    assert reader.contains(keys) == [True, True, True]
+    dests = [np.zeros(SMALL_LAYOUT.nbytes, np.uint8) for _ in keys]
+    assert reader.get_into(keys, dests) == [True, True, True]
+    assert all(np.array_equal(d, make_payload(i)) for i, d in enumerate(dests))
+    # a file removed by the other process is a miss, not an error
+    os.unlink(reader._path(keys[0]))
+    assert reader.get_into(keys[:1], dests[:1]) == [False]
+    assert reader.stats().errors == 0

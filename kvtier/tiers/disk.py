@@ -183,8 +183,29 @@ class DiskTier(Tier):
 
     # ---- Tier -----------------------------------------------------------------------------
     def contains(self, keys: Sequence[bytes]) -> list[bool]:
+        self._adopt(keys)
         index = self._index
         return [k in index for k in keys]
+
+    def _adopt(self, keys: Sequence[bytes]) -> None:
+        """Index files that another process (an engine's worker, another engine) wrote here
+        since we scanned: a directory shared by several processes is how they share chunks.
+        Each process keeps its own account of the cap; a file another one removed is a miss."""
+        for k in keys:
+            if k in self._index:
+                continue
+            try:
+                size = os.stat(self._path(k)).st_size
+            except OSError:
+                continue
+            if size != self.file_bytes:
+                continue  # not a whole chunk of this layout (yet): leave it alone
+            with self._lock:
+                if k not in self._index:
+                    self._index[k] = size
+                    self._index.move_to_end(k, last=False)  # never read here: first to go
+                    self._used += size
+                    self._stored += size
 
     def put(self, keys: Sequence[bytes], payloads: Sequence[Buffer]) -> list[bool]:
         return [self._put_one(k, p) for k, p in zip(keys, payloads, strict=True)]
@@ -233,6 +254,7 @@ class DiskTier(Tier):
             return False
 
     def get_into(self, keys: Sequence[bytes], dests: Sequence[Buffer]) -> list[bool]:
+        self._adopt(keys)
         return [self._get_one(k, d) for k, d in zip(keys, dests, strict=True)]
 
     def _get_one(self, key: bytes, dest: Buffer) -> bool:

@@ -1,0 +1,69 @@
+"""Tiny random Llama models, for tests and demos that run without downloads.
+
+``make_random_llama(path, size)`` writes ``config.json`` and ``model.safetensors``
+for a Llama with random weights. Outputs are nonsense but deterministic, which is
+all an equality test (outputs with kvtier == outputs without) needs. Weights use a
+fairly large std so that different prompts give different greedy continuations
+(with tiny weights every prompt collapses onto the same token and a test would
+prove nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+SIZES = {
+    # ~0.4M params: starts in seconds, one chunk of 256 tokens is 512 KiB in float32.
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=32, vocab_size=1024, std=0.2),
+    # ~82M params: large enough that recomputing a long prefix costs visibly more than loading it.
+    "demo": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                 num_key_value_heads=4, head_dim=64, vocab_size=4096, std=0.05),
+}
+
+
+def make_random_llama(path: str | os.PathLike, size: str = "tiny", seed: int = 0,
+                      max_position_embeddings: int = 8192) -> str:
+    """Write a random Llama of ``size`` ("tiny" or "demo") to ``path``; returns the path.
+
+    Idempotent: an existing complete model directory of the same size and seed is reused.
+    """
+    if size not in SIZES:
+        raise ValueError(f"size={size!r}: allowed {', '.join(SIZES)}")
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = Path(path)
+    marker = out / "kvtier_model.json"
+    spec = dict(SIZES[size])
+    std = spec.pop("std")
+    stamp = {"size": size, "seed": seed, "max_position_embeddings": max_position_embeddings}
+    if marker.exists() and (out / "model.safetensors").exists():
+        try:
+            if json.loads(marker.read_text()) == stamp:
+                return str(out)
+        except ValueError:
+            pass
+    out.mkdir(parents=True, exist_ok=True)
+    config = LlamaConfig(
+        **spec, max_position_embeddings=max_position_embeddings, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, torch_dtype="float32",
+        initializer_range=std,
+    )
+    config.architectures = ["LlamaForCausalLM"]
+    gen = torch.Generator().manual_seed(seed)
+    with torch.device("cpu"):
+        model = LlamaForCausalLM(config)
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name.endswith("norm.weight") or "layernorm" in name:
+            state[name] = torch.ones_like(tensor)
+        else:
+            state[name] = (torch.randn(tensor.shape, generator=gen) * std).to(torch.float32).contiguous()
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(str(out))
+    marker.write_text(json.dumps(stamp))
+    return str(out)

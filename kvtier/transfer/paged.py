@@ -1,0 +1,341 @@
+"""What a transfer kernel needs to know about the engine's paged KV cache.
+
+Every engine layout kvtier supports stores the ``W = kv_heads * head_size``
+elements of one (K/V, slot) pair as one contiguous row, with
+``slot = block_id * block_size + offset``::
+
+    row(layer, kv, slot) = base[layer] + block * block_stride + kv * kv_stride + offset * token_stride
+
+(strides in elements). :class:`PagedKV` holds the per-layer tensors and those
+numbers; both backends (:mod:`.torch_ref`, :mod:`.triton_kernels`) read only
+this description, so one signature serves every layout:
+
+==============  ==========================  =====================================
+kind            per-layer shape             who uses it
+==============  ==========================  =====================================
+``flash``       ``[2, NB, BS, H, D]``       vLLM FlashAttention (CUDA)
+``blocks_first````[NB, 2, BS, H, D]``       vLLM FlashInfer and others
+``cpu``         ``[NB, 2, BS, H*D]``        vLLM CPU backend
+``mla``         ``[NB, BS, D]``             MLA models (one latent row per token)
+==============  ==========================  =====================================
+
+A tensor whose logical shape matches but whose memory is permuted (for
+example a "HND" cache whose heads sit outside the token dimension) has rows
+that are not contiguous; :meth:`PagedKV.__init__` refuses it with a message
+that says so, rather than moving wrong bytes.
+
+This module also holds what both backends share: chunk-buffer validation,
+the slot plan, and the :class:`Transfer` handle a call returns.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Mapping, Sequence
+
+import torch
+
+KINDS = ("flash", "blocks_first", "cpu", "mla")
+
+# Same-size integer views: a copy never needs the float type, and integer
+# index kernels exist for every dtype on every device (fp8 included).
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def int_view(t: torch.Tensor) -> torch.Tensor:
+    """``t`` reinterpreted as the integer dtype of the same element size (no copy)."""
+    return t if t.dtype == _INT_OF_SIZE[t.element_size()] else t.view(_INT_OF_SIZE[t.element_size()])
+
+
+class LayoutError(ValueError):
+    """The KV cache tensors do not match the layout they were described as."""
+
+
+def _kind_dims(kind: str) -> tuple[int, int | None, int, int, int]:
+    """(ndim, kv dim or None, block dim, token dim, first width dim) of each layout."""
+    return {
+        "flash": (5, 0, 1, 2, 3),
+        "blocks_first": (5, 1, 0, 2, 3),
+        "cpu": (4, 1, 0, 2, 3),
+        "mla": (3, None, 0, 1, 2),
+    }[kind]
+
+
+def detect(t: torch.Tensor, block_size: int | None = None) -> str:
+    """Guess the layout kind of one layer's KV cache tensor from its shape.
+
+    Raises :class:`LayoutError` when the shape fits no layout or fits two
+    (e.g. ``[2, 2, BS, H, D]`` with two blocks); pass ``kind=`` then.
+    """
+    shape = tuple(t.shape)
+    cands = []
+    if t.dim() == 5 and shape[0] == 2:
+        cands.append("flash")
+    if t.dim() == 5 and shape[1] == 2:
+        cands.append("blocks_first")
+    if t.dim() == 4 and shape[1] == 2:
+        cands.append("cpu")
+    if t.dim() == 3:
+        cands.append("mla")
+    if block_size is not None:
+        cands = [k for k in cands if shape[_kind_dims(k)[3]] == block_size]
+    if len(cands) == 1:
+        return cands[0]
+    what = f"KV cache tensor of shape {list(shape)}" + (f" with block_size={block_size}" if block_size else "")
+    if not cands:
+        raise LayoutError(
+            f"{what} matches no known layout: expected flash [2, NB, BS, H, D], blocks_first "
+            f"[NB, 2, BS, H, D], cpu [NB, 2, BS, H*D] or mla [NB, BS, D]"
+        )
+    raise LayoutError(f"{what} is ambiguous ({' or '.join(cands)}); pass kind= explicitly")
+
+
+class PagedKV:
+    """The engine's paged KV cache of one TP rank: one tensor per layer, one layout.
+
+    ``PagedKV(layers, kind, block_size)`` validates and fills in the rest;
+    ``kind=None`` detects it from the shape. Strides are in elements.
+
+    Attributes: ``layers`` (tuple), ``kind``, ``block_size``, ``num_blocks``,
+    ``width`` (W), ``num_kv`` (2, or 1 for MLA), ``block_stride``,
+    ``kv_stride`` (0 for MLA), ``token_stride``.
+    """
+
+    def __init__(self, layers: Sequence[torch.Tensor], kind: str | None = None, block_size: int | None = None):
+        layers = tuple(layers)
+        if not layers:
+            raise LayoutError("PagedKV needs at least one layer tensor")
+        first = layers[0]
+        if not isinstance(first, torch.Tensor):
+            raise LayoutError(f"PagedKV layers must be tensors, got {type(first).__name__}")
+        if kind is None:
+            kind = detect(first, block_size)
+        if kind not in KINDS:
+            raise LayoutError(f"unknown KV layout kind {kind!r}; known: {', '.join(KINDS)}")
+        ndim, kv_dim, blk_dim, tok_dim, w_dim = _kind_dims(kind)
+        shape = tuple(first.shape)
+        if first.dim() != ndim:
+            raise LayoutError(
+                f"layout {kind!r} expects {ndim}-dim per-layer tensors, got shape {list(shape)}"
+            )
+        if kv_dim is not None and shape[kv_dim] != 2:
+            raise LayoutError(f"layout {kind!r} expects 2 (K, V) at dim {kv_dim}, got shape {list(shape)}")
+        bs = shape[tok_dim]
+        if block_size is not None and block_size != bs:
+            raise LayoutError(f"block_size={block_size} but layout {kind!r} tensor has {bs} at dim {tok_dim} "
+                              f"(shape {list(shape)})")
+        width = 1
+        for d in shape[w_dim:]:
+            width *= d
+        # The (kv, slot) row of W elements must be contiguous.
+        expect = 1
+        for d in range(ndim - 1, w_dim - 1, -1):
+            if shape[d] > 1 and first.stride(d) != expect:
+                raise LayoutError(
+                    f"layout {kind!r}: the {width} elements of one token row (dims {w_dim}.. of shape "
+                    f"{list(shape)}) are not contiguous (strides {list(first.stride())}); a permuted "
+                    f"(e.g. HND) cache is not supported"
+                )
+            expect *= shape[d]
+        for i, t in enumerate(layers):
+            if not isinstance(t, torch.Tensor):
+                raise LayoutError(f"layer {i} is a {type(t).__name__}, not a tensor")
+            if tuple(t.shape) != shape or t.dtype != first.dtype or t.device != first.device:
+                raise LayoutError(
+                    f"layer {i} is {list(t.shape)} {t.dtype} on {t.device}; layer 0 is "
+                    f"{list(shape)} {first.dtype} on {first.device}: all layers must match"
+                )
+            if t.stride() != first.stride():
+                raise LayoutError(f"layer {i} strides {list(t.stride())} differ from layer 0's {list(first.stride())}")
+        nb = shape[blk_dim]
+        self.layers = layers
+        self.kind = kind
+        self.block_size = bs
+        self.num_blocks = nb
+        self.width = width
+        self.num_kv = 1 if kv_dim is None else 2
+        self.block_stride = first.stride(blk_dim)
+        self.kv_stride = 0 if kv_dim is None else first.stride(kv_dim)
+        self.token_stride = first.stride(tok_dim) if bs > 1 else width
+
+    # ------------------------------------------------------------------ builders
+    @classmethod
+    def from_vllm(
+        cls, kv_caches: Mapping[str, torch.Tensor], kind: str | None = None, block_size: int | None = None
+    ) -> "PagedKV":
+        """Build from vLLM's ``register_kv_caches`` dict (layer name -> tensor).
+
+        Layers are ordered by the integer in their name (``model.layers.12.self_attn.attn``
+        is layer 12), falling back to the dict's order for names without one. Several
+        names sharing one tensor (cross-layer KV sharing) are kept once.
+        """
+        if not kv_caches:
+            raise LayoutError("from_vllm got no KV cache tensors")
+
+        def index(item: tuple[int, tuple[str, torch.Tensor]]) -> tuple[int, int]:
+            pos, (name, _) = item
+            nums = re.findall(r"\.(\d+)(?:\.|$)", name) or re.findall(r"(\d+)", name)
+            return (int(nums[-1]) if nums else pos, pos)
+
+        ordered = [t for _, (_, t) in sorted(enumerate(kv_caches.items()), key=index)]
+        seen: set[int] = set()
+        unique = []
+        for t in ordered:
+            key = t.data_ptr()
+            if key not in seen:
+                seen.add(key)
+                unique.append(t)
+        return cls(unique, kind=kind, block_size=block_size)
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layers[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.layers[0].device
+
+    @property
+    def mla(self) -> bool:
+        return self.num_kv == 1
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @property
+    def itemsize(self) -> int:
+        return self.layers[0].element_size()
+
+    def chunk_shape(self, tokens: int) -> tuple[int, ...]:
+        """Shape of one chunk of ``tokens`` tokens: ``[2, L, T, W]`` or ``[L, T, W]`` for MLA."""
+        if self.mla:
+            return (self.num_layers, tokens, self.width)
+        return (2, self.num_layers, tokens, self.width)
+
+    def chunk_nbytes(self, tokens: int) -> int:
+        return self.num_kv * self.num_layers * tokens * self.width * self.itemsize
+
+    def chunk_layout(self, tokens: int):
+        """The matching :class:`kvtier.layout.ChunkLayout` (for headers and the store)."""
+        from kvtier.layout import ChunkLayout
+
+        return ChunkLayout(self.num_layers, tokens, self.width, self.dtype, self.mla)
+
+    def rows(self, layer: int) -> torch.Tensor:
+        """Layer ``layer`` as a ``[NB, num_kv, BS, W]`` strided view (same memory)."""
+        t = self.layers[layer]
+        return t.as_strided(
+            (self.num_blocks, self.num_kv, self.block_size, self.width),
+            (self.block_stride, self.kv_stride or 1, self.token_stride, 1),
+        )
+
+    def __repr__(self) -> str:
+        return f"PagedKV({self.describe()})"
+
+    def describe(self) -> str:
+        return (f"{self.kind} x{self.num_layers} layers {list(self.layers[0].shape)} "
+                f"{str(self.dtype).removeprefix('torch.')} on {self.device}")
+
+
+# ---------------------------------------------------------------------- shared
+def chunk_tokens(paged: PagedKV, chunks: Sequence[torch.Tensor]) -> int:
+    """Tokens per chunk (T), checked for every buffer; raises ValueError with the reason."""
+    if len(chunks) == 0:
+        raise ValueError("no chunk buffers given")
+    per_token = paged.chunk_nbytes(1)
+    tokens = None
+    for i, c in enumerate(chunks):
+        if not isinstance(c, torch.Tensor):
+            raise ValueError(f"chunk {i} is a {type(c).__name__}, not a tensor")
+        if c.dtype == torch.uint8 and c.dim() == 1:
+            if c.numel() % per_token:
+                raise ValueError(
+                    f"chunk {i} has {c.numel()} bytes, not a whole number of tokens of "
+                    f"{per_token} bytes ({paged.describe()})"
+                )
+            t = c.numel() // per_token
+        else:
+            if c.dtype != paged.dtype:
+                raise ValueError(f"chunk {i} dtype {c.dtype} differs from the KV cache dtype {paged.dtype}")
+            expect = paged.chunk_shape(c.shape[-2] if c.dim() >= 2 else 0)
+            if tuple(c.shape) != expect:
+                raise ValueError(f"chunk {i} has shape {list(c.shape)}, expected {list(expect)} "
+                                 f"([2, L, T, W], or [L, T, W] for MLA)")
+            t = c.shape[-2]
+        if not c.is_contiguous():
+            raise ValueError(f"chunk {i} is not contiguous")
+        if tokens is None:
+            tokens = t
+        elif t != tokens:
+            raise ValueError(f"chunk {i} holds {t} tokens, chunk 0 holds {tokens}: all chunks must be the same size")
+    if not tokens:
+        raise ValueError("chunk buffers hold zero tokens")
+    return tokens
+
+
+def chunk_view(paged: PagedKV, c: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Chunk buffer as an integer ``[num_kv, L, T, W]`` view (same memory)."""
+    return int_view(c.view(paged.dtype) if c.dtype == torch.uint8 else c).view(
+        paged.num_kv, paged.num_layers, tokens, paged.width
+    )
+
+
+def check_args(paged: PagedKV, slot_mapping: torch.Tensor, chunks: Sequence[torch.Tensor], skip: int) -> tuple[int, int]:
+    """Validate a gather/scatter call; returns (T, number of tokens)."""
+    if not isinstance(paged, PagedKV):
+        raise TypeError(f"paged must be a PagedKV, got {type(paged).__name__}")
+    tokens = chunk_tokens(paged, chunks)
+    n = len(chunks) * tokens
+    if not isinstance(skip, int) or not 0 <= skip < tokens:
+        raise ValueError(f"skip_prefix_n_tokens must be an int in [0, {tokens}) (chunk size), got {skip!r}")
+    if not isinstance(slot_mapping, torch.Tensor) or slot_mapping.dim() != 1:
+        raise ValueError("slot_mapping must be a 1-D tensor (one slot per token, -1 = skip)")
+    if slot_mapping.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"slot_mapping must be int64 (or int32), got {slot_mapping.dtype}")
+    if slot_mapping.numel() < n:
+        raise ValueError(
+            f"slot_mapping has {slot_mapping.numel()} entries but the {len(chunks)} chunk buffers "
+            f"of {tokens} tokens cover {n} tokens"
+        )
+    return tokens, n
+
+
+def check_slots_host(paged: PagedKV, slots: torch.Tensor) -> None:
+    """Raise if a slot (>= 0) lies past the cache; cheap on a CPU tensor."""
+    if slots.numel() and int(slots.max()) >= paged.num_slots:
+        raise ValueError(f"slot_mapping holds slot {int(slots.max())} but the cache has only "
+                         f"{paged.num_slots} slots ({paged.num_blocks} blocks x {paged.block_size})")
+
+
+class Transfer:
+    """Handle of one gather/scatter call.
+
+    On CPU the work is done when the call returns. On CUDA the call only
+    enqueues work on kvtier's side streams; ``event`` is recorded after the
+    last of it. ``wait()`` blocks the host; ``wait_on(stream)`` makes a stream
+    (default: the current one) wait on the GPU, without blocking the host.
+    """
+
+    __slots__ = ("event", "_keep")
+
+    def __init__(self, event=None, keep=None) -> None:
+        self.event = event
+        self._keep = keep  # buffers that must outlive the enqueued work
+
+    def done(self) -> bool:
+        return self.event is None or self.event.query()
+
+    def wait(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
+        self._keep = None
+
+    def wait_on(self, stream=None) -> None:
+        if self.event is not None:
+            (stream if stream is not None else torch.cuda.current_stream()).wait_event(self.event)

@@ -1,0 +1,115 @@
+"""Vectorised torch implementation of gather/scatter (any device; used on CPU).
+
+It is what CPU engines use and the oracle the Triton kernels are tested
+against. Each layer is seen as a flat ``[rows, W]`` array (every layout puts
+the W elements of a (kv, slot) pair in one contiguous row, and all strides
+are whole rows in practice), so a chunk is moved with one ``index_select`` /
+``index_copy_`` per (chunk, layer, K/V): whole rows, no per-token Python.
+Data moves as same-size integers, so fp8 works wherever int8 does.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .paged import PagedKV, Transfer, check_args, check_slots_host, chunk_view, int_view
+
+
+def _flat_rows(paged: PagedKV, layer: int) -> torch.Tensor | None:
+    """Layer as an integer ``[rows, W]`` view, or None when a stride is not a whole row."""
+    w = paged.width
+    strides = (paged.block_stride, paged.kv_stride, paged.token_stride)
+    if any(s % w for s in strides):
+        return None
+    t = int_view(paged.layers[layer])
+    span = ((paged.num_blocks - 1) * paged.block_stride + (paged.num_kv - 1) * paged.kv_stride
+            + (paged.block_size - 1) * paged.token_stride)
+    return t.as_strided((span // w + 1, w), (w, 1))
+
+
+class _Plan:
+    """Per chunk: token positions it moves (None = all T), and their block and offset."""
+
+    def __init__(self, paged: PagedKV, slot_mapping: torch.Tensor, n_chunks: int, tokens: int, skip: int):
+        n = n_chunks * tokens
+        m = slot_mapping[:n].to("cpu", torch.int64)
+        valid = m >= 0
+        valid[:skip] = False
+        check_slots_host(paged, m[valid])
+        dev = paged.device
+        self.items: list[tuple[int, torch.Tensor | None, torch.Tensor, torch.Tensor]] = []
+        for c in range(n_chunks):
+            sl = slice(c * tokens, (c + 1) * tokens)
+            v, mc = valid[sl], m[sl]
+            if bool(v.all()):
+                pos = None
+            else:
+                pos = v.nonzero().squeeze(1)
+                if pos.numel() == 0:
+                    continue
+                mc = mc[pos]
+                pos = pos.to(dev)
+            mc = mc.to(dev)
+            blk = torch.div(mc, paged.block_size, rounding_mode="floor")
+            self.items.append((c, pos, blk, mc - blk * paged.block_size))
+
+
+def _move(paged: PagedKV, slot_mapping: torch.Tensor, chunks: Sequence[torch.Tensor],
+          skip: int, to_paged: bool) -> Transfer:
+    tokens, _ = check_args(paged, slot_mapping, chunks, skip)
+    dev = paged.device
+    plan = _Plan(paged, slot_mapping, len(chunks), tokens, skip)
+    views = [chunk_view(paged, c, tokens) for c in chunks]
+    if not to_paged:
+        # Rows of tokens not moved are zeros (same contract as the GPU backend).
+        moved = {c for c, pos, _, _ in plan.items if pos is None}
+        for c, v in enumerate(views):
+            if c not in moved:
+                v.zero_()
+    w = paged.width
+    flats = [_flat_rows(paged, layer) for layer in range(paged.num_layers)]
+    for c, pos, blk, off in plan.items:
+        # Chunks on another device (host buffers, CUDA cache, no Triton) go through a copy.
+        work = views[c] if views[c].device == dev else views[c].to(dev)
+        if flats[0] is not None:
+            k_rows = (blk * paged.block_stride + off * paged.token_stride) // w
+        for layer in range(paged.num_layers):
+            flat = flats[layer]
+            nd = int_view(paged.rows(layer)) if flat is None else None
+            for kv in range(paged.num_kv):
+                buf = work[kv, layer]  # [T, W], contiguous
+                if flat is not None:
+                    rows = k_rows + (kv * paged.kv_stride) // w if kv else k_rows
+                    if to_paged:
+                        flat.index_copy_(0, rows, buf if pos is None else buf.index_select(0, pos))
+                    elif pos is None:
+                        torch.index_select(flat, 0, rows, out=buf)
+                    else:
+                        buf.index_copy_(0, pos, flat.index_select(0, rows))
+                else:  # strides that are not whole rows: index the 4-D view
+                    if to_paged:
+                        nd[blk, kv, off] = buf if pos is None else buf.index_select(0, pos)
+                    elif pos is None:
+                        buf.copy_(nd[blk, kv, off])
+                    else:
+                        buf.index_copy_(0, pos, nd[blk, kv, off])
+        if not to_paged and work is not views[c]:
+            views[c].copy_(work)
+    return Transfer()
+
+
+def gather(paged: PagedKV, slot_mapping: torch.Tensor, chunks: Sequence[torch.Tensor],
+           skip_prefix_n_tokens: int = 0, *, stream=None, mode=None) -> Transfer:
+    """Paged KV -> chunk buffers (save). Done when it returns; ``stream`` and ``mode`` are ignored.
+
+    Chunk rows of tokens not moved (index < skip, slot -1) are written as zeros.
+    """
+    return _move(paged, slot_mapping, chunks, skip_prefix_n_tokens, to_paged=False)
+
+
+def scatter(paged: PagedKV, slot_mapping: torch.Tensor, chunks: Sequence[torch.Tensor],
+            skip_prefix_n_tokens: int = 0, *, stream=None, mode=None) -> Transfer:
+    """Chunk buffers -> paged KV (load). Done when it returns; ``stream`` and ``mode`` are ignored."""
+    return _move(paged, slot_mapping, chunks, skip_prefix_n_tokens, to_paged=True)

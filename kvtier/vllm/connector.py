@@ -1,0 +1,231 @@
+"""``KVTierConnector``: vLLM's v1 KV connector API over kvtier's store.
+
+A thin adapter: it translates vLLM objects into the engine-agnostic
+:class:`~kvtier.vllm.scheduler.PrefixLedger` (scheduler side) and
+:class:`~kvtier.vllm.worker.KVWorker` (worker side) and back. Enable with::
+
+    --kv-transfer-config '{"kv_connector":"KVTierConnector",
+                           "kv_connector_module_path":"kvtier.vllm",
+                           "kv_role":"kv_both",
+                           "kv_connector_extra_config":{"chunk_size":256,"tiers":["cpu","disk"]}}'
+
+Loads are synchronous (done in ``start_load_kv`` for all layers, before the
+forward); ``wait_for_layer_load`` and ``save_kv_layer`` are no-ops; saves happen
+in ``wait_for_save`` after the forward, before the step returns. See docs/vllm.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+from kvtier.config import ConfigError, KVTierConfig
+from kvtier.keys import Namespace
+from kvtier.layout import ChunkLayout, dtype_name
+from kvtier.store import get_store
+from kvtier.vllm.paged_io import PagedLayers
+from kvtier.vllm.scheduler import PrefixLedger, ScheduledRequest, StepPlan
+from kvtier.vllm.worker import KVWorker
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+log = logging.getLogger("kvtier.vllm")
+
+# Live connectors of this process (tests and the demo read their stats).
+INSTANCES: "weakref.WeakSet[KVTierConnector]" = weakref.WeakSet()
+
+
+class KVTierMetadata(KVConnectorMetadata):
+    """What the scheduler side sends to the workers for one step (picklable)."""
+
+    def __init__(self, plan: StepPlan) -> None:
+        self.loads = plan.loads
+        self.saves = plan.saves
+
+
+def _engine_facts(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig | None"):
+    """(block_size, num_layers, num_kv_heads, head_size, dtype, mla) of the attention cache."""
+    if kv_cache_config is None:
+        raise ConfigError("kvtier needs vLLM's kv_cache_config (vLLM >= 0.11 passes it to connectors)")
+    groups = kv_cache_config.kv_cache_groups
+    if len(groups) != 1:
+        raise ConfigError(
+            f"kvtier supports models with one KV cache group (full attention); this model has "
+            f"{len(groups)} ({', '.join(type(g.kv_cache_spec).__name__ for g in groups)})"
+        )
+    spec = groups[0].kv_cache_spec
+    for attr in ("num_kv_heads", "head_size", "dtype", "block_size"):
+        if not hasattr(spec, attr):
+            raise ConfigError(f"kvtier cannot store KV cache of kind {type(spec).__name__}")
+    mla = type(spec).__name__.startswith("MLA")
+    return spec.block_size, len(groups[0].layer_names), spec.num_kv_heads, spec.head_size, spec.dtype, mla
+
+
+def load_config(vllm_config: "VllmConfig", block_size: int) -> KVTierConfig:
+    """kvtier's config from ``kv_connector_extra_config`` (+ env / YAML), checked against the engine."""
+    extra = dict(vllm_config.kv_transfer_config.kv_connector_extra_config or {})
+    config = KVTierConfig.from_sources(extra=extra)
+    if config.chunk_size % block_size:
+        good = math.lcm(config.chunk_size, block_size)
+        raise ConfigError(
+            f"chunk_size={config.chunk_size}: must be a multiple of the engine's block size "
+            f"({block_size}); use e.g. chunk_size={good}"
+        )
+    return config
+
+
+class KVTierConnector(KVConnectorBase_V1):
+    """kvtier as a vLLM v1 KV connector (role ``kv_both``)."""
+
+    _cache_hit_source = CacheHitSource.HOST
+
+    def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole,
+                 kv_cache_config: "KVCacheConfig | None" = None) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        block_size, layers, heads, head_size, dtype, mla = _engine_facts(vllm_config, kv_cache_config)
+        self.config = load_config(vllm_config, block_size)
+        self.block_size = block_size
+        self.num_kv_heads, self.head_size, self.mla = heads, head_size, mla
+        tp_size = vllm_config.parallel_config.tensor_parallel_size
+        tp_rank = 0
+        if role == KVConnectorRole.WORKER and tp_size > 1:
+            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+            tp_rank = get_tensor_model_parallel_rank()
+        self.namespace = Namespace(
+            model=self.config.model or vllm_config.model_config.model, kv_dtype=dtype_name(dtype),
+            num_layers=layers, num_kv_heads=heads, head_size=head_size, tp_rank=tp_rank, tp_size=tp_size,
+            extra="mla" if mla else "",
+        )
+        width = head_size if mla else heads * head_size
+        self.layout = ChunkLayout(layers, self.config.chunk_size, width, dtype, mla)
+        self.store = get_store(self.config, self.layout, self.namespace.label())
+        self._requests: dict[str, Request] = {}
+        self.ledger: PrefixLedger | None = None
+        self.worker: KVWorker | None = None
+        self._failed_blocks: set[int] = set()
+        if role == KVConnectorRole.SCHEDULER:
+            self.ledger = PrefixLedger(self.store, self.namespace, self.config.chunk_size, block_size,
+                                       self.config.hash)
+            tc = vllm_config.kv_transfer_config
+            if getattr(tc, "kv_load_failure_policy", "recompute") != "recompute":
+                # A kvtier miss (evicted, corrupt, tier down) must be recomputed, never fail a request.
+                log.warning("kvtier: setting kv_load_failure_policy='recompute' (was %r): a chunk that "
+                            "cannot be loaded is recomputed by the engine", tc.kv_load_failure_policy)
+                tc.kv_load_failure_policy = "recompute"
+            backend = getattr(vllm_config.parallel_config, "distributed_executor_backend", None)
+            shared = [t for t in self.config.tiers if t != "cpu"]
+            if not shared and (backend not in (None, "uni", "external_launcher")
+                               or vllm_config.parallel_config.world_size > 1):
+                log.warning(
+                    "kvtier: the model runs in worker processes (executor %r) but tiers=%s has no tier "
+                    "shared between processes; the scheduler will not see the workers' saves. Add "
+                    "'disk' or 'redis' to tiers.", backend, list(self.config.tiers))
+        INSTANCES.add(self)
+        log.info("kvtier connector (%s): chunk %d tokens, tiers %s, %s", role.name, self.config.chunk_size,
+                 ",".join(self.config.tiers), self.layout.describe())
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False  # a best-effort cache: a dropped save is a future miss
+
+    # ================================================================ scheduler side
+    def on_new_request(self, request: "Request") -> None:
+        self._requests[request.request_id] = request
+
+    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
+        self._requests[request.request_id] = request
+        try:
+            n = self.ledger.num_new_matched_tokens(request.all_token_ids, num_computed_tokens)
+        except Exception:  # a lookup problem is a miss, never a dead scheduler
+            log.exception("kvtier: lookup failed for %s; treating as a miss", request.request_id)
+            n = 0
+        return n, False
+
+    def update_state_after_alloc(self, request: "Request", blocks, num_external_tokens: int) -> None:
+        self._requests[request.request_id] = request
+        (block_ids, *_) = blocks.get_block_ids()
+        self.ledger.on_alloc(request.request_id, block_ids, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVTierMetadata:
+        spec = scheduler_output.scheduled_spec_decode_tokens
+        nst = scheduler_output.num_scheduled_tokens
+        steps: list[ScheduledRequest] = []
+        for new in scheduler_output.scheduled_new_reqs:
+            req = self._requests.get(new.req_id)
+            tokens = req.all_token_ids if req is not None else (new.prompt_token_ids or [])
+            steps.append(ScheduledRequest(
+                new.req_id, tokens, new.num_computed_tokens,
+                nst.get(new.req_id, 0) - len(spec.get(new.req_id, ())), new.block_ids[0], True))
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            req = self._requests.get(req_id)
+            if req is None:
+                continue
+            new_blocks = cached.new_block_ids[i]
+            steps.append(ScheduledRequest(
+                req_id, req.all_token_ids, cached.num_computed_tokens[i],
+                nst.get(req_id, 0) - len(spec.get(req_id, ())),
+                None if new_blocks is None else new_blocks[0], req_id in cached.resumed_req_ids))
+        return KVTierMetadata(self.ledger.on_step(steps))
+
+    def update_connector_output(self, connector_output) -> None:
+        self.ledger.on_step_done()
+
+    def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        self._requests.pop(request.request_id, None)
+        self.ledger.on_finished(request.request_id)
+        return False, None
+
+    # ================================================================ worker side
+    def register_kv_caches(self, kv_caches: dict) -> None:
+        paged = PagedLayers(kv_caches, self.num_kv_heads, self.head_size, self.block_size, self.mla)
+        if paged.num_layers != self.layout.num_layers:
+            raise ConfigError(f"kvtier: the engine registered {paged.num_layers} KV cache tensors, "
+                              f"its config lists {self.layout.num_layers} layers")
+        self.worker = KVWorker(self.store, paged, self.config.chunk_size)
+        log.info("kvtier: KV cache layout %s", paged.describe())
+
+    def start_load_kv(self, forward_context, **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        if not meta.loads or self.worker is None:
+            self._failed_reqs = set()
+            return
+        blocks, reqs = self.worker.load(meta.loads)
+        self._failed_blocks |= blocks
+        self._failed_reqs = reqs
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # every layer was loaded in start_load_kv, before the forward
+
+    def save_kv_layer(self, layer_name: str, kv_layer, attn_metadata, **kwargs: Any) -> None:
+        return  # all layers are saved at once in wait_for_save
+
+    def wait_for_save(self) -> None:
+        meta = self._get_connector_metadata()
+        if meta.saves and self.worker is not None:
+            self.worker.save(meta.saves, getattr(self, "_failed_reqs", set()))
+        self._failed_reqs = set()
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        failed, self._failed_blocks = self._failed_blocks, set()
+        return failed
+
+    def shutdown(self) -> None:
+        try:
+            self.store.flush(timeout=10.0)
+        except Exception:
+            log.exception("kvtier: flush at shutdown failed")

@@ -1,0 +1,211 @@
+"""Scheduler side: which tokens to load and which chunks to save, per request and step.
+
+Engine-agnostic: it sees request ids, token ids, block ids and the engine's
+counts, never a vLLM object, so another engine's adapter can drive it the same way.
+
+The rules (each is a test in tests/vllm/):
+
+- **The engine's count is the truth.** :meth:`PrefixLedger.num_new_matched_tokens`
+  derives its answer from the store's hit and the ``num_computed_tokens`` passed
+  *in that call*, and remembers nothing of it. A later call (after a preemption,
+  or when blocks were short and the engine asks again) computes afresh.
+- :meth:`on_alloc` acts on the ``num_external_tokens`` the engine passes, not on
+  what an earlier lookup answered; the load range is fixed only when the step is
+  planned, from the engine's ``num_computed_tokens`` of that step:
+  ``[num_computed_tokens - num_external_tokens, num_computed_tokens)``.
+- The last token is never claimed: the engine must compute at least one.
+- Block ids are replaced, not appended, when a request is (re)admitted — a
+  resumed request gets all-new blocks.
+- Saves: only full chunks whose every token is computed by the end of the step,
+  and only those no tier holds yet (one batched ``contains``), each once per step.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from kvtier.keys import Namespace, chunk_keys
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadSpec:
+    """Load tokens ``[start, end)`` of a request from chunks ``first_chunk ...``.
+
+    ``keys[i]`` is the key of chunk ``first_chunk + i``; token ``t`` goes to slot
+    ``block_ids[t // block_size] * block_size + t % block_size``. Tokens below
+    ``start`` are never written (their blocks may be shared). ``keys`` empty means the
+    ledger could not plan the load: the worker reports the range as failed.
+    """
+
+    req_id: str
+    start: int
+    end: int
+    first_chunk: int
+    keys: list[bytes]
+    block_ids: list[int]
+
+
+@dataclass
+class SaveSpec:
+    """Save full chunks ``chunk_indices`` (keys ``keys``) of a request from its blocks."""
+
+    req_id: str
+    chunk_indices: list[int]
+    keys: list[bytes]
+    block_ids: list[int]
+
+
+@dataclass
+class StepPlan:
+    loads: list[LoadSpec] = field(default_factory=list)
+    saves: list[SaveSpec] = field(default_factory=list)
+
+
+@dataclass
+class ScheduledRequest:
+    """One request scheduled in a step, as the engine reports it.
+
+    ``num_computed_tokens`` is the engine's count at the start of the step (external
+    tokens included); ``num_new_tokens`` the tokens it computes in this step (draft
+    tokens excluded). ``block_ids`` are the new block ids (appended) or, with
+    ``replace_blocks``, the request's whole block table.
+    """
+
+    req_id: str
+    token_ids: Sequence[int]
+    num_computed_tokens: int
+    num_new_tokens: int
+    block_ids: Sequence[int] | None
+    replace_blocks: bool
+
+
+@dataclass
+class _Req:
+    block_ids: list[int] = field(default_factory=list)
+    external: int = 0            # num_external_tokens of this step's allocation (0: no load)
+    chunks_considered: int = 0   # leading full chunks already saved or found stored
+
+
+class PrefixLedger:
+    """Per-request bookkeeping of one engine's scheduler."""
+
+    def __init__(self, store, namespace: Namespace, chunk_size: int, block_size: int,
+                 hash_name: str = "blake3") -> None:
+        if chunk_size % block_size:
+            raise ValueError(f"chunk_size {chunk_size} is not a multiple of block_size {block_size}")
+        self.store = store
+        self.namespace = namespace
+        self.chunk_size = chunk_size
+        self.block_size = block_size
+        self.hash_name = hash_name
+        self.reqs: dict[str, _Req] = {}
+        self._step_leases: deque[list] = deque()
+        # Counters for tests and logs.
+        self.stats = {"queries": 0, "lookups": 0, "load_tokens": 0, "loads": 0,
+                      "save_chunks": 0, "skipped_stored": 0}
+
+    def keys(self, token_ids: Sequence[int], max_chunks: int | None = None) -> list[bytes]:
+        return chunk_keys(self.namespace, token_ids, self.chunk_size, self.hash_name, max_chunks)
+
+    # ------------------------------------------------------------ lookups
+    def num_new_matched_tokens(self, token_ids: Sequence[int], num_computed_tokens: int) -> int:
+        """Tokens beyond ``num_computed_tokens`` that the store can supply; no side effects.
+
+        Only chunks from the one holding ``num_computed_tokens`` on are asked about:
+        chunks below it are computed already, whether or not a tier still holds them.
+        """
+        self.stats["queries"] += 1
+        n = len(token_ids)
+        c = self.chunk_size
+        if n // c == 0 or num_computed_tokens >= n - 1:
+            return 0
+        first = num_computed_tokens // c
+        keys = self.keys(token_ids)
+        if first >= len(keys):
+            return 0
+        found = self.store.lookup(keys[first:])
+        self.stats["lookups"] += 1
+        hit = min((first + found) * c, n - 1)  # never the last token: the engine computes >= 1
+        return max(0, hit - num_computed_tokens)
+
+    # ------------------------------------------------------------ allocation
+    def on_alloc(self, req_id: str, block_ids: Sequence[int], num_external_tokens: int) -> None:
+        """The engine allocated ``block_ids`` (the whole table) and will treat
+        ``num_external_tokens`` tokens as loaded by us in this step."""
+        r = self.reqs.setdefault(req_id, _Req())
+        r.block_ids = list(block_ids)
+        r.external = max(0, int(num_external_tokens))
+
+    # ------------------------------------------------------------ one step
+    def on_step(self, scheduled: Sequence[ScheduledRequest]) -> StepPlan:
+        plan = StepPlan()
+        step_leases = []
+        saving: set[bytes] = set()
+        c, bs = self.chunk_size, self.block_size
+        for s in scheduled:
+            r = self.reqs.setdefault(s.req_id, _Req())
+            if s.replace_blocks:
+                r.block_ids = list(s.block_ids or ())
+            elif s.block_ids:
+                r.block_ids.extend(s.block_ids)
+            tokens = s.token_ids
+            # --- load: the range ends at the engine's count of this step.
+            if r.external:
+                end = s.num_computed_tokens
+                start = end - r.external
+                first = start // c
+                last = -(-end // c)  # exclusive
+                keys: list[bytes] = []
+                if start < 0 or end > len(tokens) - 1 or -(-end // bs) > len(r.block_ids):
+                    log.error("kvtier: cannot plan load of %s [%d, %d) (tokens %d, blocks %d); "
+                              "reporting it failed", s.req_id, start, end, len(tokens), len(r.block_ids))
+                    start = max(start, 0)
+                else:
+                    keys = self.keys(tokens, last)[first:last]
+                    if len(keys) != last - first:
+                        keys = []
+                    else:
+                        step_leases.append(self.store.lease(keys))
+                plan.loads.append(LoadSpec(s.req_id, start, end, first, keys, list(r.block_ids)))
+                self.stats["loads"] += 1
+                self.stats["load_tokens"] += end - start
+                r.external = 0
+            # --- saves: full chunks computed by the end of this step, not stored yet.
+            done = min(s.num_computed_tokens + s.num_new_tokens, len(tokens))
+            n_full = min(done // c, len(r.block_ids) * bs // c)
+            if n_full > r.chunks_considered:
+                keys = self.keys(tokens, n_full)
+                cand = [i for i in range(r.chunks_considered, n_full) if keys[i] not in saving]
+                stored = self.store.contains([keys[i] for i in cand]) if cand else []
+                todo = [i for i, present in zip(cand, stored) if not present]
+                self.stats["skipped_stored"] += len(cand) - len(todo)
+                if todo:
+                    plan.saves.append(SaveSpec(s.req_id, todo, [keys[i] for i in todo], list(r.block_ids)))
+                    saving.update(keys[i] for i in todo)
+                    self.stats["save_chunks"] += len(todo)
+                r.chunks_considered = n_full
+        # An allocation the engine did not schedule (should not happen) must not leak a load.
+        for r in self.reqs.values():
+            r.external = 0
+        self._step_leases.append(step_leases)
+        while len(self._step_leases) > 64:  # output of old steps never reported: do not hold forever
+            self.on_step_done()
+        return plan
+
+    def on_step_done(self) -> None:
+        """The engine processed the output of the oldest planned step: its loads are done."""
+        if self._step_leases:
+            for lease in self._step_leases.popleft():
+                lease.release()
+
+    def on_finished(self, req_id: str) -> None:
+        self.reqs.pop(req_id, None)
+
+    def block_ids(self, req_id: str) -> list[int] | None:
+        r = self.reqs.get(req_id)
+        return None if r is None else list(r.block_ids)

@@ -1,0 +1,60 @@
+"""Fixtures of the vLLM connector tests: a tiny random Llama, engines in child processes.
+
+Engines never run in the pytest process itself (see engine_proc.py); the direct
+Scheduler tests do, since they start no worker.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from engine_proc import SUMMARY, EngineProc  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    from kvtier.models import make_random_llama
+
+    return make_random_llama(tmp_path_factory.mktemp("model") / "tiny", "tiny")
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory, request):
+    """``start(engine_kwargs, kvtier_extra|None, ...) -> EngineProc``; all closed at module end."""
+    procs: list[EngineProc] = []
+    logdir = tmp_path_factory.mktemp("engine-logs")
+
+    def start(model: str, engine: dict, kvtier: dict | None, **kw) -> EngineProc:
+        name = f"{request.module.__name__.split('.')[-1]}-{len(procs)}.log"
+        p = EngineProc(model, engine, kvtier, log_path=str(logdir / name), **kw)
+        procs.append(p)
+        return p
+
+    yield start
+    for p in procs:
+        p.close()
+
+
+def engine_kwargs(**over) -> dict:
+    kw = dict(block_size=32, enable_prefix_caching=True, max_num_batched_tokens=256,
+              num_gpu_blocks_override=64, max_model_len=1024, seed=0)
+    kw.update(over)
+    return kw
+
+
+def pytest_terminal_summary(terminalreporter):
+    if SUMMARY["scenarios"] or SUMMARY["hit_tokens"]:
+        terminalreporter.write_line(
+            f"kvtier vllm: scenarios={SUMMARY['scenarios']} preemptions={SUMMARY['preemptions']} "
+            f"hit_tokens={SUMMARY['hit_tokens']} load_errors={SUMMARY['load_errors']}"
+        )

@@ -1,0 +1,271 @@
+"""A vLLM engine in a child process, driven by JSON lines (test helper).
+
+Each engine runs in its own process: vLLM keeps the worker-side KV connector in
+a process-wide global, so two engines (one with kvtier, one without) must never
+share a process. The child runs the engine in-process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``) unless asked for vLLM's default
+multi-process mode, and then instruments it:
+
+- counts preemptions (the real ``Scheduler._preempt_request``);
+- checks, around every kvtier load, that no slot of a token below the load's
+  ``start`` changes (those blocks may be shared with running requests);
+- can inject faults: ``evict_before_load`` deletes a load's chunks from every
+  tier just before the worker fetches them (evicted between lookup and load).
+
+Parent side: :class:`EngineProc`. Child side: ``python engine_proc.py CONFIG_JSON``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+MARK = "@@KVT@@"
+
+# Totals across the test session, printed at its end by conftest.
+SUMMARY: dict[str, int] = {"scenarios": 0, "preemptions": 0, "hit_tokens": 0, "load_errors": 0}
+
+
+class EngineProc:
+    """Parent-side handle of one engine process."""
+
+    def __init__(self, model: str, engine: dict, kvtier: dict | None, multiprocess: bool = False,
+                 log_path: str | None = None, env: dict | None = None, timeout: float = 300.0,
+                 wait: bool = True) -> None:
+        cfg = {"model": model, "engine": engine, "kvtier": kvtier}
+        e = dict(os.environ)
+        e.update({"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+                  "VLLM_ENABLE_V1_MULTIPROCESSING": "1" if multiprocess else "0",
+                  "PYTHONPATH": str(Path(__file__).resolve().parents[2]) + os.pathsep + e.get("PYTHONPATH", "")})
+        e.update(env or {})
+        self.log_path = log_path or os.devnull
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, json.dumps(cfg)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=self._log, env=e, text=True, bufsize=1,
+        )
+        self.timeout = timeout
+        self.ready: dict | None = None
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> dict:
+        """Block until the engine started; raises :class:`EngineError` if it failed to."""
+        if self.ready is None:
+            self.ready = self._read()
+        return self.ready
+
+    def _read(self) -> dict:
+        result: dict = {}
+
+        def reader() -> None:
+            for line in self.proc.stdout:
+                if line.startswith(MARK):
+                    result.update(json.loads(line[len(MARK):]))
+                    return
+
+        t = threading.Thread(target=reader, daemon=True)
+        t.start()
+        t.join(self.timeout)
+        if not result:
+            rc = self.proc.poll()
+            raise RuntimeError(f"engine process gave no answer (exit code {rc}); see {self.log_path}")
+        if "error" in result:
+            raise EngineError(result["error"], result.get("type", ""))
+        return result
+
+    def send(self, cmd: str, **kw) -> None:
+        self.wait_ready()
+        self.proc.stdin.write(json.dumps({"cmd": cmd, **kw}) + "\n")
+        self.proc.stdin.flush()
+
+    def recv(self) -> dict:
+        return self._read()
+
+    def call(self, cmd: str, **kw) -> dict:
+        self.send(cmd, **kw)
+        return self._read()
+
+    def generate(self, prompts: list[list[int]], max_tokens: int | list[int] = 8, reset: bool = False) -> dict:
+        return self.call("generate", prompts=prompts, max_tokens=max_tokens, reset=reset)
+
+    def stats(self) -> dict:
+        return self.call("stats")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+                self.proc.stdin.flush()
+                self.proc.wait(60)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+class EngineError(RuntimeError):
+    def __init__(self, message: str, type_name: str) -> None:
+        super().__init__(f"{type_name}: {message}")
+        self.message = message
+        self.type_name = type_name
+
+
+# ---------------------------------------------------------------------------------- child
+_OUT = None
+
+
+def _reply(obj: dict) -> None:
+    _OUT.write(MARK + json.dumps(obj) + "\n")
+    _OUT.flush()
+
+
+def _child(cfg: dict) -> None:
+    import torch
+
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    counters = {"preemptions": 0, "overlap_checks": 0, "overlap_violations": 0, "faults_injected": 0,
+                "mid_chunk_loads": 0}
+    faults: set[str] = set()
+    fault_args: dict = {}
+
+    orig_preempt = Scheduler._preempt_request
+
+    def preempt(self, request, *a, **kw):
+        counters["preemptions"] += 1
+        return orig_preempt(self, request, *a, **kw)
+
+    Scheduler._preempt_request = preempt
+
+    kw = dict(cfg["engine"])
+    if cfg["kvtier"] is not None:
+        from vllm.config import KVTransferConfig
+
+        from kvtier.vllm import worker as kv_worker
+
+        kw["kv_transfer_config"] = KVTransferConfig(
+            kv_connector="KVTierConnector", kv_connector_module_path="kvtier.vllm", kv_role="kv_both",
+            kv_connector_extra_config=cfg["kvtier"],
+        )
+        orig_load = kv_worker.KVWorker.load
+
+        def checked_load(self, specs):
+            specs = list(specs)
+            bs = self.block_size
+
+            def slots_of(s, lo, hi):
+                t = torch.arange(lo, hi)
+                return t, torch.as_tensor(s.block_ids, dtype=torch.int64)[t // bs] * bs + t % bs
+
+            # Slots some load of this step owns (a request admitted in the same step may share
+            # another's freshly loaded blocks through the prefix cache; that load may write them).
+            owned = torch.cat([slots_of(s, s.start, s.end)[1] for s in specs]) if specs else torch.zeros(0)
+            snaps = []
+            for s in specs:
+                if s.start <= 0:
+                    continue
+                t, slots = slots_of(s, 0, s.start)
+                keep = ~torch.isin(slots, owned)
+                t, slots = t[keep], slots[keep]
+                snap = torch.zeros((2, self.paged.num_layers, s.start, self.paged.width), dtype=self.paged.dtype)
+                self.paged.gather(snap, torch.arange(t.numel()), slots)
+                snaps.append((t, slots, snap))
+            counters["mid_chunk_loads"] += sum(1 for s in specs if s.start % self.chunk_size)
+            if "kill_before_load" in faults and specs:
+                import signal
+
+                os.kill(int(fault_args["pid"]), signal.SIGKILL)
+                counters["faults_injected"] += 1
+                faults.discard("kill_before_load")
+            if "evict_before_load" in faults:
+                for s in specs:
+                    if s.keys:
+                        for tier in self.store.tiers:
+                            tier.delete(list(s.keys))
+                        counters["faults_injected"] += 1
+            out = orig_load(self, specs)
+            for t, slots, snap in snaps:
+                now = torch.zeros_like(snap)
+                self.paged.gather(now, torch.arange(t.numel()), slots)
+                counters["overlap_checks"] += 1
+                if not torch.equal(now, snap):
+                    counters["overlap_violations"] += 1
+            return out
+
+        kv_worker.KVWorker.load = checked_load
+    try:
+        llm = LLM(model=cfg["model"], skip_tokenizer_init=True, enforce_eager=True, dtype="float32",
+                  disable_log_stats=True, **kw)
+    except Exception as e:  # report start-up failures to the parent (bad config tests)
+        _reply({"error": str(e), "type": type(e).__name__})
+        return
+    _reply({"ok": True})
+    for line in sys.stdin:
+        req = json.loads(line)
+        cmd = req["cmd"]
+        if cmd == "quit":
+            break
+        try:
+            if cmd == "generate":
+                if req.get("reset"):
+                    llm.reset_prefix_cache()
+                mt = req["max_tokens"]
+                mts = mt if isinstance(mt, list) else [mt] * len(req["prompts"])
+                sps = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in mts]
+                outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in req["prompts"]], sps,
+                                    use_tqdm=False)
+                _reply({"outputs": [list(o.outputs[0].token_ids) for o in outs],
+                        "cached": [o.num_cached_tokens for o in outs]})
+            elif cmd == "stats":
+                from kvtier.vllm.connector import INSTANCES
+
+                st = {"counters": counters, "ledger": {}, "worker": {}, "store": {}}
+                for c in INSTANCES:
+                    if c.ledger is not None:
+                        st["ledger"] = dict(c.ledger.stats)
+                    if c.worker is not None:
+                        st["worker"] = dict(c.worker.stats)
+                    m = c.store.metrics
+                    st["store"] = {"load_errors": m.value("kvtier_load_errors_total"),
+                                   "saved_chunks": m.value("kvtier_saved_chunks_total")}
+                    for tier in c.store.tiers:
+                        s = tier.stats()
+                        st["store"][f"{s.name}_corrupt"] = s.corrupt
+                        st["store"][f"{s.name}_errors"] = s.errors
+                        st["store"][f"{s.name}_evictions"] = s.evictions
+                        st["store"][f"{s.name}_chunks"] = s.chunks
+                _reply(st)
+            elif cmd == "fault":
+                faults.clear()
+                faults.update(req.get("faults", []))
+                fault_args.update(req.get("args", {}))
+                _reply({"ok": True})
+            elif cmd == "flush":
+                from kvtier.vllm.connector import INSTANCES
+
+                for c in INSTANCES:
+                    c.store.flush(30)
+                _reply({"ok": True})
+            else:
+                _reply({"error": f"unknown command {cmd}", "type": "ValueError"})
+        except Exception as e:
+            import traceback
+
+            traceback.print_exc()
+            _reply({"error": str(e), "type": type(e).__name__})
+
+
+if __name__ == "__main__":
+    # Replies go to the original stdout; everything else the engine prints goes to stderr.
+    _OUT = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    _child(json.loads(sys.argv[1]))
+    os._exit(0)  # do not wait on engine threads at exit

@@ -1,0 +1,136 @@
+"""Worker-side loads and saves on a vLLM-layout paged cache, without an engine.
+
+The overlap bug (known in another project): a load that starts in the middle of a
+chunk, aligned down to the chunk start and written from there, overwrites blocks
+below the request's computed prefix — blocks shared through prefix caching with
+running requests. Here those slots hold sentinels that must survive the load.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvtier.config import KVTierConfig
+from kvtier.keys import Namespace, chunk_keys
+from kvtier.layout import ChunkLayout
+from kvtier.store import Store
+from kvtier.vllm.paged_io import PagedLayers, PagedLayoutError
+from kvtier.vllm.scheduler import LoadSpec, SaveSpec
+from kvtier.vllm.worker import KVWorker
+
+L, H, D, BS, NB, C = 2, 2, 32, 32, 40, 256
+SENTINEL = -7.5
+
+
+def _cpu_cache() -> dict[str, torch.Tensor]:
+    # vLLM 0.32 CPU backend: [NB, H, BS, 2*D] per layer = per block and head, BS rows of K then BS of V.
+    return {f"model.layers.{i}.self_attn.attn": torch.full((NB, H, BS, 2 * D), SENTINEL) for i in range(L)}
+
+
+def _kv_of(cache: torch.Tensor, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V rows ([H*D]) of one slot, read the way vLLM's CPU attention kernel reads them."""
+    v = cache.view(NB, H, 2 * BS, D)
+    b, o = divmod(slot, BS)
+    return v[b, :, o].reshape(-1), v[b, :, BS + o].reshape(-1)
+
+
+@pytest.fixture
+def store():
+    s = Store(KVTierConfig(chunk_size=C, tiers=("cpu",), cpu_bytes=8 * 2**20), ChunkLayout(L, C, H * D, torch.float32))
+    yield s
+    s.close()
+
+
+def _setup(store):
+    ns = Namespace("unit", "float32", L, H, D)
+    tokens = list(range(5, 5 + 600))
+    keys = chunk_keys(ns, tokens, C)
+    chunks = []
+    for k in keys:
+        data = torch.randn(2, L, C, H * D)
+        assert store.put(k, data.view(torch.uint8).reshape(-1))
+        chunks.append(data)
+    return keys, chunks
+
+
+def test_load_mid_chunk_leaves_shared_slots_untouched(store):
+    keys, chunks = _setup(store)
+    caches = _cpu_cache()
+    paged = PagedLayers(caches, H, D, BS)
+    assert paged.kind == "cpu"
+    w = KVWorker(store, paged, C)
+    block_ids = list(range(3, 3 + 19))  # tokens 0..607
+    start, end = 320, 500               # local prefix (shared blocks) ends at 320, inside chunk 1
+    failed, _ = w.load([LoadSpec("r", start, end, 1, [keys[1]], block_ids)])
+    assert not failed
+    for layer, cache in enumerate(caches.values()):
+        for t in range(0, 19 * BS):
+            slot = block_ids[t // BS] * BS + t % BS
+            k, v = _kv_of(cache, slot)
+            if start <= t < end:
+                assert torch.equal(k, chunks[1][0, layer, t - 256]) and torch.equal(v, chunks[1][1, layer, t - 256])
+            else:
+                assert (k == SENTINEL).all() and (v == SENTINEL).all(), f"slot of token {t} was written"
+    # Blocks nobody loaded into are untouched too.
+    others = [b for b in range(NB) if b not in block_ids[10:16]]
+    for cache in caches.values():
+        assert (cache[others] == SENTINEL).all()
+
+
+def test_aligned_down_load_is_caught(store):
+    """The buggy variant (write the whole chunk from its start) breaks the sentinel check."""
+    keys, chunks = _setup(store)
+    caches = _cpu_cache()
+    paged = PagedLayers(caches, H, D, BS)
+    w = KVWorker(store, paged, C)
+    block_ids = list(range(3, 3 + 19))
+    w.load([LoadSpec("r", 256, 500, 1, [keys[1]], block_ids)])  # what an aligned-down load does
+    shared = block_ids[8:10]  # tokens 256..319: below a local prefix of 320
+    assert not all((c[shared] == SENTINEL).all() for c in caches.values())
+
+
+def test_failed_chunk_reports_its_blocks_and_writes_nothing(store):
+    keys, _ = _setup(store)
+    store.cpu.delete([keys[1]])  # evicted between lookup and load
+    caches = _cpu_cache()
+    w = KVWorker(store, PagedLayers(caches, H, D, BS), C)
+    block_ids = list(range(3, 3 + 19))
+    failed, reqs = w.load([LoadSpec("r", 128, 500, 0, keys[:2], block_ids)])
+    assert reqs == {"r"}
+    assert failed == set(block_ids[256 // BS:(500 - 1) // BS + 1])
+    assert not (set(block_ids[:256 // BS]) & failed)
+    # Chunk 0 loaded (tokens 128..255), chunk 1 wrote nothing.
+    for c in caches.values():
+        assert (c[block_ids[8:16]] == SENTINEL).all()
+        assert not (c[block_ids[4:8]] == SENTINEL).any()
+
+
+def test_save_then_load_roundtrip_and_skip_on_failure(store):
+    caches = _cpu_cache()
+    for c in caches.values():
+        c.copy_(torch.randn_like(c))
+    paged = PagedLayers(caches, H, D, BS)
+    w = KVWorker(store, paged, C)
+    ns = Namespace("unit2", "float32", L, H, D)
+    keys = chunk_keys(ns, list(range(600)), C)
+    src = list(range(20, 39)) + [0]
+    w.save([SaveSpec("r", [0, 1], keys[:2], src)], skip_reqs=set())
+    w.save([SaveSpec("bad", [0], [b"x" * 16], src)], skip_reqs={"bad"})
+    assert store.contains(keys[:2] + [b"x" * 16]) == [True, True, False]
+    before = {n: c.clone() for n, c in caches.items()}
+    dst = list(range(1, 20))
+    failed, _ = w.load([LoadSpec("q", 0, 511, 0, keys[:2], dst)])
+    assert not failed
+    for n, c in caches.items():
+        for t in range(511):
+            s_slot, d_slot = src[t // BS] * BS + t % BS, dst[t // BS] * BS + t % BS
+            assert all(torch.equal(a, b) for a, b in zip(_kv_of(c, d_slot), _kv_of(before[n], s_slot)))
+
+
+def test_layouts_detected_and_ambiguous_shape_refused():
+    # flash [2, NB, BS, H, D] and blocks_first [NB, 2, BS, H, D] (CUDA layouts; built on CPU here)
+    t = torch.zeros(2, NB, BS, H, D)
+    assert PagedLayers({"l.0": t}, H, D, BS, kind="flash").kind == "flash"
+    with pytest.raises(PagedLayoutError):
+        PagedLayers({"l.0": torch.zeros(NB, 3, BS, 2 * D)}, H, D, BS)
