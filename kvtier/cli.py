@@ -38,6 +38,21 @@ def main() -> None:
     """kvtier: keep the KV cache of prompt prefixes in CPU memory, on disk and in Redis."""
 
 
+@main.command()
+@click.option("--size", type=click.Choice(["demo", "tiny"]), default="demo", show_default=True,
+              help="demo: ~82M-parameter random Llama (prefill costs real time); tiny: seconds.")
+@click.option("--doc-tokens", default=2048, show_default=True, help="Tokens of the shared document.")
+@click.option("--questions", default=4, show_default=True, help="Requests about the document per phase.")
+@click.option("--disk-path", default=None, help="Keep kvtier's disk tier here (default: a temp dir, removed).")
+def demo(size: str, doc_tokens: int, questions: int, disk_path: str | None) -> None:
+    """Real vLLM on CPU with kvtier: a document computed once, loaded after an engine restart."""
+    from kvtier.vllm.demo import run_demo
+
+    result = run_demo(size=size, doc_tokens=doc_tokens, questions=questions, disk_path=disk_path, out=click.echo)
+    if not result["all_match"]:
+        raise click.ClickException("outputs with kvtier differ from outputs without it: please report this bug")
+
+
 @main.group()
 def bench() -> None:
     """Benchmarks that print ratios against a baseline measured in the same run."""
@@ -103,6 +118,23 @@ def bench_tiers(shape: str, chunk_size: int, chunks: int, rounds: int, tier_name
         _write_json(json_path, {"layout": layout.describe(), "chunk_bytes": layout.nbytes, "chunks": chunks,
                                 "rounds": rounds, "cpu_count": os.cpu_count(), "torch": torch.__version__,
                                 "results": results, "notes": notes})
+
+
+@bench.command("vllm")
+@click.option("--size", type=click.Choice(["demo", "tiny"]), default="demo", show_default=True,
+              help="Random Llama to serve (demo: ~82M parameters).")
+@click.option("--lengths", default="1024,4096", show_default=True, help="Prompt lengths for the TTFT table.")
+@click.option("--docs", default=4, show_default=True, help="Documents in the workload.")
+@click.option("--requests", default=16, show_default=True, help="Requests in the workload.")
+@click.option("--json", "json_path", default=None, help="Also write the results as JSON here.")
+def bench_vllm_cmd(size: str, lengths: str, docs: int, requests: int, json_path: str | None) -> None:
+    """TTFT cold / vLLM hit / kvtier hit, and a shared-prefix workload, on a real vLLM (CPU)."""
+    from kvtier.vllm.bench import bench_vllm
+
+    result = bench_vllm(size=size, lengths=tuple(int(x) for x in lengths.split(",")), docs=docs,
+                        requests=requests, out=click.echo)
+    if json_path:
+        _write_json(json_path, {"cpu_count": os.cpu_count(), **result})
 
 
 @main.command()

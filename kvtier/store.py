@@ -88,8 +88,10 @@ class Store:
         metrics: Metrics | None = None,
         pin: bool | None = None,
         tiers: Sequence[Tier] | None = None,
+        pool: HostPool | None = None,
     ) -> None:
-        """``tiers`` overrides the lower tiers built from ``config`` (tests, custom backends)."""
+        """``tiers`` overrides the lower tiers built from ``config`` (tests, custom backends);
+        ``pool`` supplies the host slots (e.g. shared memory) instead of allocating ``cpu_bytes``."""
         self.config = config
         self.layout = layout
         self.chunk_size = layout.tokens
@@ -98,11 +100,13 @@ class Store:
         self._lease_lock = threading.Lock()
         self._leased: dict[bytes, int] = {}
         self._leases: set[Lease] = set()
+        if pool is not None and pool.slot_bytes != layout.nbytes:
+            raise ValueError(f"pool slots of {pool.slot_bytes} bytes cannot hold chunks of {layout.nbytes}")
         if "cpu" in config.tiers:
-            self.pool = HostPool.for_bytes(config.cpu_bytes, layout.nbytes, pin)
+            self.pool = pool or HostPool.for_bytes(config.cpu_bytes, layout.nbytes, pin)
             self.cpu: CpuTier | None = CpuTier(self.pool, protected=self.is_leased)
         else:
-            self.pool = HostPool(layout.nbytes, _STAGING_SLOTS, pin)
+            self.pool = pool or HostPool(layout.nbytes, _STAGING_SLOTS, pin)
             self.cpu = None
         if tiers is None:
             tiers = [make_tier(n, config, layout, label, self.is_leased) for n in config.tiers if n != "cpu"]

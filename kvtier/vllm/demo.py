@@ -1,53 +1,70 @@
-"""``kvtier demo``: a random Llama on vLLM, a long shared prefix computed once, then loaded.
+"""`kvtier demo`: a shared long document, computed once, loaded after an engine restart.
 
-``run_demo()`` makes a random model (no download), starts vLLM with kvtier, sends a batch of
-prompts sharing a long prefix, clears vLLM's own prefix cache, sends them again and reports
-time to first token both ways and that the outputs are identical.
+Three engine processes on a random-weight Llama made locally (no download):
+1. vLLM alone: the reference outputs and the cold time to first token (TTFT);
+2. vLLM + kvtier on an empty cache: computes the document once, kvtier saves it;
+3. vLLM + kvtier after a restart: vLLM's own cache is gone, the document comes from
+   kvtier's disk tier.
+It prints TTFT per phase, kvtier's hit rate and whether every output equals phase 1's.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import shutil
+import sys
 import tempfile
-import time
+from collections.abc import Callable
+from typing import Any
+
+from kvtier.vllm.phases import run_phase
 
 
-def run_demo(size: str = "tiny", prefix_tokens: int = 768, requests: int = 4, model_dir: str | None = None,
-             kvtier: dict | None = None, out=print) -> dict:
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-    from vllm import LLM, SamplingParams
-    from vllm.config import KVTransferConfig
-    from vllm.inputs import TokensPrompt
+def model_dir(size: str) -> str:
+    return os.path.join(tempfile.gettempdir(), f"kvtier-model-{size}")
 
-    from kvtier.models import make_random_llama
 
-    model = make_random_llama(model_dir or os.path.join(tempfile.gettempdir(), f"kvtier-demo-{size}"), size)
-    extra = {"chunk_size": 256, "tiers": ["cpu"], "cpu_bytes": "1GiB"}
-    extra.update(kvtier or {})
-    llm = LLM(model=model, skip_tokenizer_init=True, enforce_eager=True, dtype="float32", block_size=32,
-              enable_prefix_caching=True, max_model_len=prefix_tokens + 256, disable_log_stats=True,
-              kv_transfer_config=KVTransferConfig(kv_connector="KVTierConnector",
-                                                  kv_connector_module_path="kvtier.vllm",
-                                                  kv_role="kv_both", kv_connector_extra_config=extra))
+def run_demo(size: str = "demo", doc_tokens: int = 2048, questions: int = 4, question_tokens: int = 64,
+             answer_tokens: int = 16, disk_path: str | None = None,
+             out: Callable[[str], None] = print) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    from kvtier.models import SIZES, make_random_llama
+
+    out(f"making a random {size} Llama (no download) ...")
+    model = make_random_llama(model_dir(size), size)
+    vocab = SIZES[size]["vocab_size"]
     rnd = random.Random(0)
-    vocab = 1024 if size == "tiny" else 4096
-    prefix = [rnd.randrange(3, vocab) for _ in range(prefix_tokens)]
-    prompts = [TokensPrompt(prompt_token_ids=prefix + [rnd.randrange(3, vocab) for _ in range(16)])
-               for _ in range(requests)]
-    sp = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-    result = {}
-    outputs = []
-    for name in ("compute", "kvtier"):
-        llm.reset_prefix_cache()
-        t0 = time.perf_counter()
-        outs = llm.generate(prompts, sp, use_tqdm=False)
-        result[f"{name}_s"] = time.perf_counter() - t0
-        result[f"{name}_cached_tokens"] = sum(o.num_cached_tokens for o in outs)
-        outputs.append([o.outputs[0].token_ids for o in outs])
-    result["identical"] = outputs[0] == outputs[1]
-    out(f"{requests} requests sharing {prefix_tokens} tokens ({size} model): "
-        f"computed in {result['compute_s']:.2f}s, with kvtier loads in {result['kvtier_s']:.2f}s "
-        f"({result['kvtier_cached_tokens']} tokens loaded); outputs identical: {result['identical']}")
-    return result
+    doc = [rnd.randrange(3, vocab) for _ in range(doc_tokens)]
+    prompts = [doc + [rnd.randrange(3, vocab) for _ in range(question_tokens)] for _ in range(questions)]
+    disk = disk_path or tempfile.mkdtemp(prefix="kvtier-demo-disk-")
+    kv = {"tiers": ["cpu", "disk"], "cpu_bytes": "1GiB", "disk_path": disk, "disk_bytes": "4GiB"}
+    warm = [{"op": "ttft", "prompt": [rnd.randrange(3, vocab) for _ in range(40)]}]  # first-call overheads
+    steps = warm + [{"op": "ttft", "prompt": p} for p in prompts] + [
+        {"op": "generate", "prompts": prompts, "max_tokens": answer_tokens}]
+    phases = [("vLLM alone", None), ("vLLM + kvtier, empty cache", kv), ("vLLM + kvtier, after restart", kv)]
+    results = []
+    try:
+        for name, cfg in tqdm(phases, desc="kvtier demo", unit="engine", file=sys.stderr):
+            results.append((name, run_phase(model, steps, cfg)))
+    finally:
+        if disk_path is None:
+            shutil.rmtree(disk, ignore_errors=True)
+    ref = results[0][1]["steps"][-1]["outputs"]
+    rows = []
+    for name, r in results:
+        ttfts = [s for s in r["steps"][1:] if s["op"] == "ttft"]
+        final = r["steps"][-1]
+        rows.append({"phase": name, "first_ttft_s": ttfts[0]["s"],
+                     "hit_rate": ttfts[0]["cached"] / len(prompts[0]),
+                     "later_ttft_s": sum(s["s"] for s in ttfts[1:]) / max(1, len(ttfts) - 1),
+                     "outputs_match": final["outputs"] == ref})
+    out(f"\n{questions} questions about one {doc_tokens}-token document, {size} model, vLLM on CPU")
+    out(f"{'phase':<30} {'TTFT 1st':>9} {'cached':>7} {'TTFT rest':>10}  outputs = vLLM alone")
+    for r in rows:
+        out(f"{r['phase']:<30} {r['first_ttft_s']:>8.2f}s {r['hit_rate']:>6.0%} {r['later_ttft_s']:>9.2f}s  "
+            f"{'yes' if r['outputs_match'] else 'NO'}")
+    speedup = rows[0]["first_ttft_s"] / rows[2]["first_ttft_s"]
+    out(f"\nafter the restart, the first question's TTFT is {speedup:.1f}x faster than computing the document")
+    return {"rows": rows, "speedup": speedup, "all_match": all(r["outputs_match"] for r in rows)}

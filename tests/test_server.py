@@ -1,0 +1,442 @@
+"""`kvtier serve` with real processes: sharing, hostile input, dead clients, dead server, SIGTERM."""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+
+import msgspec
+import numpy as np
+import pytest
+import torch
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvtier.config import KVTierConfig
+from kvtier.layout import ChunkLayout
+from kvtier.server import protocol as P
+from kvtier.server.client import RemoteStore
+
+LAYOUT = ChunkLayout(2, 16, 8, torch.float16)  # 1 KiB chunks
+TIMEOUT = 1.0  # server's client timeout in these tests
+
+
+def key(i: int) -> bytes:
+    return i.to_bytes(16, "little")
+
+
+def payload(i: int) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(i).integers(0, 256, LAYOUT.nbytes, dtype=np.uint8))
+
+
+def client_config(addr: str, **kw) -> KVTierConfig:
+    return KVTierConfig(server=addr, op_timeout_s=0.5, connect_timeout_s=0.5, retry_after_s=0.1, **kw)
+
+
+def wait_for(cond, timeout=10.0, step=0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(step)
+    return cond()
+
+
+@contextlib.contextmanager
+def server(addr: str | None = None, *args: str, cpu_chunks: int = 64, env: dict | None = None, check_rc=True):
+    """A `kvtier serve` subprocess; yields (address, Popen)."""
+    tmp = tempfile.mkdtemp(prefix="kvs-", dir="/tmp")  # short: ipc paths are limited to ~100 bytes
+    addr = addr or f"ipc://{tmp}/s.sock"
+    proc = start_server(addr, *args, cpu_chunks=cpu_chunks, env=env)
+    try:
+        yield addr, proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        rc = proc.wait(30)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if check_rc:
+            assert rc in (0, -signal.SIGKILL), proc.stderr.read().decode()[-2000:]
+
+
+def start_server(addr: str, *args: str, cpu_chunks: int = 64, env: dict | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "kvtier.cli", "serve", "--address", addr, "--tiers", "cpu",
+           "--cpu-bytes", str(cpu_chunks * LAYOUT.nbytes), "--client-timeout", str(TIMEOUT),
+           "--log-level", "WARNING", *args]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
+    ok = wait_for(lambda: proc.poll() is not None or _pings(addr, env), 30)
+    assert ok and proc.poll() is None, f"server did not start: {proc.stderr.read().decode()[-2000:]}"
+    return proc
+
+
+def _pings(addr: str, env: dict | None) -> bool:
+    from kvtier.server.server import ping
+
+    return ping(addr, 0.2)
+
+
+class Raw:
+    """A bare DEALER socket speaking the protocol by hand (for hostile messages)."""
+
+    def __init__(self, addr: str) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(addr)
+
+    def send_raw(self, data: bytes, timeout=2.0):
+        self.sock.send(data)
+        if not self.sock.poll(int(timeout * 1000)):
+            return None
+        return P.decode_reply(self.sock.recv())
+
+    def call(self, msg, timeout=2.0):
+        return self.send_raw(P.encode(msg), timeout)
+
+    def hello(self, layout=LAYOUT) -> P.Welcome:
+        from kvtier.server.server import layout_to_msg
+
+        rep = self.call(P.Hello(label="raw", layout=layout_to_msg(layout)))
+        assert isinstance(rep, P.Welcome), rep
+        return rep
+
+    def close(self):
+        self.sock.close(0)
+        self.ctx.term()
+
+
+# ------------------------------------------------------------------ several client processes
+def _share_worker(addr: str, me: int, n: int, per: int, barrier, out) -> None:
+    store = RemoteStore(client_config(addr), LAYOUT, "m")
+    try:
+        assert store.connected
+        for j in range(per):
+            assert store.put(key(me * 100 + j), payload(me * 100 + j))
+        barrier.wait(30)
+        keys = [key(c * 100 + j) for c in range(n) for j in range(per)]
+        assert store.lookup(keys) == len(keys)
+        refs = store.get(keys)
+        same = all(r is not None and torch.equal(r.data, payload(c * 100 + j)) and r.valid()
+                   for r, (c, j) in zip(refs, [(c, j) for c in range(n) for j in range(per)]))
+        for r in refs:
+            if r is not None:
+                r.release()
+        out.put((me, same))
+    except BaseException as e:  # report instead of hanging the barrier
+        out.put((me, repr(e)))
+        barrier.abort()
+    finally:
+        store.close()
+
+
+def test_client_processes_read_each_others_chunks_and_files_are_private():
+    with server() as (addr, _):
+        sock_path = addr[len("ipc://"):]
+        assert stat.S_IMODE(os.stat(sock_path).st_mode) == 0o600
+        ctx = mp.get_context("spawn")
+        n, per = 3, 4
+        barrier, out = ctx.Barrier(n), ctx.Queue()
+        procs = [ctx.Process(target=_share_worker, args=(addr, i, n, per, barrier, out)) for i in range(n)]
+        for p in procs:
+            p.start()
+        results = dict(out.get(timeout=60) for _ in procs)
+        for p in procs:
+            p.join(10)
+        assert results == {i: True for i in range(n)}
+        with RemoteStore(client_config(addr), LAYOUT, "m") as s:
+            shm = s._region.path
+            assert stat.S_IMODE(os.stat(shm).st_mode) == 0o600
+            assert wait_for(lambda: s.stats().get("client_refs", -1) == 0, 5)
+            assert s.stats()["clients"] == 1  # the workers said bye
+
+
+# ------------------------------------------------------------------ hostile input
+@pytest.fixture(scope="module")
+def shared_server():
+    with server(cpu_chunks=32) as (addr, proc):
+        raw = Raw(addr)
+        raw.hello()  # fixes the store's layout before any fuzzing (a layout is learned from the first hello)
+        raw.close()
+        yield addr, proc
+
+
+def _assert_alive(raw: Raw) -> None:
+    assert isinstance(raw.call(P.Ping(rid=7)), P.Ok)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.binary(max_size=512))
+def test_random_bytes_get_error_replies(shared_server, data):
+    raw = Raw(shared_server[0])
+    try:
+        rep = raw.send_raw(data, timeout=2.0)
+        # Random bytes are (almost) never a valid request; a valid one-way one gets no reply.
+        assert rep is None or isinstance(rep, (P.Error, P.Ok)), rep
+        _assert_alive(raw)
+    finally:
+        raw.close()
+
+
+hostile = st.one_of(
+    st.builds(P.Get, client=st.integers(0, 2**63 - 1), keys=st.lists(st.binary(min_size=1, max_size=64), max_size=50)),
+    st.builds(P.Release, client=st.integers(0, 2**63 - 1), slots=st.lists(st.integers(0, 2**40 - 1), max_size=50)),
+    st.builds(P.Commit, client=st.integers(0, 2**63 - 1), keys=st.lists(st.binary(min_size=16, max_size=16), max_size=5),
+              slots=st.lists(st.integers(0, 2**40 - 1), max_size=5)),
+    st.builds(P.Allocate, client=st.integers(0, 2**63 - 1), n=st.integers(1, P.MAX_KEYS)),
+    st.builds(P.Hello, version=st.integers(-5, 5), label=st.text(max_size=20), token=st.text(max_size=10),
+              layout=st.one_of(st.none(), st.builds(P.LayoutMsg, num_layers=st.integers(1, 64),
+                                                    tokens=st.integers(1, 512), width=st.integers(1, 4096),
+                                                    dtype=st.sampled_from(["float16", "bogus", "uint8"])))),
+)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
+@given(msg=hostile)
+def test_hostile_structs_get_errors_and_server_keeps_serving(shared_server, msg):
+    addr = shared_server[0]
+    raw = Raw(addr)
+    try:
+        rep = raw.call(msg)
+        if isinstance(msg, P.Hello) and isinstance(rep, P.Welcome):  # the one legitimate hello
+            from kvtier.server.server import layout_from_msg
+
+            assert msg.version == P.PROTOCOL_VERSION and (msg.layout is None or layout_from_msg(msg.layout) == LAYOUT)
+        elif not isinstance(msg, P.Release):
+            assert isinstance(rep, P.Error), rep  # unknown client id, bad layout, bad version
+        _assert_alive(raw)
+    finally:
+        raw.close()
+
+
+def test_hostile_requests_of_a_real_session(shared_server):
+    addr = shared_server[0]
+    victim = RemoteStore(client_config(addr), LAYOUT, "m")
+    raw = Raw(addr)
+    try:
+        assert victim.put(key(7000), payload(7000))
+        (vref,) = victim.get([key(7000)])
+        w = raw.hello()
+        me = w.client
+        # Oversize message: refused with an error, not decoded.
+        assert raw.send_raw(b"\x00" * (P.MAX_MESSAGE_BYTES + 1)).code == "too_large"
+        # Too many keys: schema violation.
+        assert raw.call(P.Lookup(client=me, keys=[key(1)] * (P.MAX_KEYS + 1))).code == "bad_message"
+        # Wrong layout for this server's store.
+        from kvtier.server.server import layout_to_msg
+
+        bad = ChunkLayout(2, 16, 16, torch.float16)
+        assert raw.call(P.Hello(layout=layout_to_msg(bad))).code == "layout"
+        # Huge allocate: capped at the per-client limit (half the slots), nothing evicted beyond.
+        rep = raw.call(P.Allocate(client=me, n=P.MAX_KEYS))
+        assert isinstance(rep, P.Slots) and len(rep.slots) == w.max_refs == w.num_slots // 2
+        assert raw.call(P.Allocate(client=me, n=5)).slots == []
+        # Release slots this client never got (incl. the victim's slot): ignored.
+        raw.sock.send(P.encode(P.Release(client=me, slots=[vref.slot, vref.slot, 2**40 - 1])))
+        # Commit slots it does not own: nothing committed.
+        assert raw.call(P.Commit(client=me, keys=[key(1)], slots=[vref.slot])).n == 0
+        assert raw.call(P.Commit(client=me, keys=[key(1), key(2)], slots=[1])).code == "bad_message"
+        # The victim's chunk is intact and still referenced for it.
+        assert torch.equal(vref.data, payload(7000)) and vref.valid()
+        # Bye releases everything the raw client allocated.
+        assert isinstance(raw.call(P.Bye(client=me)), P.Ok)
+        assert raw.call(P.Lookup(client=me, keys=[key(1)])).code == "unknown_client"
+        vref.release()
+        spare = len(victim._reserve)  # slots the victim keeps for its next saves
+        assert wait_for(lambda: victim.stats().get("client_refs") == spare, 5)
+        st_ = victim.stats()
+        assert st_["free_slots"] == st_["num_slots"] - st_["cpu_chunks"] - spare
+        _assert_alive(raw)
+    finally:
+        raw.close()
+        victim.close()
+
+
+session_ops = st.one_of(
+    st.builds(lambda n: P.Get(keys=[key(i) for i in range(n)]), st.sampled_from([0, 1, 100, P.MAX_KEYS])),
+    st.builds(lambda ks: P.Lookup(keys=ks), st.lists(st.binary(min_size=1, max_size=64), max_size=20)),
+    st.builds(lambda sl: P.Release(slots=sl), st.lists(st.integers(0, 2**40 - 1), max_size=20)),
+    st.builds(lambda sl: P.Commit(keys=[key(99)] * len(sl), slots=sl), st.lists(st.integers(0, 64), max_size=5)),
+    st.builds(lambda n: P.Allocate(n=n), st.integers(1, P.MAX_KEYS)),
+    st.builds(lambda n: P.Lease(keys=[key(i) for i in range(n)]), st.sampled_from([1, P.MAX_KEYS])),
+    st.builds(lambda ids: P.Unlease(ids=ids), st.lists(st.integers(0, 2**62), max_size=5)),
+    st.builds(lambda t: P.Flush(timeout_s=t), st.floats(0, 0.01)),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(ops=st.lists(session_ops, min_size=1, max_size=8))
+def test_hostile_sequences_in_a_real_session_leave_others_intact(shared_server, ops):
+    addr = shared_server[0]
+    raw = Raw(addr)
+    try:
+        me = raw.hello().client
+        for op in ops:
+            op.client = me
+            raw.sock.send(P.encode(op))  # one-way ones get no answer; the Ping below orders everything
+        while True:
+            rep = raw.call(P.Ping(rid=424242, client=me))
+            if rep is not None and rep.rid == 424242:
+                assert isinstance(rep, P.Ok)
+                break
+        raw.call(P.Bye(client=me))
+        with RemoteStore(client_config(addr), LAYOUT, "m", reserve=1) as s:
+            assert s.put(key(7777), payload(7777))
+            (ref,) = s.get([key(7777)])
+            assert torch.equal(ref.data, payload(7777))
+            ref.release()
+    finally:
+        raw.close()
+
+
+# ------------------------------------------------------------------ a client dies mid-save
+def _dying_client(addr: str, ready) -> None:
+    store = RemoteStore(client_config(addr), LAYOUT, "m")
+    assert store.put(key(9000), payload(9000))
+    refs = [store.allocate() for _ in range(3)]
+    refs[0].data[: LAYOUT.nbytes // 2] = 7  # half-written chunk, never committed
+    held = store.get([key(9000)])
+    assert held[0] is not None
+    ready.set()
+    time.sleep(60)
+
+
+def test_killed_client_leaks_no_slot_and_shows_no_half_written_chunk(shared_server):
+    addr = shared_server[0]
+    with RemoteStore(client_config(addr), LAYOUT, "m") as obs:
+        assert wait_for(lambda: obs.stats().get("clients") == 1, TIMEOUT * 5)  # sessions of earlier tests gone
+        base = obs.stats()
+        ctx = mp.get_context("spawn")
+        ready = ctx.Event()
+        p = ctx.Process(target=_dying_client, args=(addr, ready))
+        p.start()
+        assert ready.wait(60)
+        during = obs.stats()
+        assert during["client_refs"] >= 4 and during["clients"] == base["clients"] + 1
+        os.kill(p.pid, signal.SIGKILL)
+        p.join(10)
+        # After the client timeout its session goes: references released, slots free again.
+        assert wait_for(lambda: obs.stats().get("clients") == base["clients"], TIMEOUT * 5)
+        after = obs.stats()
+        assert after["client_refs"] == 0
+        assert after["free_slots"] == after["num_slots"] - after["cpu_chunks"]
+        assert obs.lookup([key(9000)]) == 1  # the committed chunk stays
+        assert obs.contains([key(9001)]) == [False]
+
+
+def test_a_reference_of_an_expired_session_turns_invalid(shared_server):
+    addr = shared_server[0]
+    with RemoteStore(client_config(addr), LAYOUT, "m") as a, RemoteStore(client_config(addr), LAYOUT, "m") as b:
+        ref = a.allocate()
+        assert ref.valid()
+        a._heartbeat_s = 1e9  # a stalled process: no pings
+        assert wait_for(lambda: b.stats().get("clients") == 1, TIMEOUT * 5)
+        # The server took the slot back; once it is handed out again the stale ref knows.
+        refs = b.allocate_many(b._welcome.max_refs)
+        assert ref.slot in [r.slot for r in refs] and not ref.valid()
+        for r in refs:
+            r.release()
+        # The stalled client recovers: its next call finds its session gone and it reconnects.
+        assert a.lookup([key(1)]) == 0
+        assert a.wait_connected(5) and a.put(key(8000), payload(8000))
+        a.commit(key(8001), ref)  # a reference of the dead session: dropped, not committed
+        assert b.lookup([key(8000)]) == 1 and b.lookup([key(8001)]) == 0
+
+
+# ------------------------------------------------------------------ the server dies and comes back
+def test_dead_server_means_misses_then_reconnect_after_restart():
+    tmp = tempfile.mkdtemp(prefix="kvs-", dir="/tmp")
+    addr = f"ipc://{tmp}/s.sock"
+    proc = start_server(addr)
+    store = RemoteStore(client_config(addr), LAYOUT, "m")
+    try:
+        assert store.put(key(1), payload(1))
+        old_shm = store._region.path
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        t0 = time.monotonic()
+        assert store.lookup([key(1)]) == 0
+        assert store.get([key(1)]) == [None]
+        assert store.allocate() is None
+        assert store.contains([key(1)]) == [False]
+        assert not store.put(key(2), payload(2))
+        assert store.lease([key(1)]).ids == []
+        assert time.monotonic() - t0 < 3 * 0.5 + 1  # at most one op timeout, then immediate misses
+        proc = start_server(addr)
+        assert not os.path.exists(old_shm)  # the restarted server removed its dead predecessor's file
+        assert store.wait_connected(10)
+        assert store._region.path != old_shm  # remapped
+        assert store.put(key(3), payload(3))
+        (ref,) = store.get([key(3)])
+        assert torch.equal(ref.data, payload(3))
+        ref.release()
+    finally:
+        store.close()
+        proc.terminate()
+        assert proc.wait(30) == 0
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ SIGTERM flushes to disk
+def test_sigterm_flushes_write_behind_to_disk(tmp_path):
+    from kvtier.store import Store
+
+    disk = tmp_path / "disk"
+    with server(None, "--tiers", "cpu,disk", "--disk-path", str(disk)) as (addr, proc):
+        with RemoteStore(client_config(addr), LAYOUT, "m") as s:
+            for i in range(20):
+                assert s.put(key(i), payload(i))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    cfg = KVTierConfig(tiers=("cpu", "disk"), disk_path=str(disk), cpu_bytes=64 * LAYOUT.nbytes)
+    with Store(cfg, LAYOUT, pin=False) as fresh:
+        refs = fresh.get([key(i) for i in range(20)])
+        assert all(r is not None and torch.equal(r.data, payload(i)) for i, r in enumerate(refs))
+        for r in refs:
+            r.release()
+
+
+# ------------------------------------------------------------------ TCP needs the token
+def test_tcp_requires_the_token_and_a_fixed_layout_rejects_others():
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    addr = f"tcp://127.0.0.1:{port}"
+    layout_args = ("--num-layers", "2", "--kv-heads", "1", "--head-size", "8", "--dtype", "float16",
+                   "--chunk-size", "16")
+    with server(addr, *layout_args, env={"KVTIER_SERVER_TOKEN": "s3cret"}) as (addr, _):
+        with RemoteStore(client_config(addr, server_token="wrong"), LAYOUT, "m") as bad:
+            assert not bad.connected and bad.lookup([key(1)]) == 0 and bad.allocate() is None
+        with RemoteStore(client_config(addr, server_token="s3cret"), LAYOUT, "m") as good:
+            assert good.connected and good.put(key(1), payload(1)) and good.lookup([key(1)]) == 1
+        other = ChunkLayout(2, 16, 16, torch.float16)
+        with RemoteStore(client_config(addr, server_token="s3cret"), other, "m") as wrong_layout:
+            assert not wrong_layout.connected and wrong_layout.lookup([key(1)]) == 0
+    # No token, TCP: refused at start.
+    r = subprocess.run([sys.executable, "-m", "kvtier.cli", "serve", "--address", addr], capture_output=True,
+                       env={k: v for k, v in os.environ.items() if k != "KVTIER_SERVER_TOKEN"})
+    assert r.returncode != 0 and b"token" in r.stderr
+
+
+def test_health_command_exit_codes(shared_server):
+    ok = subprocess.run([sys.executable, "-m", "kvtier.cli", "health", shared_server[0]], capture_output=True)
+    assert ok.returncode == 0
+    bad = subprocess.run([sys.executable, "-m", "kvtier.cli", "health", "ipc:///tmp/kvtier-none/x.sock",
+                          "--timeout", "0.3"], capture_output=True)
+    assert bad.returncode == 1
+
+
+def test_protocol_never_pickles():
+    import pickle
+
+    with pytest.raises((msgspec.DecodeError, msgspec.ValidationError)):
+        P.decode_request(pickle.dumps({"op": "ping"}))
