@@ -24,8 +24,20 @@ def _table(rows: Iterable[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(b) for b in body])
 
 
+def _command_line() -> str:
+    """The current command with every option as it took effect, so a result can be reproduced."""
+    ctx = click.get_current_context()
+    words = ["kvtier", *ctx.command_path.split()[1:]]
+    for p in ctx.command.params:
+        value = ctx.params.get(p.name)
+        if value is None or value is False or not p.opts:
+            continue
+        words.append(p.opts[0] if value is True else f"{p.opts[0]} {value}")
+    return " ".join(words)
+
+
 def _write_json(path: str, payload: dict[str, Any]) -> None:
-    payload = {"command": "kvtier " + " ".join(sys.argv[1:]), **payload}
+    payload = {"command": _command_line(), **payload}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(payload, f, indent=2)

@@ -1,0 +1,85 @@
+"""The `kvtier` command line, run in-process through click's runner on real files and a real Redis."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from kvtier.cli import main
+from kvtier.config import KVTierConfig
+from kvtier.keys import Namespace, chunk_keys
+from kvtier.layout import ChunkLayout
+from kvtier.store import Store
+
+LAYOUT = ChunkLayout(2, 16, 32, torch.float16)
+
+
+def run(*args, env=None):
+    return CliRunner().invoke(main, list(args), env=env, catch_exceptions=False)
+
+
+@pytest.mark.parametrize("cmd", [[], ["demo"], ["bench"], ["bench", "tiers"], ["bench", "vllm"], ["inspect"],
+                                 ["config"], ["serve"], ["health"]])
+def test_every_command_has_help(cmd):
+    r = run(*cmd, "--help")
+    assert r.exit_code == 0
+    assert "Usage: " in r.output and "--help" in r.output
+
+
+def fill(store: Store, model: str, n: int) -> None:
+    keys = chunk_keys(Namespace(model, "float16", 2, 1, 32), np.arange(16 * n), 16)
+    for i, k in enumerate(keys):
+        assert store.put(k, np.full(LAYOUT.nbytes, i, dtype=np.uint8))
+    assert store.flush(10)
+
+
+def test_inspect_disk_counts_chunks_per_model(tmp_path):
+    for model, n in (("model-a", 3), ("model-b", 2)):
+        config = KVTierConfig(tiers=("cpu", "disk"), cpu_bytes=16 * LAYOUT.nbytes, disk_path=str(tmp_path))
+        with Store(config, LAYOUT, label=model, pin=False) as s:
+            fill(s, model, n)
+    (tmp_path / "not-a-chunk.txt").write_text("hello")
+    r = run("inspect", "--disk-path", str(tmp_path), "--json")
+    assert r.exit_code == 0, r.output
+    rows = {row["model"]: row for row in json.loads(r.output)}
+    assert rows["model-a"]["chunks"] == 3 and rows["model-b"]["chunks"] == 2
+    assert rows["model-a"]["bytes"] == 3 * LAYOUT.nbytes
+    table = run("inspect", "--disk-path", str(tmp_path)).output
+    assert "model-a" in table and "model-b" in table
+
+
+def test_inspect_redis(redis_server):
+    config = KVTierConfig(tiers=("cpu", "redis"), cpu_bytes=16 * LAYOUT.nbytes, redis_url=(redis_server.url,))
+    with Store(config, LAYOUT, label="model-r", pin=False) as s:
+        fill(s, "model-r", 4)
+    r = run("inspect", "--redis-url", redis_server.url, "--json")
+    assert r.exit_code == 0, r.output
+    (row,) = json.loads(r.output)
+    assert row["model"] == "model-r" and row["chunks"] == 4
+
+
+def test_inspect_needs_a_source():
+    r = CliRunner().invoke(main, ["inspect"])
+    assert r.exit_code == 2 and "--disk-path" in r.output
+
+
+def test_config_shows_env_and_reports_bad_values():
+    r = run("config", env={"KVTIER_CHUNK_SIZE": "512"})
+    assert r.exit_code == 0 and json.loads(r.output)["chunk_size"] == 512
+    bad = CliRunner().invoke(main, ["config"], env={"KVTIER_TIERS": "cpu,tape"})
+    assert bad.exit_code == 1 and "unknown tier 'tape'" in bad.output
+
+
+def test_bench_tiers_writes_json_with_ratios(tmp_path, redis_server):
+    out = tmp_path / "tiers.json"
+    r = run("bench", "tiers", "--shape", "small", "--chunk-size", "16", "--chunks", "2", "--rounds", "1",
+            "--disk-path", str(tmp_path), "--redis-url", redis_server.url, "--json", str(out))
+    assert r.exit_code == 0, r.output
+    data = json.loads(out.read_text())
+    assert data["command"].startswith("kvtier bench tiers")
+    got = {(x["tier"], x["op"]) for x in data["results"]}
+    assert {("cpu", "put+get"), ("disk", "write"), ("disk", "read"), ("redis", "write"), ("redis", "read")} <= got
+    assert all(x["ratio"] > 0 for x in data["results"])
+    assert "ratio" in r.output
