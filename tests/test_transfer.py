@@ -7,7 +7,10 @@ tests/gpu/test_transfer_gpu.py for the Triton backend.
 
 The oracle is deliberately naive: one Python loop iteration per token, layer
 and K/V, indexing the engine tensor by its logical layout
-(``[2, NB, BS, H, D]`` etc.), sharing no code with kvtier.transfer.
+(``[2, NB, BS, H, D]`` etc.), sharing no code with kvtier.transfer. For the
+``cpu`` layout (vLLM 0.32's CPU backend, ``[NB, H, BS, 2*D]``) it reads the
+tensor the way vLLM's CPU attention does: ``view(NB, H, 2*BS, D)``, K rows
+``[0, BS)`` and V rows ``[BS, 2*BS)`` of each (block, head).
 """
 
 from __future__ import annotations
@@ -55,14 +58,13 @@ def make_layers(kind: str, L: int, NB: int, BS: int, H: int, D: int, dtype, gen,
     variant: "plain" (one allocation per layer), "one_buffer" (all layers are
     views of one allocation, like an engine that allocates one big buffer),
     "permuted" (flash <-> blocks_first: the logical shape of one, the memory
-    order of the other), "padded" (cpu/mla only: rows padded in memory, so the
-    token stride is not a whole row).
+    order of the other), "padded" (cpu/mla only: padding in memory, so a stride
+    is not a whole piece: mla pads each token row, cpu each (block, head)).
     """
-    W = H * D
     shapes = {
         "flash": (2, NB, BS, H, D),
         "blocks_first": (NB, 2, BS, H, D),
-        "cpu": (NB, 2, BS, W),
+        "cpu": (NB, H, BS, 2 * D),
         "mla": (NB, BS, D),
     }
     shape = shapes[kind]
@@ -78,8 +80,13 @@ def make_layers(kind: str, L: int, NB: int, BS: int, H: int, D: int, dtype, gen,
         assert kind in ("flash", "blocks_first")
         phys = (NB, 2, BS, H, D) if kind == "flash" else (2, NB, BS, H, D)
         return [random_bytes(phys, dtype, gen, device).transpose(0, 1) for _ in range(L)]
+    if variant == "padded" and kind == "cpu":
+        # [NB, H, BS*2D + 3] sliced: the (BS, 2D) part of each (block, head) stays one run,
+        # as vLLM's view(NB, H, 2*BS, D) needs; the head stride is not a multiple of D.
+        return [random_bytes((NB, H, BS * 2 * D + 3), dtype, gen, device)[..., : BS * 2 * D].view(shape)
+                for _ in range(L)]
     if variant == "padded":
-        assert kind in ("cpu", "mla")
+        assert kind == "mla"
         pad = 3
         big_shape = shape[:-1] + (shape[-1] + pad,)
         return [random_bytes(big_shape, dtype, gen, device)[..., : shape[-1]] for _ in range(L)]
@@ -87,14 +94,26 @@ def make_layers(kind: str, L: int, NB: int, BS: int, H: int, D: int, dtype, gen,
 
 
 def row(layer: torch.Tensor, kind: str, kv: int, slot: int, bs: int) -> torch.Tensor:
+    """The (kv, slot) token row of one layer, as a view: ``[W]``, or ``[H, D]`` for ``cpu``."""
     blk, off = divmod(slot, bs)
     if kind == "flash":
         r = layer[kv, blk, off]
-    elif kind in ("blocks_first", "cpu"):
+    elif kind == "blocks_first":
         r = layer[blk, kv, off]
+    elif kind == "cpu":
+        nb, h, bs_, d2 = layer.shape
+        assert bs_ == bs
+        # Exactly vLLM 0.32's cpu_attn.py: view(NB, H, 2*BS, D).chunk(2, dim=2) -> key_cache, value_cache.
+        key_cache, value_cache = layer.view(nb, h, 2 * bs, d2 // 2).chunk(2, dim=2)
+        return (key_cache, value_cache)[kv][blk, :, off]  # [H, D]
     else:
         r = layer[blk, off]
     return r.reshape(-1) if r.is_contiguous() else r.view(-1)
+
+
+def put_row(r: torch.Tensor, src: torch.Tensor) -> None:
+    """Write a W-element chunk row into a (possibly [H, D]) row view."""
+    r.copy_(src.reshape(r.shape))
 
 
 def naive_gather(layers, kind, bs, mapping, chunks4, skip):
@@ -109,7 +128,7 @@ def naive_gather(layers, kind, bs, mapping, chunks4, skip):
                 if t < skip or m[t] < 0:
                     chunks4[c][kv, l, i].zero_()
                 else:
-                    chunks4[c][kv, l, i].copy_(row(layer, kind, kv, m[t], bs))
+                    chunks4[c][kv, l, i].copy_(row(layer, kind, kv, m[t], bs).reshape(-1))
 
 
 def naive_scatter(layers, kind, bs, mapping, chunks4, skip):
@@ -122,7 +141,7 @@ def naive_scatter(layers, kind, bs, mapping, chunks4, skip):
             continue
         for l, layer in enumerate(layers):
             for kv in range(nkv):
-                row(layer, kind, kv, m[t], bs).copy_(chunks4[c][kv, l, i])
+                put_row(row(layer, kind, kv, m[t], bs), chunks4[c][kv, l, i])
 
 
 def random_mapping(num_slots: int, n: int, hole_p: float, gen: torch.Generator, device="cpu",
@@ -177,7 +196,8 @@ class Case:
 
 
 def _eq_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return torch.equal(as_int(a).cpu(), as_int(b).cpu())
+    """Same bytes, element for element (a [H, D] cpu row compares with a [W] chunk row)."""
+    return torch.equal(as_int(a).reshape(-1).cpu(), as_int(b).reshape(-1).cpu())
 
 
 def _variants(kind):
@@ -191,7 +211,7 @@ case_params = st.fixed_dictionaries({
     "dtype": st.sampled_from(DTYPES),
     "L": st.integers(1, 3),
     "BS": st.sampled_from([1, 2, 4, 8, 16]),
-    "H": st.integers(1, 3),
+    "H": st.sampled_from([1, 2, 3, 4]),
     "D": st.sampled_from([1, 2, 4, 8, 16]),
     "T": st.sampled_from([2, 4, 8, 16]),
     "n_chunks": st.integers(1, 3),
@@ -289,13 +309,14 @@ def test_round_trip(kind, dtype):
 
 
 # ---------------------------------------------------------------------- the invariant
-@pytest.mark.parametrize("kind,variant", [(k, v) for k in KINDS for v in _variants(k)])
-def test_scatter_touches_only_owned_slots_every_skip(kind, variant):
+@pytest.mark.parametrize("kind,variant,H", [(k, v, h) for k in KINDS for v in _variants(k)
+                                             for h in ((1, 2, 4) if k == "cpu" else (2,))])
+def test_scatter_touches_only_owned_slots_every_skip(kind, variant, H):
     """Sentinel cache; a load with holes and every skip 0..T-1 writes only owned slots."""
     T = 16
     dtype = torch.bfloat16
     for skip in range(T):
-        c = Case(kind, dtype, L=2, NB=14, BS=4, H=2, D=4, T=T, n_chunks=2, hole_p=0.25, seed=100 + skip,
+        c = Case(kind, dtype, L=2, NB=14, BS=4, H=H, D=4, T=T, n_chunks=2, hole_p=0.25, seed=100 + skip,
                  variant=variant, map_extra=8)
         # Sentinel: a fixed byte pattern distinct from the random chunk data's distribution.
         for s in c.storages():
@@ -356,11 +377,105 @@ def test_gather_zeroes_rows_not_moved():
     assert _eq_bytes(ch[0][1, 0, 3], row(c.layers[0], "cpu", 1, int(c.mapping[3]), 4))
 
 
+# ---------------------------------------------------------------------- vLLM 0.32's CPU layout
+@pytest.mark.parametrize("H", [1, 2, 4])
+@pytest.mark.parametrize("variant", _variants("cpu"))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_cpu_layout_every_head_count_vs_oracle(H, variant, dtype):
+    """The real cpu layout ([NB, H, BS, 2*D], memory [NB, H, 2, BS, D]) both ways, every skip."""
+    kw = dict(kind="cpu", dtype=dtype, L=3, NB=12, BS=4, H=H, D=8, T=8, n_chunks=3, hole_p=0.2, variant=variant)
+    for skip in range(8):
+        ours, ref = Case(**kw, seed=skip), Case(**kw, seed=skip)
+        assert ours.paged.kind == "cpu" and ours.paged.num_pieces == H
+        gather(ours.paged, ours.mapping, ours.chunks, skip)
+        naive_gather(ref.layers, "cpu", ref.BS, ref.mapping, ref.chunks4, skip)
+        assert all(_eq_bytes(a, b) for a, b in zip(ours.chunks4, ref.chunks4))
+        ours, ref = Case(**kw, seed=skip), Case(**kw, seed=skip)
+        scatter(ours.paged, ours.mapping, ours.chunks, skip)
+        naive_scatter(ref.layers, "cpu", ref.BS, ref.mapping, ref.chunks4, skip)
+        assert all(torch.equal(a, b) for a, b in zip(ours.storages(), ref.storages()))
+
+
+def _vllm_cpu_caches(L, NB, BS, H, D, dtype):
+    """Per-layer KV caches built by vLLM's own code, as its CPU model runner does (layout LBHNC)."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheTensor, create_kv_cache_views
+    from vllm.v1.kv_cache_layout import KVCacheLayout
+
+    spec = FullAttentionSpec(block_size=BS, num_kv_heads=H, head_size=D, dtype=dtype)
+    page = spec.page_size_bytes
+    names = [f"model.layers.{i}.self_attn.attn" for i in range(L)]
+    raw = torch.zeros(page * NB * L, dtype=torch.int8)
+    tensor = KVCacheTensor(size=raw.numel(), layers=names, layer_stride=page * NB, block_stride=page)
+    views = create_kv_cache_views(raw, spec, NB, KVCacheLayout.LBHNC, tensor)
+    return dict(zip(names, views))
+
+
+@pytest.mark.parametrize("H", [1, 2, 4])
+def test_scatter_lands_where_vllm_cpu_attention_reads(H):
+    """A cache built by vLLM itself; each scattered token's K and V are read back through vLLM's view."""
+    pytest.importorskip("vllm")
+    L, NB, BS, D, T = 2, 6, 32, 16, 32
+    caches = _vllm_cpu_caches(L, NB, BS, H, D, torch.float32)
+    first = next(iter(caches.values()))
+    assert tuple(first.shape) == (NB, H, BS, 2 * D)
+    paged = PagedKV.from_vllm(caches, block_size=BS)
+    assert paged.kind == "cpu" and paged.num_layers == L
+    # Token t of chunk c has K = 1000*(layer+1) + 100*t + h and V = -K (per head h, all D elements).
+    n_chunks = 2
+    chunks = []
+    for c in range(n_chunks):
+        k = torch.empty(L, T, H, D)
+        for l in range(L):
+            for t in range(T):
+                for h in range(H):
+                    k[l, t, h] = 1000 * (l + 1) + 100 * (c * T + t) + h
+        chunks.append(torch.stack([k, -k]).reshape(2, L, T, H * D).contiguous())
+    gen = torch.Generator().manual_seed(H)
+    mapping = torch.randperm(NB * BS, generator=gen)[: n_chunks * T]
+    mapping[5] = -1
+    skip = 3
+    scatter(paged, mapping, chunks, skip)
+    for l, cache in enumerate(caches.values()):
+        # What vLLM 0.32's CPU attention does with a layer's cache (cpu_attn.py):
+        nb, nh, bs, _ = cache.size()
+        key_cache, value_cache = cache.view((nb, nh, bs * 2, -1)).chunk(2, dim=2)
+        written = 0
+        for s in range(NB * BS):
+            blk, off = divmod(s, BS)
+            tok = (mapping == s).nonzero()
+            if tok.numel() and int(tok) >= skip:
+                t = int(tok)
+                for h in range(H):
+                    want = 1000 * (l + 1) + 100 * t + h
+                    assert (key_cache[blk, h, off] == want).all(), (l, t, h)
+                    assert (value_cache[blk, h, off] == -want).all(), (l, t, h)
+                written += 1
+            else:
+                assert (key_cache[blk, :, off] == 0).all() and (value_cache[blk, :, off] == 0).all(), s
+        assert written == n_chunks * T - skip - (1 if 5 >= skip else 0)
+    # And gather reads back exactly what was written.
+    back = [torch.empty_like(c) for c in chunks]
+    gather(paged, mapping, back, skip)
+    for c, b in zip(chunks, back):
+        for t in range(T):
+            if c is chunks[0] and (t < skip or t == 5):
+                assert (b[:, :, t] == 0).all()
+            else:
+                assert torch.equal(b[:, :, t], c[:, :, t])
+
+
 # ---------------------------------------------------------------------- description and errors
 def test_detect_each_layout():
     assert detect(torch.empty(2, 5, 16, 8, 64)) == "flash"
     assert detect(torch.empty(5, 2, 16, 8, 64)) == "blocks_first"
-    assert detect(torch.empty(5, 2, 16, 512)) == "cpu"
+    assert detect(torch.empty(5, 8, 16, 128)) == "cpu"
+    assert detect(torch.empty(5, 2, 16, 128), block_size=16) == "cpu"
+    with pytest.raises(LayoutError, match="GPU layout"):  # same shape on a GPU: not the CPU memory order
+        detect(torch.empty(5, 8, 16, 128, device="meta"))
+    with pytest.raises(LayoutError, match="matches no known layout"):
+        detect(torch.empty(5, 8, 16, 127))
+    with pytest.raises(LayoutError, match="matches no known layout"):
+        detect(torch.empty(5, 8, 16, 128), block_size=32)
     assert detect(torch.empty(5, 16, 576)) == "mla"
     with pytest.raises(LayoutError, match="ambiguous"):
         detect(torch.empty(2, 2, 16, 8, 64))
@@ -379,6 +494,14 @@ def test_paged_description_fields():
     assert q.kind == "blocks_first" and (q.block_stride, q.kv_stride) == (2 * 16 * 512, 16 * 512)
     m = PagedKV([torch.empty(7, 16, 576, dtype=torch.bfloat16)] * 2, "mla")
     assert m.mla and m.chunk_shape(256) == (2, 256, 576)
+    assert m.row_contiguous and (m.num_pieces, m.piece_size, m.piece_stride) == (1, 576, 576)
+    c = PagedKV([torch.empty(5, 8, 16, 2 * 64)], None, 16)  # vLLM CPU: memory [NB, H, 2, BS, D]
+    assert c.kind == "cpu" and (c.num_blocks, c.block_size, c.width, c.num_kv) == (5, 16, 512, 2)
+    assert (c.block_stride, c.kv_stride, c.token_stride) == (8 * 16 * 128, 16 * 64, 64)
+    assert (c.num_pieces, c.piece_size, c.piece_stride) == (8, 64, 2 * 16 * 64) and not c.row_contiguous
+    assert c.chunk_shape(256) == (2, 1, 256, 512)
+    c1 = PagedKV([torch.empty(5, 1, 16, 2 * 64)], "cpu")
+    assert c1.row_contiguous and c1.width == 64
     lay = m.chunk_layout(256)
     assert lay.mla and lay.shape == (2, 256, 576) and lay.nbytes == m.chunk_nbytes(256) == 2 * 256 * 576 * 2
 
@@ -390,6 +513,9 @@ def test_paged_description_fields():
     ([torch.empty(2, 5, 16, 8, 64), torch.empty(2, 6, 16, 8, 64)], "flash", None, "layer 1"),
     ([torch.empty(2, 5, 16, 8, 64), torch.empty(2, 5, 16, 8, 64, dtype=torch.float16)], "flash", None, "layer 1"),
     ([torch.empty(5, 2, 8, 16, 64).transpose(2, 3)], "blocks_first", 16, "not contiguous"),
+    ([torch.empty(5, 8, 128, 16).transpose(2, 3)], "cpu", None, "not contiguous"),
+    ([torch.empty(5, 8, 16, 127)], "cpu", None, "even"),
+    ([torch.empty(5, 8, 16, 128)], "cpu", 32, "block_size=32"),
     ([torch.empty(2, 5, 16, 8, 64)], "paged", None, "unknown KV layout"),
     ([], "flash", None, "at least one"),
 ])
@@ -439,6 +565,7 @@ def test_backend_dispatch_on_cpu_is_torch():
 
     c = Case("mla", torch.float16, seed=7)
     assert backend_for(c.paged) is torch_ref
+    assert backend_for(Case("cpu", torch.float16, H=4, seed=7).paged) is torch_ref
     with pytest.raises(ValueError, match="unknown backend"):
         backend_for(c.paged, "cuda-magic")
 
@@ -451,7 +578,17 @@ import test_transfer as tt
 from kvtier.transfer import triton_kernels as tk, torch_ref
 assert tk.available()
 n = 0
+from kvtier.transfer import LayoutError
 for kind in tt.KINDS:
+    if kind == "cpu":  # token rows in pieces (H > 1): the Triton backend refuses them, clearly
+        c = tt.Case(kind="cpu", dtype=torch.float32, H=2)
+        for f in (tk.gather, tk.scatter):
+            try:
+                f(c.paged, c.mapping, c.chunks)
+                raise AssertionError("Triton backend accepted the cpu layout")
+            except LayoutError as e:
+                assert "backend='torch'" in str(e)
+        continue
     for dtype in (torch.bfloat16, torch.float32, torch.float8_e4m3fn):
         # direct kernel; one piece of 3 whole chunks; pieces of one (kv, layer) pair of a chunk
         for mode, stage, pieces in (("uva", 32 << 20, 1), ("staged", 1 << 30, 1), ("staged", 1, 3)):
@@ -472,7 +609,10 @@ print("OK", n)
 
 
 def test_triton_kernels_interpreted_on_cpu():
-    """The Triton kernels (both modes, pieces forced small) under TRITON_INTERPRET=1 equal torch_ref."""
+    """The Triton kernels (both modes, pieces forced small) under TRITON_INTERPRET=1 equal torch_ref.
+
+    The cpu layout (rows in H pieces) is refused by the Triton backend with a LayoutError.
+    """
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
     root = Path(__file__).resolve().parent.parent
@@ -480,4 +620,4 @@ def test_triton_kernels_interpreted_on_cpu():
     r = subprocess.run([sys.executable, "-c", _INTERP_SCRIPT, str(Path(__file__).parent)], env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "OK 36" in r.stdout
+    assert "OK 27" in r.stdout

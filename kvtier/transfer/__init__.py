@@ -14,7 +14,9 @@ the paged cache is touched (blocks below the skip may be shared through prefix
 caching and read by other requests at that moment).
 
 The backend is picked by the cache's device: CUDA with Triton importable ->
-:mod:`.triton_kernels`; anything else -> :mod:`.torch_ref`. ``backend=`` forces one.
+:mod:`.triton_kernels` (contiguous token rows only); anything else, including a
+``cpu``-kind cache forced onto CUDA, -> :mod:`.torch_ref`. ``backend=`` forces
+one (``"triton"`` on a ``cpu``-kind cache raises :class:`LayoutError`).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def backend_for(paged: PagedKV, backend: str | None = None):
     """The module that moves data for ``paged``: ``"triton"``, ``"torch"`` or None (by device)."""
     if backend == "torch":
         return torch_ref
-    if backend == "triton" or (backend is None and paged.device.type == "cuda"):
+    if backend == "triton" or (backend is None and paged.device.type == "cuda" and paged.row_contiguous):
         mod = _triton()
         if mod is not None:
             return mod

@@ -1,28 +1,39 @@
 """What a transfer kernel needs to know about the engine's paged KV cache.
 
-Every engine layout kvtier supports stores the ``W = kv_heads * head_size``
-elements of one (K/V, slot) pair as one contiguous row, with
-``slot = block_id * block_size + offset``::
+The ``W = kv_heads * head_size`` elements of one (K/V, slot) pair -- one token
+row -- sit at ``slot = block_id * block_size + offset``::
 
     row(layer, kv, slot) = base[layer] + block * block_stride + kv * kv_stride + offset * token_stride
 
-(strides in elements). :class:`PagedKV` holds the per-layer tensors and those
-numbers; both backends (:mod:`.torch_ref`, :mod:`.triton_kernels`) read only
-this description, so one signature serves every layout:
+(strides in elements). A row is ``num_pieces`` pieces of ``piece_size``
+contiguous elements, ``piece_stride`` apart: one piece of ``W`` for every
+layout but ``cpu``, where it is one piece of ``head_size`` per KV head.
+:class:`PagedKV` holds the per-layer tensors and those numbers; both backends
+(:mod:`.torch_ref`, :mod:`.triton_kernels`) read only this description, so
+one signature serves every layout:
 
-==============  ==========================  =====================================
-kind            per-layer shape             who uses it
-==============  ==========================  =====================================
-``flash``       ``[2, NB, BS, H, D]``       vLLM FlashAttention (CUDA)
+==============  ==========================  ==============================================
+kind            per-layer tensor            who uses it / memory order
+==============  ==========================  ==============================================
+``flash``       ``[2, NB, BS, H, D]``       vLLM FlashAttention (CUDA), older vLLM
 ``blocks_first````[NB, 2, BS, H, D]``       vLLM FlashInfer and others
-``cpu``         ``[NB, 2, BS, H*D]``        vLLM CPU backend
+``cpu``         ``[NB, H, BS, 2*D]``        vLLM 0.32 CPU backend; memory is
+                                            ``[NB, H, 2, BS, D]``: per block and head,
+                                            BS rows of K then BS rows of V
 ``mla``         ``[NB, BS, D]``             MLA models (one latent row per token)
-==============  ==========================  =====================================
+==============  ==========================  ==============================================
+
+The ``cpu`` layout is the one vLLM 0.32's CPU attention reads
+(``cpu_attn.py``: ``kv_cache.view(NB, H, 2*BS, D).chunk(2, dim=2)``), so a
+token's row is *not* contiguous there: H pieces of D, ``2*BS*D`` apart (the
+head stride). Its 4-D shape is only detected as ``cpu`` on a CPU tensor: vLLM
+0.32's GPU backends use the same logical shape with K and V interleaved in the
+last dimension, a different memory order kvtier does not support yet.
 
 A tensor whose logical shape matches but whose memory is permuted (for
-example a "HND" cache whose heads sit outside the token dimension) has rows
-that are not contiguous; :meth:`PagedKV.__init__` refuses it with a message
-that says so, rather than moving wrong bytes.
+example a "HND" cache whose heads sit outside the token dimension of a
+``flash`` shape) has rows that are not contiguous; :meth:`PagedKV.__init__`
+refuses it with a message that says so, rather than moving wrong bytes.
 
 This module also holds what both backends share: chunk-buffer validation,
 the slot plan, and the :class:`Transfer` handle a call returns.
@@ -52,42 +63,112 @@ class LayoutError(ValueError):
 
 
 def _kind_dims(kind: str) -> tuple[int, int | None, int, int, int]:
-    """(ndim, kv dim or None, block dim, token dim, first width dim) of each layout."""
+    """(ndim, kv dim or None, block dim, token dim, first width dim) of the contiguous-row layouts."""
     return {
         "flash": (5, 0, 1, 2, 3),
         "blocks_first": (5, 1, 0, 2, 3),
-        "cpu": (4, 1, 0, 2, 3),
         "mla": (3, None, 0, 1, 2),
     }[kind]
 
 
-def detect(t: torch.Tensor, block_size: int | None = None) -> str:
-    """Guess the layout kind of one layer's KV cache tensor from its shape.
+_CPU_TOKEN_DIM = 2  # cpu: [NB, H, BS, 2*D]
 
-    Raises :class:`LayoutError` when the shape fits no layout or fits two
-    (e.g. ``[2, 2, BS, H, D]`` with two blocks); pass ``kind=`` then.
+
+def _token_dim(kind: str) -> int:
+    return _CPU_TOKEN_DIM if kind == "cpu" else _kind_dims(kind)[3]
+
+
+_EXPECTED = ("flash [2, NB, BS, H, D], blocks_first [NB, 2, BS, H, D], cpu [NB, H, BS, 2*D] (CPU tensors) "
+             "or mla [NB, BS, D]")
+
+
+def detect(t: torch.Tensor, block_size: int | None = None) -> str:
+    """Guess the layout kind of one layer's KV cache tensor from its shape (and device).
+
+    A 4-D ``[NB, H, BS, 2*D]`` tensor is ``cpu`` only on the CPU (see the module
+    docstring). Raises :class:`LayoutError` when the tensor fits no layout or fits
+    two (e.g. ``[2, 2, BS, H, D]`` with two blocks); pass ``kind=`` then.
     """
     shape = tuple(t.shape)
+    what = f"KV cache tensor of shape {list(shape)} on {t.device}" + (
+        f" with block_size={block_size}" if block_size else "")
     cands = []
     if t.dim() == 5 and shape[0] == 2:
         cands.append("flash")
     if t.dim() == 5 and shape[1] == 2:
         cands.append("blocks_first")
-    if t.dim() == 4 and shape[1] == 2:
+    if t.dim() == 4 and shape[3] % 2 == 0:
+        if t.device.type != "cpu":
+            raise LayoutError(
+                f"{what}: a 4-D [NB, H, BS, 2*D] cache off the CPU is vLLM's GPU layout, which "
+                f"interleaves K and V per head in the last dimension; kvtier does not support it yet "
+                f"(kind='cpu' is the CPU backend's memory order [NB, H, 2, BS, D]; pass kind= to force)"
+            )
         cands.append("cpu")
     if t.dim() == 3:
         cands.append("mla")
     if block_size is not None:
-        cands = [k for k in cands if shape[_kind_dims(k)[3]] == block_size]
+        cands = [k for k in cands if shape[_token_dim(k)] == block_size]
     if len(cands) == 1:
         return cands[0]
-    what = f"KV cache tensor of shape {list(shape)}" + (f" with block_size={block_size}" if block_size else "")
     if not cands:
-        raise LayoutError(
-            f"{what} matches no known layout: expected flash [2, NB, BS, H, D], blocks_first "
-            f"[NB, 2, BS, H, D], cpu [NB, 2, BS, H*D] or mla [NB, BS, D]"
-        )
+        raise LayoutError(f"{what} matches no known layout: expected {_EXPECTED}")
     raise LayoutError(f"{what} is ambiguous ({' or '.join(cands)}); pass kind= explicitly")
+
+
+def _cpu_geometry(first: torch.Tensor, block_size: int | None) -> dict:
+    """vLLM 0.32 CPU layout: tensor [NB, H, BS, 2*D], memory [NB, H, 2, BS, D]."""
+    shape = tuple(first.shape)
+    if first.dim() != 4:
+        raise LayoutError(f"layout 'cpu' expects 4-dim per-layer tensors [NB, H, BS, 2*D], got shape {list(shape)}")
+    nb, h, bs, d2 = shape
+    if d2 % 2:
+        raise LayoutError(f"layout 'cpu' expects [NB, H, BS, 2*D] with an even last dim, got shape {list(shape)}")
+    if block_size is not None and block_size != bs:
+        raise LayoutError(f"block_size={block_size} but layout 'cpu' tensor has {bs} at dim {_CPU_TOKEN_DIM} "
+                          f"(shape {list(shape)})")
+    d = d2 // 2
+    # vLLM views each (block, head) as [2*BS, D] rows (K rows then V rows): the BS x 2D
+    # part must be one contiguous run.
+    if (d2 > 1 and first.stride(3) != 1) or (bs > 1 and first.stride(2) != d2):
+        raise LayoutError(
+            f"layout 'cpu': the [BS, 2*D] = {[bs, d2]} part of each (block, head) of shape {list(shape)} is "
+            f"not contiguous (strides {list(first.stride())}); vLLM's CPU backend views it as [2*BS, D]"
+        )
+    return dict(num_blocks=nb, block_size=bs, width=h * d, num_kv=2, block_stride=first.stride(0),
+                kv_stride=bs * d, token_stride=d, num_pieces=h, piece_size=d,
+                piece_stride=first.stride(1) if h > 1 else d)
+
+
+def _row_geometry(kind: str, first: torch.Tensor, block_size: int | None) -> dict:
+    """flash / blocks_first / mla: one contiguous row of W per (kv, slot)."""
+    ndim, kv_dim, blk_dim, tok_dim, w_dim = _kind_dims(kind)
+    shape = tuple(first.shape)
+    if first.dim() != ndim:
+        raise LayoutError(f"layout {kind!r} expects {ndim}-dim per-layer tensors, got shape {list(shape)}")
+    if kv_dim is not None and shape[kv_dim] != 2:
+        raise LayoutError(f"layout {kind!r} expects 2 (K, V) at dim {kv_dim}, got shape {list(shape)}")
+    bs = shape[tok_dim]
+    if block_size is not None and block_size != bs:
+        raise LayoutError(f"block_size={block_size} but layout {kind!r} tensor has {bs} at dim {tok_dim} "
+                          f"(shape {list(shape)})")
+    width = 1
+    for d in shape[w_dim:]:
+        width *= d
+    # The (kv, slot) row of W elements must be contiguous.
+    expect = 1
+    for d in range(ndim - 1, w_dim - 1, -1):
+        if shape[d] > 1 and first.stride(d) != expect:
+            raise LayoutError(
+                f"layout {kind!r}: the {width} elements of one token row (dims {w_dim}.. of shape "
+                f"{list(shape)}) are not contiguous (strides {list(first.stride())}); a permuted "
+                f"(e.g. HND) cache is not supported"
+            )
+        expect *= shape[d]
+    return dict(num_blocks=shape[blk_dim], block_size=bs, width=width, num_kv=1 if kv_dim is None else 2,
+                block_stride=first.stride(blk_dim), kv_stride=0 if kv_dim is None else first.stride(kv_dim),
+                token_stride=first.stride(tok_dim) if bs > 1 else width, num_pieces=1, piece_size=width,
+                piece_stride=width)
 
 
 class PagedKV:
@@ -98,7 +179,9 @@ class PagedKV:
 
     Attributes: ``layers`` (tuple), ``kind``, ``block_size``, ``num_blocks``,
     ``width`` (W), ``num_kv`` (2, or 1 for MLA), ``block_stride``,
-    ``kv_stride`` (0 for MLA), ``token_stride``.
+    ``kv_stride`` (0 for MLA), ``token_stride``, and the row's pieces:
+    ``num_pieces`` pieces of ``piece_size`` contiguous elements, ``piece_stride``
+    apart (``1, W, W`` when the row is contiguous; ``H, D, head stride`` for ``cpu``).
     """
 
     def __init__(self, layers: Sequence[torch.Tensor], kind: str | None = None, block_size: int | None = None):
@@ -112,31 +195,8 @@ class PagedKV:
             kind = detect(first, block_size)
         if kind not in KINDS:
             raise LayoutError(f"unknown KV layout kind {kind!r}; known: {', '.join(KINDS)}")
-        ndim, kv_dim, blk_dim, tok_dim, w_dim = _kind_dims(kind)
+        geo = _cpu_geometry(first, block_size) if kind == "cpu" else _row_geometry(kind, first, block_size)
         shape = tuple(first.shape)
-        if first.dim() != ndim:
-            raise LayoutError(
-                f"layout {kind!r} expects {ndim}-dim per-layer tensors, got shape {list(shape)}"
-            )
-        if kv_dim is not None and shape[kv_dim] != 2:
-            raise LayoutError(f"layout {kind!r} expects 2 (K, V) at dim {kv_dim}, got shape {list(shape)}")
-        bs = shape[tok_dim]
-        if block_size is not None and block_size != bs:
-            raise LayoutError(f"block_size={block_size} but layout {kind!r} tensor has {bs} at dim {tok_dim} "
-                              f"(shape {list(shape)})")
-        width = 1
-        for d in shape[w_dim:]:
-            width *= d
-        # The (kv, slot) row of W elements must be contiguous.
-        expect = 1
-        for d in range(ndim - 1, w_dim - 1, -1):
-            if shape[d] > 1 and first.stride(d) != expect:
-                raise LayoutError(
-                    f"layout {kind!r}: the {width} elements of one token row (dims {w_dim}.. of shape "
-                    f"{list(shape)}) are not contiguous (strides {list(first.stride())}); a permuted "
-                    f"(e.g. HND) cache is not supported"
-                )
-            expect *= shape[d]
         for i, t in enumerate(layers):
             if not isinstance(t, torch.Tensor):
                 raise LayoutError(f"layer {i} is a {type(t).__name__}, not a tensor")
@@ -147,16 +207,18 @@ class PagedKV:
                 )
             if t.stride() != first.stride():
                 raise LayoutError(f"layer {i} strides {list(t.stride())} differ from layer 0's {list(first.stride())}")
-        nb = shape[blk_dim]
         self.layers = layers
         self.kind = kind
-        self.block_size = bs
-        self.num_blocks = nb
-        self.width = width
-        self.num_kv = 1 if kv_dim is None else 2
-        self.block_stride = first.stride(blk_dim)
-        self.kv_stride = 0 if kv_dim is None else first.stride(kv_dim)
-        self.token_stride = first.stride(tok_dim) if bs > 1 else width
+        self.block_size: int = geo["block_size"]
+        self.num_blocks: int = geo["num_blocks"]
+        self.width: int = geo["width"]
+        self.num_kv: int = geo["num_kv"]
+        self.block_stride: int = geo["block_stride"]
+        self.kv_stride: int = geo["kv_stride"]
+        self.token_stride: int = geo["token_stride"]
+        self.num_pieces: int = geo["num_pieces"]
+        self.piece_size: int = geo["piece_size"]
+        self.piece_stride: int = geo["piece_stride"]
 
     # ------------------------------------------------------------------ builders
     @classmethod
@@ -227,12 +289,20 @@ class PagedKV:
 
         return ChunkLayout(self.num_layers, tokens, self.width, self.dtype, self.mla)
 
+    @property
+    def row_contiguous(self) -> bool:
+        """Each (kv, slot) row is one run of W elements (every kind but ``cpu`` with H > 1)."""
+        return self.num_pieces == 1
+
     def rows(self, layer: int) -> torch.Tensor:
-        """Layer ``layer`` as a ``[NB, num_kv, BS, W]`` strided view (same memory)."""
+        """Layer ``layer`` as a ``[NB, num_kv, BS, num_pieces, piece_size]`` strided view (same memory).
+
+        ``rows(l)[blk, kv, off].reshape(-1)`` is the W elements of one token row.
+        """
         t = self.layers[layer]
         return t.as_strided(
-            (self.num_blocks, self.num_kv, self.block_size, self.width),
-            (self.block_stride, self.kv_stride or 1, self.token_stride, 1),
+            (self.num_blocks, self.num_kv, self.block_size, self.num_pieces, self.piece_size),
+            (self.block_stride, self.kv_stride or 1, self.token_stride, self.piece_stride, 1),
         )
 
     def __repr__(self) -> str:

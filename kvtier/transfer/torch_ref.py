@@ -1,10 +1,12 @@
 """Vectorised torch implementation of gather/scatter (any device; used on CPU).
 
 It is what CPU engines use and the oracle the Triton kernels are tested
-against. Each layer is seen as a flat ``[rows, W]`` array (every layout puts
-the W elements of a (kv, slot) pair in one contiguous row, and all strides
-are whole rows in practice), so a chunk is moved with one ``index_select`` /
-``index_copy_`` per (chunk, layer, K/V): whole rows, no per-token Python.
+against. Each layer is seen as a flat ``[units, S]`` array of pieces
+(``S = piece_size``: the whole row W for contiguous-row layouts, one head's D
+for vLLM's ``cpu`` layout), so a token row is ``num_pieces`` unit indices and a
+chunk is moved with one ``index_select`` / ``index_copy_`` per (chunk, layer,
+K/V): whole pieces, no per-token Python. Strides that are not whole pieces
+(padded rows) fall back to advanced indexing on a 5-D strided view.
 Data moves as same-size integers, so fp8 works wherever int8 does.
 """
 
@@ -17,16 +19,16 @@ import torch
 from .paged import PagedKV, Transfer, check_args, check_slots_host, chunk_view, int_view
 
 
-def _flat_rows(paged: PagedKV, layer: int) -> torch.Tensor | None:
-    """Layer as an integer ``[rows, W]`` view, or None when a stride is not a whole row."""
-    w = paged.width
-    strides = (paged.block_stride, paged.kv_stride, paged.token_stride)
-    if any(s % w for s in strides):
+def _flat_units(paged: PagedKV, layer: int) -> torch.Tensor | None:
+    """Layer as an integer ``[units, S]`` view, or None when a stride is not a whole piece."""
+    s = paged.piece_size
+    strides = (paged.block_stride, paged.kv_stride, paged.token_stride, paged.piece_stride)
+    if any(x % s for x in strides):
         return None
     t = int_view(paged.layers[layer])
     span = ((paged.num_blocks - 1) * paged.block_stride + (paged.num_kv - 1) * paged.kv_stride
-            + (paged.block_size - 1) * paged.token_stride)
-    return t.as_strided((span // w + 1, w), (w, 1))
+            + (paged.block_size - 1) * paged.token_stride + (paged.num_pieces - 1) * paged.piece_stride)
+    return t.as_strided((span // s + 1, s), (s, 1))
 
 
 class _Plan:
@@ -68,33 +70,39 @@ def _move(paged: PagedKV, slot_mapping: torch.Tensor, chunks: Sequence[torch.Ten
         for c, v in enumerate(views):
             if c not in moved:
                 v.zero_()
-    w = paged.width
-    flats = [_flat_rows(paged, layer) for layer in range(paged.num_layers)]
+    w, s, npc = paged.width, paged.piece_size, paged.num_pieces
+    flats = [_flat_units(paged, layer) for layer in range(paged.num_layers)]
+    # Unit offset of each piece of a row (from the row's first unit).
+    piece_units = (torch.arange(npc, device=dev) * (paged.piece_stride // s)) if flats[0] is not None else None
     for c, pos, blk, off in plan.items:
         # Chunks on another device (host buffers, CUDA cache, no Triton) go through a copy.
         work = views[c] if views[c].device == dev else views[c].to(dev)
+        n = blk.numel()
         if flats[0] is not None:
-            k_rows = (blk * paged.block_stride + off * paged.token_stride) // w
+            k_units = ((blk * paged.block_stride + off * paged.token_stride) // s)[:, None] + piece_units
+            k_units = k_units.reshape(-1)  # [n * num_pieces]: the pieces of each row, in order
         for layer in range(paged.num_layers):
             flat = flats[layer]
             nd = int_view(paged.rows(layer)) if flat is None else None
             for kv in range(paged.num_kv):
                 buf = work[kv, layer]  # [T, W], contiguous
                 if flat is not None:
-                    rows = k_rows + (kv * paged.kv_stride) // w if kv else k_rows
+                    units = k_units + (kv * paged.kv_stride) // s if kv else k_units
                     if to_paged:
-                        flat.index_copy_(0, rows, buf if pos is None else buf.index_select(0, pos))
+                        src = buf if pos is None else buf.index_select(0, pos)
+                        flat.index_copy_(0, units, src.view(-1, s))
                     elif pos is None:
-                        torch.index_select(flat, 0, rows, out=buf)
+                        torch.index_select(flat, 0, units, out=buf.view(-1, s))
                     else:
-                        buf.index_copy_(0, pos, flat.index_select(0, rows))
-                else:  # strides that are not whole rows: index the 4-D view
+                        buf.index_copy_(0, pos, flat.index_select(0, units).view(n, w))
+                else:  # strides that are not whole pieces: index the 5-D view
                     if to_paged:
-                        nd[blk, kv, off] = buf if pos is None else buf.index_select(0, pos)
+                        src = buf if pos is None else buf.index_select(0, pos)
+                        nd[blk, kv, off] = src.view(n, npc, s)
                     elif pos is None:
-                        buf.copy_(nd[blk, kv, off])
+                        buf.copy_(nd[blk, kv, off].reshape(n, w))
                     else:
-                        buf.index_copy_(0, pos, nd[blk, kv, off])
+                        buf.index_copy_(0, pos, nd[blk, kv, off].reshape(n, w))
         if not to_paged and work is not views[c]:
             views[c].copy_(work)
     return Transfer()

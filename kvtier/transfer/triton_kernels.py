@@ -33,6 +33,9 @@ work already queued there; it never makes ``stream`` wait. The returned
 load, ``t.wait_on(stream)`` before attention reads the slots; for a save, the
 blocks may be reused and the chunk bytes read once ``t.done()``/``t.wait()``.
 
+Rows must be contiguous (every layout but ``cpu``, which only exists on CPU
+tensors); a row stored in pieces raises :class:`~.paged.LayoutError`.
+
 Importing this module never fails when Triton is absent; ``available()`` says
 whether it can run.
 """
@@ -46,7 +49,7 @@ from typing import Sequence
 
 import torch
 
-from .paged import PagedKV, Transfer, check_args, check_slots_host, chunk_tokens
+from .paged import LayoutError, PagedKV, Transfer, check_args, check_slots_host, chunk_tokens
 
 try:  # pragma: no cover - depends on the installation
     import triton
@@ -307,8 +310,19 @@ def _raw(c: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- the calls
+def check_layout(paged: PagedKV) -> None:
+    """Raise :class:`LayoutError` for a layout this backend does not move (token rows in pieces)."""
+    if not paged.row_contiguous:
+        raise LayoutError(
+            f"the Triton backend moves contiguous token rows; layout {paged.kind!r} ({paged.describe()}) "
+            f"stores a row as {paged.num_pieces} pieces of {paged.piece_size} elements, {paged.piece_stride} "
+            f"apart (vLLM's CPU layout, which only exists on CPU): use backend='torch'"
+        )
+
+
 def _move(paged: PagedKV, slot_mapping: torch.Tensor, chunks: Sequence[torch.Tensor], skip: int,
           to_paged: bool, stream, mode: str | None) -> Transfer:
+    check_layout(paged)
     tokens, n = check_args(paged, slot_mapping, chunks, skip)
     dev = paged.device
     if slot_mapping.device.type == "cpu":

@@ -9,9 +9,12 @@ A thin adapter: it translates vLLM objects into the engine-agnostic
                            "kv_role":"kv_both",
                            "kv_connector_extra_config":{"chunk_size":256,"tiers":["cpu","disk"]}}'
 
-Loads are synchronous (done in ``start_load_kv`` for all layers, before the
-forward); ``wait_for_layer_load`` and ``save_kv_layer`` are no-ops; saves happen
-in ``wait_for_save`` after the forward, before the step returns. See docs/vllm.md.
+Loads are issued in ``start_load_kv`` for all layers, before the forward (on a
+GPU the forward's stream waits on the copy; on CPU it is done when the call
+returns); ``wait_for_layer_load`` and ``save_kv_layer`` are no-ops; saves happen
+in ``wait_for_save`` after the forward, before the step returns. The copies are
+:mod:`kvtier.transfer`'s gather/scatter (Triton kernels on a GPU, torch on CPU).
+See docs/vllm.md.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import logging
 import math
 import weakref
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
@@ -32,7 +37,7 @@ from kvtier.config import ConfigError, KVTierConfig
 from kvtier.keys import Namespace
 from kvtier.layout import ChunkLayout, dtype_name
 from kvtier.store import get_store
-from kvtier.vllm.paged_io import PagedLayers
+from kvtier.transfer import LayoutError, PagedKV
 from kvtier.vllm.scheduler import PrefixLedger, ScheduledRequest, StepPlan
 from kvtier.vllm.worker import KVWorker
 
@@ -192,12 +197,27 @@ class KVTierConnector(KVConnectorBase_V1):
 
     # ================================================================ worker side
     def register_kv_caches(self, kv_caches: dict) -> None:
-        paged = PagedLayers(kv_caches, self.num_kv_heads, self.head_size, self.block_size, self.mla)
+        for name, t in kv_caches.items():
+            if not isinstance(t, torch.Tensor):
+                raise ConfigError(f"kvtier: layer {name}: a {type(t).__name__} per layer is not supported "
+                                  f"(one KV cache tensor per layer expected)")
+        try:
+            paged = PagedKV.from_vllm(kv_caches, block_size=self.block_size)
+        except LayoutError as e:
+            raise ConfigError(f"kvtier cannot use this engine's KV cache: {e}") from e
+        heads = 1 if self.mla else self.num_kv_heads
+        if (paged.kind == "mla") != self.mla or paged.width != self.layout.width or (
+                paged.kind == "cpu" and paged.num_pieces != heads):
+            raise ConfigError(
+                f"kvtier: the KV cache ({paged.describe()}) does not match the model's "
+                f"{'MLA latent' if self.mla else f'{heads} KV heads'} x head size {self.head_size}")
         if paged.num_layers != self.layout.num_layers:
             raise ConfigError(f"kvtier: the engine registered {paged.num_layers} KV cache tensors, "
                               f"its config lists {self.layout.num_layers} layers")
         self.worker = KVWorker(self.store, paged, self.config.chunk_size)
-        log.info("kvtier: KV cache layout %s", paged.describe())
+        self.worker.warm_up()  # Triton: compile the kernels now, not in the first request's step
+        log.info("kvtier: KV cache layout %s, transfer backend %s", paged.describe(),
+                 self.worker.backend.__name__.rsplit(".", 1)[-1])
 
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
@@ -216,8 +236,11 @@ class KVTierConnector(KVConnectorBase_V1):
 
     def wait_for_save(self) -> None:
         meta = self._get_connector_metadata()
-        if meta.saves and self.worker is not None:
-            self.worker.save(meta.saves, getattr(self, "_failed_reqs", set()))
+        if self.worker is not None:
+            if meta.saves:
+                self.worker.save(meta.saves, getattr(self, "_failed_reqs", set()))
+            else:
+                self.worker.finish_step()
         self._failed_reqs = set()
 
     def get_block_ids_with_load_errors(self) -> set[int]:

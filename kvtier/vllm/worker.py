@@ -1,19 +1,24 @@
 """Worker side: execute a step's loads and saves against the paged KV cache.
 
-Engine-agnostic apart from :class:`~kvtier.vllm.paged_io.PagedLayers`, which
-describes the cache tensors. Both calls are synchronous:
+Engine-agnostic: the cache is a :class:`kvtier.transfer.PagedKV` (built by the
+connector from vLLM's ``register_kv_caches``), and every copy goes through
+:func:`kvtier.transfer.scatter` / :func:`~kvtier.transfer.gather` -- the torch
+reference on CPU, the Triton kernels on a CUDA GPU. One call per request moves
+all of its chunks; the slot mapping says which token goes where (-1: not written).
 
-- :meth:`KVWorker.load` runs before the forward pass, all layers at once (so the
-  engine's per-layer wait hook has nothing to wait for). A load writes only the
-  slots of tokens in ``[start, end)``: a chunk that begins below ``start`` is read
-  whole but its lower tokens are not written, so blocks below ``start`` — possibly
-  shared through prefix caching with running requests — are never touched. A chunk
-  that cannot be had (evicted, corrupt, tier down) writes nothing and its blocks
-  are returned as failed, for the engine to recompute.
+- :meth:`KVWorker.load` runs before the forward pass, all layers at once. A load
+  writes only the slots of tokens in ``[start, end)``: a chunk that begins below
+  ``start`` is read whole but its lower tokens are not written (slot -1 and
+  ``skip_prefix_n_tokens``), so blocks below ``start`` -- possibly shared through
+  prefix caching with running requests -- are never touched. A chunk that cannot
+  be had (evicted, corrupt, tier down) writes nothing and its blocks are returned
+  as failed, for the engine to recompute. On a GPU the forward's stream is made to
+  wait on the copy (``Transfer.wait_on``), without blocking the host; the host
+  chunk references are released once the copy is done.
 - :meth:`KVWorker.save` runs after the forward pass, before the step returns, so
   the blocks are still the request's: it copies each chunk out of the paged cache
-  into a host slot and commits it; writing to lower tiers happens later, from
-  host memory only.
+  into a host slot, waits for the copy, and commits it; writing to lower tiers
+  happens later, from host memory only.
 """
 
 from __future__ import annotations
@@ -23,20 +28,27 @@ from collections.abc import Iterable
 
 import torch
 
-from kvtier.vllm.paged_io import PagedLayers
+from kvtier.transfer import PagedKV, Transfer, backend_for, gather, scatter
 from kvtier.vllm.scheduler import LoadSpec, SaveSpec
 
 log = logging.getLogger(__name__)
 
 
 class KVWorker:
-    def __init__(self, store, paged: PagedLayers, chunk_size: int) -> None:
+    def __init__(self, store, paged: PagedKV, chunk_size: int) -> None:
+        if chunk_size % paged.block_size:
+            raise ValueError(f"chunk_size={chunk_size} is not a multiple of the cache's block size {paged.block_size}")
         self.store = store
         self.paged = paged
         self.chunk_size = chunk_size
         self.block_size = paged.block_size
+        self.chunk_nbytes = paged.chunk_nbytes(chunk_size)
+        self.backend = backend_for(paged)
+        # Loads whose host chunks must outlive the (GPU) copy: (transfer, refs).
+        self._in_flight: list[tuple[Transfer, list]] = []
         self.stats = {"loaded_tokens": 0, "failed_chunks": 0, "saved_chunks": 0, "skipped_saves": 0}
 
+    # ------------------------------------------------------------------ helpers
     def _slots(self, block_ids: list[int], lo: int, hi: int) -> torch.Tensor:
         t = torch.arange(lo, hi, dtype=torch.int64)
         blocks = torch.as_tensor(block_ids, dtype=torch.int64)
@@ -48,12 +60,55 @@ class KVWorker:
         bs = self.block_size
         return set(block_ids[lo // bs:(hi - 1) // bs + 1])
 
+    def _buf(self, ref) -> torch.Tensor:
+        return ref.data[:self.chunk_nbytes]
+
+    def _reap(self, block: bool = False) -> None:
+        """Release the host chunks of loads whose copy is done (all of them, waiting, if ``block``)."""
+        keep = []
+        for t, refs in self._in_flight:
+            if block:
+                t.wait()
+            if block or t.done():
+                for ref in refs:
+                    ref.release()
+            else:
+                keep.append((t, refs))
+        self._in_flight = keep
+
+    def finish_step(self) -> None:
+        """End of a step (after the forward): release the host chunks of this step's loads."""
+        self._reap(block=True)  # the forward was enqueued after every load's copy: they are done
+
+    def warm_up(self) -> None:
+        """Compile the copy kernels now (Triton JIT, ~1 s each) instead of in the first request's step.
+
+        A gather and a scatter of one chunk with slot -1 everywhere: they write nothing
+        in the cache. No-op for the torch backend.
+        """
+        from kvtier.transfer import torch_ref
+
+        if self.backend is torch_ref:
+            return
+        ref = self.store.allocate()
+        buf = self._buf(ref) if ref is not None else torch.zeros(
+            self.chunk_nbytes, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+        try:
+            none = torch.full((self.chunk_size,), -1, dtype=torch.int64)
+            gather(self.paged, none, [buf]).wait()
+            scatter(self.paged, none, [buf]).wait()
+        finally:
+            if ref is not None:
+                ref.release()
+
     # ------------------------------------------------------------------ load
     def load(self, specs: Iterable[LoadSpec]) -> tuple[set[int], set[str]]:
         """Run loads; returns (block ids that failed, request ids with a failure)."""
+        self._reap()
         failed_blocks: set[int] = set()
         failed_reqs: set[str] = set()
         c = self.chunk_size
+        cuda = self.paged.device.type == "cuda"
         for spec in specs:
             if not spec.keys:
                 failed_blocks |= self._blocks_of(spec.block_ids, spec.start, spec.end)
@@ -65,26 +120,62 @@ class KVWorker:
             except Exception:  # the store should not raise; if it does, it is a miss
                 log.exception("kvtier: store.get raised; treating the load as failed")
                 refs = [None] * len(spec.keys)
-            try:
-                for i, ref in enumerate(refs):
-                    base = (spec.first_chunk + i) * c
-                    lo, hi = max(spec.start, base), min(spec.end, base + c)
-                    if hi <= lo:
-                        continue
-                    if ref is None:
-                        failed_blocks |= self._blocks_of(spec.block_ids, lo, hi)
-                        failed_reqs.add(spec.req_id)
-                        self.stats["failed_chunks"] += 1
-                        self.store.metrics.load_errors.inc()
-                        continue
-                    chunk = self.paged.chunk_view(ref.data, c)
-                    idx = torch.arange(lo - base, hi - base, dtype=torch.int64)
-                    self.paged.scatter(chunk, idx, self._slots(spec.block_ids, lo, hi))
-                    self.stats["loaded_tokens"] += hi - lo
-            finally:
-                for ref in refs:
+            # One scatter for every chunk we have: chunk k of the call is `used[k]`, its
+            # mapping holds the slots of its tokens in [start, end) and -1 elsewhere.
+            used: list = []
+            parts: list[torch.Tensor] = []
+            skip = 0
+            tokens = 0
+            ranges: list[tuple[int, int]] = []
+            for i, ref in enumerate(refs):
+                base = (spec.first_chunk + i) * c
+                lo, hi = max(spec.start, base), min(spec.end, base + c)
+                if hi <= lo:
                     if ref is not None:
                         ref.release()
+                    continue
+                if ref is None:
+                    failed_blocks |= self._blocks_of(spec.block_ids, lo, hi)
+                    failed_reqs.add(spec.req_id)
+                    self.stats["failed_chunks"] += 1
+                    self.store.metrics.load_errors.inc()
+                    continue
+                m = torch.full((c,), -1, dtype=torch.int64)
+                try:
+                    m[lo - base:hi - base] = self._slots(spec.block_ids, lo, hi)
+                except Exception:  # block table too short: a planning bug, never a crash
+                    log.exception("kvtier: no slots for %s tokens [%d, %d); reporting them failed",
+                                  spec.req_id, lo, hi)
+                    ref.release()
+                    failed_blocks |= self._blocks_of(spec.block_ids, lo, hi)
+                    failed_reqs.add(spec.req_id)
+                    self.store.metrics.load_errors.inc()
+                    continue
+                if not used:
+                    skip = lo - base  # a load starting mid-chunk: tokens below start are not written
+                used.append(ref)
+                parts.append(m)
+                ranges.append((lo, hi))
+                tokens += hi - lo
+            if not used:
+                continue
+            try:
+                t = scatter(self.paged, torch.cat(parts), [self._buf(r) for r in used], skip)
+            except Exception:
+                log.exception("kvtier: loading %d chunks of %s failed; reporting them failed", len(used), spec.req_id)
+                for ref in used:
+                    ref.release()
+                for lo, hi in ranges:
+                    failed_blocks |= self._blocks_of(spec.block_ids, lo, hi)
+                failed_reqs.add(spec.req_id)
+                self.stats["failed_chunks"] += len(used)
+                self.store.metrics.load_errors.inc()
+                continue
+            if cuda:
+                t.wait_on(torch.cuda.current_stream(self.paged.device))  # the forward reads after the copy
+            self._in_flight.append((t, used))
+            self.stats["loaded_tokens"] += tokens
+        self._reap()
         return failed_blocks, failed_reqs
 
     # ------------------------------------------------------------------ save
@@ -94,23 +185,32 @@ class KVWorker:
         Requests in ``skip_reqs`` (a load of theirs failed this step, so KV computed
         on top of it is wrong) save nothing. A full host pool skips the save.
         """
+        self.finish_step()
         c = self.chunk_size
-        idx = torch.arange(c, dtype=torch.int64)
         for spec in specs:
             if spec.req_id in skip_reqs:
                 self.stats["skipped_saves"] += len(spec.keys)
                 continue
+            refs, keys, parts = [], [], []
             for ci, key in zip(spec.chunk_indices, spec.keys):
                 ref = self.store.allocate()
                 if ref is None:
                     self.stats["skipped_saves"] += 1
                     continue
-                try:
-                    chunk = self.paged.chunk_view(ref.data, c)
-                    self.paged.gather(chunk, idx, self._slots(spec.block_ids, ci * c, (ci + 1) * c))
-                except Exception:
+                refs.append(ref)
+                keys.append(key)
+                parts.append((ci * c, (ci + 1) * c))
+            if not refs:
+                continue
+            try:
+                mapping = torch.cat([self._slots(spec.block_ids, lo, hi) for lo, hi in parts])
+                # Waited for here: the engine may reuse the blocks once the step returns.
+                gather(self.paged, mapping, [self._buf(r) for r in refs]).wait()
+            except Exception:
+                for ref in refs:
                     ref.release()
-                    log.exception("kvtier: saving a chunk of %s failed; skipped", spec.req_id)
-                    continue
+                log.exception("kvtier: saving %d chunks of %s failed; skipped", len(refs), spec.req_id)
+                continue
+            for key, ref in zip(keys, refs):
                 self.store.commit(key, ref)
                 self.stats["saved_chunks"] += 1

@@ -3,7 +3,10 @@
 Same cases as tests/test_transfer.py (its oracle helpers are imported), for
 both host paths ("staged": GPU gather + copy-engine DMA, "uva": zero-copy),
 pinned host chunks and device chunks, and the sentinel invariant for every
-skip value. Skipped cleanly where no GPU or no Triton is present.
+skip value. The ``cpu`` layout (vLLM's CPU backend; token rows in H pieces)
+only exists on CPU: the Triton backend refuses it with a LayoutError, and a
+``cpu``-kind cache forced onto CUDA goes to torch_ref. Skipped cleanly where
+no GPU or no Triton is present.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ import test_transfer as tt  # noqa: E402
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 triton = pytest.importorskip("triton") if torch.cuda.is_available() else None
 
-from kvtier.transfer import PagedKV, backend_for, gather, scatter, torch_ref  # noqa: E402
+from kvtier.transfer import LayoutError, PagedKV, backend_for, gather, scatter, torch_ref  # noqa: E402
 
 MODES = ["staged", "uva"]
+TRITON_KINDS = [k for k in tt.KINDS if k != "cpu"]  # contiguous token rows
 
 
 def _tk():
@@ -53,9 +57,23 @@ def test_dispatch_picks_triton():
     assert backend_for(g.paged) is _tk()
 
 
+@pytest.mark.parametrize("H", [1, 2, 4])
+def test_cpu_kind_on_cuda_goes_to_torch_and_triton_refuses_pieces(H):
+    kw = dict(kind="cpu", dtype=torch.bfloat16, L=2, NB=12, BS=4, H=H, D=8, T=8, n_chunks=2, hole_p=0.2, seed=H)
+    g, c = _pair(kw, "pinned")
+    if H > 1:
+        assert backend_for(g.paged) is torch_ref
+        with pytest.raises(LayoutError, match="backend='torch'"):
+            scatter(g.paged, g.mapping, g.chunks, backend="triton")
+    scatter(g.paged, g.mapping, g.chunks, 3).wait()
+    torch_ref.scatter(c.paged, c.mapping, c.chunks, 3)
+    for a, b in zip(g.storages(), c.storages()):
+        assert torch.equal(a.cpu(), b)
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("where", ["pinned", "device"])
-@pytest.mark.parametrize("kind,variant", [(k, v) for k in tt.KINDS for v in tt._variants(k)])
+@pytest.mark.parametrize("kind,variant", [(k, v) for k in TRITON_KINDS for v in tt._variants(k)])
 @pytest.mark.parametrize("dtype", tt.DTYPES, ids=str)
 def test_equal_to_torch_ref(mode, where, kind, variant, dtype):
     kw = dict(kind=kind, dtype=dtype, L=3, NB=40, BS=4, H=2, D=16, T=16, n_chunks=5, hole_p=0.2,
@@ -74,7 +92,7 @@ def test_equal_to_torch_ref(mode, where, kind, variant, dtype):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("kind", tt.KINDS)
+@pytest.mark.parametrize("kind", TRITON_KINDS)
 def test_sentinel_every_skip(mode, kind):
     T = 16
     for skip in range(T):
@@ -96,7 +114,7 @@ def test_sentinel_every_skip(mode, kind):
         for (l, kv, s), r in tt.all_rows(exp_layers, kind, g.BS, g.NB).items():
             if s in owned:
                 tok = owned[s]
-                r.copy_(g.chunks4[tok // T][kv, l, tok % T].to("cuda"))
+                tt.put_row(r, g.chunks4[tok // T][kv, l, tok % T].to("cuda"))
         for k, a in stor.items():
             assert torch.equal(a, before[k]), f"skip={skip}: bytes outside the owned slots changed"
 

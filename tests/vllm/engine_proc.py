@@ -148,6 +148,7 @@ def _child(cfg: dict) -> None:
     if cfg["kvtier"] is not None:
         from vllm.config import KVTransferConfig
 
+        from kvtier.transfer import gather as kv_gather
         from kvtier.vllm import worker as kv_worker
 
         kw["kv_transfer_config"] = KVTransferConfig(
@@ -174,8 +175,10 @@ def _child(cfg: dict) -> None:
                 t, slots = slots_of(s, 0, s.start)
                 keep = ~torch.isin(slots, owned)
                 t, slots = t[keep], slots[keep]
-                snap = torch.zeros((2, self.paged.num_layers, s.start, self.paged.width), dtype=self.paged.dtype)
-                self.paged.gather(snap, torch.arange(t.numel()), slots)
+                if not t.numel():
+                    continue
+                snap = torch.zeros(self.paged.chunk_shape(t.numel()), dtype=self.paged.dtype)
+                kv_gather(self.paged, slots, [snap]).wait()
                 snaps.append((t, slots, snap))
             counters["mid_chunk_loads"] += sum(1 for s in specs if s.start % self.chunk_size)
             if "kill_before_load" in faults and specs:
@@ -193,7 +196,7 @@ def _child(cfg: dict) -> None:
             out = orig_load(self, specs)
             for t, slots, snap in snaps:
                 now = torch.zeros_like(snap)
-                self.paged.gather(now, torch.arange(t.numel()), slots)
+                kv_gather(self.paged, slots, [now]).wait()
                 counters["overlap_checks"] += 1
                 if not torch.equal(now, snap):
                     counters["overlap_violations"] += 1

@@ -4,6 +4,10 @@ The overlap bug (known in another project): a load that starts in the middle of 
 chunk, aligned down to the chunk start and written from there, overwrites blocks
 below the request's computed prefix — blocks shared through prefix caching with
 running requests. Here those slots hold sentinels that must survive the load.
+
+The cache is vLLM 0.32's CPU layout ([NB, H, BS, 2*D] per layer, memory
+[NB, H, 2, BS, D]), read back the way vLLM's CPU attention reads it; the worker
+moves data with kvtier.transfer (one scatter/gather per request).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from kvtier.config import KVTierConfig
 from kvtier.keys import Namespace, chunk_keys
 from kvtier.layout import ChunkLayout
 from kvtier.store import Store
-from kvtier.vllm.paged_io import PagedLayers, PagedLayoutError
+from kvtier.transfer import LayoutError, PagedKV
 from kvtier.vllm.scheduler import LoadSpec, SaveSpec
 from kvtier.vllm.worker import KVWorker
 
@@ -57,8 +61,8 @@ def _setup(store):
 def test_load_mid_chunk_leaves_shared_slots_untouched(store):
     keys, chunks = _setup(store)
     caches = _cpu_cache()
-    paged = PagedLayers(caches, H, D, BS)
-    assert paged.kind == "cpu"
+    paged = PagedKV.from_vllm(caches, block_size=BS)
+    assert paged.kind == "cpu" and paged.num_pieces == H
     w = KVWorker(store, paged, C)
     block_ids = list(range(3, 3 + 19))  # tokens 0..607
     start, end = 320, 500               # local prefix (shared blocks) ends at 320, inside chunk 1
@@ -82,7 +86,7 @@ def test_aligned_down_load_is_caught(store):
     """The buggy variant (write the whole chunk from its start) breaks the sentinel check."""
     keys, chunks = _setup(store)
     caches = _cpu_cache()
-    paged = PagedLayers(caches, H, D, BS)
+    paged = PagedKV.from_vllm(caches, block_size=BS)
     w = KVWorker(store, paged, C)
     block_ids = list(range(3, 3 + 19))
     w.load([LoadSpec("r", 256, 500, 1, [keys[1]], block_ids)])  # what an aligned-down load does
@@ -94,7 +98,7 @@ def test_failed_chunk_reports_its_blocks_and_writes_nothing(store):
     keys, _ = _setup(store)
     store.cpu.delete([keys[1]])  # evicted between lookup and load
     caches = _cpu_cache()
-    w = KVWorker(store, PagedLayers(caches, H, D, BS), C)
+    w = KVWorker(store, PagedKV.from_vllm(caches, block_size=BS), C)
     block_ids = list(range(3, 3 + 19))
     failed, reqs = w.load([LoadSpec("r", 128, 500, 0, keys[:2], block_ids)])
     assert reqs == {"r"}
@@ -110,7 +114,7 @@ def test_save_then_load_roundtrip_and_skip_on_failure(store):
     caches = _cpu_cache()
     for c in caches.values():
         c.copy_(torch.randn_like(c))
-    paged = PagedLayers(caches, H, D, BS)
+    paged = PagedKV.from_vllm(caches, block_size=BS)
     w = KVWorker(store, paged, C)
     ns = Namespace("unit2", "float32", L, H, D)
     keys = chunk_keys(ns, list(range(600)), C)
@@ -128,9 +132,77 @@ def test_save_then_load_roundtrip_and_skip_on_failure(store):
             assert all(torch.equal(a, b) for a, b in zip(_kv_of(c, d_slot), _kv_of(before[n], s_slot)))
 
 
-def test_layouts_detected_and_ambiguous_shape_refused():
+def test_layouts_detected_and_unsupported_refused():
     # flash [2, NB, BS, H, D] and blocks_first [NB, 2, BS, H, D] (CUDA layouts; built on CPU here)
     t = torch.zeros(2, NB, BS, H, D)
-    assert PagedLayers({"l.0": t}, H, D, BS, kind="flash").kind == "flash"
-    with pytest.raises(PagedLayoutError):
-        PagedLayers({"l.0": torch.zeros(NB, 3, BS, 2 * D)}, H, D, BS)
+    assert PagedKV.from_vllm({"l.0": t}, kind="flash").kind == "flash"
+    with pytest.raises(LayoutError, match="ambiguous"):  # [2, 2, ...]: flash or blocks_first
+        PagedKV.from_vllm({"l.0": torch.zeros(2, 2, BS, H, D)})
+    with pytest.raises(LayoutError, match="no known layout"):
+        PagedKV.from_vllm({"l.0": torch.zeros(NB, 3, BS, 2 * D + 1)})
+    with pytest.raises(LayoutError, match="block_size"):
+        PagedKV.from_vllm(_cpu_cache(), block_size=16)
+    # vLLM's GPU backends use the same 4-D shape with another memory order: refused, not guessed.
+    with pytest.raises(LayoutError, match="GPU layout"):
+        PagedKV.from_vllm({"l.0": torch.zeros(NB, H, BS, 2 * D, device="meta")})
+
+
+def test_load_batches_chunks_into_one_scatter(store, monkeypatch):
+    """All chunks of a request's load go through one scatter; a missing chunk is left out of it."""
+    import kvtier.vllm.worker as worker_mod
+
+    keys, chunks = _setup(store)
+    calls = []
+    real = worker_mod.scatter
+
+    def spy(paged, mapping, bufs, skip=0, **kw):
+        calls.append((mapping.clone(), len(bufs), skip))
+        return real(paged, mapping, bufs, skip, **kw)
+
+    monkeypatch.setattr(worker_mod, "scatter", spy)
+    block_ids = list(range(2, 2 + 16))  # tokens 0..511
+    start, end = 100, 500
+    for missing in (None, 0):
+        if missing is not None:
+            store.cpu.delete([keys[missing]])
+        calls.clear()
+        caches = _cpu_cache()
+        w = KVWorker(store, PagedKV.from_vllm(caches, block_size=BS), C)
+        failed, reqs = w.load([LoadSpec("r", start, end, 0, keys[:2], block_ids)])
+        assert len(calls) == 1
+        mapping, n, skip = calls[0]
+        if missing is None:
+            assert not failed and not reqs
+            assert n == 2 and skip == start and mapping.numel() == 2 * C
+            assert (mapping[:start] == -1).all() and (mapping[end:] == -1).all() and (mapping[start:end] >= 0).all()
+            loaded = range(start, end)
+        else:  # chunk 0 missing: its blocks fail, chunk 1 alone is scattered, from its start
+            assert reqs == {"r"} and failed == set(block_ids[start // BS:C // BS])
+            assert n == 1 and skip == 0 and mapping.numel() == C
+            assert (mapping[:end - C] >= 0).all() and (mapping[end - C:] == -1).all()
+            loaded = range(C, end)
+        for layer, cache in enumerate(caches.values()):
+            for t in range(16 * BS):
+                k, v = _kv_of(cache, block_ids[t // BS] * BS + t % BS)
+                if t in loaded:
+                    ci = t // C
+                    assert torch.equal(k, chunks[ci][0, layer, t % C]) and torch.equal(v, chunks[ci][1, layer, t % C])
+                else:
+                    assert (k == SENTINEL).all() and (v == SENTINEL).all(), f"slot of token {t} was written"
+        assert w.stats["loaded_tokens"] == len(loaded)
+        assert not w._in_flight  # host chunks released: a CPU copy is done when scatter returns
+
+
+def test_full_pool_skips_save(store):
+    caches = _cpu_cache()
+    w = KVWorker(store, PagedKV.from_vllm(caches, block_size=BS), C)
+    held = []
+    while (ref := store.allocate()) is not None:
+        held.append(ref)
+    ns = Namespace("unit3", "float32", L, H, D)
+    keys = chunk_keys(ns, list(range(600)), C)
+    w.save([SaveSpec("r", [0, 1], keys[:2], list(range(20)))])
+    assert w.stats["skipped_saves"] == 2 and w.stats["saved_chunks"] == 0
+    for ref in held:
+        ref.release()
+    assert store.contains(keys[:2]) == [False, False]
