@@ -28,7 +28,6 @@ import itertools
 import logging
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -45,7 +44,9 @@ log = logging.getLogger(__name__)
 SUFFIX = ".kvc"
 TMP_PREFIX = ".tmp-"
 # Payload bytes read (and hashed) per step: small enough to stay in L2 while hashed.
-_READ_PIECE = 4 * 1024 * 1024
+# Measured on 32 MiB chunks from the page cache (2-core box): 1 MiB pieces hashed inline
+# read at 0.90 of a bare readinto; 4 MiB pieces hashed on a helper thread at 0.86.
+_READ_PIECE = 1024 * 1024
 # The payload starts on a page boundary: the header, then zeros up to 4 KiB. Copies out
 # of the page cache are then page-aligned (an unaligned file offset reads ~15% slower).
 DATA_OFFSET = 4096
@@ -79,7 +80,6 @@ class DiskTier(Tier):
         self._failing = False  # the last put failed (log once per failing spell)
         self._tmp_ids = itertools.count()
         self._stats = TierStats("disk", capacity_bytes=self.capacity)
-        self._hasher = ThreadPoolExecutor(2, thread_name_prefix="kvtier-disk-hash")
         self._check_dir()
         self._rebuild()
 
@@ -298,7 +298,7 @@ class DiskTier(Tier):
         """Read the chunk of ``fd`` into ``out``, raising CorruptChunk unless it is exactly right.
 
         The checksum is the header's xxh3-64 of the payload (:func:`kvtier.layout.checksum`),
-        computed incrementally piece by piece as the pieces land in ``out``.
+        computed piece by piece as each piece lands in ``out``.
         """
         head = bytearray(HEADER_SIZE)
         if os.preadv(fd, [head], 0) < HEADER_SIZE:
@@ -313,19 +313,12 @@ class DiskTier(Tier):
         h = xxhash.xxh3_64()
         n = len(out)
         pos = 0
-        hashing = None  # the hash of the previous piece runs on the helper thread meanwhile
-        try:
-            while pos < n:
-                k = os.preadv(fd, [out[pos:pos + _READ_PIECE]], DATA_OFFSET + pos)
-                if k <= 0:
-                    raise CorruptChunk(f"payload truncated ({pos} of {n} bytes)")
-                if hashing is not None:
-                    hashing.result()
-                hashing = self._hasher.submit(h.update, out[pos:pos + k])
-                pos += k
-        finally:
-            if hashing is not None:
-                hashing.result()
+        while pos < n:
+            k = os.preadv(fd, [out[pos:pos + _READ_PIECE]], DATA_OFFSET + pos)
+            if k <= 0:
+                raise CorruptChunk(f"payload truncated ({pos} of {n} bytes)")
+            h.update(out[pos:pos + k])  # while the piece is still in the CPU cache
+            pos += k
         if h.intdigest() != header.checksum:
             raise CorruptChunk("checksum mismatch")
 
@@ -388,7 +381,6 @@ class DiskTier(Tier):
         with self._lock:
             self._index.clear()
             self._used = self._stored = 0
-        self._hasher.shutdown(wait=True)
 
 
 def _write_all(fd: int, parts: list) -> None:
