@@ -333,23 +333,70 @@ def test_killed_client_leaks_no_slot_and_shows_no_half_written_chunk(shared_serv
         assert obs.contains([key(9001)]) == [False]
 
 
-def test_a_reference_of_an_expired_session_turns_invalid(shared_server):
+def test_slots_of_a_stalled_live_client_are_never_handed_to_another(shared_server):
+    """A client silent past the timeout loses its session, but not its slots while it lives.
+
+    (The hole this closes: a stalled engine wakes up and finishes a copy into a slot the
+    server had meanwhile given to another client, overwriting that client's chunk.)
+    """
     addr = shared_server[0]
     with RemoteStore(client_config(addr), LAYOUT, "m") as a, RemoteStore(client_config(addr), LAYOUT, "m") as b:
         ref = a.allocate()
         assert ref.valid()
         a._heartbeat_s = 1e9  # a stalled process: no pings
         assert wait_for(lambda: b.stats().get("clients") == 1, TIMEOUT * 5)
-        # The server took the slot back; once it is handed out again the stale ref knows.
+        assert b.stats()["quarantined_refs"] >= 1  # this process lives: its slots are kept aside
         refs = b.allocate_many(b._welcome.max_refs)
-        assert ref.slot in [r.slot for r in refs] and not ref.valid()
+        assert refs and ref.slot not in [r.slot for r in refs] and ref.valid()
         for r in refs:
             r.release()
         # The stalled client recovers: its next call finds its session gone and it reconnects.
+        ref.data[:] = 5  # the late copy lands in a slot nobody else holds
         assert a.lookup([key(1)]) == 0
         assert a.wait_connected(5) and a.put(key(8000), payload(8000))
         a.commit(key(8001), ref)  # a reference of the dead session: dropped, not committed
         assert b.lookup([key(8000)]) == 1 and b.lookup([key(8001)]) == 0
+        (got,) = b.get([key(8000)])
+        assert torch.equal(got.data[: LAYOUT.nbytes], payload(8000))
+        got.release()
+
+
+def _stalling_client(addr: str, slots, ready) -> None:
+    store = RemoteStore(client_config(addr), LAYOUT, "m")
+    refs = [store.allocate() for _ in range(3)]
+    slots.put([r.slot for r in refs])
+    ready.set()
+    time.sleep(120)
+
+
+def test_stopped_client_keeps_its_slots_until_it_is_killed(shared_server):
+    addr = shared_server[0]
+    with RemoteStore(client_config(addr), LAYOUT, "m") as obs:
+        assert wait_for(lambda: obs.stats().get("clients") == 1, TIMEOUT * 5)
+        base = obs.stats()
+        ctx = mp.get_context("spawn")
+        ready, q = ctx.Event(), ctx.Queue()
+        p = ctx.Process(target=_stalling_client, args=(addr, q, ready))
+        p.start()
+        try:
+            assert ready.wait(60)
+            theirs = set(q.get(timeout=10))
+            os.kill(p.pid, signal.SIGSTOP)
+            assert wait_for(lambda: obs.stats().get("clients") == base["clients"], TIMEOUT * 5)
+            st = obs.stats()
+            assert st["quarantined_refs"] >= base["quarantined_refs"] + len(theirs)
+            assert st["free_slots"] <= base["free_slots"] - len(theirs)
+            mine = obs.allocate_many(obs._welcome.max_refs)
+            assert mine and not theirs & {r.slot for r in mine}
+            for r in mine:
+                r.release()
+        finally:
+            os.kill(p.pid, signal.SIGKILL)
+            p.join(10)
+        # The process is gone: its slots return to the pool.
+        assert wait_for(lambda: obs.stats().get("quarantined_refs") == base["quarantined_refs"], TIMEOUT * 5)
+        # (>=: allocating every free slot above may have evicted cached chunks, freeing theirs too)
+        assert wait_for(lambda: obs.stats().get("free_slots") >= base["free_slots"], TIMEOUT * 5)
 
 
 # ------------------------------------------------------------------ the server dies and comes back

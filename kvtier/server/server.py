@@ -10,9 +10,11 @@ its paged KV, and only for tokens it owns.
 One thread serves one ZeroMQ ROUTER socket, so requests are handled in arrival order
 (a commit acknowledged to one client is visible to every later lookup). Per client
 (session) the server tracks every slot reference it handed out; a session that sends
-nothing for ``client_timeout_s`` (clients ping from a background thread) is closed and
-its references released, so a killed engine leaks no slot and its uncommitted saves
-never become visible.
+nothing for ``client_timeout_s`` (clients ping from a background thread) is closed, so
+its uncommitted saves never become visible. Its slot references are released only once
+its process is gone: a killed engine leaks no slot, and a stalled one (SIGSTOP, swap,
+a debugger) that wakes up and finishes a copy into a slot it was given writes into
+memory nobody else was handed in the meantime. Until then the slots are quarantined.
 """
 
 from __future__ import annotations
@@ -81,6 +83,18 @@ class Session:
     nrefs: int = 0
     leased_keys: int = 0
 
+    def take_refs(self) -> list[ChunkRef]:
+        """Remove and return every slot reference (held and pending); leases are released."""
+        refs = [r for rs in self.held.values() for r in rs] + list(self.pending.values())
+        for lease in self.leases.values():
+            lease.release()
+        self.held.clear()
+        self.pending.clear()
+        self.leases.clear()
+        self.nrefs = 0
+        self.leased_keys = 0
+        return refs
+
     def release_all(self) -> int:
         n = 0
         for refs in self.held.values():
@@ -98,6 +112,25 @@ class Session:
         self.nrefs = 0
         self.leased_keys = 0
         return n
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie does not). Unknown counts as alive."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return stat[stat.rindex(b")") + 2:stat.rindex(b")") + 3] != b"Z"
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError):
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass
+    return True
 
 
 def _check_address(address: str, token: str, allow_remote: bool) -> None:
@@ -163,6 +196,8 @@ class Server:
         self.store: Store | None = None
         self.region: SharedRegion | None = None
         self.sessions: dict[int, Session] = {}
+        # pid -> slot references of its expired sessions, kept until the process is gone.
+        self.quarantine: dict[int, list[ChunkRef]] = {}
         self._stop = threading.Event()
         self._ctx = zmq.Context()
         self._sock: zmq.Socket | None = None
@@ -188,6 +223,9 @@ class Server:
         g.set_function(lambda: len(self.sessions))
         g = Gauge("kvtier_server_client_refs", "Slot references held by clients", registry=r)
         g.set_function(lambda: sum(s.nrefs for s in list(self.sessions.values())))
+        g = Gauge("kvtier_server_quarantined_refs",
+                  "Slot references of timed-out clients whose process still runs", registry=r)
+        g.set_function(lambda: sum(len(v) for v in list(self.quarantine.values())))
         g = Gauge("kvtier_server_free_slots", "Free shared-memory slots", registry=r)
         g.set_function(lambda: self.store.pool.free_slots if self.store else 0)
 
@@ -271,6 +309,9 @@ class Server:
         for s in list(self.sessions.values()):
             s.release_all()
         self.sessions.clear()
+        for refs in self.quarantine.values():
+            self._reclaim(refs)
+        self.quarantine.clear()
         if self.store is not None:
             self.store.close(timeout)
         if self._sock is not None:
@@ -325,12 +366,23 @@ class Server:
 
     def _expire(self, now: float) -> None:
         for s in [s for s in self.sessions.values() if now - s.last_seen > self.client_timeout_s]:
-            n = s.release_all()
             del self.sessions[s.id]
             self.m_expired.inc()
-            self.m_reclaimed.inc(n)
-            log.warning("kvtier server: client pid %d silent for %.1fs; released %d slot references",
-                        s.pid, now - s.last_seen, n)
+            refs = s.take_refs()
+            if process_alive(s.pid):
+                self.quarantine.setdefault(s.pid, []).extend(refs)
+                log.warning("kvtier server: client pid %d silent for %.1fs; session closed, its %d slot "
+                            "references kept until the process exits", s.pid, now - s.last_seen, len(refs))
+            else:
+                self._reclaim(refs)
+                log.warning("kvtier server: client pid %d gone; released %d slot references", s.pid, len(refs))
+        for pid in [p for p in self.quarantine if not process_alive(p)]:
+            self._reclaim(self.quarantine.pop(pid))
+
+    def _reclaim(self, refs: list[ChunkRef]) -> None:
+        for r in refs:
+            r.release()
+        self.m_reclaimed.inc(len(refs))
 
     def _close_session(self, s: Session) -> None:
         s.release_all()
@@ -476,7 +528,8 @@ class Server:
 
     def stats(self) -> dict[str, float]:
         v: dict[str, float] = {"clients": len(self.sessions),
-                               "client_refs": sum(s.nrefs for s in self.sessions.values())}
+                               "client_refs": sum(s.nrefs for s in self.sessions.values()),
+                               "quarantined_refs": sum(len(v) for v in self.quarantine.values())}
         store = self.store
         if store is not None:
             v.update(num_slots=store.pool.num_slots, free_slots=store.pool.free_slots,

@@ -66,7 +66,8 @@ def bench_vllm(size: str = "demo", lengths: tuple[int, ...] = (1024, 4096), docs
     for i, n in enumerate(lengths):
         row = {"tokens": n, "cold_vllm_s": v[2 * i]["s"], "cold_kvtier_s": k[2 * i]["s"],
                "vllm_hit_s": v[2 * i + 1]["s"], "kvtier_cpu_hit_s": k[2 * i + 1]["s"],
-               "kvtier_disk_hit_s": r[i]["s"], "kvtier_hit_tokens": r[i]["cached"],
+               "kvtier_disk_hit_s": r[i]["s"], "kvtier_cpu_hit_tokens": k[2 * i + 1]["cached"],
+               "kvtier_disk_hit_tokens": r[i]["cached"], "vllm_hit_tokens": v[2 * i + 1]["cached"],
                "outputs_match": v[2 * i]["tokens"] == k[2 * i + 1]["tokens"] == r[i]["tokens"]}
         row["kvtier_hit_vs_vllm_hit"] = row["kvtier_cpu_hit_s"] / row["vllm_hit_s"]
         row["speedup_vs_cold"] = row["cold_vllm_s"] / row["kvtier_cpu_hit_s"]

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -33,12 +35,44 @@ def run_phase(model: str, steps: list[dict[str, Any]], kvtier: dict[str, Any] | 
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    proc = subprocess.run([sys.executable, "-m", "kvtier.vllm.phases"], input=json.dumps(spec), text=True,
-                          capture_output=True, env=env, timeout=timeout)
-    for line in proc.stdout.splitlines():
+    # Output goes to a file, not a pipe: a pipe stays open in any engine process that
+    # outlives the child, and reading it to EOF would then hang.
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "kvtier.vllm.phases"], stdin=subprocess.PIPE,
+                                stdout=log, stderr=log, env=env, text=True, start_new_session=True)
+        try:
+            proc.communicate(json.dumps(spec), timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        finally:
+            kill_process_group(proc.pid)
+        log.seek(0)
+        text = log.read()
+    for line in text.splitlines():
         if line.startswith(MARK):
             return json.loads(line[len(MARK):])
-    raise RuntimeError(f"engine phase failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    raise RuntimeError(f"engine phase failed (exit {proc.returncode}):\n{text[-4000:]}")
+
+
+def kill_process_group(pgid: int) -> None:
+    """SIGKILL what is left of a process group (an engine core a dead parent left behind)."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def shutdown_engine(llm: Any) -> None:
+    """Stop an ``LLM``'s engine-core process (multi-process mode) before the process exits.
+
+    Skipping this and calling ``os._exit`` leaves the engine core running, orphaned,
+    holding gigabytes of memory.
+    """
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:  # noqa: BLE001 - best effort at exit; the caller kills the process group anyway
+        pass
 
 
 def _child(spec: dict[str, Any]) -> dict[str, Any]:
@@ -75,6 +109,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
             results["steps"].append({"op": op})
         else:
             raise ValueError(f"unknown step {op!r}")
+    shutdown_engine(llm)
     return results
 
 

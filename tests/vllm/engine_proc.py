@@ -24,6 +24,8 @@ import sys
 import threading
 from pathlib import Path
 
+from kvtier.vllm.phases import kill_process_group, shutdown_engine
+
 MARK = "@@KVT@@"
 
 # Totals across the test session, printed at its end by conftest.
@@ -46,7 +48,7 @@ class EngineProc:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, __file__, json.dumps(cfg)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=self._log, env=e, text=True, bufsize=1,
+            stderr=self._log, env=e, text=True, bufsize=1, start_new_session=True,
         )
         self.timeout = timeout
         self.ready: dict | None = None
@@ -105,6 +107,7 @@ class EngineProc:
             except (OSError, subprocess.TimeoutExpired):
                 self.proc.kill()
                 self.proc.wait()
+        kill_process_group(self.proc.pid)  # an engine core left behind (multi-process mode)
         self._log.close()
 
 
@@ -214,6 +217,7 @@ def _child(cfg: dict) -> None:
         req = json.loads(line)
         cmd = req["cmd"]
         if cmd == "quit":
+            shutdown_engine(llm)
             break
         try:
             if cmd == "generate":
