@@ -134,7 +134,8 @@ def main() -> None:
             record(tokens=n, direction=direction, method=name, ms=s * 1e3, gbps=nbytes / s / 1e9,
                    ratio_vs_copy=(base[direction] / s) if direction in base else None)
         if args.sweep and n in (256, 2048):
-            for slot_mb, pieces, nslots in ((8, 4, 2), (16, 4, 2), (64, 4, 2), (32, 1, 2), (32, 8, 3), (64, 8, 3)):
+            for slot_mb, pieces, nslots in ((8, 4, 2), (16, 4, 2), (64, 4, 2), (32, 1, 2), (32, 2, 2), (16, 2, 2),
+                                           (32, 8, 3), (64, 8, 3)):
                 tk.configure(staging_bytes=slot_mb << 20, min_pieces=pieces, staging_slots=nslots)
                 for direction, f in (("save", gather), ("load", scatter)):
                     s = _time(lambda f=f: f(paged, mapping, chunks, mode="staged").wait_on(), reps)

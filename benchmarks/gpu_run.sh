@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Every GPU step of one device lease: the GPU tests, the transfer benchmark (with the
+# staging sweep), and the host-side profile of a 256-token call. Run from the repo root on
+# a CUDA machine; wheels missing there (blake3, redis, msgspec, pyzmq) travel in .whl/.
+# Results land in $OUT (default /tmp/kvtier-gpu).
+set -uo pipefail
+OUT=${OUT:-/tmp/kvtier-gpu}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,pcie.link.gen.current,pcie.link.width.current --format=csv
+echo "== tests/gpu"
+python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/transfer_gpu_tests.txt" | tail -4
+echo "== bench_transfer --sweep"
+python3 benchmarks/bench_transfer.py --sweep --out "$OUT/transfer.json" > "$OUT/bench.log" 2>&1
+tail -45 "$OUT/bench.log"
+echo "== profile"
+python3 benchmarks/bench_transfer.py --profile --out /dev/null > "$OUT/profile.txt" 2>&1
+grep "host time" "$OUT/profile.txt"
