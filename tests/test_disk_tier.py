@@ -200,12 +200,16 @@ def test_full_disk_put_fails_cleanly_and_recovers(tmpfs):
     assert np.array_equal(read(tier, keys[-1]), make_payload(39))
 
 
-def test_read_only_directory_is_a_config_error(tmpfs, tmp_path):
+def test_read_only_directory_is_a_config_error(tmpfs):
     ro = tmpfs("ro", "ro,size=1m")
     with pytest.raises(ConfigError, match="disk_path=.*not writable"):
         DiskTier(ro, 10 * FILE, SMALL_LAYOUT)
     with pytest.raises(ConfigError, match="disk_path=.*cannot create"):
         DiskTier(ro / "sub", 10 * FILE, SMALL_LAYOUT)
+
+
+def test_unusable_path_or_size_is_a_config_error(tmp_path):
+    """Needs no mount: runs wherever the tmpfs tests are skipped."""
     a_file = tmp_path / "file"
     a_file.write_bytes(b"x")
     with pytest.raises(ConfigError, match="disk_path="):

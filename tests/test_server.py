@@ -487,3 +487,50 @@ def test_protocol_never_pickles():
 
     with pytest.raises((msgspec.DecodeError, msgspec.ValidationError)):
         P.decode_request(pickle.dumps({"op": "ping"}))
+
+
+# ------------------------------------------------------------------ metrics, namespaces
+def test_prometheus_metrics_over_http():
+    import urllib.request
+
+    from kvtier.local_redis import free_port
+
+    port = free_port()
+    with server(None, "--metrics-port", str(port)) as (addr, _):
+        with RemoteStore(client_config(addr), LAYOUT, "m") as c:
+            assert c.put(key(1), payload(1)) and c.lookup([key(1), key(2)]) == 1
+            body = ""
+
+            def scraped() -> bool:
+                nonlocal body
+                try:
+                    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+                except OSError:
+                    return False
+                return 'kvtier_server_requests_total{op="lookup"}' in body
+
+            assert wait_for(scraped, 10), body[-2000:]
+    assert "kvtier_server_clients 1.0" in body and "kvtier_server_free_slots" in body
+    assert "kvtier_server_quarantined_refs 0.0" in body
+
+
+def test_two_model_namespaces_on_one_server_never_see_each_other(shared_server):
+    from kvtier.keys import Namespace, chunk_keys
+
+    addr = shared_server[0]
+    tokens = np.arange(4 * LAYOUT.tokens) % 1000
+    ns_a = Namespace("model-a", "float16", LAYOUT.num_layers, 1, 8)
+    ns_b = Namespace("model-b", "float16", LAYOUT.num_layers, 1, 8)
+    keys_a, keys_b = chunk_keys(ns_a, tokens, LAYOUT.tokens), chunk_keys(ns_b, tokens, LAYOUT.tokens)
+    with RemoteStore(client_config(addr), LAYOUT, "a") as a, RemoteStore(client_config(addr), LAYOUT, "b") as b:
+        for i, k in enumerate(keys_a):
+            assert a.put(k, payload(100 + i))
+        assert a.lookup(keys_a) == 4
+        assert b.lookup(keys_b) == 0 and b.contains(keys_b) == [False] * 4
+        for i, k in enumerate(keys_b):
+            assert b.put(k, payload(200 + i))
+        for store, keys, seed in ((a, keys_a, 100), (b, keys_b, 200)):
+            refs = store.get(keys)
+            assert all(torch.equal(r.data[: LAYOUT.nbytes], payload(seed + i)) for i, r in enumerate(refs))
+            for r in refs:
+                r.release()

@@ -185,10 +185,18 @@ ops = st.lists(
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(ops=ops, cpu_chunks=st.integers(1, 4), low_chunks=st.integers(1, 6))
-def test_store_matches_dict_model(ops, cpu_chunks, low_chunks):
-    """Whatever is returned equals the last value put under that key; unknown keys never hit."""
-    low = lower_cpu(low_chunks)
+@given(ops=ops, cpu_chunks=st.integers(1, 4), low_chunks=st.integers(1, 6), low_kind=st.sampled_from(["cpu", "disk"]))
+def test_store_matches_dict_model(ops, cpu_chunks, low_chunks, low_kind, tmp_path_factory):
+    """Whatever is returned equals the last value put under that key; unknown keys never hit.
+
+    The lower tier is a second cpu tier or a real disk tier (files in a fresh directory).
+    """
+    if low_kind == "disk":
+        from kvtier.tiers.disk import DATA_OFFSET, DiskTier
+
+        low = DiskTier(tmp_path_factory.mktemp("low"), low_chunks * (DATA_OFFSET + LAYOUT.nbytes), LAYOUT)
+    else:
+        low = lower_cpu(low_chunks)
     model: dict[bytes, int] = {}
     with make_store(cpu_chunks=cpu_chunks, lower=[low]) as s:
         for op, a, version in ops:

@@ -325,9 +325,14 @@ def _move(paged: PagedKV, slot_mapping: torch.Tensor, chunks: Sequence[torch.Ten
     check_layout(paged)
     tokens, n = check_args(paged, slot_mapping, chunks, skip)
     dev = paged.device
-    if slot_mapping.device.type == "cpu":
-        m = slot_mapping[:n]
-        check_slots_host(paged, m[m >= 0])
+    slots = slot_mapping[:n]
+    if slots.device.type == "cpu":
+        check_slots_host(paged, slots)  # the max; -1 (skip) never raises
+        if dev.type == "cuda" and not slots.is_pinned():
+            # A pageable H2D blocks the host until the driver has staged it; from pinned
+            # memory (torch's caching host allocator, which also keeps the block until the
+            # copy is done) it is one async DMA.
+            slots = slots.pin_memory()
     mode = mode or _CFG["mode"]
     d = _dev(dev)
     raws = [_raw(c) for c in chunks]
@@ -349,7 +354,7 @@ def _move(paged: PagedKV, slot_mapping: torch.Tensor, chunks: Sequence[torch.Ten
         try:
             _wait(ks, _event(caller, d.caller_ev))  # touch the cache only after the caller's queued work
             _use(ks)
-            slots = slot_mapping[:n].to(dev, non_blocking=True)
+            slots = slots.to(dev, non_blocking=True)
             if cuda and slot_mapping.device.type == "cuda":
                 slots.record_stream(ks)  # the caller's tensor: keep its memory until ks is past it
             if direct:

@@ -42,7 +42,7 @@ def bench_vllm(size: str = "demo", lengths: tuple[int, ...] = (1024, 4096), docs
     documents = [toks(doc_tokens) for _ in range(docs)]
     wl_prompts = [documents[i % docs] + toks(32) for i in range(requests)]
     wl_steps = [warm] + [{"op": "generate", "prompts": [p], "max_tokens": 8} for p in wl_prompts]
-    small_pool = {"num_gpu_blocks_override": pool_blocks}
+    small_pool = {"num_gpu_blocks_override": pool_blocks, "max_model_len": doc_tokens + 256}
     plan = [
         ("vllm", None, [warm] + [s for n in lengths for s in (ttft(prompts[n]), ttft(prompts[n]))], {}),
         ("kvtier", kv, [warm] + [s for n in lengths for s in (ttft(prompts[n]), reset, ttft(prompts[n]))], {}),

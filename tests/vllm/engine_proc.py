@@ -8,8 +8,10 @@ multi-process mode, and then instruments it:
 
 - counts preemptions (the real ``Scheduler._preempt_request``);
 - checks, around every kvtier load, that no slot of a token below the load's
-  ``start`` changes (those blocks may be shared with running requests);
-- can inject faults: ``evict_before_load`` deletes a load's chunks from every
+  ``start`` is written (those blocks may be shared with running requests): they hold
+  sentinels while the load runs, and get their contents back after;
+- can inject faults: ``align_down_load`` makes loads start at their chunk's
+  boundary (the known overlap bug); ``evict_before_load`` deletes a load's chunks from every
   tier just before the worker fetches them (evicted between lookup and load).
 
 Parent side: :class:`EngineProc`. Child side: ``python engine_proc.py CONFIG_JSON``.
@@ -27,6 +29,7 @@ from pathlib import Path
 from kvtier.vllm.phases import kill_process_group, shutdown_engine
 
 MARK = "@@KVT@@"
+SENTINEL = -12345.0  # written below a load's start while it runs; no KV value is ever this
 
 # Totals across the test session, printed at its end by conftest.
 SUMMARY: dict[str, int] = {"scenarios": 0, "preemptions": 0, "hit_tokens": 0, "load_errors": 0}
@@ -141,8 +144,13 @@ def _child(cfg: dict) -> None:
 
     orig_preempt = Scheduler._preempt_request
 
+    # (prompt length, num_computed_tokens) at each preemption; (prompt length,
+    # num_computed_tokens, answer) of each kvtier lookup -- the last 400.
+    events: dict[str, list] = {"preempted_at": [], "matched": []}
+
     def preempt(self, request, *a, **kw):
         counters["preemptions"] += 1
+        events["preempted_at"].append((len(request.prompt_token_ids), request.num_computed_tokens))
         return orig_preempt(self, request, *a, **kw)
 
     Scheduler._preempt_request = preempt
@@ -152,8 +160,19 @@ def _child(cfg: dict) -> None:
         from vllm.config import KVTransferConfig
 
         from kvtier.transfer import gather as kv_gather
+        from kvtier.transfer import scatter as kv_scatter
         from kvtier.vllm import worker as kv_worker
 
+        from kvtier.vllm.connector import KVTierConnector
+
+        orig_match = KVTierConnector.get_num_new_matched_tokens
+
+        def match(self, request, num_computed_tokens):
+            n, async_ = orig_match(self, request, num_computed_tokens)
+            events["matched"] = events["matched"][-399:] + [(len(request.prompt_token_ids), num_computed_tokens, n)]
+            return n, async_
+
+        KVTierConnector.get_num_new_matched_tokens = match
         kw["kv_transfer_config"] = KVTransferConfig(
             kv_connector="KVTierConnector", kv_connector_module_path="kvtier.vllm", kv_role="kv_both",
             kv_connector_extra_config=cfg["kvtier"],
@@ -182,6 +201,10 @@ def _child(cfg: dict) -> None:
                     continue
                 snap = torch.zeros(self.paged.chunk_shape(t.numel()), dtype=self.paged.dtype)
                 kv_gather(self.paged, slots, [snap]).wait()
+                # Sentinels in the slots below start for the load's duration (restored after):
+                # a load that wrote there, even the very bytes they held, is caught. Safe here:
+                # the engine runs in-process and nothing reads the cache during the load.
+                kv_scatter(self.paged, slots, [torch.full_like(snap, SENTINEL)]).wait()
                 snaps.append((t, slots, snap))
             counters["mid_chunk_loads"] += sum(1 for s in specs if s.start % self.chunk_size)
             if "kill_before_load" in faults and specs:
@@ -196,13 +219,18 @@ def _child(cfg: dict) -> None:
                         for tier in self.store.tiers:
                             tier.delete(list(s.keys))
                         counters["faults_injected"] += 1
+            if "align_down_load" in faults:  # the known bug, to show the check catches it
+                for s in specs:
+                    s.start = s.start // self.chunk_size * self.chunk_size
+                counters["faults_injected"] += 1
             out = orig_load(self, specs)
             for t, slots, snap in snaps:
                 now = torch.zeros_like(snap)
                 kv_gather(self.paged, slots, [now]).wait()
                 counters["overlap_checks"] += 1
-                if not torch.equal(now, snap):
+                if not (now == SENTINEL).all():
                     counters["overlap_violations"] += 1
+                kv_scatter(self.paged, slots, [snap]).wait()
             return out
 
         kv_worker.KVWorker.load = checked_load
@@ -233,7 +261,7 @@ def _child(cfg: dict) -> None:
             elif cmd == "stats":
                 from kvtier.vllm.connector import INSTANCES
 
-                st = {"counters": counters, "ledger": {}, "worker": {}, "store": {}}
+                st = {"counters": counters, "events": events, "ledger": {}, "worker": {}, "store": {}}
                 for c in INSTANCES:
                     if c.ledger is not None:
                         st["ledger"] = dict(c.ledger.stats)

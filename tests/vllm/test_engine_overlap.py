@@ -36,3 +36,10 @@ def test_mid_chunk_load_onto_shared_blocks(tiny_model, engines):
     SUMMARY["hit_tokens"] += st["worker"]["loaded_tokens"]
     assert c["mid_chunk_loads"] >= 1, "no load started inside a chunk"
     assert c["overlap_checks"] >= 1 and c["overlap_violations"] == 0
+
+    # The same check catches the known bug: loads aligned down to their chunk's start.
+    kv.call("fault", faults=["align_down_load"])
+    kv.generate([r2, p], [40, 8], reset=True)
+    kv.call("fault", faults=[])
+    c = kv.stats()["counters"]
+    assert c["faults_injected"] >= 1 and c["overlap_violations"] >= 1, c

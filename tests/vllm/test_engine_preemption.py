@@ -55,3 +55,13 @@ def test_preempted_beyond_stored_prefix(pair):
     assert pre >= 1, "A was not preempted"
     assert loaded >= 256
     assert lookups >= 4, "A was not asked about several times while waiting"
+    # The bug's shape: A preempted with more tokens computed than the store holds (256),
+    # then asked about again; every answer followed from that call's count.
+    ev = after["events"]
+    at = [n for length, n in ev["preempted_at"] if length == len(a)]
+    assert at and max(at) > 256, f"A was not preempted beyond the stored prefix: {ev['preempted_at']}"
+    a_calls = [(n, ans) for length, n, ans in ev["matched"] if length == len(a)]
+    later = a_calls[a_calls.index((0, 256)) + 1:] if (0, 256) in a_calls else []
+    assert len(later) >= 2, f"A was not asked about again after its preemption: {a_calls}"
+    for n, ans in later:
+        assert ans == max(0, 256 - n), (n, ans)

@@ -23,7 +23,7 @@ CHUNK = 256
 
 class Harness:
     def __init__(self, model: str, num_blocks: int, budget: int, chunk: int = CHUNK, max_model_len: int = 640,
-                 reserve_full_isl: bool = True):
+                 reserve_full_isl: bool = True, check_answers: bool = True):
         from vllm.config import KVTransferConfig
         from vllm.engine.arg_utils import EngineArgs
         from vllm.utils.hashing import get_hash_fn_by_name
@@ -58,6 +58,7 @@ class Harness:
         self.loads = []
         self.preempted: list[tuple[str, int]] = []
         self.step_no = 0
+        self.check_answers = check_answers
         self._wrap()
 
     def _wrap(self) -> None:
@@ -66,6 +67,9 @@ class Harness:
 
         def match(request, num_computed_tokens):
             n, async_ = orig_match(request, num_computed_tokens)
+            self.calls.append((request.request_id, num_computed_tokens, n))
+            if not self.check_answers:
+                return n, async_
             # The answer must follow from THIS call's count and the store, nothing older.
             keys = self.ledger.keys(request.all_token_ids)
             first = num_computed_tokens // CHUNK
@@ -73,7 +77,6 @@ class Harness:
                 if first < len(keys) else 0
             assert n == max(0, hit - num_computed_tokens), (request.request_id, num_computed_tokens, n, hit)
             assert num_computed_tokens + n <= request.num_tokens - 1
-            self.calls.append((request.request_id, num_computed_tokens, n))
             return n, async_
 
         conn.get_num_new_matched_tokens = match
@@ -166,8 +169,11 @@ def test_preemption_after_chunked_prefill_beyond_store(tiny_model):
 
 
 def test_buggy_ledger_is_caught(tiny_model):
-    """A ledger that reuses its first answer (the known bug) fails this harness."""
-    h = Harness(tiny_model, num_blocks=15, budget=81, reserve_full_isl=False)
+    """A ledger that reuses its first answer (the known bug) crashes vLLM's own scheduler.
+
+    The harness's answer check is off: what fails is vLLM's code, as in the known crash.
+    """
+    h = Harness(tiny_model, num_blocks=15, budget=81, reserve_full_isl=False, check_answers=False)
     first: dict[int, int] = {}
     orig = h.ledger.num_new_matched_tokens
 
@@ -183,8 +189,10 @@ def test_buggy_ledger_is_caught(tiny_model):
     h.add("B", _prompt(2, 40), max_tokens=60)
     h.step()
     h.add("A", a, max_tokens=4)
-    with pytest.raises(AssertionError):
+    with pytest.raises(AssertionError) as e:
         h.run()
+    assert "vllm" in str(e.traceback[-1].path), f"raised outside vLLM: {e.traceback[-1]}"
+    assert any(r == "A" and n >= 256 and ans == 256 for r, n, ans in h.calls), "the stale answer was never given"
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -212,4 +220,4 @@ def test_random_direct(tiny_model, seed):
                 t += 1
     h.run()
     print("seed", seed, "preempted", len(h.preempted), "loads", h.loads)
-    return h
+    assert len(h.calls) >= 8 and h.step_no > 8  # every request was asked about and ran to its end
