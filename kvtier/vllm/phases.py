@@ -75,6 +75,15 @@ def shutdown_engine(llm: Any) -> None:
         pass
 
 
+def _top2(out: Any) -> list[list[float]]:
+    """[[token, logprob], ...] of the two likeliest first tokens (empty if not reported)."""
+    lps = out.outputs[0].logprobs
+    if not lps:
+        return []
+    best = sorted(lps[0].items(), key=lambda kv: -kv[1].logprob)[:2]
+    return [[tok, lp.logprob] for tok, lp in best]
+
+
 def _child(spec: dict[str, Any]) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
@@ -88,14 +97,15 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     llm = LLM(model=spec["model"], **kw)
     results: dict[str, Any] = {"startup_s": time.perf_counter() - t0, "steps": []}
-    one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    # Top-2 logprobs of the first token: when outputs differ, how close the race was.
+    one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, logprobs=2)
     for step in spec["steps"]:
         op = step["op"]
         if op == "ttft":
             t = time.perf_counter()
             (out,) = llm.generate([TokensPrompt(prompt_token_ids=step["prompt"])], one, use_tqdm=False)
             results["steps"].append({"op": op, "s": time.perf_counter() - t, "cached": out.num_cached_tokens,
-                                     "tokens": list(out.outputs[0].token_ids)})
+                                     "tokens": list(out.outputs[0].token_ids), "top2": _top2(out)})
         elif op == "generate":
             sp = SamplingParams(max_tokens=step["max_tokens"], temperature=0.0, ignore_eos=True)
             t = time.perf_counter()

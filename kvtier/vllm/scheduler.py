@@ -13,7 +13,8 @@ The rules (each is a test in tests/vllm/):
   what an earlier lookup answered; the load range is fixed only when the step is
   planned, from the engine's ``num_computed_tokens`` of that step:
   ``[num_computed_tokens - num_external_tokens, num_computed_tokens)``.
-- The last token is never claimed: the engine must compute at least one.
+- Only whole blocks are claimed, and never the last token: the engine computes at least
+  one (a claim ending inside a block gave wrong outputs on vLLM 0.32).
 - Block ids are replaced, not appended, when a request is (re)admitted — a
   resumed request gets all-new blocks.
 - Saves: only full chunks whose every token is computed by the end of the step,
@@ -130,7 +131,11 @@ class PrefixLedger:
             return 0
         found = self.store.lookup(keys[first:])
         self.stats["lookups"] += 1
-        hit = min((first + found) * c, n - 1)  # never the last token: the engine computes >= 1
+        # Whole blocks only, which also leaves the engine >= 1 token to compute. A claim that
+        # ends inside a block (n - 1 for a prompt of whole chunks) gave wrong greedy outputs
+        # on vLLM 0.32 (tests/vllm/test_engine_random.py::test_whole_chunk_prompts); vLLM's
+        # own prefix cache and example connector stop at the last whole block too.
+        hit = min((first + found) * c, (n - 1) // self.block_size * self.block_size)
         return max(0, hit - num_computed_tokens)
 
     # ------------------------------------------------------------ allocation

@@ -99,3 +99,31 @@ def test_random_equality(group, tiny_model, engines, tmp_path):
         assert stats[1]["worker"]["loaded_tokens"] > 0, "the second engine never loaded from the shared disk"
     if group == "evict":
         assert stats[0]["store"]["cpu_evictions"] > 0, "the small cpu tier never evicted"
+
+
+def test_whole_chunk_prompts(tiny_model, engines):
+    """Prompts of whole chunks, fully stored: the hit would end one token short of the prompt.
+
+    A claim of n - 1 tokens (inside the last block) gave wrong greedy outputs on vLLM 0.32
+    for 256, 512 and 2048-token prompts here; the ledger now claims whole blocks only.
+    """
+    engine = engine_kwargs(max_num_batched_tokens=2048, num_gpu_blocks_override=256, max_model_len=4096)
+    base = engines(tiny_model, engine, None, wait=False)
+    kv = engines(tiny_model, engine, {"chunk_size": 256, "tiers": ["cpu"], "cpu_bytes": "256MiB"}, wait=False)
+    base.wait_ready()
+    kv.wait_ready()
+    rnd = random.Random(1)
+    bad, cached = [], []
+    for n in (256, 512, 768, 1024, 1280, 2048):
+        p = [rnd.randrange(3, 1024) for _ in range(n)]
+        want = base.generate([p], 4, reset=True)["outputs"]
+        kv.generate([p], 4, reset=True)  # computes and saves every chunk
+        got = kv.generate([p], 4, reset=True)  # everything but the tail comes from kvtier
+        cached.append(got["cached"][0])
+        if got["outputs"] != want:
+            bad.append((n, got["cached"], got["outputs"], want))
+        SUMMARY["scenarios"] += 1
+        SUMMARY["hit_tokens"] += got["cached"][0]
+    print(f"\ncached per prompt: {cached}")
+    assert not bad, f"outputs differ with kvtier: {bad}"
+    assert all(c >= n - 32 for c, n in zip(cached, (256, 512, 768, 1024, 1280, 2048))), cached
