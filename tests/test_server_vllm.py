@@ -29,7 +29,7 @@ from engine_proc import SUMMARY, EngineProc  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 # A small pool and token budget: concurrent requests get preempted, prefills are chunked.
 ENGINE = dict(block_size=32, enable_prefix_caching=True, max_num_batched_tokens=128, num_gpu_blocks_override=24,
-              max_model_len=512, seed=0)
+              max_model_len=512, seed=0, scheduler_reserve_full_isl=False)
 
 
 def _start_server(addr: str) -> subprocess.Popen:

@@ -190,22 +190,19 @@ def _child(cfg: dict) -> None:
             # Slots some load of this step owns (a request admitted in the same step may share
             # another's freshly loaded blocks through the prefix cache; that load may write them).
             owned = torch.cat([slots_of(s, s.start, s.end)[1] for s in specs]) if specs else torch.zeros(0)
-            snaps = []
-            for s in specs:
-                if s.start <= 0:
-                    continue
-                t, slots = slots_of(s, 0, s.start)
-                keep = ~torch.isin(slots, owned)
-                t, slots = t[keep], slots[keep]
-                if not t.numel():
-                    continue
-                snap = torch.zeros(self.paged.chunk_shape(t.numel()), dtype=self.paged.dtype)
-                kv_gather(self.paged, slots, [snap]).wait()
-                # Sentinels in the slots below start for the load's duration (restored after):
-                # a load that wrote there, even the very bytes they held, is caught. Safe here:
-                # the engine runs in-process and nothing reads the cache during the load.
-                kv_scatter(self.paged, slots, [torch.full_like(snap, SENTINEL)]).wait()
-                snaps.append((t, slots, snap))
+            # Every slot below some load's start that no load of this step owns: several loads
+            # of one step may share those blocks (prefix caching), so take each slot once.
+            below = [slots_of(s, 0, s.start)[1] for s in specs if s.start > 0]
+            guarded = torch.unique(torch.cat(below)) if below else torch.zeros(0, dtype=torch.int64)
+            guarded = guarded[~torch.isin(guarded, owned)]
+            snap = None
+            if guarded.numel():
+                snap = torch.zeros(self.paged.chunk_shape(guarded.numel()), dtype=self.paged.dtype)
+                kv_gather(self.paged, guarded, [snap]).wait()
+                # Sentinels in those slots for the load's duration (their contents restored
+                # after): a load that wrote there, even the very bytes they held, is caught.
+                # Safe here: the engine runs in-process and nothing reads the cache meanwhile.
+                kv_scatter(self.paged, guarded, [torch.full_like(snap, SENTINEL)]).wait()
             counters["mid_chunk_loads"] += sum(1 for s in specs if s.start % self.chunk_size)
             if "kill_before_load" in faults and specs:
                 import signal
@@ -224,13 +221,17 @@ def _child(cfg: dict) -> None:
                     s.start = s.start // self.chunk_size * self.chunk_size
                 counters["faults_injected"] += 1
             out = orig_load(self, specs)
-            for t, slots, snap in snaps:
+            if snap is not None:
                 now = torch.zeros_like(snap)
-                kv_gather(self.paged, slots, [now]).wait()
+                kv_gather(self.paged, guarded, [now]).wait()
                 counters["overlap_checks"] += 1
                 if not (now == SENTINEL).all():
                     counters["overlap_violations"] += 1
-                kv_scatter(self.paged, slots, [snap]).wait()
+                    changed = (now != SENTINEL).reshape(-1, guarded.numel()).any(0)
+                    print(f"kvtier overlap violation: slots {guarded[changed].tolist()}; loads "
+                          f"{[(x.req_id, x.start, x.end, x.first_chunk, len(x.keys), x.block_ids) for x in specs]}",
+                          file=sys.stderr, flush=True)
+                kv_scatter(self.paged, guarded, [snap]).wait()
             return out
 
         kv_worker.KVWorker.load = checked_load
