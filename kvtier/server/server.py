@@ -96,22 +96,11 @@ class Session:
         return refs
 
     def release_all(self) -> int:
-        n = 0
-        for refs in self.held.values():
-            for r in refs:
-                r.release()
-                n += 1
-        for r in self.pending.values():
+        """Release every slot reference and lease; returns how many references."""
+        refs = self.take_refs()
+        for r in refs:
             r.release()
-            n += 1
-        for lease in self.leases.values():
-            lease.release()
-        self.held.clear()
-        self.pending.clear()
-        self.leases.clear()
-        self.nrefs = 0
-        self.leased_keys = 0
-        return n
+        return len(refs)
 
 
 def process_alive(pid: int) -> bool:
