@@ -109,11 +109,18 @@ class KVWorker:
         failed_reqs: set[str] = set()
         c = self.chunk_size
         cuda = self.paged.device.type == "cuda"
+
+        def fail(spec: LoadSpec, ranges: Iterable[tuple[int, int]], chunks: int = 0) -> None:
+            """Report the blocks of token ranges ``ranges`` of ``spec`` as not loaded."""
+            for lo, hi in ranges:
+                failed_blocks.update(self._blocks_of(spec.block_ids, lo, hi))
+            failed_reqs.add(spec.req_id)
+            self.stats["failed_chunks"] += chunks
+            self.store.metrics.load_errors.inc()
+
         for spec in specs:
             if not spec.keys:
-                failed_blocks |= self._blocks_of(spec.block_ids, spec.start, spec.end)
-                failed_reqs.add(spec.req_id)
-                self.store.metrics.load_errors.inc()
+                fail(spec, [(spec.start, spec.end)])
                 continue
             try:
                 refs = self.store.get(spec.keys)
@@ -135,10 +142,7 @@ class KVWorker:
                         ref.release()
                     continue
                 if ref is None:
-                    failed_blocks |= self._blocks_of(spec.block_ids, lo, hi)
-                    failed_reqs.add(spec.req_id)
-                    self.stats["failed_chunks"] += 1
-                    self.store.metrics.load_errors.inc()
+                    fail(spec, [(lo, hi)], chunks=1)
                     continue
                 m = torch.full((c,), -1, dtype=torch.int64)
                 try:
@@ -147,9 +151,7 @@ class KVWorker:
                     log.exception("kvtier: no slots for %s tokens [%d, %d); reporting them failed",
                                   spec.req_id, lo, hi)
                     ref.release()
-                    failed_blocks |= self._blocks_of(spec.block_ids, lo, hi)
-                    failed_reqs.add(spec.req_id)
-                    self.store.metrics.load_errors.inc()
+                    fail(spec, [(lo, hi)])
                     continue
                 if not used:
                     skip = lo - base  # a load starting mid-chunk: tokens below start are not written
@@ -165,11 +167,7 @@ class KVWorker:
                 log.exception("kvtier: loading %d chunks of %s failed; reporting them failed", len(used), spec.req_id)
                 for ref in used:
                     ref.release()
-                for lo, hi in ranges:
-                    failed_blocks |= self._blocks_of(spec.block_ids, lo, hi)
-                failed_reqs.add(spec.req_id)
-                self.stats["failed_chunks"] += len(used)
-                self.store.metrics.load_errors.inc()
+                fail(spec, ranges, chunks=len(used))
                 continue
             if cuda:
                 t.wait_on(torch.cuda.current_stream(self.paged.device))  # the forward reads after the copy
