@@ -116,14 +116,18 @@ def put_row(r: torch.Tensor, src: torch.Tensor) -> None:
     r.copy_(src.reshape(r.shape))
 
 
-def naive_gather(layers, kind, bs, mapping, chunks4, skip):
-    """chunks4: list of [KV, L, T, W] views; rows of tokens not moved become zeros."""
+def naive_gather(layers, kind, bs, mapping, chunks4, skip, lrange=None):
+    """chunks4: list of [KV, L, T, W] views; rows of tokens not moved become zeros.
+
+    ``lrange=(lo, hi)``: only those layers (the others' chunk rows are left alone).
+    """
     T = chunks4[0].shape[2]
     nkv = 1 if kind == "mla" else 2
     m = mapping.tolist()
+    lo, hi = lrange or (0, len(layers))
     for t in range(len(chunks4) * T):
         c, i = divmod(t, T)
-        for l, layer in enumerate(layers):
+        for l, layer in list(enumerate(layers))[lo:hi]:
             for kv in range(nkv):
                 if t < skip or m[t] < 0:
                     chunks4[c][kv, l, i].zero_()
@@ -131,15 +135,16 @@ def naive_gather(layers, kind, bs, mapping, chunks4, skip):
                     chunks4[c][kv, l, i].copy_(row(layer, kind, kv, m[t], bs).reshape(-1))
 
 
-def naive_scatter(layers, kind, bs, mapping, chunks4, skip):
+def naive_scatter(layers, kind, bs, mapping, chunks4, skip, lrange=None):
     T = chunks4[0].shape[2]
     nkv = 1 if kind == "mla" else 2
     m = mapping.tolist()
+    lo, hi = lrange or (0, len(layers))
     for t in range(len(chunks4) * T):
         c, i = divmod(t, T)
         if t < skip or m[t] < 0:
             continue
-        for l, layer in enumerate(layers):
+        for l, layer in list(enumerate(layers))[lo:hi]:
             for kv in range(nkv):
                 put_row(row(layer, kind, kv, m[t], bs), chunks4[c][kv, l, i])
 
@@ -221,6 +226,8 @@ case_params = st.fixed_dictionaries({
     "vpick": st.integers(0, 2),
     "skip_frac": st.floats(0, 0.999),
     "extra_blocks": st.integers(0, 4),
+    # None: all layers; else a layer range [lo, hi) cut from L (a layer-wise call)
+    "lrange": st.one_of(st.none(), st.tuples(st.integers(0, 2), st.integers(1, 3))),
 })
 
 
@@ -233,6 +240,14 @@ def _case_from(p, device="cpu"):
     return kw | {"NB": nb, "variant": variant, "device": device}, skip
 
 
+def _lrange(p):
+    """The case's layer range, fitted inside its L layers (None: all)."""
+    if p["lrange"] is None:
+        return None
+    lo = min(p["lrange"][0], p["L"] - 1)
+    return lo, min(p["L"], lo + p["lrange"][1])
+
+
 SETTINGS = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -242,9 +257,9 @@ SETTINGS = settings(max_examples=250, deadline=None, suppress_health_check=[Heal
 def test_gather_matches_naive_oracle(p):
     kw, skip = _case_from(p)
     ours, ref = Case(**kw), Case(**kw)
-    t = gather(ours.paged, ours.mapping, ours.chunks, skip)
+    t = gather(ours.paged, ours.mapping, ours.chunks, skip, layers=_lrange(p))
     assert t.done()
-    naive_gather(ref.layers, ref.kind, ref.BS, ref.mapping, ref.chunks4, skip)
+    naive_gather(ref.layers, ref.kind, ref.BS, ref.mapping, ref.chunks4, skip, _lrange(p))
     for a, b in zip(ours.chunks4, ref.chunks4):
         assert _eq_bytes(a, b)
     # A save reads only: the cache is unchanged.
@@ -257,8 +272,8 @@ def test_gather_matches_naive_oracle(p):
 def test_scatter_matches_naive_oracle(p):
     kw, skip = _case_from(p)
     ours, ref = Case(**kw), Case(**kw)
-    scatter(ours.paged, ours.mapping, ours.chunks, skip)
-    naive_scatter(ref.layers, ref.kind, ref.BS, ref.mapping, ref.chunks4, skip)
+    scatter(ours.paged, ours.mapping, ours.chunks, skip, layers=_lrange(p))
+    naive_scatter(ref.layers, ref.kind, ref.BS, ref.mapping, ref.chunks4, skip, _lrange(p))
     # Whole storages, padding and neighbouring layers included, are byte-identical.
     for a, b in zip(ours.storages(), ref.storages()):
         assert torch.equal(a, b)
@@ -546,6 +561,9 @@ def test_call_errors_say_what_is_wrong():
         scatter(c.paged, bad, c.chunks)
     with pytest.raises(ValueError, match="int64"):
         scatter(c.paged, c.mapping.float(), c.chunks)
+    for bad_layers in ((1, 1), (0, c.paged.num_layers + 1), (-1, 1), "ab"):
+        with pytest.raises(ValueError, match="layers"):
+            scatter(c.paged, c.mapping, c.chunks, layers=bad_layers)
 
 
 def test_from_vllm_orders_by_layer_index_and_dedups():
@@ -595,15 +613,17 @@ for kind in tt.KINDS:
             tk.configure(staging_bytes=stage, min_pieces=pieces)
             kw = dict(kind=kind, dtype=dtype, L=3, NB=14, BS=4, H=2, D=8, T=8, n_chunks=3, hole_p=0.2, seed=n)
             skip = n % 8
-            a, b = tt.Case(**kw), tt.Case(**kw)
-            tk.gather(a.paged, a.mapping, a.chunks, skip, mode=mode).wait()
-            torch_ref.gather(b.paged, b.mapping, b.chunks, skip)
-            assert all(tt._eq_bytes(x, y) for x, y in zip(a.chunks4, b.chunks4)), ("gather", kind, dtype, mode)
-            a, b = tt.Case(**kw), tt.Case(**kw)
-            tk.scatter(a.paged, a.mapping, a.chunks, skip, mode=mode).wait()
-            torch_ref.scatter(b.paged, b.mapping, b.chunks, skip)
-            assert all(torch.equal(x, y) for x, y in zip(a.storages(), b.storages())), ("scatter", kind, dtype, mode)
-            n += 1
+            for lr in (None, (1, 2), (0, 2)):  # all layers; one layer (a layer-wise call); a range
+                a, b = tt.Case(**kw), tt.Case(**kw)
+                tk.gather(a.paged, a.mapping, a.chunks, skip, mode=mode, layers=lr).wait()
+                torch_ref.gather(b.paged, b.mapping, b.chunks, skip, layers=lr)
+                assert all(tt._eq_bytes(x, y) for x, y in zip(a.chunks4, b.chunks4)), ("gather", kind, dtype, mode, lr)
+                a, b = tt.Case(**kw), tt.Case(**kw)
+                tk.scatter(a.paged, a.mapping, a.chunks, skip, mode=mode, layers=lr).wait()
+                torch_ref.scatter(b.paged, b.mapping, b.chunks, skip, layers=lr)
+                assert all(torch.equal(x, y) for x, y in zip(a.storages(), b.storages())), (
+                    "scatter", kind, dtype, mode, lr)
+                n += 1
 print("OK", n)
 """
 
@@ -620,4 +640,4 @@ def test_triton_kernels_interpreted_on_cpu():
     r = subprocess.run([sys.executable, "-c", _INTERP_SCRIPT, str(Path(__file__).parent)], env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "OK 27" in r.stdout
+    assert "OK 81" in r.stdout

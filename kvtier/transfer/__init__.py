@@ -11,7 +11,10 @@ One signature for every backend::
 per token, -1 = leave that token alone). Only tokens at index >=
 ``skip_prefix_n_tokens`` with a slot >= 0 are read or written; nothing else in
 the paged cache is touched (blocks below the skip may be shared through prefix
-caching and read by other requests at that moment).
+caching and read by other requests at that moment). ``layers=(lo, hi)`` moves
+only layers ``[lo, hi)`` of every chunk (the other layers' bytes, in the chunk
+and in the cache, are neither read nor written): a layer-wise load or save is
+one call per layer.
 
 The backend is picked by the cache's device: CUDA with Triton importable ->
 :mod:`.triton_kernels` (contiguous token rows only); anything else, including a
@@ -55,21 +58,21 @@ def backend_for(paged: PagedKV, backend: str | None = None):
 
 def gather(paged: PagedKV, slot_mapping: torch.Tensor, chunks: Sequence[torch.Tensor],
            skip_prefix_n_tokens: int = 0, *, stream=None, backend: str | None = None,
-           mode: str | None = None) -> Transfer:
+           mode: str | None = None, layers: tuple[int, int] | None = None) -> Transfer:
     """Paged KV -> chunk buffers (save). See the module docstring.
 
     ``mode`` ("staged" or "uva") picks the Triton host path; the torch backend ignores it.
     """
     return backend_for(paged, backend).gather(paged, slot_mapping, chunks, skip_prefix_n_tokens, stream=stream,
-                                            mode=mode)
+                                            mode=mode, layers=layers)
 
 
 def scatter(paged: PagedKV, slot_mapping: torch.Tensor, chunks: Sequence[torch.Tensor],
             skip_prefix_n_tokens: int = 0, *, stream=None, backend: str | None = None,
-           mode: str | None = None) -> Transfer:
+           mode: str | None = None, layers: tuple[int, int] | None = None) -> Transfer:
     """Chunk buffers -> paged KV (load). See the module docstring.
 
     ``mode`` ("staged" or "uva") picks the Triton host path; the torch backend ignores it.
     """
     return backend_for(paged, backend).scatter(paged, slot_mapping, chunks, skip_prefix_n_tokens, stream=stream,
-                                            mode=mode)
+                                            mode=mode, layers=layers)

@@ -356,6 +356,20 @@ def chunk_view(paged: PagedKV, c: torch.Tensor, tokens: int) -> torch.Tensor:
     )
 
 
+def layer_range(paged: PagedKV, layers) -> tuple[int, int]:
+    """``layers`` of a call -- None (all) or ``(lo, hi)`` -- as a checked ``(lo, hi)``."""
+    if layers is None:
+        return 0, paged.num_layers
+    try:
+        lo, hi = (int(x) for x in layers)
+    except (TypeError, ValueError):
+        raise ValueError(f"layers must be None or a (lo, hi) pair of ints, got {layers!r}") from None
+    if not 0 <= lo < hi <= paged.num_layers:
+        raise ValueError(f"layers=({lo}, {hi}) is not a non-empty range inside the cache's "
+                         f"{paged.num_layers} layers")
+    return lo, hi
+
+
 def check_args(paged: PagedKV, slot_mapping: torch.Tensor, chunks: Sequence[torch.Tensor], skip: int) -> tuple[int, int]:
     """Validate a gather/scatter call; returns (T, number of tokens)."""
     if not isinstance(paged, PagedKV):

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from .paged import PagedKV, Transfer, check_args, check_slots_host, chunk_view, int_view
+from .paged import PagedKV, Transfer, check_args, check_slots_host, chunk_view, int_view, layer_range
 
 
 def _flat_units(paged: PagedKV, layer: int) -> torch.Tensor | None:
@@ -59,8 +59,9 @@ class _Plan:
 
 
 def _move(paged: PagedKV, slot_mapping: torch.Tensor, chunks: Sequence[torch.Tensor],
-          skip: int, to_paged: bool) -> Transfer:
+          skip: int, to_paged: bool, layers) -> Transfer:
     tokens, _ = check_args(paged, slot_mapping, chunks, skip)
+    l0, l1 = layer_range(paged, layers)
     dev = paged.device
     plan = _Plan(paged, slot_mapping, len(chunks), tokens, skip)
     views = [chunk_view(paged, c, tokens) for c in chunks]
@@ -69,19 +70,19 @@ def _move(paged: PagedKV, slot_mapping: torch.Tensor, chunks: Sequence[torch.Ten
         moved = {c for c, pos, _, _ in plan.items if pos is None}
         for c, v in enumerate(views):
             if c not in moved:
-                v.zero_()
+                v[:, l0:l1].zero_()
     w, s, npc = paged.width, paged.piece_size, paged.num_pieces
-    flats = [_flat_units(paged, layer) for layer in range(paged.num_layers)]
+    flats = {layer: _flat_units(paged, layer) for layer in range(l0, l1)}
     # Unit offset of each piece of a row (from the row's first unit).
-    piece_units = (torch.arange(npc, device=dev) * (paged.piece_stride // s)) if flats[0] is not None else None
+    piece_units = (torch.arange(npc, device=dev) * (paged.piece_stride // s)) if flats[l0] is not None else None
     for c, pos, blk, off in plan.items:
         # Chunks on another device (host buffers, CUDA cache, no Triton) go through a copy.
         work = views[c] if views[c].device == dev else views[c].to(dev)
         n = blk.numel()
-        if flats[0] is not None:
+        if flats[l0] is not None:
             k_units = ((blk * paged.block_stride + off * paged.token_stride) // s)[:, None] + piece_units
             k_units = k_units.reshape(-1)  # [n * num_pieces]: the pieces of each row, in order
-        for layer in range(paged.num_layers):
+        for layer in range(l0, l1):
             flat = flats[layer]
             nd = int_view(paged.rows(layer)) if flat is None else None
             for kv in range(paged.num_kv):
@@ -104,20 +105,20 @@ def _move(paged: PagedKV, slot_mapping: torch.Tensor, chunks: Sequence[torch.Ten
                     else:
                         buf.index_copy_(0, pos, nd[blk, kv, off].reshape(n, w))
         if not to_paged and work is not views[c]:
-            views[c].copy_(work)
+            views[c][:, l0:l1].copy_(work[:, l0:l1])
     return Transfer()
 
 
 def gather(paged: PagedKV, slot_mapping: torch.Tensor, chunks: Sequence[torch.Tensor],
-           skip_prefix_n_tokens: int = 0, *, stream=None, mode=None) -> Transfer:
+           skip_prefix_n_tokens: int = 0, *, stream=None, mode=None, layers=None) -> Transfer:
     """Paged KV -> chunk buffers (save). Done when it returns; ``stream`` and ``mode`` are ignored.
 
     Chunk rows of tokens not moved (index < skip, slot -1) are written as zeros.
     """
-    return _move(paged, slot_mapping, chunks, skip_prefix_n_tokens, to_paged=False)
+    return _move(paged, slot_mapping, chunks, skip_prefix_n_tokens, False, layers)
 
 
 def scatter(paged: PagedKV, slot_mapping: torch.Tensor, chunks: Sequence[torch.Tensor],
-            skip_prefix_n_tokens: int = 0, *, stream=None, mode=None) -> Transfer:
+            skip_prefix_n_tokens: int = 0, *, stream=None, mode=None, layers=None) -> Transfer:
     """Chunk buffers -> paged KV (load). Done when it returns; ``stream`` and ``mode`` are ignored."""
-    return _move(paged, slot_mapping, chunks, skip_prefix_n_tokens, to_paged=True)
+    return _move(paged, slot_mapping, chunks, skip_prefix_n_tokens, True, layers)

@@ -49,7 +49,7 @@ from typing import Sequence
 
 import torch
 
-from .paged import LayoutError, PagedKV, Transfer, check_args, check_slots_host, chunk_tokens
+from .paged import LayoutError, PagedKV, Transfer, check_args, check_slots_host, chunk_tokens, layer_range
 
 try:  # pragma: no cover - depends on the installation
     import triton
@@ -147,7 +147,12 @@ if _HAVE_TRITON:
             cbase = tl.load(buf_off + c_loc)
         else:
             cbase = buf_base + c_loc.to(tl.int64) * buf_stride
-        brow = cbase + (pid_p.to(tl.int64) * T + tt) * W
+        # A whole chunk image (USE_TABLE) holds every pair; a staging piece only this launch's.
+        if USE_TABLE:
+            bpair = p.to(tl.int64)
+        else:
+            bpair = pid_p.to(tl.int64)
+        brow = cbase + (bpair * T + tt) * W
         prow = tl.multiple_of(prow, VEC)
         brow = tl.multiple_of(brow, VEC)
         for w0 in tl.static_range(0, W, BLOCK_W):
@@ -189,6 +194,7 @@ class _Dev:
         cuda = device.type == "cuda"
         self.kstream = torch.cuda.Stream(device) if cuda else None  # kernels
         self.cstream = torch.cuda.Stream(device) if cuda else None  # copy engine
+        self.khandle = self.kstream.cuda_stream if cuda else 0  # raw handle, for direct launches
         self.ring: _Ring | None = None
         self.caller_ev = torch.cuda.Event() if cuda else None  # re-recorded by each call, under lock
         self.lock = threading.Lock()
@@ -294,15 +300,48 @@ def _geometry(paged: PagedKV, d: _Dev, word: int, tokens: int) -> tuple:
     return g
 
 
+# Compiled kernels by launch key (see _launch_key): launched without Triton's per-call
+# argument binding, which costs tens of microseconds of host time per launch.
+_COMPILED: dict = {}
+_DIRECT = {"on": os.environ.get("KVTIER_TRITON_DIRECT", "1") != "0" and not _INTERPRET}
+
+
+def _launch_key(consts: tuple, args: tuple) -> tuple:
+    """What Triton picks a compiled variant by, kept at least as fine as Triton's own key.
+
+    Triton specialises pointers on dtype and 16-byte alignment and integers on width
+    (i32 / i64), ``== 1`` and divisibility by 16 (the last two only where not in
+    ``do_not_specialize``); this key takes all three for every integer, so two launches
+    with one key always run the same compiled code.
+    """
+    key = [consts]
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            key.append((a.dtype, a.data_ptr() % 16 == 0))
+        else:
+            key.append((-(1 << 31) <= a < (1 << 31), a == 1, a % 16 == 0))
+    return tuple(key)
+
+
 def _launch(geo: tuple, vec: int, slots: torch.Tensor, *, tok0: int, n_tok: int, pair0: int, n_pairs: int,
-            skip: int, to_paged: bool, table: torch.Tensor | None = None, buf_base: int = 0,
+            skip: int, to_paged: bool, stream: int, table: torch.Tensor | None = None, buf_base: int = 0,
             buf_stride: int = 0) -> None:
+    """One kernel launch on raw CUDA stream ``stream`` (which must also be the current stream)."""
     anchor, layer_tab, num_slots, n_layers, bstr, kvstr, tstr, consts, bt = geo
-    _kv_copy[(triton.cdiv(n_tok, bt), n_pairs)](
-        anchor, layer_tab, table if table is not None else slots,  # unused pointer when not USE_TABLE
-        buf_base, buf_stride, slots, tok0, n_tok, pair0, skip, num_slots, n_layers, bstr, kvstr, tstr,
-        TO_PAGED=to_paged, USE_TABLE=table is not None, VEC=vec, **consts,
-    )
+    grid = (triton.cdiv(n_tok, bt), n_pairs, 1)
+    args = (anchor, layer_tab, table if table is not None else slots,  # unused pointer when not USE_TABLE
+            buf_base, buf_stride, slots, tok0, n_tok, pair0, skip, num_slots, n_layers, bstr, kvstr, tstr)
+    # Constexprs in the kernel's parameter order, then the launch option.
+    cvals = (consts["W"], consts["T"], consts["BS"], to_paged, table is not None, consts["BLOCK_T"],
+             consts["BLOCK_W"], vec)
+    key = _launch_key(cvals + (consts["num_warps"],), args) if _DIRECT["on"] else None
+    compiled = _COMPILED.get(key) if key is not None else None
+    if compiled is not None:
+        compiled[grid](*args, *cvals, stream=stream)
+        return
+    compiled = _kv_copy[grid](*args, TO_PAGED=to_paged, USE_TABLE=table is not None, VEC=vec, **consts)
+    if key is not None and compiled is not None:
+        _COMPILED[key] = compiled
 
 
 def _raw(c: torch.Tensor) -> torch.Tensor:
@@ -320,10 +359,19 @@ def check_layout(paged: PagedKV) -> None:
         )
 
 
+def _pair_runs(paged: PagedKV, layers) -> list[tuple[int, int]]:
+    """The (first pair, pair count) runs of layers ``[lo, hi)``; pair = kv * L + layer."""
+    lo, hi = layer_range(paged, layers)
+    if (lo, hi) == (0, paged.num_layers):
+        return [(0, paged.num_kv * paged.num_layers)]
+    return [(kv * paged.num_layers + lo, hi - lo) for kv in range(paged.num_kv)]
+
+
 def _move(paged: PagedKV, slot_mapping: torch.Tensor, chunks: Sequence[torch.Tensor], skip: int,
-          to_paged: bool, stream, mode: str | None) -> Transfer:
+          to_paged: bool, stream, mode: str | None, layers=None) -> Transfer:
     check_layout(paged)
     tokens, n = check_args(paged, slot_mapping, chunks, skip)
+    runs = _pair_runs(paged, layers)
     dev = paged.device
     slots = slot_mapping[:n]
     if slots.device.type == "cpu":
@@ -346,7 +394,7 @@ def _move(paged: PagedKV, slot_mapping: torch.Tensor, chunks: Sequence[torch.Ten
     cuda = dev.type == "cuda"
     if cuda and torch.cuda.current_device() != dev.index:
         with torch.cuda.device(dev):
-            return _move(paged, slot_mapping, chunks, skip, to_paged, stream, mode)
+            return _move(paged, slot_mapping, chunks, skip, to_paged, stream, mode, layers)
     prev = torch.cuda.current_stream(dev) if cuda else None
     caller = (stream if stream is not None else prev) if cuda else None
     with d.lock:
@@ -362,34 +410,39 @@ def _move(paged: PagedKV, slot_mapping: torch.Tensor, chunks: Sequence[torch.Ten
                 a = d.anchor.data_ptr()
                 table = torch.tensor([(r.data_ptr() - a) // word for r in raws], dtype=torch.int64)
                 table = table.to(dev, non_blocking=True) if cuda else table
-                _launch(_geometry(paged, d, word, tokens), vec, slots, tok0=0, n_tok=n, pair0=0,
-                        n_pairs=paged.num_kv * paged.num_layers, skip=skip, to_paged=to_paged, table=table)
+                geo = _geometry(paged, d, word, tokens)
+                for p0, npairs in runs:
+                    _launch(geo, vec, slots, tok0=0, n_tok=n, pair0=p0, n_pairs=npairs, skip=skip,
+                            to_paged=to_paged, stream=d.khandle, table=table)
                 return Transfer(_event(ks), keep=(raws, slots, table))
-            return Transfer(_staged(d, paged, slots, raws, tokens, skip, to_paged), keep=(raws, slots))
+            return Transfer(_staged(d, paged, slots, raws, tokens, skip, to_paged, runs), keep=(raws, slots))
         finally:
             _use(prev)
 
 
-def _pieces(paged: PagedKV, n_chunks: int, tokens: int, slot_bytes: int):
-    """Split the transfer into pieces that fit one ring slot: (c0, c1, pair0, n_pairs)."""
-    pairs = paged.num_kv * paged.num_layers
+def _pieces(paged: PagedKV, n_chunks: int, tokens: int, slot_bytes: int, runs: list[tuple[int, int]]):
+    """Split the transfer into pieces that fit one ring slot: (c0, c1, pair0, n_pairs).
+
+    A piece holds, for each chunk of ``[c0, c1)``, pairs ``[pair0, pair0 + n_pairs)`` of one run.
+    """
     pair_bytes = tokens * paged.width * paged.itemsize
-    chunk_bytes = pairs * pair_bytes
-    total = n_chunks * chunk_bytes
+    total = n_chunks * sum(n for _, n in runs) * pair_bytes
     target = min(slot_bytes, max(pair_bytes, -(-total // _CFG["min_pieces"])))
-    if chunk_bytes <= target:
-        k = target // chunk_bytes
-        for c0 in range(0, n_chunks, k):
-            yield c0, min(c0 + k, n_chunks), 0, pairs
-    else:
-        q = max(1, target // pair_bytes)
-        for c in range(n_chunks):
-            for p0 in range(0, pairs, q):
-                yield c, c + 1, p0, min(q, pairs - p0)
+    for r0, rn in runs:
+        run_bytes = rn * pair_bytes
+        if run_bytes <= target:
+            k = target // run_bytes
+            for c0 in range(0, n_chunks, k):
+                yield c0, min(c0 + k, n_chunks), r0, rn
+        else:
+            q = max(1, target // pair_bytes)
+            for c in range(n_chunks):
+                for p0 in range(r0, r0 + rn, q):
+                    yield c, c + 1, p0, min(q, r0 + rn - p0)
 
 
 def _staged(d: _Dev, paged: PagedKV, slots: torch.Tensor, raws: list, tokens: int, skip: int,
-            to_paged: bool):
+            to_paged: bool, runs: list[tuple[int, int]]):
     """Pieces through the ring; kernels on ks, DMA on cs. Returns the event after the last op."""
     ks, cs = d.kstream, d.cstream
     pair_bytes = tokens * paged.width * paged.itemsize
@@ -398,7 +451,7 @@ def _staged(d: _Dev, paged: PagedKV, slots: torch.Tensor, raws: list, tokens: in
     geo = _geometry(paged, d, word, tokens)
     a = d.anchor.data_ptr()
     last = None
-    pieces = list(_pieces(paged, len(raws), tokens, ring.slot_bytes))
+    pieces = list(_pieces(paged, len(raws), tokens, ring.slot_bytes, runs))
     for i_piece, (c0, c1, p0, npairs) in enumerate(pieces):
         final = i_piece == len(pieces) - 1
         j = ring.next
@@ -415,12 +468,12 @@ def _staged(d: _Dev, paged: PagedKV, slots: torch.Tensor, raws: list, tokens: in
                 buf[i * piece:(i + 1) * piece].copy_(raws[c][lo:lo + piece], non_blocking=True)
         else:
             _launch(geo, vec, slots, tok0=c0 * tokens, n_tok=(c1 - c0) * tokens, pair0=p0, n_pairs=npairs,
-                    skip=skip, to_paged=False, buf_base=(buf.data_ptr() - a) // word, buf_stride=piece // word)
+                    skip=skip, to_paged=False, stream=d.khandle, buf_base=(buf.data_ptr() - a) // word, buf_stride=piece // word)
         _wait(second_stream, _event(first_stream, ring.ready[j]))
         _use(second_stream)
         if to_paged:
             _launch(geo, vec, slots, tok0=c0 * tokens, n_tok=(c1 - c0) * tokens, pair0=p0, n_pairs=npairs,
-                    skip=skip, to_paged=True, buf_base=(buf.data_ptr() - a) // word, buf_stride=piece // word)
+                    skip=skip, to_paged=True, stream=d.khandle, buf_base=(buf.data_ptr() - a) // word, buf_stride=piece // word)
         else:
             for i, c in enumerate(range(c0, c1)):
                 raws[c][lo:lo + piece].copy_(buf[i * piece:(i + 1) * piece], non_blocking=True)
@@ -433,15 +486,15 @@ def _staged(d: _Dev, paged: PagedKV, slots: torch.Tensor, raws: list, tokens: in
 
 
 def gather(paged: PagedKV, slot_mapping: torch.Tensor, chunks: Sequence[torch.Tensor],
-           skip_prefix_n_tokens: int = 0, *, stream=None, mode: str | None = None) -> Transfer:
+           skip_prefix_n_tokens: int = 0, *, stream=None, mode: str | None = None, layers=None) -> Transfer:
     """Paged KV -> chunk buffers (save); enqueued on side streams after ``stream``'s work.
 
     Chunk rows of tokens not moved (index < skip, slot -1) are written as zeros.
     """
-    return _move(paged, slot_mapping, chunks, skip_prefix_n_tokens, False, stream, mode)
+    return _move(paged, slot_mapping, chunks, skip_prefix_n_tokens, False, stream, mode, layers)
 
 
 def scatter(paged: PagedKV, slot_mapping: torch.Tensor, chunks: Sequence[torch.Tensor],
-            skip_prefix_n_tokens: int = 0, *, stream=None, mode: str | None = None) -> Transfer:
+            skip_prefix_n_tokens: int = 0, *, stream=None, mode: str | None = None, layers=None) -> Transfer:
     """Chunk buffers -> paged KV (load); ``t.wait_on(stream)`` before reading the slots."""
-    return _move(paged, slot_mapping, chunks, skip_prefix_n_tokens, True, stream, mode)
+    return _move(paged, slot_mapping, chunks, skip_prefix_n_tokens, True, stream, mode, layers)
