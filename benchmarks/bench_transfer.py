@@ -9,6 +9,8 @@ gather D2H) it times:
 * ``copy``   — one pinned contiguous ``copy_`` of the same bytes (the limit);
 * ``torch``  — index_select/index_copy_ on the GPU per layer + one pinned copy;
 * ``kvtier-staged`` / ``kvtier-uva`` — kvtier.transfer's two host paths;
+* ``kvtier-staged-cpumap`` — staged, with the slot mapping on the host (as the connector has it);
+* ``kvtier-staged-jit`` — staged, every launch through Triton's binder (no cached direct launch);
 
 and how much a concurrent compute stream (a loop of bf16 matmuls) is slowed
 while each method runs. Prints a table with ratios vs ``copy``; writes JSON to
@@ -52,6 +54,17 @@ def _time(fn, reps: int, warm: int = 2) -> float:
         b.synchronize()
         ts.append(a.elapsed_time(b) / 1e3)
     return statistics.median(ts)
+
+
+def _binder(fn):
+    """``fn`` with direct launches of compiled kernels off (every launch through Triton's binder)."""
+    def run():
+        tk._DIRECT["on"] = False
+        try:
+            return fn()
+        finally:
+            tk._DIRECT["on"] = True
+    return run
 
 
 def main() -> None:
@@ -122,6 +135,9 @@ def main() -> None:
         # A CPU mapping (what a connector usually has) costs one small H2D: time it too.
         methods[("save", "kvtier-staged-cpumap")] = lambda: gather(paged, mapping_cpu, chunks, mode="staged").wait_on()
         methods[("load", "kvtier-staged-cpumap")] = lambda: scatter(paged, mapping_cpu, chunks, mode="staged").wait_on()
+        # Launches through Triton's own binder instead of the cached compiled kernel (before/after).
+        methods[("save", "kvtier-staged-jit")] = _binder(lambda: gather(paged, mapping, chunks, mode="staged").wait_on())
+        methods[("load", "kvtier-staged-jit")] = _binder(lambda: scatter(paged, mapping, chunks, mode="staged").wait_on())
         base = {}
         for (direction, name), fn in methods.items():
             try:
@@ -257,14 +273,18 @@ def _profile(paged, host, cb, nb) -> None:
     for name, f in (("gather", gather), ("scatter", scatter)):
         for _ in range(5):
             f(paged, mapping, chunks).wait()
-        hs = []
-        for _ in range(50):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            tr = f(paged, mapping, chunks)
-            hs.append(time.perf_counter() - t0)
-            tr.wait()
-        print(f"{name}: host time of the call, median {1e6 * statistics.median(hs):.0f} us", flush=True)
+        for direct in (True, False):
+            tk._DIRECT["on"] = direct
+            hs = []
+            for _ in range(50):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                tr = f(paged, mapping, chunks)
+                hs.append(time.perf_counter() - t0)
+                tr.wait()
+            how = "direct launches" if direct else "launches through Triton's binder"
+            print(f"{name}: host time of the call, median {1e6 * statistics.median(hs):.0f} us ({how})", flush=True)
+        tk._DIRECT["on"] = True
         pr = cProfile.Profile()
         pr.enable()
         for _ in range(50):

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Every GPU step of one device lease: the GPU tests, the transfer benchmark (with the
-# staging sweep), and the host-side profile of a 256-token call. Run from the repo root on
+# Every GPU step of one device lease: the GPU tests, the transfer benchmark, the host-side
+# profile of a 256-token call, and the layer-wise worker benchmark. Run from the repo root on
 # a CUDA machine; wheels missing there (blake3, redis, msgspec, pyzmq) travel in .whl/.
-# Results land in $OUT (default /tmp/kvtier-gpu).
+# Results land in $OUT (default /tmp/kvtier-gpu). SWEEP=1 adds the staging-size sweep.
 set -uo pipefail
 OUT=${OUT:-/tmp/kvtier-gpu}
 mkdir -p "$OUT"
@@ -14,11 +14,14 @@ else
 fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,pcie.link.gen.current,pcie.link.width.current --format=csv
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 echo "== tests/gpu"
 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/transfer_gpu_tests.txt" | tail -4
-echo "== bench_transfer --sweep"
-python3 benchmarks/bench_transfer.py --sweep --out "$OUT/transfer.json" > "$OUT/bench.log" 2>&1
+echo "== bench_transfer"
+python3 benchmarks/bench_transfer.py ${SWEEP:+--sweep} --out "$OUT/transfer.json" > "$OUT/bench.log" 2>&1
 tail -45 "$OUT/bench.log"
 echo "== profile"
 python3 benchmarks/bench_transfer.py --profile --out /dev/null > "$OUT/profile.txt" 2>&1
 grep "host time" "$OUT/profile.txt"
+echo "== bench_layerwise"
+python3 benchmarks/bench_layerwise.py --out "$OUT/layerwise.json" 2>&1 | tee "$OUT/layerwise.log"

@@ -208,6 +208,7 @@ class PagedKV:
             if t.stride() != first.stride():
                 raise LayoutError(f"layer {i} strides {list(t.stride())} differ from layer 0's {list(first.stride())}")
         self.layers = layers
+        self.layer_index: dict[str, int] = {}  # engine layer name -> index (set by from_vllm)
         self.kind = kind
         self.block_size: int = geo["block_size"]
         self.num_blocks: int = geo["num_blocks"]
@@ -229,7 +230,8 @@ class PagedKV:
 
         Layers are ordered by the integer in their name (``model.layers.12.self_attn.attn``
         is layer 12), falling back to the dict's order for names without one. Several
-        names sharing one tensor (cross-layer KV sharing) are kept once.
+        names sharing one tensor (cross-layer KV sharing) are kept once. ``layer_index``
+        maps each name to its layer's index (names sharing a tensor share an index).
         """
         if not kv_caches:
             raise LayoutError("from_vllm got no KV cache tensors")
@@ -239,15 +241,19 @@ class PagedKV:
             nums = re.findall(r"\.(\d+)(?:\.|$)", name) or re.findall(r"(\d+)", name)
             return (int(nums[-1]) if nums else pos, pos)
 
-        ordered = [t for _, (_, t) in sorted(enumerate(kv_caches.items()), key=index)]
-        seen: set[int] = set()
+        ordered = [(name, t) for _, (name, t) in sorted(enumerate(kv_caches.items()), key=index)]
+        position: dict[int, int] = {}  # data_ptr -> layer index
         unique = []
-        for t in ordered:
+        names: dict[str, int] = {}
+        for name, t in ordered:
             key = t.data_ptr()
-            if key not in seen:
-                seen.add(key)
+            if key not in position:
+                position[key] = len(unique)
                 unique.append(t)
-        return cls(unique, kind=kind, block_size=block_size)
+            names[name] = position[key]
+        paged = cls(unique, kind=kind, block_size=block_size)
+        paged.layer_index = names
+        return paged
 
     # ------------------------------------------------------------------ facts
     @property

@@ -337,8 +337,12 @@ def _launch(geo: tuple, vec: int, slots: torch.Tensor, *, tok0: int, n_tok: int,
     key = _launch_key(cvals + (consts["num_warps"],), args) if _DIRECT["on"] else None
     compiled = _COMPILED.get(key) if key is not None else None
     if compiled is not None:
-        compiled[grid](*args, *cvals, stream=stream)
-        return
+        try:
+            compiled[grid](*args, *cvals, stream=stream)
+            return
+        except TypeError:  # this Triton's CompiledKernel launcher takes other arguments: use the binder
+            _DIRECT["on"] = False
+            _COMPILED.clear()
     compiled = _kv_copy[grid](*args, TO_PAGED=to_paged, USE_TABLE=table is not None, VEC=vec, **consts)
     if key is not None and compiled is not None:
         _COMPILED[key] = compiled

@@ -9,12 +9,14 @@ A thin adapter: it translates vLLM objects into the engine-agnostic
                            "kv_role":"kv_both",
                            "kv_connector_extra_config":{"chunk_size":256,"tiers":["cpu","disk"]}}'
 
-Loads are issued in ``start_load_kv`` for all layers, before the forward (on a
-GPU the forward's stream waits on the copy; on CPU it is done when the call
-returns); ``wait_for_layer_load`` and ``save_kv_layer`` are no-ops; saves happen
-in ``wait_for_save`` after the forward, before the step returns. The copies are
+Layer-wise: the step's loads and saves are planned in ``start_load_kv`` (or at
+the first layer hook, whichever comes first); ``wait_for_layer_load(layer)``
+puts that layer's loaded KV in place before its attention (GPU: the forward's
+stream waits for that layer's copy, enqueued at the start; CPU: copied then);
+``save_kv_layer(layer)`` copies that layer out right after its attention;
+``wait_for_save`` finishes both before the step returns. The copies are
 :mod:`kvtier.transfer`'s gather/scatter (Triton kernels on a GPU, torch on CPU).
-See docs/vllm.md.
+See docs/vllm.md and :mod:`kvtier.vllm.worker`.
 """
 
 from __future__ import annotations
@@ -121,7 +123,10 @@ class KVTierConnector(KVConnectorBase_V1):
         self._requests: dict[str, Request] = {}
         self.ledger: PrefixLedger | None = None
         self.worker: KVWorker | None = None
+        self._layer_index: dict[str, int] = {}
         self._failed_blocks: set[int] = set()
+        self._step_meta: KVTierMetadata | None = None  # the step whose loads/saves are planned
+        self._step_failed_reqs: set[str] = set()
         if role == KVConnectorRole.SCHEDULER:
             self.ledger = PrefixLedger(self.store, self.namespace, self.config.chunk_size, block_size,
                                        self.config.hash)
@@ -215,33 +220,51 @@ class KVTierConnector(KVConnectorBase_V1):
             raise ConfigError(f"kvtier: the engine registered {paged.num_layers} KV cache tensors, "
                               f"its config lists {self.layout.num_layers} layers")
         self.worker = KVWorker(self.store, paged, self.config.chunk_size)
+        self._layer_index = paged.layer_index
         self.worker.warm_up()  # Triton: compile the kernels now, not in the first request's step
         log.info("kvtier: KV cache layout %s, transfer backend %s", paged.describe(),
                  self.worker.backend.__name__.rsplit(".", 1)[-1])
 
-    def start_load_kv(self, forward_context, **kwargs: Any) -> None:
+    def _begin_step(self) -> None:
+        """Plan the bound step's loads and saves, once (from whichever hook runs first).
+
+        vLLM calls ``start_load_kv`` before the forward when the step has loads, and may
+        call it after the forward otherwise; the layer hooks start the step too, so a
+        load is never planned after the attention that needs it.
+        """
         meta = self._get_connector_metadata()
-        if not meta.loads or self.worker is None:
-            self._failed_reqs = set()
+        if self._step_meta is meta or self.worker is None:
             return
-        blocks, reqs = self.worker.load(meta.loads)
+        self._step_meta = meta
+        blocks, reqs = self.worker.start_load(meta.loads) if meta.loads else (set(), set())
         self._failed_blocks |= blocks
-        self._failed_reqs = reqs
+        self._step_failed_reqs = reqs
+        if meta.saves:
+            self.worker.start_save(meta.saves)
+
+    def start_load_kv(self, forward_context, **kwargs: Any) -> None:
+        self._begin_step()
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # every layer was loaded in start_load_kv, before the forward
+        self._begin_step()
+        index = self._layer_index.get(layer_name)
+        if index is not None:
+            self.worker.load_layer(index)
 
     def save_kv_layer(self, layer_name: str, kv_layer, attn_metadata, **kwargs: Any) -> None:
-        return  # all layers are saved at once in wait_for_save
+        self._begin_step()
+        index = self._layer_index.get(layer_name)
+        if index is not None:
+            self.worker.save_layer(index)
 
     def wait_for_save(self) -> None:
-        meta = self._get_connector_metadata()
+        self._begin_step()
         if self.worker is not None:
-            if meta.saves:
-                self.worker.save(meta.saves, getattr(self, "_failed_reqs", set()))
-            else:
-                self.worker.finish_step()
-        self._failed_reqs = set()
+            blocks, reqs = self.worker.finish_load()
+            self._failed_blocks |= blocks
+            self.worker.finish_save(skip_reqs=self._step_failed_reqs | reqs)
+        self._step_meta = None
+        self._step_failed_reqs = set()
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         failed, self._failed_blocks = self._failed_blocks, set()

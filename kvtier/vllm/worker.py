@@ -1,30 +1,44 @@
-"""Worker side: execute a step's loads and saves against the paged KV cache.
+"""Worker side: execute a step's loads and saves against the paged KV cache, layer by layer.
 
 Engine-agnostic: the cache is a :class:`kvtier.transfer.PagedKV` (built by the
 connector from vLLM's ``register_kv_caches``), and every copy goes through
 :func:`kvtier.transfer.scatter` / :func:`~kvtier.transfer.gather` -- the torch
-reference on CPU, the Triton kernels on a CUDA GPU. One call per request moves
-all of its chunks; the slot mapping says which token goes where (-1: not written).
+reference on CPU, the Triton kernels on a CUDA GPU. A step's loads (and its
+saves) are planned once, all requests together, into one slot mapping over their
+chunks (-1: token not written); each layer then moves with one call.
 
-- :meth:`KVWorker.load` runs before the forward pass, all layers at once. A load
-  writes only the slots of tokens in ``[start, end)``: a chunk that begins below
-  ``start`` is read whole but its lower tokens are not written (slot -1 and
-  ``skip_prefix_n_tokens``), so blocks below ``start`` -- possibly shared through
-  prefix caching with running requests -- are never touched. A chunk that cannot
-  be had (evicted, corrupt, tier down) writes nothing and its blocks are returned
-  as failed, for the engine to recompute. On a GPU the forward's stream is made to
-  wait on the copy (``Transfer.wait_on``), without blocking the host; the host
-  chunk references are released once the copy is done.
-- :meth:`KVWorker.save` runs after the forward pass, before the step returns, so
-  the blocks are still the request's: it copies each chunk out of the paged cache
-  into a host slot, waits for the copy, and commits it; writing to lower tiers
-  happens later, from host memory only.
+A step, as the connector drives it::
+
+    start_load(loads); start_save(saves)     # before the forward: plan, fetch chunks
+    for each layer: load_layer(l); <attention l>; save_layer(l)
+    finish_load(); finish_save(skip)         # after the forward, before the step returns
+
+- **Loads.** A load writes only the slots of tokens in ``[start, end)``: a chunk
+  that begins below ``start`` is read whole but its lower tokens map to -1, so
+  blocks below ``start`` -- possibly shared through prefix caching with running
+  requests -- are never touched. A chunk that cannot be had (evicted, corrupt, tier
+  down) is left out of the plan and its blocks are reported as failed, for the
+  engine to recompute. On a GPU every layer's copy is enqueued at ``start_load``
+  (side streams, layer order) and ``load_layer(l)`` makes the forward's stream wait
+  for layer ``l`` only, so the copy of later layers overlaps the compute of earlier
+  ones; on CPU ``load_layer(l)`` copies layer ``l`` right before its attention.
+  A layer whose ``load_layer`` never ran (its attention read the cache without
+  waiting) or whose copy raised fails every load of the step at ``finish_load``:
+  the engine recomputes rather than keep KV computed on a partial cache.
+- **Saves.** ``save_layer(l)`` copies layer ``l`` of every planned chunk out of the
+  paged cache into host slots as soon as its attention has written it (on a GPU,
+  enqueued behind the forward's work so far, overlapping the later layers).
+  ``finish_save`` copies layers whose hook did not run, waits for every copy (the
+  engine may reuse the blocks once the step returns) and commits the chunks;
+  requests whose load failed commit nothing. Writing to lower tiers happens later,
+  from host memory only.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -32,6 +46,32 @@ from kvtier.transfer import PagedKV, Transfer, backend_for, gather, scatter
 from kvtier.vllm.scheduler import LoadSpec, SaveSpec
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Loads:
+    """One step's planned loads: one mapping over every chunk, one copy per layer."""
+
+    mapping: torch.Tensor
+    bufs: list[torch.Tensor]
+    refs: list  # host chunks, released once every copy is done
+    blocks: set[int]  # blocks written, reported as failed if the step's loads fail
+    reqs: set[str]
+    copies: list[Transfer | None]  # per layer; None: not issued (or raised)
+    ready: list[bool]  # per layer: copied (CPU) or waited on by the forward's stream (GPU)
+    broken: bool = False  # a copy raised
+
+
+@dataclass
+class _Saves:
+    """One step's planned saves: host slots allocated, one copy per layer."""
+
+    mapping: torch.Tensor
+    bufs: list[torch.Tensor]
+    items: list[tuple[str, bytes, object]]  # (request, key, host ref), in buffer order
+    copies: list[Transfer] = field(default_factory=list)
+    saved: list[bool] = field(default_factory=list)
+    broken: bool = False
 
 
 class KVWorker:
@@ -42,11 +82,15 @@ class KVWorker:
         self.paged = paged
         self.chunk_size = chunk_size
         self.block_size = paged.block_size
+        self.num_layers = paged.num_layers
         self.chunk_nbytes = paged.chunk_nbytes(chunk_size)
         self.backend = backend_for(paged)
-        # Loads whose host chunks must outlive the (GPU) copy: (transfer, refs).
-        self._in_flight: list[tuple[Transfer, list]] = []
-        self.stats = {"loaded_tokens": 0, "failed_chunks": 0, "saved_chunks": 0, "skipped_saves": 0}
+        # On a GPU copies are enqueued on side streams and complete later.
+        self.cuda = paged.device.type == "cuda"
+        self._loads: _Loads | None = None
+        self._saves: _Saves | None = None
+        self.stats = {"loaded_tokens": 0, "failed_chunks": 0, "saved_chunks": 0, "skipped_saves": 0,
+                      "unready_layer_loads": 0}
 
     # ------------------------------------------------------------------ helpers
     def _slots(self, block_ids: list[int], lo: int, hi: int) -> torch.Tensor:
@@ -63,28 +107,11 @@ class KVWorker:
     def _buf(self, ref) -> torch.Tensor:
         return ref.data[:self.chunk_nbytes]
 
-    def _reap(self, block: bool = False) -> None:
-        """Release the host chunks of loads whose copy is done (all of them, waiting, if ``block``)."""
-        keep = []
-        for t, refs in self._in_flight:
-            if block:
-                t.wait()
-            if block or t.done():
-                for ref in refs:
-                    ref.release()
-            else:
-                keep.append((t, refs))
-        self._in_flight = keep
-
-    def finish_step(self) -> None:
-        """End of a step (after the forward): release the host chunks of this step's loads."""
-        self._reap(block=True)  # the forward was enqueued after every load's copy: they are done
-
     def warm_up(self) -> None:
         """Compile the copy kernels now (Triton JIT, ~1 s each) instead of in the first request's step.
 
-        A gather and a scatter of one chunk with slot -1 everywhere: they write nothing
-        in the cache. No-op for the torch backend.
+        A gather and a scatter of one chunk with slot -1 everywhere, whole and per layer:
+        they write nothing in the cache. No-op for the torch backend.
         """
         from kvtier.transfer import torch_ref
 
@@ -95,20 +122,26 @@ class KVWorker:
             self.chunk_nbytes, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
         try:
             none = torch.full((self.chunk_size,), -1, dtype=torch.int64)
-            gather(self.paged, none, [buf]).wait()
-            scatter(self.paged, none, [buf]).wait()
+            for layers in [None] + [(i, i + 1) for i in range(self.num_layers)]:
+                gather(self.paged, none, [buf], layers=layers).wait()
+                scatter(self.paged, none, [buf], layers=layers).wait()
         finally:
             if ref is not None:
                 ref.release()
 
     # ------------------------------------------------------------------ load
-    def load(self, specs: Iterable[LoadSpec]) -> tuple[set[int], set[str]]:
-        """Run loads; returns (block ids that failed, request ids with a failure)."""
-        self._reap()
+    def start_load(self, specs: Iterable[LoadSpec]) -> tuple[set[int], set[str]]:
+        """Plan a step's loads (fetch chunks, map slots); returns (failed block ids, their requests).
+
+        Failures known now -- a chunk missing, corrupt or unreachable, a block table too
+        short -- write nothing. On a GPU every layer's copy is enqueued here.
+        """
+        if self._loads is not None:  # the previous step was not finished: never keep its chunks
+            log.warning("kvtier: a step's loads were not finished; finishing them now")
+            self.finish_load()
         failed_blocks: set[int] = set()
         failed_reqs: set[str] = set()
         c = self.chunk_size
-        cuda = self.paged.device.type == "cuda"
 
         def fail(spec: LoadSpec, ranges: Iterable[tuple[int, int]], chunks: int = 0) -> None:
             """Report the blocks of token ranges ``ranges`` of ``spec`` as not loaded."""
@@ -118,23 +151,20 @@ class KVWorker:
             self.stats["failed_chunks"] += chunks
             self.store.metrics.load_errors.inc()
 
+        refs: list = []
+        parts: list[torch.Tensor] = []
+        blocks: set[int] = set()
+        reqs: set[str] = set()
         for spec in specs:
             if not spec.keys:
                 fail(spec, [(spec.start, spec.end)])
                 continue
             try:
-                refs = self.store.get(spec.keys)
+                got = self.store.get(spec.keys)
             except Exception:  # the store should not raise; if it does, it is a miss
                 log.exception("kvtier: store.get raised; treating the load as failed")
-                refs = [None] * len(spec.keys)
-            # One scatter for every chunk we have: chunk k of the call is `used[k]`, its
-            # mapping holds the slots of its tokens in [start, end) and -1 elsewhere.
-            used: list = []
-            parts: list[torch.Tensor] = []
-            skip = 0
-            tokens = 0
-            ranges: list[tuple[int, int]] = []
-            for i, ref in enumerate(refs):
+                got = [None] * len(spec.keys)
+            for i, ref in enumerate(got):
                 base = (spec.first_chunk + i) * c
                 lo, hi = max(spec.start, base), min(spec.end, base + c)
                 if hi <= lo:
@@ -144,6 +174,7 @@ class KVWorker:
                 if ref is None:
                     fail(spec, [(lo, hi)], chunks=1)
                     continue
+                # Slots of tokens [lo, hi); -1 elsewhere (below start: shared blocks, never written).
                 m = torch.full((c,), -1, dtype=torch.int64)
                 try:
                     m[lo - base:hi - base] = self._slots(spec.block_ids, lo, hi)
@@ -153,62 +184,153 @@ class KVWorker:
                     ref.release()
                     fail(spec, [(lo, hi)])
                     continue
-                if not used:
-                    skip = lo - base  # a load starting mid-chunk: tokens below start are not written
-                used.append(ref)
+                refs.append(ref)
                 parts.append(m)
-                ranges.append((lo, hi))
-                tokens += hi - lo
-            if not used:
-                continue
-            try:
-                t = scatter(self.paged, torch.cat(parts), [self._buf(r) for r in used], skip)
-            except Exception:
-                log.exception("kvtier: loading %d chunks of %s failed; reporting them failed", len(used), spec.req_id)
-                for ref in used:
-                    ref.release()
-                fail(spec, ranges, chunks=len(used))
-                continue
-            if cuda:
-                t.wait_on(torch.cuda.current_stream(self.paged.device))  # the forward reads after the copy
-            self._in_flight.append((t, used))
-            self.stats["loaded_tokens"] += tokens
-        self._reap()
+                blocks |= self._blocks_of(spec.block_ids, lo, hi)
+                reqs.add(spec.req_id)
+                self.stats["loaded_tokens"] += hi - lo
+        if refs:
+            n = self.num_layers
+            self._loads = _Loads(torch.cat(parts), [self._buf(r) for r in refs], refs, blocks, reqs,
+                                 [None] * n, [False] * n)
+            if self.cuda:
+                for layer in range(n):
+                    self._copy_in(layer)
         return failed_blocks, failed_reqs
 
-    # ------------------------------------------------------------------ save
-    def save(self, specs: Iterable[SaveSpec], skip_reqs: set[str] = frozenset()) -> None:
-        """Copy each planned chunk out of the paged cache and commit it to the store.
+    def _copy_in(self, layer: int) -> None:
+        ld = self._loads
+        try:
+            ld.copies[layer] = scatter(self.paged, ld.mapping, ld.bufs, layers=(layer, layer + 1))
+        except Exception:
+            log.exception("kvtier: loading layer %d of %d chunks failed; the step's loads will be "
+                          "reported failed", layer, len(ld.bufs))
+            ld.broken = True
 
-        Requests in ``skip_reqs`` (a load of theirs failed this step, so KV computed
-        on top of it is wrong) save nothing. A full host pool skips the save.
+    def load_layer(self, layer: int) -> None:
+        """Before layer ``layer``'s attention reads the cache: its loaded KV is in place.
+
+        CPU: copies it now. GPU: the current (forward) stream waits for its copy,
+        without blocking the host. No-op when the step loads nothing.
         """
-        self.finish_step()
+        ld = self._loads
+        if ld is None or ld.ready[layer]:
+            return
+        if not self.cuda:
+            self._copy_in(layer)
+        t = ld.copies[layer]
+        if t is not None and self.cuda:
+            t.wait_on(torch.cuda.current_stream(self.paged.device))
+        ld.ready[layer] = True
+
+    def finish_load(self) -> tuple[set[int], set[str]]:
+        """After the forward: release the step's host chunks; returns (failed block ids, requests).
+
+        Nothing fails unless a copy raised or a layer was never made ready by
+        :meth:`load_layer` before the forward ended; then every load of the step is
+        reported, since its attention may have read the cache before the copy.
+        """
+        ld, self._loads = self._loads, None
+        if ld is None:
+            return set(), set()
+        for t in ld.copies:
+            if t is not None:
+                t.wait()
+        for ref in ld.refs:
+            ref.release()
+        unready = [i for i, ok in enumerate(ld.ready) if not ok]
+        if not ld.broken and not unready:
+            return set(), set()
+        if unready:
+            self.stats["unready_layer_loads"] += 1
+            log.warning("kvtier: layers %s were not waited for before their attention (no "
+                        "wait_for_layer_load); reporting the step's loads failed so they are recomputed",
+                        unready[:8])
+        self.stats["failed_chunks"] += len(ld.refs)
+        self.stats["loaded_tokens"] -= int((ld.mapping >= 0).sum())
+        self.store.metrics.load_errors.inc()
+        return set(ld.blocks), set(ld.reqs)
+
+    def load(self, specs: Iterable[LoadSpec]) -> tuple[set[int], set[str]]:
+        """All layers at once (tools, tests): :meth:`start_load`, every layer, :meth:`finish_load`."""
+        blocks, reqs = self.start_load(specs)
+        for layer in range(self.num_layers):
+            self.load_layer(layer)
+        b2, r2 = self.finish_load()
+        return blocks | b2, reqs | r2
+
+    # ------------------------------------------------------------------ save
+    def start_save(self, specs: Iterable[SaveSpec]) -> None:
+        """Plan a step's saves: a host slot per chunk (a full pool skips the chunk), one mapping."""
+        if self._saves is not None:
+            log.warning("kvtier: a step's saves were not finished; dropping them")
+            self._drop_saves()
         c = self.chunk_size
+        items, parts = [], []
         for spec in specs:
-            if spec.req_id in skip_reqs:
-                self.stats["skipped_saves"] += len(spec.keys)
-                continue
-            refs, keys, parts = [], [], []
             for ci, key in zip(spec.chunk_indices, spec.keys):
+                try:
+                    slots = self._slots(spec.block_ids, ci * c, (ci + 1) * c)
+                except Exception:  # block table too short: a planning bug, never a crash
+                    log.exception("kvtier: no slots for chunk %d of %s; not saved", ci, spec.req_id)
+                    self.stats["skipped_saves"] += 1
+                    continue
                 ref = self.store.allocate()
                 if ref is None:
                     self.stats["skipped_saves"] += 1
                     continue
-                refs.append(ref)
-                keys.append(key)
-                parts.append((ci * c, (ci + 1) * c))
-            if not refs:
-                continue
-            try:
-                mapping = torch.cat([self._slots(spec.block_ids, lo, hi) for lo, hi in parts])
-                # Waited for here: the engine may reuse the blocks once the step returns.
-                gather(self.paged, mapping, [self._buf(r) for r in refs]).wait()
-            except Exception:
-                for ref in refs:
-                    ref.release()
-                log.exception("kvtier: saving %d chunks of %s failed; skipped", len(refs), spec.req_id)
-                continue
-            for key, ref in zip(keys, refs):
+                items.append((spec.req_id, key, ref))
+                parts.append(slots)
+        if items:
+            self._saves = _Saves(torch.cat(parts), [self._buf(r) for _, _, r in items], items,
+                                 saved=[False] * self.num_layers)
+
+    def save_layer(self, layer: int) -> None:
+        """After layer ``layer``'s attention wrote the step's KV: copy it out (GPU: enqueued)."""
+        sv = self._saves
+        if sv is None or sv.saved[layer]:
+            return
+        sv.saved[layer] = True
+        try:
+            sv.copies.append(gather(self.paged, sv.mapping, sv.bufs, layers=(layer, layer + 1)))
+        except Exception:
+            log.exception("kvtier: saving layer %d of %d chunks failed; the step saves nothing", layer,
+                          len(sv.bufs))
+            sv.broken = True
+
+    def finish_save(self, skip_reqs: set[str] = frozenset()) -> None:
+        """Copy layers not saved yet, wait for every copy, commit (requests in ``skip_reqs`` do not).
+
+        Requests in ``skip_reqs`` had a load fail this step: KV computed on top of it is wrong.
+        """
+        sv = self._saves
+        if sv is None:
+            return
+        for layer in range(self.num_layers):
+            self.save_layer(layer)  # layers whose hook did not run; the blocks are still the request's
+        self._saves = None
+        try:
+            for t in sv.copies:
+                t.wait()
+        except Exception:
+            log.exception("kvtier: waiting for a save failed; the step saves nothing")
+            sv.broken = True
+        for req_id, key, ref in sv.items:
+            if sv.broken or req_id in skip_reqs:
+                ref.release()
+                self.stats["skipped_saves"] += 1
+            else:
                 self.store.commit(key, ref)
                 self.stats["saved_chunks"] += 1
+
+    def _drop_saves(self) -> None:
+        sv, self._saves = self._saves, None
+        for t in sv.copies:
+            t.wait()
+        for _, _, ref in sv.items:
+            ref.release()
+
+    def save(self, specs: Iterable[SaveSpec], skip_reqs: set[str] = frozenset()) -> None:
+        """All layers at once (tools, tests): :meth:`start_save` then :meth:`finish_save`."""
+        self.start_save(specs)
+        self.finish_save(skip_reqs)

@@ -74,7 +74,7 @@ def test_load_mid_chunk_leaves_shared_slots_untouched(store):
     start, end = 300, 500  # local prefix (shared blocks) ends at 300, inside chunk 1
     failed, _ = w.load([LoadSpec("r", 100, end, 0, keys, block_ids)])
     assert not failed
-    # The forward's stream waits on the copy: a read queued on it now sees the loaded data.
+    # load() waits for the copies: the cache now holds the loaded data.
     for layer, cache in enumerate(caches.values()):
         for t in range(0, 32 * BS):
             k, v = _kv_of(cache, block_ids[t // BS] * BS + t % BS)
@@ -84,8 +84,7 @@ def test_load_mid_chunk_leaves_shared_slots_untouched(store):
                 assert torch.equal(v.cpu(), chunks[ci][1, layer, t % C])
             else:
                 assert bool((k == SENTINEL).all()) and bool((v == SENTINEL).all()), f"token {t} written"
-    w.finish_step()
-    assert not w._in_flight
+    assert w._loads is None  # load() finishes the step: host chunks released
     # A second load starting mid-chunk 1 onto fresh sentinel blocks.
     caches2 = _caches()
     w2 = KVWorker(store, PagedKV.from_vllm(caches2, block_size=BS), C)
@@ -97,7 +96,6 @@ def test_load_mid_chunk_leaves_shared_slots_untouched(store):
                 assert torch.equal(k.cpu(), chunks[1][0, layer, t - C])
             else:
                 assert bool((k == SENTINEL).all()) and bool((v == SENTINEL).all()), f"token {t} written"
-    w2.finish_step()
 
 
 def test_save_then_load_roundtrip(store):
@@ -116,7 +114,6 @@ def test_save_then_load_roundtrip(store):
     dst = list(range(47, 15, -1))
     failed, _ = w2.load([LoadSpec("q", 0, 511, 0, keys, dst)])
     assert not failed
-    w2.finish_step()
     for (n, a), b in zip(src_caches.items(), dst_caches.values()):
         for t in range(512):
             s_slot, d_slot = src[t // BS] * BS + t % BS, dst[t // BS] * BS + t % BS
@@ -125,3 +122,38 @@ def test_save_then_load_roundtrip(store):
                 assert all(torch.equal(x, y) for x, y in zip(got, _kv_of(a, s_slot))), (n, t)
             else:  # the last token is not loaded
                 assert all(bool((x == SENTINEL).all()) for x in got)
+
+
+def test_layer_wise_step_on_the_forward_stream(store):
+    """start_load enqueues every layer; load_layer(l) makes the current stream wait for layer l:
+    a read queued on it right after sees that layer's loaded KV, layer by layer. Saves taken at
+    each layer's hook after writes queued on the stream hold those writes."""
+    keys, chunks = _put(store, 2)
+    caches = _caches()
+    w = KVWorker(store, PagedKV.from_vllm(caches, block_size=BS), C)
+    w.warm_up()
+    block_ids = list(range(5, 5 + 32))
+    failed, _ = w.start_load([LoadSpec("r", 100, 500, 0, keys, block_ids)])
+    assert not failed
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        for layer, cache in enumerate(caches.values()):
+            w.load_layer(layer)
+            got = cache[0, block_ids[300 // BS], 300 % BS].reshape(-1).clone()  # queued on s, after the wait
+            s.synchronize()
+            assert torch.equal(got.cpu(), chunks[1][0, layer, 300 - C])
+    assert w.finish_load() == (set(), set())
+    # Saves: each layer written on the stream (behind a sleep), then its hook.
+    save_keys = [b"lw-save-0".ljust(16, b"\0")]
+    w.start_save([SaveSpec("r", [0], save_keys, block_ids)])
+    with torch.cuda.stream(s):
+        for layer, cache in enumerate(caches.values()):
+            torch.cuda._sleep(20_000_000)
+            cache.fill_(float(layer + 1))
+            w.save_layer(layer)
+    w.finish_save()
+    ref = store.get(save_keys)[0]
+    saved = ref.data[:w.chunk_nbytes].view(torch.float32).view(2, L, C, H * D)
+    for layer in range(L):
+        assert bool((saved[:, layer] == float(layer + 1)).all())
+    ref.release()

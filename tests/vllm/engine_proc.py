@@ -7,9 +7,10 @@ share a process. The child runs the engine in-process
 multi-process mode, and then instruments it:
 
 - counts preemptions (the real ``Scheduler._preempt_request``);
-- checks, around every kvtier load, that no slot of a token below the load's
-  ``start`` is written (those blocks may be shared with running requests): they hold
-  sentinels while the load runs, and get their contents back after;
+- checks, around every copy of a kvtier load (one per layer, during the forward), that
+  no slot of a token below its load's ``start`` is written (those blocks may be shared
+  with running requests): they hold sentinels while the copy runs, and get their
+  contents back after;
 - can inject faults: ``align_down_load`` makes loads start at their chunk's
   boundary (the known overlap bug); ``evict_before_load`` deletes a load's chunks from every
   tier just before the worker fetches them (evicted between lookup and load).
@@ -99,7 +100,12 @@ class EngineProc:
         return self.call("generate", prompts=prompts, max_tokens=max_tokens, reset=reset)
 
     def stats(self) -> dict:
-        return self.call("stats")
+        st = self.call("stats")
+        # Every layer's load was waited for by its attention (layer-wise hooks ran): the
+        # worker's safety net (fail the step's loads, recompute) never had to fire.
+        unready = st.get("worker", {}).get("unready_layer_loads", 0)
+        assert unready == 0, f"{unready} steps had layers whose attention ran without wait_for_layer_load"
+        return st
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -177,32 +183,27 @@ def _child(cfg: dict) -> None:
             kv_connector="KVTierConnector", kv_connector_module_path="kvtier.vllm", kv_role="kv_both",
             kv_connector_extra_config=cfg["kvtier"],
         )
-        orig_load = kv_worker.KVWorker.load
+        orig_start_load = kv_worker.KVWorker.start_load
+        orig_finish_load = kv_worker.KVWorker.finish_load
+        guard: dict = {"slots": None}  # the step's guarded slots, while its loads run
 
-        def checked_load(self, specs):
+        def checked_start_load(self, specs):
             specs = list(specs)
             bs = self.block_size
 
             def slots_of(s, lo, hi):
                 t = torch.arange(lo, hi)
-                return t, torch.as_tensor(s.block_ids, dtype=torch.int64)[t // bs] * bs + t % bs
+                return torch.as_tensor(s.block_ids, dtype=torch.int64)[t // bs] * bs + t % bs
 
             # Slots some load of this step owns (a request admitted in the same step may share
             # another's freshly loaded blocks through the prefix cache; that load may write them).
-            owned = torch.cat([slots_of(s, s.start, s.end)[1] for s in specs]) if specs else torch.zeros(0)
+            owned = torch.cat([slots_of(s, s.start, s.end) for s in specs]) if specs else torch.zeros(0)
             # Every slot below some load's start that no load of this step owns: several loads
             # of one step may share those blocks (prefix caching), so take each slot once.
-            below = [slots_of(s, 0, s.start)[1] for s in specs if s.start > 0]
+            below = [slots_of(s, 0, s.start) for s in specs if s.start > 0]
             guarded = torch.unique(torch.cat(below)) if below else torch.zeros(0, dtype=torch.int64)
             guarded = guarded[~torch.isin(guarded, owned)]
-            snap = None
-            if guarded.numel():
-                snap = torch.zeros(self.paged.chunk_shape(guarded.numel()), dtype=self.paged.dtype)
-                kv_gather(self.paged, guarded, [snap]).wait()
-                # Sentinels in those slots for the load's duration (their contents restored
-                # after): a load that wrote there, even the very bytes they held, is caught.
-                # Safe here: the engine runs in-process and nothing reads the cache meanwhile.
-                kv_scatter(self.paged, guarded, [torch.full_like(snap, SENTINEL)]).wait()
+            guard["slots"] = guarded if guarded.numel() else None
             counters["mid_chunk_loads"] += sum(1 for s in specs if s.start % self.chunk_size)
             if "kill_before_load" in faults and specs:
                 import signal
@@ -220,21 +221,38 @@ def _child(cfg: dict) -> None:
                 for s in specs:
                     s.start = s.start // self.chunk_size * self.chunk_size
                 counters["faults_injected"] += 1
-            out = orig_load(self, specs)
-            if snap is not None:
+            return orig_start_load(self, specs)
+
+        def checked_finish_load(self):
+            guard["slots"] = None
+            return orig_finish_load(self)
+
+        def checked_scatter(paged, mapping, chunks, skip=0, **kw):
+            """Every copy of a load (one per layer, during the forward): sentinels in the step's
+            guarded slots around it, their contents restored after. Safe: the engine runs
+            in-process on CPU, so nothing reads the cache while the copy runs."""
+            guarded = guard["slots"]
+            if guarded is None:
+                return kv_scatter(paged, mapping, chunks, skip, **kw)
+            snap = torch.zeros(paged.chunk_shape(guarded.numel()), dtype=paged.dtype)
+            kv_gather(paged, guarded, [snap]).wait()
+            kv_scatter(paged, guarded, [torch.full_like(snap, SENTINEL)]).wait()
+            try:
+                return kv_scatter(paged, mapping, chunks, skip, **kw)
+            finally:
                 now = torch.zeros_like(snap)
-                kv_gather(self.paged, guarded, [now]).wait()
+                kv_gather(paged, guarded, [now]).wait()
                 counters["overlap_checks"] += 1
                 if not (now == SENTINEL).all():
                     counters["overlap_violations"] += 1
                     changed = (now != SENTINEL).reshape(-1, guarded.numel()).any(0)
-                    print(f"kvtier overlap violation: slots {guarded[changed].tolist()}; loads "
-                          f"{[(x.req_id, x.start, x.end, x.first_chunk, len(x.keys), x.block_ids) for x in specs]}",
-                          file=sys.stderr, flush=True)
-                kv_scatter(self.paged, guarded, [snap]).wait()
-            return out
+                    print(f"kvtier overlap violation: slots {guarded[changed].tolist()} (layers "
+                          f"{kw.get('layers')})", file=sys.stderr, flush=True)
+                kv_scatter(paged, guarded, [snap]).wait()
 
-        kv_worker.KVWorker.load = checked_load
+        kv_worker.KVWorker.start_load = checked_start_load
+        kv_worker.KVWorker.finish_load = checked_finish_load
+        kv_worker.scatter = checked_scatter
     try:
         llm = LLM(model=cfg["model"], skip_tokenizer_init=True, enforce_eager=True, dtype="float32",
                   disable_log_stats=True, **kw)

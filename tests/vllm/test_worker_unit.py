@@ -160,8 +160,8 @@ def test_layouts_detected_and_unsupported_refused():
         PagedKV.from_vllm({"l.0": torch.zeros(NB, H, BS, 2 * D, device="meta")})
 
 
-def test_load_batches_chunks_into_one_scatter(store, monkeypatch):
-    """All chunks of a request's load go through one scatter; a missing chunk is left out of it."""
+def test_load_is_one_scatter_per_layer_over_all_chunks(store, monkeypatch):
+    """A step's chunks move with one scatter per layer (layer-wise); a missing chunk is left out."""
     import kvtier.vllm.worker as worker_mod
 
     keys, chunks = _setup(store)
@@ -169,7 +169,7 @@ def test_load_batches_chunks_into_one_scatter(store, monkeypatch):
     real = worker_mod.scatter
 
     def spy(paged, mapping, bufs, skip=0, **kw):
-        calls.append((mapping.clone(), len(bufs), skip))
+        calls.append((mapping.clone(), len(bufs), skip, kw.get("layers")))
         return real(paged, mapping, bufs, skip, **kw)
 
     monkeypatch.setattr(worker_mod, "scatter", spy)
@@ -182,16 +182,18 @@ def test_load_batches_chunks_into_one_scatter(store, monkeypatch):
         caches = _cpu_cache()
         w = KVWorker(store, PagedKV.from_vllm(caches, block_size=BS), C)
         failed, reqs = w.load([LoadSpec("r", start, end, 0, keys[:2], block_ids)])
-        assert len(calls) == 1
-        mapping, n, skip = calls[0]
+        assert [c[3] for c in calls] == [(layer, layer + 1) for layer in range(L)]
+        assert all(torch.equal(c[0], calls[0][0]) for c in calls)
+        mapping, n, skip, _ = calls[0]
+        assert skip == 0  # tokens below start are -1 in the mapping
         if missing is None:
             assert not failed and not reqs
-            assert n == 2 and skip == start and mapping.numel() == 2 * C
+            assert n == 2 and mapping.numel() == 2 * C
             assert (mapping[:start] == -1).all() and (mapping[end:] == -1).all() and (mapping[start:end] >= 0).all()
             loaded = range(start, end)
         else:  # chunk 0 missing: its blocks fail, chunk 1 alone is scattered, from its start
             assert reqs == {"r"} and failed == set(block_ids[start // BS:C // BS])
-            assert n == 1 and skip == 0 and mapping.numel() == C
+            assert n == 1 and mapping.numel() == C
             assert (mapping[:end - C] >= 0).all() and (mapping[end - C:] == -1).all()
             loaded = range(C, end)
         for layer, cache in enumerate(caches.values()):
@@ -203,7 +205,7 @@ def test_load_batches_chunks_into_one_scatter(store, monkeypatch):
                 else:
                     assert (k == SENTINEL).all() and (v == SENTINEL).all(), f"slot of token {t} was written"
         assert w.stats["loaded_tokens"] == len(loaded)
-        assert not w._in_flight  # host chunks released: a CPU copy is done when scatter returns
+        assert w._loads is None  # the step is finished: host chunks released
 
 
 def test_full_pool_skips_save(store):
@@ -219,3 +221,110 @@ def test_full_pool_skips_save(store):
     for ref in held:
         ref.release()
     assert store.contains(keys[:2]) == [False, False]
+
+
+# ---------------------------------------------------------------------- layer by layer
+def _loaded(cache, block_ids, lo, hi, chunk, base):
+    """Tokens [lo, hi) of ``cache`` hold chunk ``chunk`` (token t at row t - base)."""
+    return all(torch.equal(_kv_of(cache, block_ids[t // BS] * BS + t % BS)[0], chunk[0, 0, t - base])
+               for t in range(lo, hi))
+
+
+def test_layer_wise_load_copies_each_layer_at_its_hook(store):
+    """CPU: start_load plans; load_layer(l) puts layer l in place (and only it); finish releases."""
+    keys, chunks = _setup(store)
+    caches = list(_cpu_cache().values())
+    w = KVWorker(store, PagedKV.from_vllm({f"l.{i}": c for i, c in enumerate(caches)}, block_size=BS), C)
+    block_ids = list(range(3, 3 + 19))
+    free = store.pool.free_slots
+    failed, _ = w.start_load([LoadSpec("r", 256, 500, 1, [keys[1]], block_ids)])
+    assert not failed
+    assert all((c == SENTINEL).all() for c in caches)  # nothing moves before the hooks
+    w.load_layer(0)
+    assert _loaded(caches[0], block_ids, 256, 500, chunks[1], 256)
+    assert (caches[1] == SENTINEL).all()  # layer 1 waits for its own hook
+    w.load_layer(1)
+    w.load_layer(1)  # a second call for a layer (names sharing a tensor) does nothing more
+    v = caches[1].view(NB, H, 2 * BS, D)
+    assert torch.equal(v[block_ids[8], :, 0].reshape(-1), chunks[1][0, 1, 0])
+    assert w.finish_load() == (set(), set())
+    assert w._loads is None and store.pool.free_slots == free  # the chunk's reference is released
+
+
+def test_layer_not_waited_for_fails_the_steps_loads(store):
+    """Attention of layer 1 ran without load_layer(1): every load of the step is reported failed."""
+    keys, _ = _setup(store)
+    w = KVWorker(store, PagedKV.from_vllm(_cpu_cache(), block_size=BS), C)
+    ids_a, ids_b = list(range(0, 19)), list(range(19, 38))
+    failed, _ = w.start_load([LoadSpec("a", 0, 300, 0, keys[:2], ids_a),
+                              LoadSpec("b", 256, 400, 1, [keys[1]], ids_b)])
+    assert not failed
+    w.load_layer(0)
+    blocks, reqs = w.finish_load()
+    assert reqs == {"a", "b"}
+    assert blocks == set(ids_a[:(300 - 1) // BS + 1]) | set(ids_b[256 // BS:(400 - 1) // BS + 1])
+    assert w.stats["unready_layer_loads"] == 1 and w.stats["loaded_tokens"] == 0
+
+
+def test_layer_copy_that_raises_fails_the_steps_loads(store, monkeypatch):
+    import kvtier.vllm.worker as worker_mod
+
+    keys, _ = _setup(store)
+    real = worker_mod.scatter
+
+    def flaky(paged, mapping, bufs, skip=0, **kw):
+        if kw.get("layers") == (1, 2):
+            raise RuntimeError("injected copy failure")
+        return real(paged, mapping, bufs, skip, **kw)
+
+    monkeypatch.setattr(worker_mod, "scatter", flaky)
+    w = KVWorker(store, PagedKV.from_vllm(_cpu_cache(), block_size=BS), C)
+    ids = list(range(0, 19))
+    w.start_load([LoadSpec("a", 0, 300, 0, keys[:2], ids)])
+    w.load_layer(0)
+    w.load_layer(1)  # raises inside: logged, never out of the hook
+    blocks, reqs = w.finish_load()
+    assert reqs == {"a"} and blocks == set(ids[:(300 - 1) // BS + 1])
+
+
+def test_layer_wise_save_copies_each_layer_at_its_hook(store):
+    """save_layer(l) copies layer l when called: later writes to it are not in the saved chunk;
+    layers whose hook never ran are copied at finish_save."""
+    caches = list(_cpu_cache().values())
+    for c in caches:
+        c.copy_(torch.randn_like(c))
+    w = KVWorker(store, PagedKV.from_vllm({f"l.{i}": c for i, c in enumerate(caches)}, block_size=BS), C)
+    ns = Namespace("unit-lw", "float32", L, H, D)
+    keys = chunk_keys(ns, list(range(300)), C)
+    src = list(range(20, 28))
+    w.start_save([SaveSpec("r", [0], keys[:1], src)])
+    at_hook = caches[0].clone()
+    w.save_layer(0)
+    caches[0].fill_(1.0)  # the engine reuses the blocks of layer 0 after its save
+    caches[1].fill_(2.0)  # layer 1 is written after its (missing) hook: finish_save copies it then
+    w.finish_save()
+    assert store.contains(keys[:1]) == [True]
+    ref = store.get(keys[:1])[0]
+    saved = ref.data[:w.chunk_nbytes].view(torch.float32).view(2, L, C, H * D).clone()
+    ref.release()
+    for t in (0, 100, 255):
+        slot = src[t // BS] * BS + t % BS
+        k0, v0 = _kv_of(at_hook, slot)
+        assert torch.equal(saved[0, 0, t], k0) and torch.equal(saved[1, 0, t], v0)
+        assert (saved[:, 1, t] == 2.0).all()
+
+
+def test_failed_request_commits_nothing_and_returns_its_slots(store):
+    caches = _cpu_cache()
+    w = KVWorker(store, PagedKV.from_vllm(caches, block_size=BS), C)
+    ns = Namespace("unit-skip", "float32", L, H, D)
+    keys = chunk_keys(ns, list(range(600)), C)
+    free = store.pool.free_slots
+    w.start_save([SaveSpec("ok", [0], keys[:1], list(range(8))), SaveSpec("bad", [1], keys[1:2], list(range(8, 24)))])
+    assert store.pool.free_slots == free - 2
+    for layer in range(L):
+        w.save_layer(layer)
+    w.finish_save(skip_reqs={"bad"})
+    assert store.contains(keys[:2]) == [True, False]
+    assert w.stats["saved_chunks"] == 1 and w.stats["skipped_saves"] == 1
+    assert store.pool.free_slots == free - 1  # the skipped chunk's slot is back; the committed one is held
