@@ -7,10 +7,12 @@ copy. One step loads (or saves) ``--tokens`` tokens of prefix and runs the forwa
 
 * ``forward``          -- the forward alone (no copy);
 * ``copy``             -- the pinned contiguous copy of the same bytes alone (the limit);
-* ``all-then-forward`` -- every layer's copy is waited for before layer 0 (what a
-  connector without layer hooks does), resp. every layer saved after the forward;
+* ``all-then-forward`` -- one copy of all layers, waited for before layer 0 (what a
+  connector without layer hooks does), resp. one copy of all layers after the forward;
 * ``layer-wise``       -- the connector's hooks: ``load_layer(l)`` before layer l,
-  ``save_layer(l)`` after it, so copies overlap the compute of other layers.
+  ``save_layer(l)`` after it, copies of layer groups (the worker's default,
+  ``MIN_RUN_BYTES`` per run: 8 layers here) overlapping the compute of other layers;
+* ``per-layer``        -- the same hooks with one copy per layer (``layers_per_copy=1``).
 
 The step time is measured from the first host call to the end of ``finish_*``;
 ratios are printed against ``forward + copy`` (no overlap) measured in the same run.
@@ -53,8 +55,11 @@ def main() -> None:
     paged = PagedKV.from_vllm({f"model.layers.{i}.self_attn.attn": t for i, t in enumerate(layers)})
     layout = ChunkLayout(L, C, H * D, DT)
     store = Store(KVTierConfig(chunk_size=C, tiers=("cpu",), cpu_bytes=(3 * n // C + 4) * layout.nbytes), layout)
-    w = KVWorker(store, paged, C)
-    w.warm_up()
+    w = KVWorker(store, paged, C)  # layer groups (the default)
+    w_all = KVWorker(store, paged, C, layers_per_copy=L)  # one copy of all layers
+    w_one = KVWorker(store, paged, C, layers_per_copy=1)  # one copy per layer
+    for x in (w, w_all, w_one):
+        x.warm_up()
     keys = [f"lw-{i}".encode().ljust(16, b"\0") for i in range(n // C)]
     for k in keys:
         assert store.put(k, torch.randint(0, 255, (layout.nbytes,), dtype=torch.uint8))
@@ -103,41 +108,44 @@ def main() -> None:
             layer_compute(per_layer)
 
     def load_all_then_forward():
-        assert w.start_load([spec]) == (set(), set())
-        for layer in range(L):
-            w.load_layer(layer)
+        assert w_all.start_load([spec]) == (set(), set())
+        w_all.load_layer(0)  # the one copy of every layer
         forward()
-        assert w.finish_load() == (set(), set())
+        assert w_all.finish_load() == (set(), set())
 
-    def load_layer_wise():
-        assert w.start_load([spec]) == (set(), set())
+    def load_layer_wise(wk):
+        assert wk.start_load([spec]) == (set(), set())
         for layer in range(L):
-            w.load_layer(layer)
+            wk.load_layer(layer)
             layer_compute(per_layer)
-        assert w.finish_load() == (set(), set())
+        assert wk.finish_load() == (set(), set())
 
     def save_forward_then_all():
-        w.start_save([SaveSpec("r", list(range(n // C)), save_keys, block_ids)])
+        w_all.start_save([SaveSpec("r", list(range(n // C)), save_keys, block_ids)])
         forward()
-        w.finish_save()
+        w_all.finish_save()
 
-    def save_layer_wise():
-        w.start_save([SaveSpec("r", list(range(n // C)), save_keys, block_ids)])
+    def save_layer_wise(wk):
+        wk.start_save([SaveSpec("r", list(range(n // C)), save_keys, block_ids)])
         for layer in range(L):
             layer_compute(per_layer)
-            w.save_layer(layer)
-        w.finish_save()
+            wk.save_layer(layer)
+        wk.finish_save()
 
     results = {"command": "python3 " + " ".join(shlex.quote(x) for x in sys.argv), "device":
                torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": n, "bytes": nbytes,
-               "matmuls_per_layer": per_layer}
+               "matmuls_per_layer": per_layer, "layer_groups": w.groups}
     fwd = timed(forward)
     cp_load = timed(lambda: devbuf.copy_(host, non_blocking=True))
     cp_save = timed(lambda: host.copy_(devbuf, non_blocking=True))
     rows = {
         "forward": fwd, "copy-load": cp_load, "copy-save": cp_save,
-        "load-all-then-forward": timed(load_all_then_forward), "load-layer-wise": timed(load_layer_wise),
-        "save-forward-then-all": timed(save_forward_then_all), "save-layer-wise": timed(save_layer_wise),
+        "load-all-then-forward": timed(load_all_then_forward),
+        "load-layer-wise": timed(lambda: load_layer_wise(w)),
+        "load-per-layer": timed(lambda: load_layer_wise(w_one)),
+        "save-forward-then-all": timed(save_forward_then_all),
+        "save-layer-wise": timed(lambda: save_layer_wise(w)),
+        "save-per-layer": timed(lambda: save_layer_wise(w_one)),
     }
     for name, s in rows.items():
         serial = fwd + (cp_load if "load" in name else cp_save)
@@ -145,8 +153,9 @@ def main() -> None:
                          else None}
         print(f"{name:24s} {s * 1e3:8.2f} ms" + (f"   {s / serial:.2f} of forward+copy ({serial * 1e3:.2f} ms)"
                                                  if name.startswith(("load-", "save-")) else ""), flush=True)
-    results["worker_stats"] = dict(w.stats)
-    assert w.stats["skipped_saves"] == 0 and w.stats["failed_chunks"] == 0, w.stats
+    for name, x in (("groups", w), ("all", w_all), ("per_layer", w_one)):
+        results[f"worker_stats_{name}"] = dict(x.stats)
+        assert x.stats["skipped_saves"] == 0 and x.stats["failed_chunks"] == 0, x.stats
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
     store.close()

@@ -13,6 +13,12 @@ A step, as the connector drives it::
     for each layer: load_layer(l); <attention l>; save_layer(l)
     finish_load(); finish_save(skip)         # after the forward, before the step returns
 
+Copies move a *group* of consecutive layers (``layers_per_copy``): one layer on CPU;
+on a GPU as many as make each contiguous host run at least :data:`MIN_RUN_BYTES`,
+because every DMA and kernel launch costs the host tens of microseconds and per-layer
+runs of a chunk are small (Llama-8B: 512 KiB per layer and K/V of a 256-token chunk,
+so 8 layers per copy). Measured in ``benchmarks/bench_layerwise.py``.
+
 - **Loads.** A load writes only the slots of tokens in ``[start, end)``: a chunk
   that begins below ``start`` is read whole but its lower tokens map to -1, so
   blocks below ``start`` -- possibly shared through prefix caching with running
@@ -47,6 +53,11 @@ from kvtier.vllm.scheduler import LoadSpec, SaveSpec
 
 log = logging.getLogger(__name__)
 
+# Smallest contiguous host run a GPU layer-group copy should move (bytes of one chunk's K,
+# or V, over the group's layers): a DMA this size takes ~75 us at PCIe Gen5 speed, several
+# times the host cost of issuing it, so the host keeps ahead of the copy engine.
+MIN_RUN_BYTES = 4 << 20
+
 
 @dataclass
 class _Loads:
@@ -57,8 +68,8 @@ class _Loads:
     refs: list  # host chunks, released once every copy is done
     blocks: set[int]  # blocks written, reported as failed if the step's loads fail
     reqs: set[str]
-    copies: list[Transfer | None]  # per layer; None: not issued (or raised)
-    ready: list[bool]  # per layer: copied (CPU) or waited on by the forward's stream (GPU)
+    copies: list[Transfer | None]  # per layer group; None: not issued (or raised)
+    ready: list[bool]  # per layer group: copied (CPU) or waited on by the forward's stream (GPU)
     broken: bool = False  # a copy raised
 
 
@@ -70,12 +81,14 @@ class _Saves:
     bufs: list[torch.Tensor]
     items: list[tuple[str, bytes, object]]  # (request, key, host ref), in buffer order
     copies: list[Transfer] = field(default_factory=list)
-    saved: list[bool] = field(default_factory=list)
+    written: list[bool] = field(default_factory=list)  # per layer: its attention is done (hook ran)
+    copied: list[bool] = field(default_factory=list)  # per layer group
     broken: bool = False
 
 
 class KVWorker:
-    def __init__(self, store, paged: PagedKV, chunk_size: int) -> None:
+    def __init__(self, store, paged: PagedKV, chunk_size: int, layers_per_copy: int | None = None) -> None:
+        """``layers_per_copy``: layers moved by one copy (default: 1 on CPU, by :data:`MIN_RUN_BYTES` on a GPU)."""
         if chunk_size % paged.block_size:
             raise ValueError(f"chunk_size={chunk_size} is not a multiple of the cache's block size {paged.block_size}")
         self.store = store
@@ -87,6 +100,12 @@ class KVWorker:
         self.backend = backend_for(paged)
         # On a GPU copies are enqueued on side streams and complete later.
         self.cuda = paged.device.type == "cuda"
+        if layers_per_copy is None:
+            run = chunk_size * paged.width * paged.itemsize  # one chunk's K (or V) of one layer
+            layers_per_copy = -(-MIN_RUN_BYTES // run) if self.cuda else 1
+        g = max(1, min(int(layers_per_copy), self.num_layers))
+        self.groups = [(lo, min(lo + g, self.num_layers)) for lo in range(0, self.num_layers, g)]
+        self._group_of = [i // g for i in range(self.num_layers)]
         self._loads: _Loads | None = None
         self._saves: _Saves | None = None
         self.stats = {"loaded_tokens": 0, "failed_chunks": 0, "saved_chunks": 0, "skipped_saves": 0,
@@ -122,7 +141,7 @@ class KVWorker:
             self.chunk_nbytes, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
         try:
             none = torch.full((self.chunk_size,), -1, dtype=torch.int64)
-            for layers in [None] + [(i, i + 1) for i in range(self.num_layers)]:
+            for layers in [None] + self.groups:
                 gather(self.paged, none, [buf], layers=layers).wait()
                 scatter(self.paged, none, [buf], layers=layers).wait()
         finally:
@@ -190,38 +209,39 @@ class KVWorker:
                 reqs.add(spec.req_id)
                 self.stats["loaded_tokens"] += hi - lo
         if refs:
-            n = self.num_layers
+            n = len(self.groups)
             self._loads = _Loads(torch.cat(parts), [self._buf(r) for r in refs], refs, blocks, reqs,
                                  [None] * n, [False] * n)
             if self.cuda:
-                for layer in range(n):
-                    self._copy_in(layer)
+                for g in range(n):
+                    self._copy_in(g)
         return failed_blocks, failed_reqs
 
-    def _copy_in(self, layer: int) -> None:
+    def _copy_in(self, group: int) -> None:
         ld = self._loads
         try:
-            ld.copies[layer] = scatter(self.paged, ld.mapping, ld.bufs, layers=(layer, layer + 1))
+            ld.copies[group] = scatter(self.paged, ld.mapping, ld.bufs, layers=self.groups[group])
         except Exception:
-            log.exception("kvtier: loading layer %d of %d chunks failed; the step's loads will be "
-                          "reported failed", layer, len(ld.bufs))
+            log.exception("kvtier: loading layers %s of %d chunks failed; the step's loads will be "
+                          "reported failed", self.groups[group], len(ld.bufs))
             ld.broken = True
 
     def load_layer(self, layer: int) -> None:
         """Before layer ``layer``'s attention reads the cache: its loaded KV is in place.
 
-        CPU: copies it now. GPU: the current (forward) stream waits for its copy,
-        without blocking the host. No-op when the step loads nothing.
+        CPU: copies its layer group now. GPU: the current (forward) stream waits for
+        the group's copy, without blocking the host. No-op when the step loads nothing.
         """
         ld = self._loads
-        if ld is None or ld.ready[layer]:
+        g = self._group_of[layer]
+        if ld is None or ld.ready[g]:
             return
         if not self.cuda:
-            self._copy_in(layer)
-        t = ld.copies[layer]
+            self._copy_in(g)
+        t = ld.copies[g]
         if t is not None and self.cuda:
             t.wait_on(torch.cuda.current_stream(self.paged.device))
-        ld.ready[layer] = True
+        ld.ready[g] = True
 
     def finish_load(self) -> tuple[set[int], set[str]]:
         """After the forward: release the step's host chunks; returns (failed block ids, requests).
@@ -238,12 +258,12 @@ class KVWorker:
                 t.wait()
         for ref in ld.refs:
             ref.release()
-        unready = [i for i, ok in enumerate(ld.ready) if not ok]
+        unready = [self.groups[i] for i, ok in enumerate(ld.ready) if not ok]
         if not ld.broken and not unready:
             return set(), set()
         if unready:
             self.stats["unready_layer_loads"] += 1
-            log.warning("kvtier: layers %s were not waited for before their attention (no "
+            log.warning("kvtier: layer groups %s were not waited for before their attention (no "
                         "wait_for_layer_load); reporting the step's loads failed so they are recomputed",
                         unready[:8])
         self.stats["failed_chunks"] += len(ld.refs)
@@ -283,19 +303,28 @@ class KVWorker:
                 parts.append(slots)
         if items:
             self._saves = _Saves(torch.cat(parts), [self._buf(r) for _, _, r in items], items,
-                                 saved=[False] * self.num_layers)
+                                 written=[False] * self.num_layers, copied=[False] * len(self.groups))
 
     def save_layer(self, layer: int) -> None:
-        """After layer ``layer``'s attention wrote the step's KV: copy it out (GPU: enqueued)."""
+        """After layer ``layer``'s attention wrote the step's KV: once every layer of its
+        group has, copy the group out (GPU: enqueued behind the forward's work so far)."""
         sv = self._saves
-        if sv is None or sv.saved[layer]:
+        if sv is None:
             return
-        sv.saved[layer] = True
+        sv.written[layer] = True
+        g = self._group_of[layer]
+        lo, hi = self.groups[g]
+        if not sv.copied[g] and all(sv.written[lo:hi]):
+            self._copy_out(g)
+
+    def _copy_out(self, group: int) -> None:
+        sv = self._saves
+        sv.copied[group] = True
         try:
-            sv.copies.append(gather(self.paged, sv.mapping, sv.bufs, layers=(layer, layer + 1)))
+            sv.copies.append(gather(self.paged, sv.mapping, sv.bufs, layers=self.groups[group]))
         except Exception:
-            log.exception("kvtier: saving layer %d of %d chunks failed; the step saves nothing", layer,
-                          len(sv.bufs))
+            log.exception("kvtier: saving layers %s of %d chunks failed; the step saves nothing",
+                          self.groups[group], len(sv.bufs))
             sv.broken = True
 
     def finish_save(self, skip_reqs: set[str] = frozenset()) -> None:
@@ -306,8 +335,9 @@ class KVWorker:
         sv = self._saves
         if sv is None:
             return
-        for layer in range(self.num_layers):
-            self.save_layer(layer)  # layers whose hook did not run; the blocks are still the request's
+        for g, done in enumerate(sv.copied):
+            if not done:  # a hook of its layers did not run; the blocks are still the request's
+                self._copy_out(g)
         self._saves = None
         try:
             for t in sv.copies:

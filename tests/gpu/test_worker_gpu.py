@@ -157,3 +157,14 @@ def test_layer_wise_step_on_the_forward_stream(store):
     for layer in range(L):
         assert bool((saved[:, layer] == float(layer + 1)).all())
     ref.release()
+
+
+def test_gpu_layer_groups_follow_min_run_bytes():
+    """Llama-8B geometry on a GPU (512 KiB per layer and K/V of a 256-token chunk): 8 layers per
+    copy, so a step issues 4 copies, not 32."""
+    from kvtier.vllm.worker import MIN_RUN_BYTES
+
+    paged = PagedKV([torch.empty(2, 4, 16, 8, 128, dtype=torch.bfloat16, device="cuda") for _ in range(32)], "flash")
+    w = KVWorker(None, paged, 256)
+    assert MIN_RUN_BYTES == 4 << 20
+    assert w.groups == [(0, 8), (8, 16), (16, 24), (24, 32)]

@@ -328,3 +328,57 @@ def test_failed_request_commits_nothing_and_returns_its_slots(store):
     assert store.contains(keys[:2]) == [True, False]
     assert w.stats["saved_chunks"] == 1 and w.stats["skipped_saves"] == 1
     assert store.pool.free_slots == free - 1  # the skipped chunk's slot is back; the committed one is held
+
+
+def test_layer_groups_copy_once_all_their_layers_are_due(monkeypatch):
+    """layers_per_copy=2 on 4 layers: a load copies a group at its first layer's hook; a save
+    copies a group only once every layer of it has been written (hooks in any order), and the
+    groups whose hooks never ran at finish_save."""
+    import kvtier.vllm.worker as worker_mod
+
+    calls = []
+    for name in ("gather", "scatter"):
+        real = getattr(worker_mod, name)
+
+        def spy(paged, mapping, bufs, skip=0, real=real, name=name, **kw):
+            calls.append((name, kw.get("layers")))
+            return real(paged, mapping, bufs, skip, **kw)
+
+        monkeypatch.setattr(worker_mod, name, spy)
+    n_layers = 4
+    st = Store(KVTierConfig(chunk_size=C, tiers=("cpu",), cpu_bytes=8 * 2**20),
+               ChunkLayout(n_layers, C, H * D, torch.float32))
+    try:
+        caches = [torch.randn(NB, H, BS, 2 * D) for _ in range(n_layers)]
+        w = KVWorker(st, PagedKV.from_vllm({f"l.{i}": c for i, c in enumerate(caches)}, block_size=BS), C,
+                     layers_per_copy=2)
+        assert w.groups == [(0, 2), (2, 4)]
+        key = b"group-load".ljust(16, b"\0")
+        assert st.put(key, torch.randn(2, n_layers, C, H * D).view(torch.uint8).reshape(-1))
+        w.start_load([LoadSpec("r", 0, C, 0, [key], list(range(8)))])
+        for layer in range(n_layers):
+            w.load_layer(layer)
+        assert calls == [("scatter", (0, 2)), ("scatter", (2, 4))]
+        assert w.finish_load() == (set(), set())
+        calls.clear()
+        out = b"group-save".ljust(16, b"\0")
+        w.start_save([SaveSpec("r", [0], [out], list(range(8, 16)))])
+        w.save_layer(1)
+        assert calls == []  # layer 0 of the group is not written yet
+        w.save_layer(0)
+        assert calls == [("gather", (0, 2))]
+        for c in caches:
+            c.fill_(3.0)  # after the group's copy; group (2, 4) has no hook: copied at finish, with these
+        w.finish_save()
+        assert calls == [("gather", (0, 2)), ("gather", (2, 4))]
+        ref = st.get([out])[0]
+        saved = ref.data[:w.chunk_nbytes].view(torch.float32).view(2, n_layers, C, H * D)
+        assert not (saved[:, :2] == 3.0).all() and (saved[:, 2:] == 3.0).all()
+        ref.release()
+    finally:
+        st.close()
+
+
+def test_cpu_copies_one_layer_at_a_time():
+    paged = PagedKV.from_vllm(_cpu_cache(), block_size=BS)
+    assert KVWorker(None, paged, C).groups == [(0, 1), (1, 2)]
