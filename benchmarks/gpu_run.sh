@@ -2,7 +2,8 @@
 # Every GPU step of one device lease: the GPU tests, the transfer benchmark, the host-side
 # profile of a 256-token call, and the layer-wise worker benchmark. Run from the repo root on
 # a CUDA machine; wheels missing there (blake3, redis, msgspec, pyzmq) travel in .whl/.
-# Results land in $OUT (default /tmp/kvtier-gpu). SWEEP=1 adds the staging-size sweep.
+# Results land in $OUT (default /tmp/kvtier-gpu). SWEEP=1 adds the staging-size sweep; REPEAT=N
+# runs the 256/2048-token sizes N-1 more times.
 set -uo pipefail
 OUT=${OUT:-/tmp/kvtier-gpu}
 mkdir -p "$OUT"
@@ -20,6 +21,10 @@ python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/transfer_gpu
 echo "== bench_transfer"
 python3 benchmarks/bench_transfer.py ${SWEEP:+--sweep} --out "$OUT/transfer.json" > "$OUT/bench.log" 2>&1
 tail -45 "$OUT/bench.log"
+for i in $(seq 2 "${REPEAT:-1}"); do  # repeats of the small sizes, for the run-to-run spread
+  python3 benchmarks/bench_transfer.py --tokens 256,2048 --out "$OUT/transfer_rep$i.json" > "$OUT/bench_rep$i.log" 2>&1
+  grep -E "^ +256 .*(copy|kvtier-staged) " "$OUT/bench_rep$i.log"
+done
 echo "== profile"
 python3 benchmarks/bench_transfer.py --profile --out /dev/null > "$OUT/profile.txt" 2>&1
 grep "host time" "$OUT/profile.txt"

@@ -291,11 +291,12 @@ def _geometry(paged: PagedKV, d: _Dev, word: int, tokens: int) -> tuple:
         isz = paged.itemsize
         w_words = paged.width * isz // word
         bt, bw, warps = _blocks(w_words, tokens)
-        g = cache[key] = (
-            d.anchor.view(_WORD_DTYPE[word]) if word != 8 else d.anchor, _layer_table(paged, d, word),
-            paged.num_slots, paged.num_layers,
-            paged.block_stride * isz // word, paged.kv_stride * isz // word, paged.token_stride * isz // word,
+        fixed = (d.anchor.view(_WORD_DTYPE[word]) if word != 8 else d.anchor, _layer_table(paged, d, word),
+                 paged.num_slots, paged.num_layers,
+                 paged.block_stride * isz // word, paged.kv_stride * isz // word, paged.token_stride * isz // word)
+        g = cache[key] = fixed + (
             dict(W=w_words, T=tokens, BS=paged.block_size, BLOCK_T=bt, BLOCK_W=bw, num_warps=warps), bt,
+            (warps,) + _launch_key(fixed),
         )
     return g
 
@@ -304,9 +305,10 @@ def _geometry(paged: PagedKV, d: _Dev, word: int, tokens: int) -> tuple:
 # argument binding, which costs tens of microseconds of host time per launch.
 _COMPILED: dict = {}
 _DIRECT = {"on": os.environ.get("KVTIER_TRITON_DIRECT", "1") != "0" and not _INTERPRET}
+_KNOBS = getattr(triton, "knobs", None) if _HAVE_TRITON else None
 
 
-def _launch_key(consts: tuple, args: tuple) -> tuple:
+def _launch_key(args: tuple) -> tuple:
     """What Triton picks a compiled variant by, kept at least as fine as Triton's own key.
 
     Triton specialises pointers on dtype and 16-byte alignment and integers on width
@@ -314,7 +316,7 @@ def _launch_key(consts: tuple, args: tuple) -> tuple:
     ``do_not_specialize``); this key takes all three for every integer, so two launches
     with one key always run the same compiled code.
     """
-    key = [consts]
+    key = []
     for a in args:
         if isinstance(a, torch.Tensor):
             key.append((a.dtype, a.data_ptr() % 16 == 0))
@@ -323,29 +325,52 @@ def _launch_key(consts: tuple, args: tuple) -> tuple:
     return tuple(key)
 
 
+def _fast_path(compiled):
+    """(launcher, function, packed metadata) of a compiled kernel; None where this Triton differs."""
+    try:
+        compiled._init_handles()
+        return compiled.run, compiled.function, compiled.packed_metadata
+    except Exception:  # noqa: BLE001 - an older/newer CompiledKernel: use its runner instead
+        return None
+
+
+def _hooks_off() -> bool:
+    """No launch hooks (profilers) are installed, so launching without them loses nothing."""
+    rt = getattr(_KNOBS, "runtime", None)
+    return rt is not None and rt.launch_enter_hook is None and rt.launch_exit_hook is None
+
+
 def _launch(geo: tuple, vec: int, slots: torch.Tensor, *, tok0: int, n_tok: int, pair0: int, n_pairs: int,
             skip: int, to_paged: bool, stream: int, table: torch.Tensor | None = None, buf_base: int = 0,
             buf_stride: int = 0) -> None:
     """One kernel launch on raw CUDA stream ``stream`` (which must also be the current stream)."""
-    anchor, layer_tab, num_slots, n_layers, bstr, kvstr, tstr, consts, bt = geo
+    anchor, layer_tab, num_slots, n_layers, bstr, kvstr, tstr, consts, bt, fixed_key = geo
     grid = (triton.cdiv(n_tok, bt), n_pairs, 1)
-    args = (anchor, layer_tab, table if table is not None else slots,  # unused pointer when not USE_TABLE
-            buf_base, buf_stride, slots, tok0, n_tok, pair0, skip, num_slots, n_layers, bstr, kvstr, tstr)
-    # Constexprs in the kernel's parameter order, then the launch option.
+    buf_off = table if table is not None else slots  # unused pointer when not USE_TABLE
+    args = (anchor, layer_tab, buf_off, buf_base, buf_stride, slots, tok0, n_tok, pair0, skip, num_slots,
+            n_layers, bstr, kvstr, tstr)
+    # Constexprs in the kernel's parameter order (the launcher takes them, and skips them).
     cvals = (consts["W"], consts["T"], consts["BS"], to_paged, table is not None, consts["BLOCK_T"],
              consts["BLOCK_W"], vec)
-    key = _launch_key(cvals + (consts["num_warps"],), args) if _DIRECT["on"] else None
-    compiled = _COMPILED.get(key) if key is not None else None
-    if compiled is not None:
-        try:
-            compiled[grid](*args, *cvals, stream=stream)
-            return
-        except TypeError:  # this Triton's CompiledKernel launcher takes other arguments: use the binder
-            _DIRECT["on"] = False
-            _COMPILED.clear()
+    key = None
+    if _DIRECT["on"]:  # the per-geometry arguments are keyed once, in fixed_key
+        key = (fixed_key, cvals) + _launch_key((buf_off, buf_base, buf_stride, slots, tok0, n_tok, pair0, skip))
+        entry = _COMPILED.get(key)
+        if entry is not None:
+            compiled, fast = entry
+            try:
+                if fast is not None and _hooks_off():
+                    fast[0](grid[0], grid[1], 1, stream, fast[1], fast[2], None, None, None, *args, *cvals)
+                else:
+                    compiled[grid](*args, *cvals, stream=stream)
+                return
+            except TypeError:  # this Triton's launcher takes other arguments: use the binder from now on
+                _DIRECT["on"] = False
+                _COMPILED.clear()
+                key = None
     compiled = _kv_copy[grid](*args, TO_PAGED=to_paged, USE_TABLE=table is not None, VEC=vec, **consts)
     if key is not None and compiled is not None:
-        _COMPILED[key] = compiled
+        _COMPILED[key] = (compiled, _fast_path(compiled))
 
 
 def _raw(c: torch.Tensor) -> torch.Tensor:
@@ -455,7 +480,11 @@ def _staged(d: _Dev, paged: PagedKV, slots: torch.Tensor, raws: list, tokens: in
     geo = _geometry(paged, d, word, tokens)
     a = d.anchor.data_ptr()
     last = None
-    pieces = list(_pieces(paged, len(raws), tokens, ring.slot_bytes, runs))
+    pkey = (len(raws), tokens, ring.slot_bytes, tuple(runs), _CFG["min_pieces"])
+    cache = paged.__dict__.setdefault("_kvtier_pieces", {})
+    pieces = cache.get(pkey)
+    if pieces is None:
+        pieces = cache[pkey] = list(_pieces(paged, len(raws), tokens, ring.slot_bytes, runs))
     for i_piece, (c0, c1, p0, npairs) in enumerate(pieces):
         final = i_piece == len(pieces) - 1
         j = ring.next
