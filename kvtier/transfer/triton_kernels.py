@@ -42,6 +42,7 @@ whether it can run.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import threading
@@ -60,6 +61,8 @@ except Exception:  # noqa: BLE001 - any import failure means "no Triton"
     triton = None
     tl = None
     _HAVE_TRITON = False
+
+log = logging.getLogger(__name__)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -334,10 +337,15 @@ def _fast_path(compiled):
         return None
 
 
+def _no_hook(hook) -> bool:
+    """``hook`` is unset: None, or an empty ``HookChain`` (its ``calls`` list)."""
+    return hook is None or (isinstance(getattr(hook, "calls", None), list) and not hook.calls)
+
+
 def _hooks_off() -> bool:
     """No launch hooks (profilers) are installed, so launching without them loses nothing."""
     rt = getattr(_KNOBS, "runtime", None)
-    return rt is not None and rt.launch_enter_hook is None and rt.launch_exit_hook is None
+    return rt is not None and _no_hook(rt.launch_enter_hook) and _no_hook(rt.launch_exit_hook)
 
 
 def _launch(geo: tuple, vec: int, slots: torch.Tensor, *, tok0: int, n_tok: int, pair0: int, n_pairs: int,
@@ -365,6 +373,7 @@ def _launch(geo: tuple, vec: int, slots: torch.Tensor, *, tok0: int, n_tok: int,
                     compiled[grid](*args, *cvals, stream=stream)
                 return
             except TypeError:  # this Triton's launcher takes other arguments: use the binder from now on
+                log.warning("kvtier: launching compiled Triton kernels directly failed; using Triton's binder")
                 _DIRECT["on"] = False
                 _COMPILED.clear()
                 key = None
@@ -402,8 +411,9 @@ def _move(paged: PagedKV, slot_mapping: torch.Tensor, chunks: Sequence[torch.Ten
     tokens, n = check_args(paged, slot_mapping, chunks, skip)
     runs = _pair_runs(paged, layers)
     dev = paged.device
-    slots = slot_mapping[:n]
-    if slots.device.type == "cpu":
+    slots = slot_mapping[:n] if slot_mapping.numel() != n else slot_mapping
+    host_map = slots.device.type == "cpu"
+    if host_map:
         check_slots_host(paged, slots)  # the max; -1 (skip) never raises
         if dev.type == "cuda" and not slots.is_pinned():
             # A pageable H2D blocks the host until the driver has staged it; from pinned
@@ -431,8 +441,9 @@ def _move(paged: PagedKV, slot_mapping: torch.Tensor, chunks: Sequence[torch.Ten
         try:
             _wait(ks, _event(caller, d.caller_ev))  # touch the cache only after the caller's queued work
             _use(ks)
-            slots = slots.to(dev, non_blocking=True)
-            if cuda and slot_mapping.device.type == "cuda":
+            if host_map or slots.device != dev:
+                slots = slots.to(dev, non_blocking=True)
+            elif cuda:
                 slots.record_stream(ks)  # the caller's tensor: keep its memory until ks is past it
             if direct:
                 word, vec = _word_size(paged, d.anchor.data_ptr(), [r.data_ptr() for r in raws])
