@@ -14,10 +14,12 @@ Two ways to reach host chunk buffers (``mode``):
 ``"staged"`` (default)
     The kernel gathers into (or scatters from) a small ring of device staging
     buffers laid out exactly like the host chunks, and the copy engine moves
-    each staged piece with one ``cudaMemcpyAsync`` per chunk. Kernel and DMA
-    run on two side streams and overlap piece by piece; SMs work only for the
-    device-side gather (about 1/30 of the PCIe time) and the DMA runs at the
-    speed of a plain pinned ``copy_``.
+    each staged piece with one ``cudaMemcpyAsync`` per chunk. Each ring slot
+    has its own stream, which runs its kernel and its DMAs in order, so a
+    piece needs no events; consecutive pieces alternate slots, so the kernel
+    of one overlaps the DMA of the previous. SMs work only for the device-side
+    gather (about 1/30 of the PCIe time) and the DMA runs at the speed of a
+    plain pinned ``copy_``.
 ``"uva"``
     Zero-copy: the kernel reads/writes pinned host memory directly over PCIe
     (unified virtual addressing). One launch, no staging memory, but it keeps
@@ -178,15 +180,20 @@ _STATE: dict = {}
 
 
 class _Ring:
-    """Device staging buffers; ``free[j]`` is recorded after the last op that used slot j."""
+    """Device staging buffers, each with its own stream.
+
+    Slot j is only ever touched by stream j -- the kernel that fills or drains it and
+    its DMAs -- so kernel -> DMA -> reuse of a slot is ordered by that stream alone,
+    with no events between them; consecutive pieces alternate slots, hence streams,
+    so the kernel of one piece overlaps the DMA of the previous one.
+    """
 
     def __init__(self, device: torch.device, slot_bytes: int, n: int):
         self.slot_bytes = slot_bytes
         self.bufs = [torch.empty(slot_bytes, dtype=torch.uint8, device=device) for _ in range(n)]
         cuda = device.type == "cuda"
-        self.free = [torch.cuda.Event() if cuda else None for _ in range(n)]
-        self.ready = [torch.cuda.Event() if cuda else None for _ in range(n)]
-        self.used = [False] * n
+        self.streams = [torch.cuda.Stream(device) if cuda else None for _ in range(n)]
+        self.handles = [st.cuda_stream if cuda else 0 for st in self.streams]
         self.next = 0
 
 
@@ -195,20 +202,21 @@ class _Dev:
         self.device = device
         self.anchor = torch.empty(64, dtype=torch.int64, device=device)  # 512-byte aligned
         cuda = device.type == "cuda"
-        self.kstream = torch.cuda.Stream(device) if cuda else None  # kernels
-        self.cstream = torch.cuda.Stream(device) if cuda else None  # copy engine
+        self.kstream = torch.cuda.Stream(device) if cuda else None  # direct kernels, mapping copies
         self.khandle = self.kstream.cuda_stream if cuda else 0  # raw handle, for direct launches
         self.ring: _Ring | None = None
-        self.caller_ev = torch.cuda.Event() if cuda else None  # re-recorded by each call, under lock
+        # Re-recorded by each call, under the lock (a wait captures the record before it).
+        self.caller_ev = torch.cuda.Event() if cuda else None
+        self.map_ev = torch.cuda.Event() if cuda else None
         self.lock = threading.Lock()
 
     def ring_for(self, piece_bytes: int) -> _Ring:
         size = max(_CFG["staging_bytes"], piece_bytes)
         if self.ring is None or self.ring.slot_bytes < size:
             if self.ring is not None:  # the old ring may still be in use: wait for it
-                for ev, used in zip(self.ring.free, self.ring.used):
-                    if ev is not None and used:
-                        ev.synchronize()
+                for st in self.ring.streams:
+                    if st is not None:
+                        st.synchronize()
             self.ring = _Ring(self.device, size, _CFG["staging_slots"])
         return self.ring
 
@@ -437,14 +445,17 @@ def _move(paged: PagedKV, slot_mapping: torch.Tensor, chunks: Sequence[torch.Ten
     prev = torch.cuda.current_stream(dev) if cuda else None
     caller = (stream if stream is not None else prev) if cuda else None
     with d.lock:
-        ks, cs = d.kstream, d.cstream
+        ks = d.kstream
         try:
-            _wait(ks, _event(caller, d.caller_ev))  # touch the cache only after the caller's queued work
-            _use(ks)
-            if host_map or slots.device != dev:
-                slots = slots.to(dev, non_blocking=True)
-            elif cuda:
-                slots.record_stream(ks)  # the caller's tensor: keep its memory until ks is past it
+            after = _event(caller, d.caller_ev)  # touch the cache only after the caller's queued work
+            if direct or host_map or slots.device != dev:
+                _wait(ks, after)
+                _use(ks)
+                if host_map or slots.device != dev:
+                    slots = slots.to(dev, non_blocking=True)
+                    after = _event(ks, d.map_ev)  # the staged streams start after the mapping's copy
+                elif cuda:
+                    slots.record_stream(ks)  # the caller's tensor: keep its memory until ks is past it
             if direct:
                 word, vec = _word_size(paged, d.anchor.data_ptr(), [r.data_ptr() for r in raws])
                 a = d.anchor.data_ptr()
@@ -455,7 +466,7 @@ def _move(paged: PagedKV, slot_mapping: torch.Tensor, chunks: Sequence[torch.Ten
                     _launch(geo, vec, slots, tok0=0, n_tok=n, pair0=p0, n_pairs=npairs, skip=skip,
                             to_paged=to_paged, stream=d.khandle, table=table)
                 return Transfer(_event(ks), keep=(raws, slots, table))
-            return Transfer(_staged(d, paged, slots, raws, tokens, skip, to_paged, runs), keep=(raws, slots))
+            return Transfer(_staged(d, paged, slots, raws, tokens, skip, to_paged, runs, after), keep=(raws, slots))
         finally:
             _use(prev)
 
@@ -482,51 +493,54 @@ def _pieces(paged: PagedKV, n_chunks: int, tokens: int, slot_bytes: int, runs: l
 
 
 def _staged(d: _Dev, paged: PagedKV, slots: torch.Tensor, raws: list, tokens: int, skip: int,
-            to_paged: bool, runs: list[tuple[int, int]]):
-    """Pieces through the ring; kernels on ks, DMA on cs. Returns the event after the last op."""
-    ks, cs = d.kstream, d.cstream
+            to_paged: bool, runs: list[tuple[int, int]], after) -> object:
+    """Pieces through the ring, each on its slot's stream, all after event ``after``.
+
+    A save piece is a gather kernel into the slot, then one DMA per chunk out of it; a
+    load piece the mirror image. Returns an event recorded after every piece.
+    """
     pair_bytes = tokens * paged.width * paged.itemsize
     ring = d.ring_for(pair_bytes)
     word, vec = _word_size(paged, d.anchor.data_ptr(), [b.data_ptr() for b in ring.bufs])
     geo = _geometry(paged, d, word, tokens)
     a = d.anchor.data_ptr()
-    last = None
     pkey = (len(raws), tokens, ring.slot_bytes, tuple(runs), _CFG["min_pieces"])
     cache = paged.__dict__.setdefault("_kvtier_pieces", {})
     pieces = cache.get(pkey)
     if pieces is None:
         pieces = cache[pkey] = list(_pieces(paged, len(raws), tokens, ring.slot_bytes, runs))
-    for i_piece, (c0, c1, p0, npairs) in enumerate(pieces):
-        final = i_piece == len(pieces) - 1
+    used: list[int] = []  # ring slots (streams) this call runs on, in first-use order
+    j = ring.next
+    for c0, c1, p0, npairs in pieces:
         j = ring.next
         ring.next = (j + 1) % len(ring.bufs)
+        st = ring.streams[j]
+        if j not in used:
+            used.append(j)
+            _wait(st, after)
+        _use(st)
         buf = ring.bufs[j]
         piece = npairs * pair_bytes  # bytes of one chunk inside this piece
         lo = p0 * pair_bytes
-        first_stream, second_stream = (cs, ks) if to_paged else (ks, cs)
-        if ring.used[j]:
-            _wait(first_stream, ring.free[j])  # the op that last read/wrote this slot is done
-        _use(first_stream)
+        launch = dict(tok0=c0 * tokens, n_tok=(c1 - c0) * tokens, pair0=p0, n_pairs=npairs, skip=skip,
+                      to_paged=to_paged, stream=ring.handles[j], buf_base=(buf.data_ptr() - a) // word,
+                      buf_stride=piece // word)
         if to_paged:
             for i, c in enumerate(range(c0, c1)):
                 buf[i * piece:(i + 1) * piece].copy_(raws[c][lo:lo + piece], non_blocking=True)
+            _launch(geo, vec, slots, **launch)
         else:
-            _launch(geo, vec, slots, tok0=c0 * tokens, n_tok=(c1 - c0) * tokens, pair0=p0, n_pairs=npairs,
-                    skip=skip, to_paged=False, stream=d.khandle, buf_base=(buf.data_ptr() - a) // word, buf_stride=piece // word)
-        _wait(second_stream, _event(first_stream, ring.ready[j]))
-        _use(second_stream)
-        if to_paged:
-            _launch(geo, vec, slots, tok0=c0 * tokens, n_tok=(c1 - c0) * tokens, pair0=p0, n_pairs=npairs,
-                    skip=skip, to_paged=True, stream=d.khandle, buf_base=(buf.data_ptr() - a) // word, buf_stride=piece // word)
-        else:
+            _launch(geo, vec, slots, **launch)
             for i, c in enumerate(range(c0, c1)):
                 raws[c][lo:lo + piece].copy_(buf[i * piece:(i + 1) * piece], non_blocking=True)
-        _event(second_stream, ring.free[j])
-        ring.used[j] = True
-        if final:  # a fresh event for the caller's handle (ring events are re-recorded later)
-            last = _event(second_stream)
-    _use(ks)
-    return last
+    last = ring.streams[j]  # the last piece's stream waits for the others; one event after all
+    for k in used:
+        if k != j:
+            _wait(last, _event(ring.streams[k]))
+        if ring.streams[k] is not None:
+            slots.record_stream(ring.streams[k])  # read there: keep its memory until they are past it
+    _use(d.kstream)
+    return _event(last)
 
 
 def gather(paged: PagedKV, slot_mapping: torch.Tensor, chunks: Sequence[torch.Tensor],
