@@ -126,6 +126,15 @@ class KVWorker:
     def _buf(self, ref) -> torch.Tensor:
         return ref.data[:self.chunk_nbytes]
 
+    def _mapping(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """The step's slot mapping, checked against the cache; on a GPU uploaded once (every
+        layer group's copy reads it), on the current stream, which the copies wait for."""
+        m = torch.cat(parts)
+        top = int(m.max())
+        if top >= self.paged.num_slots:
+            raise ValueError(f"slot {top} is past the cache's {self.paged.num_slots} slots")
+        return m.pin_memory().to(self.paged.device, non_blocking=True) if self.cuda else m
+
     def warm_up(self) -> None:
         """Compile the copy kernels now (Triton JIT, ~1 s each) instead of in the first request's step.
 
@@ -210,7 +219,17 @@ class KVWorker:
                 self.stats["loaded_tokens"] += hi - lo
         if refs:
             n = len(self.groups)
-            self._loads = _Loads(torch.cat(parts), [self._buf(r) for r in refs], refs, blocks, reqs,
+            try:
+                mapping = self._mapping(parts)
+            except Exception:  # a planning bug (block ids past the cache): recompute, never crash
+                log.exception("kvtier: the step's loads have no valid slot mapping; reporting them failed")
+                for ref in refs:
+                    ref.release()
+                self.stats["failed_chunks"] += len(refs)
+                self.stats["loaded_tokens"] -= sum(int((p >= 0).sum()) for p in parts)
+                self.store.metrics.load_errors.inc()
+                return failed_blocks | blocks, failed_reqs | reqs
+            self._loads = _Loads(mapping, [self._buf(r) for r in refs], refs, blocks, reqs,
                                  [None] * n, [False] * n)
             if self.cuda:
                 for g in range(n):
@@ -302,7 +321,15 @@ class KVWorker:
                 items.append((spec.req_id, key, ref))
                 parts.append(slots)
         if items:
-            self._saves = _Saves(torch.cat(parts), [self._buf(r) for _, _, r in items], items,
+            try:
+                mapping = self._mapping(parts)
+            except Exception:
+                log.exception("kvtier: the step's saves have no valid slot mapping; not saved")
+                for _, _, ref in items:
+                    ref.release()
+                self.stats["skipped_saves"] += len(items)
+                return
+            self._saves = _Saves(mapping, [self._buf(r) for _, _, r in items], items,
                                  written=[False] * self.num_layers, copied=[False] * len(self.groups))
 
     def save_layer(self, layer: int) -> None:

@@ -382,3 +382,18 @@ def test_layer_groups_copy_once_all_their_layers_are_due(monkeypatch):
 def test_cpu_copies_one_layer_at_a_time():
     paged = PagedKV.from_vllm(_cpu_cache(), block_size=BS)
     assert KVWorker(None, paged, C).groups == [(0, 1), (1, 2)]
+
+
+def test_block_ids_past_the_cache_fail_the_load_and_skip_the_save(store):
+    """A planning bug (a block id past the cache) is a recompute and a skipped save, never a crash."""
+    keys, _ = _setup(store)
+    caches = _cpu_cache()
+    w = KVWorker(store, PagedKV.from_vllm(caches, block_size=BS), C)
+    free = store.pool.free_slots
+    bad = list(range(NB - 4, NB + 4))  # tokens 0..255: the last 4 blocks do not exist
+    failed, reqs = w.start_load([LoadSpec("r", 0, 255, 0, keys[:1], bad)])
+    assert reqs == {"r"} and failed == set(bad)
+    assert w._loads is None and store.pool.free_slots == free
+    assert all((c == SENTINEL).all() for c in caches.values())
+    w.start_save([SaveSpec("s", [0], [b"never".ljust(16, b"\0")], bad)])
+    assert w._saves is None and w.stats["skipped_saves"] == 1 and store.pool.free_slots == free
