@@ -75,6 +75,9 @@ def main() -> None:
     ap.add_argument("--modes", default="staged,uva")
     ap.add_argument("--sweep", action="store_true", help="also sweep staging slot sizes")
     ap.add_argument("--profile", action="store_true", help="host-side cost of one 256-token call, then exit")
+    ap.add_argument("--layout", default="flash", choices=["flash", "kv_split"],
+                    help="flash [2, NB, 16, 8, 128] per layer, or kv_split: vLLM 0.32's GPU layout "
+                         "[NB, 8, 16, 256] over memory [NB, 16, 8, 256] (LBNHC; no torch baseline)")
     args = ap.parse_args()
     sizes = [int(x) for x in args.tokens.split(",")]
     modes = args.modes.split(",")
@@ -83,8 +86,12 @@ def main() -> None:
     nb = max_tok // BS + 256
     torch.manual_seed(0)
     t0 = time.time()
-    layers = [torch.randn(2, nb, BS, H, D, device=dev).to(DT) for _ in range(L)]
-    paged = PagedKV(layers, "flash", BS)
+    flash = args.layout == "flash"
+    if flash:
+        layers = [torch.randn(2, nb, BS, H, D, device=dev).to(DT) for _ in range(L)]
+    else:
+        layers = [torch.randn(nb, BS, H, 2 * D, device=dev).to(DT).transpose(1, 2) for _ in range(L)]
+    paged = PagedKV(layers, args.layout, BS)
     cb = paged.chunk_nbytes(T)
     host = torch.empty(cb * (max_tok // T), dtype=torch.uint8, pin_memory=True)
     host.fill_(1)
@@ -124,9 +131,10 @@ def main() -> None:
         methods = {
             ("save", "copy"): lambda: hflat.copy_(dflat, non_blocking=True),
             ("load", "copy"): lambda: dflat.copy_(hflat, non_blocking=True),
-            ("save", "torch"): torch_save,
-            ("load", "torch"): torch_load,
         }
+        if flash:
+            methods[("save", "torch")] = torch_save
+            methods[("load", "torch")] = torch_load
         for mode in modes:
             methods[("save", f"kvtier-{mode}")] = (
                 lambda mode=mode: gather(paged, mapping, chunks, mode=mode).wait_on())
@@ -166,7 +174,13 @@ def main() -> None:
     for mode in modes:
         host[: n * paged.chunk_nbytes(1)].zero_()
         gather(paged, mapping_cpu, chunks, mode=mode).wait()
-        ref = torch.stack([x.view(2, nb * BS, W)[:, mapping_cpu.to(dev)] for x in layers], 1).cpu()
+        m = mapping_cpu.to(dev)
+        if flash:
+            ref = torch.stack([x.view(2, nb * BS, W)[:, m] for x in layers], 1).cpu()
+        else:  # K = [..., :D], V = [..., D:] of each head (vLLM's split), token rows [n, H*D]
+            rows = [x.transpose(1, 2)[m // BS, m % BS] for x in layers]  # [n, H, 2D]
+            ref = torch.stack([torch.stack([r[..., :D].reshape(n, W), r[..., D:].reshape(n, W)]) for r in rows],
+                              1).cpu()
         got = chunks[0].view(DT).view(2, L, T, W)
         record(check=f"gather-{mode}", ok=bool(torch.equal(got.view(torch.int16), ref.view(torch.int16))))
 
@@ -216,9 +230,10 @@ def main() -> None:
     bg = {
         ("save", "copy"): lambda: hflat.copy_(dflat, non_blocking=True),
         ("load", "copy"): lambda: dflat.copy_(hflat, non_blocking=True),
-        ("save", "torch"): torch_save_on_xfer,
-        ("load", "torch"): torch_load_on_xfer,
     }
+    if flash:
+        bg[("save", "torch")] = torch_save_on_xfer
+        bg[("load", "torch")] = torch_load_on_xfer
     for mode in modes:
         bg[("save", f"kvtier-{mode}")] = lambda mode=mode: gather(paged, mapping, chunks, stream=xfer, mode=mode).wait_on(xfer)
         bg[("load", f"kvtier-{mode}")] = lambda mode=mode: scatter(paged, mapping, chunks, stream=xfer, mode=mode).wait_on(xfer)
@@ -240,7 +255,8 @@ def main() -> None:
         "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "shape": {"layers": L, "kv_heads": H, "head_size": D, "dtype": "bfloat16", "block_size": BS,
-                  "chunk_tokens": T, "layout": "flash [2, NB, 16, 8, 128] per layer",
+                  "chunk_tokens": T, "layout": "flash [2, NB, 16, 8, 128] per layer" if flash else
+                  "kv_split [NB, 8, 16, 256] per layer, memory [NB, 16, 8, 256] (vLLM 0.32 GPU, LBNHC)",
                   "bytes_per_token": paged.chunk_nbytes(1)},
         "kvtier_config": tk.configure(),
         "results": results,

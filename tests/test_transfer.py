@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from kvtier.transfer import LayoutError, PagedKV, detect, gather, scatter
 from kvtier.transfer import torch_ref
 
-KINDS = ["flash", "blocks_first", "cpu", "mla"]
+KINDS = ["flash", "blocks_first", "kv_split", "cpu", "mla"]
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 if hasattr(torch, "float8_e4m3fn"):
@@ -58,12 +58,13 @@ def make_layers(kind: str, L: int, NB: int, BS: int, H: int, D: int, dtype, gen,
     variant: "plain" (one allocation per layer), "one_buffer" (all layers are
     views of one allocation, like an engine that allocates one big buffer),
     "permuted" (flash <-> blocks_first: the logical shape of one, the memory
-    order of the other), "padded" (cpu/mla only: padding in memory, so a stride
+    order of the other; kv_split: tokens outside heads in memory, vLLM's LBNHC), "padded" (cpu/mla only: padding in memory, so a stride
     is not a whole piece: mla pads each token row, cpu each (block, head)).
     """
     shapes = {
         "flash": (2, NB, BS, H, D),
         "blocks_first": (NB, 2, BS, H, D),
+        "kv_split": (NB, H, BS, 2 * D),
         "cpu": (NB, H, BS, 2 * D),
         "mla": (NB, BS, D),
     }
@@ -76,6 +77,9 @@ def make_layers(kind: str, L: int, NB: int, BS: int, H: int, D: int, dtype, gen,
             n *= s
         big = random_bytes((L * n,), dtype, gen, device)
         return [big[i * n:(i + 1) * n].view(shape) for i in range(L)]
+    if variant == "permuted" and kind == "kv_split":
+        # Memory [NB, BS, H, 2D] (vLLM's LBNHC, FlashAttention's order) behind the logical [NB, H, BS, 2D].
+        return [random_bytes((NB, BS, H, 2 * D), dtype, gen, device).transpose(1, 2) for _ in range(L)]
     if variant == "permuted":
         assert kind in ("flash", "blocks_first")
         phys = (NB, 2, BS, H, D) if kind == "flash" else (2, NB, BS, H, D)
@@ -94,12 +98,16 @@ def make_layers(kind: str, L: int, NB: int, BS: int, H: int, D: int, dtype, gen,
 
 
 def row(layer: torch.Tensor, kind: str, kv: int, slot: int, bs: int) -> torch.Tensor:
-    """The (kv, slot) token row of one layer, as a view: ``[W]``, or ``[H, D]`` for ``cpu``."""
+    """The (kv, slot) token row of one layer, as a view: ``[W]``, or ``[H, D]`` for ``kv_split``/``cpu``."""
     blk, off = divmod(slot, bs)
     if kind == "flash":
         r = layer[kv, blk, off]
     elif kind == "blocks_first":
         r = layer[blk, kv, off]
+    elif kind == "kv_split":
+        # Exactly vLLM 0.32's flash_attn.py: kv_cache.transpose(1, 2).split(head_size, dim=-1).
+        key_cache, value_cache = layer.transpose(1, 2).split(layer.shape[3] // 2, dim=-1)
+        return (key_cache, value_cache)[kv][blk, off]  # [H, D]
     elif kind == "cpu":
         nb, h, bs_, d2 = layer.shape
         assert bs_ == bs
@@ -207,7 +215,7 @@ def _eq_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _variants(kind):
     v = ["plain", "one_buffer"]
-    v += ["permuted"] if kind in ("flash", "blocks_first") else ["padded"]
+    v += ["permuted"] if kind in ("flash", "blocks_first", "kv_split") else ["padded"]
     return v
 
 
@@ -325,7 +333,7 @@ def test_round_trip(kind, dtype):
 
 # ---------------------------------------------------------------------- the invariant
 @pytest.mark.parametrize("kind,variant,H", [(k, v, h) for k in KINDS for v in _variants(k)
-                                             for h in ((1, 2, 4) if k == "cpu" else (2,))])
+                                             for h in ((1, 2, 4) if k in ("cpu", "kv_split") else (2,))])
 def test_scatter_touches_only_owned_slots_every_skip(kind, variant, H):
     """Sentinel cache; a load with holes and every skip 0..T-1 writes only owned slots."""
     T = 16
@@ -411,8 +419,9 @@ def test_cpu_layout_every_head_count_vs_oracle(H, variant, dtype):
         assert all(torch.equal(a, b) for a, b in zip(ours.storages(), ref.storages()))
 
 
-def _vllm_cpu_caches(L, NB, BS, H, D, dtype):
-    """Per-layer KV caches built by vLLM's own code, as its CPU model runner does (layout LBHNC)."""
+def _vllm_caches(L, NB, BS, H, D, dtype, layout="LBHNC"):
+    """Per-layer KV caches built by vLLM's own code (``create_kv_cache_views``), in ``layout``:
+    LBHNC is what its CPU model runner uses; LBNHC, LBHNC, BLNHC are GPU layouts."""
     from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheTensor, create_kv_cache_views
     from vllm.v1.kv_cache_layout import KVCacheLayout
 
@@ -420,21 +429,35 @@ def _vllm_cpu_caches(L, NB, BS, H, D, dtype):
     page = spec.page_size_bytes
     names = [f"model.layers.{i}.self_attn.attn" for i in range(L)]
     raw = torch.zeros(page * NB * L, dtype=torch.int8)
-    tensor = KVCacheTensor(size=raw.numel(), layers=names, layer_stride=page * NB, block_stride=page)
-    views = create_kv_cache_views(raw, spec, NB, KVCacheLayout.LBHNC, tensor)
+    lay = KVCacheLayout[layout]
+    layer_stride, block_stride = (page * NB, page) if lay.is_layer_compact else (page, page * L)
+    tensor = KVCacheTensor(size=raw.numel(), layers=names, layer_stride=layer_stride, block_stride=block_stride)
+    views = create_kv_cache_views(raw, spec, NB, lay, tensor)
     return dict(zip(names, views))
 
 
+def _vllm_reader(kind, cache, D):
+    """(key_cache, value_cache) indexed [blk, h, off] exactly as vLLM 0.32's attention reads the layer."""
+    if kind == "cpu":  # cpu_attn.py
+        nb, nh, bs, _ = cache.size()
+        return cache.view((nb, nh, bs * 2, -1)).chunk(2, dim=2)
+    k, v = cache.transpose(1, 2).split(D, dim=-1)  # flash_attn.py (and FlashInfer, Triton, Flex): [NB, BS, H, D]
+    return k.transpose(1, 2), v.transpose(1, 2)
+
+
+@pytest.mark.parametrize("kind,layout", [("cpu", "LBHNC"), ("kv_split", "LBNHC"), ("kv_split", "LBHNC"),
+                                         ("kv_split", "BLNHC")])
 @pytest.mark.parametrize("H", [1, 2, 4])
-def test_scatter_lands_where_vllm_cpu_attention_reads(H):
-    """A cache built by vLLM itself; each scattered token's K and V are read back through vLLM's view."""
+def test_scatter_lands_where_vllm_attention_reads(kind, layout, H):
+    """A cache built by vLLM itself; each scattered token's K and V are read back through vLLM's view
+    (its CPU backend's for ``cpu``, its GPU backends' for ``kv_split``, built here on CPU tensors)."""
     pytest.importorskip("vllm")
     L, NB, BS, D, T = 2, 6, 32, 16, 32
-    caches = _vllm_cpu_caches(L, NB, BS, H, D, torch.float32)
+    caches = _vllm_caches(L, NB, BS, H, D, torch.float32, layout)
     first = next(iter(caches.values()))
     assert tuple(first.shape) == (NB, H, BS, 2 * D)
-    paged = PagedKV.from_vllm(caches, block_size=BS)
-    assert paged.kind == "cpu" and paged.num_layers == L
+    paged = PagedKV.from_vllm(caches, kind=None if kind == "cpu" else kind, block_size=BS)
+    assert paged.kind == kind and paged.num_layers == L
     # Token t of chunk c has K = 1000*(layer+1) + 100*t + h and V = -K (per head h, all D elements).
     n_chunks = 2
     chunks = []
@@ -451,9 +474,7 @@ def test_scatter_lands_where_vllm_cpu_attention_reads(H):
     skip = 3
     scatter(paged, mapping, chunks, skip)
     for l, cache in enumerate(caches.values()):
-        # What vLLM 0.32's CPU attention does with a layer's cache (cpu_attn.py):
-        nb, nh, bs, _ = cache.size()
-        key_cache, value_cache = cache.view((nb, nh, bs * 2, -1)).chunk(2, dim=2)
+        key_cache, value_cache = _vllm_reader(kind, cache, D)
         written = 0
         for s in range(NB * BS):
             blk, off = divmod(s, BS)
@@ -485,8 +506,8 @@ def test_detect_each_layout():
     assert detect(torch.empty(5, 2, 16, 8, 64)) == "blocks_first"
     assert detect(torch.empty(5, 8, 16, 128)) == "cpu"
     assert detect(torch.empty(5, 2, 16, 128), block_size=16) == "cpu"
-    with pytest.raises(LayoutError, match="GPU layout"):  # same shape on a GPU: not the CPU memory order
-        detect(torch.empty(5, 8, 16, 128, device="meta"))
+    # The same shape off the CPU is vLLM 0.32's GPU layout (K and V split in the last dim).
+    assert detect(torch.empty(5, 8, 16, 128, device="meta")) == "kv_split"
     with pytest.raises(LayoutError, match="matches no known layout"):
         detect(torch.empty(5, 8, 16, 127))
     with pytest.raises(LayoutError, match="matches no known layout"):
@@ -640,4 +661,4 @@ def test_triton_kernels_interpreted_on_cpu():
     r = subprocess.run([sys.executable, "-c", _INTERP_SCRIPT, str(Path(__file__).parent)], env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "OK 81" in r.stdout
+    assert "OK 108" in r.stdout

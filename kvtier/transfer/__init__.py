@@ -17,7 +17,7 @@ and in the cache, are neither read nor written): a layer-wise load or save is
 one call per layer.
 
 The backend is picked by the cache's device: CUDA with Triton importable ->
-:mod:`.triton_kernels` (contiguous token rows only); anything else, including a
+:mod:`.triton_kernels` (every kind but ``cpu``); anything else, including a
 ``cpu``-kind cache forced onto CUDA, -> :mod:`.torch_ref`. ``backend=`` forces
 one (``"triton"`` on a ``cpu``-kind cache raises :class:`LayoutError`).
 """
@@ -44,7 +44,7 @@ def backend_for(paged: PagedKV, backend: str | None = None):
     """The module that moves data for ``paged``: ``"triton"``, ``"torch"`` or None (by device)."""
     if backend == "torch":
         return torch_ref
-    if backend == "triton" or (backend is None and paged.device.type == "cuda" and paged.row_contiguous):
+    if backend == "triton" or (backend is None and paged.device.type == "cuda" and paged.kind != "cpu"):
         mod = _triton()
         if mod is not None:
             return mod

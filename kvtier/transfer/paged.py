@@ -6,8 +6,9 @@ row -- sit at ``slot = block_id * block_size + offset``::
     row(layer, kv, slot) = base[layer] + block * block_stride + kv * kv_stride + offset * token_stride
 
 (strides in elements). A row is ``num_pieces`` pieces of ``piece_size``
-contiguous elements, ``piece_stride`` apart: one piece of ``W`` for every
-layout but ``cpu``, where it is one piece of ``head_size`` per KV head.
+contiguous elements, ``piece_stride`` apart: one piece of ``W`` for the
+5-D layouts and MLA, one piece of ``head_size`` per KV head for the 4-D ones
+(``kv_split``, ``cpu``).
 :class:`PagedKV` holds the per-layer tensors and those numbers; both backends
 (:mod:`.torch_ref`, :mod:`.triton_kernels`) read only this description, so
 one signature serves every layout:
@@ -17,18 +18,24 @@ kind            per-layer tensor            who uses it / memory order
 ==============  ==========================  ==============================================
 ``flash``       ``[2, NB, BS, H, D]``       vLLM FlashAttention (CUDA), older vLLM
 ``blocks_first````[NB, 2, BS, H, D]``       vLLM FlashInfer and others
+``kv_split``    ``[NB, H, BS, 2*D]``        vLLM 0.32 GPU backends (FlashAttention,
+                                            FlashInfer, Triton, FlexAttention): K is
+                                            ``[..., :D]``, V ``[..., D:]``; any memory
+                                            order with ``2*D`` contiguous (LBNHC, LBHNC, ...)
 ``cpu``         ``[NB, H, BS, 2*D]``        vLLM 0.32 CPU backend; memory is
                                             ``[NB, H, 2, BS, D]``: per block and head,
                                             BS rows of K then BS rows of V
 ``mla``         ``[NB, BS, D]``             MLA models (one latent row per token)
 ==============  ==========================  ==============================================
 
+``kv_split`` is what vLLM 0.32's GPU attention reads
+(``flash_attn.py``: ``kv_cache.transpose(1, 2).split(head_size, dim=-1)``):
+a token's K row is H pieces of D, one per head, ``stride(1)`` apart.
 The ``cpu`` layout is the one vLLM 0.32's CPU attention reads
 (``cpu_attn.py``: ``kv_cache.view(NB, H, 2*BS, D).chunk(2, dim=2)``), so a
-token's row is *not* contiguous there: H pieces of D, ``2*BS*D`` apart (the
-head stride). Its 4-D shape is only detected as ``cpu`` on a CPU tensor: vLLM
-0.32's GPU backends use the same logical shape with K and V interleaved in the
-last dimension, a different memory order kvtier does not support yet.
+token's row is H pieces of D, ``2*BS*D`` apart (the head stride). The two
+share a logical shape; a 4-D tensor is detected as ``cpu`` on the CPU and as
+``kv_split`` anywhere else.
 
 A tensor whose logical shape matches but whose memory is permuted (for
 example a "HND" cache whose heads sit outside the token dimension of a
@@ -46,7 +53,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-KINDS = ("flash", "blocks_first", "cpu", "mla")
+KINDS = ("flash", "blocks_first", "kv_split", "cpu", "mla")
 
 # Same-size integer views: a copy never needs the float type, and integer
 # index kernels exist for every dtype on every device (fp8 included).
@@ -71,22 +78,23 @@ def _kind_dims(kind: str) -> tuple[int, int | None, int, int, int]:
     }[kind]
 
 
-_CPU_TOKEN_DIM = 2  # cpu: [NB, H, BS, 2*D]
+_CPU_TOKEN_DIM = 2  # cpu and kv_split: [NB, H, BS, 2*D]
 
 
 def _token_dim(kind: str) -> int:
-    return _CPU_TOKEN_DIM if kind == "cpu" else _kind_dims(kind)[3]
+    return _CPU_TOKEN_DIM if kind in ("cpu", "kv_split") else _kind_dims(kind)[3]
 
 
-_EXPECTED = ("flash [2, NB, BS, H, D], blocks_first [NB, 2, BS, H, D], cpu [NB, H, BS, 2*D] (CPU tensors) "
+_EXPECTED = ("flash [2, NB, BS, H, D], blocks_first [NB, 2, BS, H, D], kv_split [NB, H, BS, 2*D] (GPU tensors), "
+             "cpu [NB, H, BS, 2*D] (CPU tensors) "
              "or mla [NB, BS, D]")
 
 
 def detect(t: torch.Tensor, block_size: int | None = None) -> str:
     """Guess the layout kind of one layer's KV cache tensor from its shape (and device).
 
-    A 4-D ``[NB, H, BS, 2*D]`` tensor is ``cpu`` only on the CPU (see the module
-    docstring). Raises :class:`LayoutError` when the tensor fits no layout or fits
+    A 4-D ``[NB, H, BS, 2*D]`` tensor is ``cpu`` on the CPU and ``kv_split``
+    elsewhere (see the module docstring). Raises :class:`LayoutError` when the tensor fits no layout or fits
     two (e.g. ``[2, 2, BS, H, D]`` with two blocks); pass ``kind=`` then.
     """
     shape = tuple(t.shape)
@@ -98,13 +106,7 @@ def detect(t: torch.Tensor, block_size: int | None = None) -> str:
     if t.dim() == 5 and shape[1] == 2:
         cands.append("blocks_first")
     if t.dim() == 4 and shape[3] % 2 == 0:
-        if t.device.type != "cpu":
-            raise LayoutError(
-                f"{what}: a 4-D [NB, H, BS, 2*D] cache off the CPU is vLLM's GPU layout, which "
-                f"interleaves K and V per head in the last dimension; kvtier does not support it yet "
-                f"(kind='cpu' is the CPU backend's memory order [NB, H, 2, BS, D]; pass kind= to force)"
-            )
-        cands.append("cpu")
+        cands.append("cpu" if t.device.type == "cpu" else "kv_split")
     if t.dim() == 3:
         cands.append("mla")
     if block_size is not None:
@@ -138,6 +140,25 @@ def _cpu_geometry(first: torch.Tensor, block_size: int | None) -> dict:
     return dict(num_blocks=nb, block_size=bs, width=h * d, num_kv=2, block_stride=first.stride(0),
                 kv_stride=bs * d, token_stride=d, num_pieces=h, piece_size=d,
                 piece_stride=first.stride(1) if h > 1 else d)
+
+
+def _kv_split_geometry(first: torch.Tensor, block_size: int | None) -> dict:
+    """vLLM 0.32 GPU layout: tensor [NB, H, BS, 2*D], K = [..., :D], V = [..., D:], any dim order."""
+    shape = tuple(first.shape)
+    if first.dim() != 4 or shape[3] % 2:
+        raise LayoutError(f"layout 'kv_split' expects 4-dim per-layer tensors [NB, H, BS, 2*D], got shape "
+                          f"{list(shape)}")
+    nb, h, bs, d2 = shape
+    if block_size is not None and block_size != bs:
+        raise LayoutError(f"block_size={block_size} but layout 'kv_split' tensor has {bs} at dim {_CPU_TOKEN_DIM} "
+                          f"(shape {list(shape)})")
+    if d2 > 1 and first.stride(3) != 1:
+        raise LayoutError(f"layout 'kv_split': the 2*D = {d2} elements of each (block, head, token) of shape "
+                          f"{list(shape)} are not contiguous (strides {list(first.stride())})")
+    d = d2 // 2
+    return dict(num_blocks=nb, block_size=bs, width=h * d, num_kv=2, block_stride=first.stride(0),
+                kv_stride=d, token_stride=first.stride(2) if bs > 1 else d2, num_pieces=h, piece_size=d,
+                piece_stride=first.stride(1) if h > 1 else d2)
 
 
 def _row_geometry(kind: str, first: torch.Tensor, block_size: int | None) -> dict:
@@ -181,7 +202,7 @@ class PagedKV:
     ``width`` (W), ``num_kv`` (2, or 1 for MLA), ``block_stride``,
     ``kv_stride`` (0 for MLA), ``token_stride``, and the row's pieces:
     ``num_pieces`` pieces of ``piece_size`` contiguous elements, ``piece_stride``
-    apart (``1, W, W`` when the row is contiguous; ``H, D, head stride`` for ``cpu``).
+    apart (``1, W, W`` when the row is contiguous; ``H, D, head stride`` for ``kv_split`` and ``cpu``).
     """
 
     def __init__(self, layers: Sequence[torch.Tensor], kind: str | None = None, block_size: int | None = None):
@@ -195,7 +216,12 @@ class PagedKV:
             kind = detect(first, block_size)
         if kind not in KINDS:
             raise LayoutError(f"unknown KV layout kind {kind!r}; known: {', '.join(KINDS)}")
-        geo = _cpu_geometry(first, block_size) if kind == "cpu" else _row_geometry(kind, first, block_size)
+        if kind == "cpu":
+            geo = _cpu_geometry(first, block_size)
+        elif kind == "kv_split":
+            geo = _kv_split_geometry(first, block_size)
+        else:
+            geo = _row_geometry(kind, first, block_size)
         shape = tuple(first.shape)
         for i, t in enumerate(layers):
             if not isinstance(t, torch.Tensor):
@@ -297,7 +323,7 @@ class PagedKV:
 
     @property
     def row_contiguous(self) -> bool:
-        """Each (kv, slot) row is one run of W elements (every kind but ``cpu`` with H > 1)."""
+        """Each (kv, slot) row is one run of W elements (every kind but ``kv_split``/``cpu`` with H > 1)."""
         return self.num_pieces == 1
 
     def rows(self, layer: int) -> torch.Tensor:

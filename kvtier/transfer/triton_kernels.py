@@ -35,8 +35,9 @@ work already queued there; it never makes ``stream`` wait. The returned
 load, ``t.wait_on(stream)`` before attention reads the slots; for a save, the
 blocks may be reused and the chunk bytes read once ``t.done()``/``t.wait()``.
 
-Rows must be contiguous (every layout but ``cpu``, which only exists on CPU
-tensors); a row stored in pieces raises :class:`~.paged.LayoutError`.
+Every layout but ``cpu`` (vLLM's CPU backend layout, which only exists on CPU
+tensors, refused with :class:`~.paged.LayoutError`): contiguous rows, or rows in
+one piece per head (``kv_split``, vLLM 0.32's GPU layout).
 
 Importing this module never fails when Triton is absent; ``available()`` says
 whether it can run.
@@ -125,9 +126,11 @@ if _HAVE_TRITON:
         block_stride,  # words
         kv_stride,  # words
         tok_stride,  # words
+        piece_stride,  # words between the pieces of a row (kv_split: one piece per head)
         W: tl.constexpr,  # words per row
         T: tl.constexpr,  # tokens per chunk
         BS: tl.constexpr,  # block size
+        PS: tl.constexpr,  # words per piece (W: the row is one piece); BLOCK_W divides it
         TO_PAGED: tl.constexpr,
         USE_TABLE: tl.constexpr,
         BLOCK_T: tl.constexpr,
@@ -163,14 +166,16 @@ if _HAVE_TRITON:
         for w0 in tl.static_range(0, W, BLOCK_W):
             cols = w0 + tl.arange(0, BLOCK_W)
             cm = cols < W
+            # The tile lies inside one piece (BLOCK_W divides PS): piece w0 // PS, at w0 % PS in it.
+            pcols = (w0 // PS) * piece_stride + (w0 % PS) + tl.arange(0, BLOCK_W)
             if TO_PAGED:
                 m = ok[:, None] & cm[None, :]
                 x = tl.load(anchor + brow[:, None] + cols[None, :], mask=m)
-                tl.store(anchor + prow[:, None] + cols[None, :], x, mask=m)
+                tl.store(anchor + prow[:, None] + pcols[None, :], x, mask=m)
             else:
                 # Rows of tokens not moved are written as zeros: a chunk never carries
                 # stale staging bytes (which may be another request's KV).
-                x = tl.load(anchor + prow[:, None] + cols[None, :], mask=ok[:, None] & cm[None, :], other=0)
+                x = tl.load(anchor + prow[:, None] + pcols[None, :], mask=ok[:, None] & cm[None, :], other=0)
                 tl.store(anchor + brow[:, None] + cols[None, :], x, mask=in_range[:, None] & cm[None, :])
 
 
@@ -258,7 +263,8 @@ def _word_size(paged: PagedKV, anchor_ptr: int, extra_ptrs: Sequence[int]) -> tu
     if g is None:
         isz = paged.itemsize
         g = 0
-        for v in (paged.width * isz, paged.block_stride * isz, paged.kv_stride * isz, paged.token_stride * isz):
+        for v in (paged.width * isz, paged.block_stride * isz, paged.kv_stride * isz, paged.token_stride * isz,
+                  paged.piece_size * isz, paged.piece_stride * isz):
             g = math.gcd(g, v)
         for t in paged.layers:
             g = math.gcd(g, t.data_ptr() - anchor_ptr)
@@ -284,9 +290,16 @@ def _layer_table(paged: PagedKV, d: _Dev, word: int) -> torch.Tensor:
     return t
 
 
-def _blocks(w_words: int, tokens: int) -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_W, num_warps): tiles of about 4 KiB words, BLOCK_T dividing T."""
-    block_w = min(triton.next_power_of_2(w_words), 512)
+def _blocks(w_words: int, tokens: int, ps_words: int) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_W, num_warps): tiles of about 4 KiB words, BLOCK_T dividing T.
+
+    A row in pieces (``ps_words < w_words``) takes BLOCK_W dividing the piece, so that
+    no column tile straddles two pieces.
+    """
+    if ps_words < w_words:
+        block_w = min(ps_words & -ps_words, 512)  # largest power of two dividing the piece
+    else:
+        block_w = min(triton.next_power_of_2(w_words), 512)
     bt = max(1, 2048 // block_w)
     while tokens % bt:
         bt //= 2
@@ -301,12 +314,15 @@ def _geometry(paged: PagedKV, d: _Dev, word: int, tokens: int) -> tuple:
     if g is None:
         isz = paged.itemsize
         w_words = paged.width * isz // word
-        bt, bw, warps = _blocks(w_words, tokens)
+        ps_words = paged.piece_size * isz // word
+        bt, bw, warps = _blocks(w_words, tokens, ps_words)
         fixed = (d.anchor.view(_WORD_DTYPE[word]) if word != 8 else d.anchor, _layer_table(paged, d, word),
                  paged.num_slots, paged.num_layers,
-                 paged.block_stride * isz // word, paged.kv_stride * isz // word, paged.token_stride * isz // word)
+                 paged.block_stride * isz // word, paged.kv_stride * isz // word, paged.token_stride * isz // word,
+                 paged.piece_stride * isz // word)
         g = cache[key] = fixed + (
-            dict(W=w_words, T=tokens, BS=paged.block_size, BLOCK_T=bt, BLOCK_W=bw, num_warps=warps), bt,
+            dict(W=w_words, T=tokens, BS=paged.block_size, PS=ps_words, BLOCK_T=bt, BLOCK_W=bw, num_warps=warps),
+            bt,
             (warps,) + _launch_key(fixed),
         )
     return g
@@ -360,13 +376,13 @@ def _launch(geo: tuple, vec: int, slots: torch.Tensor, *, tok0: int, n_tok: int,
             skip: int, to_paged: bool, stream: int, table: torch.Tensor | None = None, buf_base: int = 0,
             buf_stride: int = 0) -> None:
     """One kernel launch on raw CUDA stream ``stream`` (which must also be the current stream)."""
-    anchor, layer_tab, num_slots, n_layers, bstr, kvstr, tstr, consts, bt, fixed_key = geo
+    anchor, layer_tab, num_slots, n_layers, bstr, kvstr, tstr, pstr, consts, bt, fixed_key = geo
     grid = (triton.cdiv(n_tok, bt), n_pairs, 1)
     buf_off = table if table is not None else slots  # unused pointer when not USE_TABLE
     args = (anchor, layer_tab, buf_off, buf_base, buf_stride, slots, tok0, n_tok, pair0, skip, num_slots,
-            n_layers, bstr, kvstr, tstr)
+            n_layers, bstr, kvstr, tstr, pstr)
     # Constexprs in the kernel's parameter order (the launcher takes them, and skips them).
-    cvals = (consts["W"], consts["T"], consts["BS"], to_paged, table is not None, consts["BLOCK_T"],
+    cvals = (consts["W"], consts["T"], consts["BS"], consts["PS"], to_paged, table is not None, consts["BLOCK_T"],
              consts["BLOCK_W"], vec)
     key = None
     if _DIRECT["on"]:  # the per-geometry arguments are keyed once, in fixed_key
@@ -396,12 +412,11 @@ def _raw(c: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------- the calls
 def check_layout(paged: PagedKV) -> None:
-    """Raise :class:`LayoutError` for a layout this backend does not move (token rows in pieces)."""
-    if not paged.row_contiguous:
+    """Raise :class:`LayoutError` for vLLM's CPU layout, which only exists on CPU tensors."""
+    if paged.kind == "cpu":
         raise LayoutError(
-            f"the Triton backend moves contiguous token rows; layout {paged.kind!r} ({paged.describe()}) "
-            f"stores a row as {paged.num_pieces} pieces of {paged.piece_size} elements, {paged.piece_stride} "
-            f"apart (vLLM's CPU layout, which only exists on CPU): use backend='torch'"
+            f"the Triton backend does not move layout 'cpu' ({paged.describe()}): it is vLLM's CPU "
+            f"backend layout, which only exists on CPU: use backend='torch'"
         )
 
 

@@ -206,13 +206,15 @@ class KVTierConnector(KVConnectorBase_V1):
             if not isinstance(t, torch.Tensor):
                 raise ConfigError(f"kvtier: layer {name}: a {type(t).__name__} per layer is not supported "
                                   f"(one KV cache tensor per layer expected)")
+        if self.mla:  # vLLM's 4-D view of an MLA cache is [NB, 1, BS, D]: one latent row per token
+            kv_caches = {n: t[:, 0] if t.dim() == 4 and t.shape[1] == 1 else t for n, t in kv_caches.items()}
         try:
             paged = PagedKV.from_vllm(kv_caches, block_size=self.block_size)
         except LayoutError as e:
             raise ConfigError(f"kvtier cannot use this engine's KV cache: {e}") from e
         heads = 1 if self.mla else self.num_kv_heads
         if (paged.kind == "mla") != self.mla or paged.width != self.layout.width or (
-                paged.kind == "cpu" and paged.num_pieces != heads):
+                paged.kind in ("cpu", "kv_split") and paged.num_pieces != heads):
             raise ConfigError(
                 f"kvtier: the KV cache ({paged.describe()}) does not match the model's "
                 f"{'MLA latent' if self.mla else f'{heads} KV heads'} x head size {self.head_size}")

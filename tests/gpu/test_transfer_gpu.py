@@ -3,8 +3,9 @@
 Same cases as tests/test_transfer.py (its oracle helpers are imported), for
 both host paths ("staged": GPU gather + copy-engine DMA, "uva": zero-copy),
 pinned host chunks and device chunks, and the sentinel invariant for every
-skip value. The ``cpu`` layout (vLLM's CPU backend; token rows in H pieces)
-only exists on CPU: the Triton backend refuses it with a LayoutError, and a
+skip value, for every layout the GPU backend moves (``kv_split`` -- vLLM 0.32's
+GPU layout, token rows in one piece per head -- included). The ``cpu`` layout
+(vLLM's CPU backend) only exists on CPU: the Triton backend refuses it with a LayoutError, and a
 ``cpu``-kind cache forced onto CUDA goes to torch_ref. Skipped cleanly where
 no GPU or no Triton is present.
 """
@@ -170,7 +171,7 @@ def test_streams_order_after_caller_work():
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("where", ["pinned", "device"])
-@pytest.mark.parametrize("kind", ["flash", "mla"])
+@pytest.mark.parametrize("kind", ["flash", "kv_split", "mla"])
 def test_layer_ranges_equal_to_torch_ref(mode, where, kind):
     """layers=(lo, hi): a layer-wise call moves those layers only, in both directions."""
     kw = dict(kind=kind, dtype=torch.bfloat16, L=3, NB=40, BS=4, H=2, D=16, T=16, n_chunks=5, hole_p=0.2,

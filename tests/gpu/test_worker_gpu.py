@@ -168,3 +168,43 @@ def test_gpu_layer_groups_follow_min_run_bytes():
     w = KVWorker(None, paged, 256)
     assert MIN_RUN_BYTES == 4 << 20
     assert w.groups == [(0, 8), (8, 16), (16, 24), (24, 32)]
+
+
+def test_vllm_032_gpu_layout_mid_chunk_load_and_round_trip(store):
+    """vLLM 0.32's GPU cache ([NB, H, BS, 2*D] per layer over memory [NB, BS, H, 2*D], LBNHC; K and V
+    split in the last dim, read the way flash_attn.py reads it): Triton moves it, a mid-chunk load
+    leaves the shared slots' sentinels alone, and saved chunks load back identically."""
+    from kvtier.transfer import triton_kernels
+
+    def caches():
+        return {f"model.layers.{i}.self_attn.attn":
+                torch.full((NB, BS, H, 2 * D), SENTINEL, device="cuda").transpose(1, 2) for i in range(L)}
+
+    def kv(cache, slot):
+        k, v = cache.transpose(1, 2).split(D, dim=-1)  # flash_attn.py's view: [NB, BS, H, D] each
+        b, o = divmod(slot, BS)
+        return k[b, o].reshape(-1), v[b, o].reshape(-1)
+
+    keys, chunks = _put(store, 2)
+    cs = caches()
+    paged = PagedKV.from_vllm(cs, block_size=BS)
+    assert paged.kind == "kv_split" and paged.num_pieces == H
+    w = KVWorker(store, paged, C)
+    assert w.backend is triton_kernels
+    w.warm_up()
+    block_ids = list(range(5, 5 + 32))
+    failed, _ = w.load([LoadSpec("r", 300, 500, 1, keys[1:], block_ids)])
+    assert not failed
+    for layer, cache in enumerate(cs.values()):
+        for t in range(0, 32 * BS):
+            k, v = kv(cache, block_ids[t // BS] * BS + t % BS)
+            if 300 <= t < 500:
+                assert torch.equal(k.cpu(), chunks[1][0, layer, t - C]) and torch.equal(v.cpu(), chunks[1][1, layer, t - C])
+            else:
+                assert bool((k == SENTINEL).all()) and bool((v == SENTINEL).all()), f"token {t} written"
+    out = [b"kvs-0".ljust(16, b"\0")]
+    w.save([SaveSpec("r", [1], out, block_ids)])
+    ref = store.get(out)[0]
+    saved = ref.data[:w.chunk_nbytes].view(torch.float32).view(2, L, C, H * D)
+    assert torch.equal(saved[:, :, 300 - C:500 - C], chunks[1][:, :, 300 - C:500 - C])
+    ref.release()

@@ -155,9 +155,9 @@ def test_layouts_detected_and_unsupported_refused():
         PagedKV.from_vllm({"l.0": torch.zeros(NB, 3, BS, 2 * D + 1)})
     with pytest.raises(LayoutError, match="block_size"):
         PagedKV.from_vllm(_cpu_cache(), block_size=16)
-    # vLLM's GPU backends use the same 4-D shape with another memory order: refused, not guessed.
-    with pytest.raises(LayoutError, match="GPU layout"):
-        PagedKV.from_vllm({"l.0": torch.zeros(NB, H, BS, 2 * D, device="meta")})
+    # vLLM's GPU backends use the same 4-D shape with K and V split in the last dimension.
+    gpu = PagedKV.from_vllm({"l.0": torch.zeros(NB, H, BS, 2 * D, device="meta")})
+    assert gpu.kind == "kv_split" and gpu.num_pieces == H and gpu.kv_stride == D
 
 
 def test_load_is_one_scatter_per_layer_over_all_chunks(store, monkeypatch):
