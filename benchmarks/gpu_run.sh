@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU step of one device lease: the GPU tests, the transfer benchmark, the host-side
+# Every GPU step of one device lease: the GPU tests, the transfer benchmark (flash layout, then
+# vLLM 0.32's kv_split layout), the host-side
 # profile of a 256-token call, and the layer-wise worker benchmark. Run from the repo root on
 # a CUDA machine; wheels missing there (blake3, redis, msgspec, pyzmq) travel in .whl/.
 # Results land in $OUT (default /tmp/kvtier-gpu). SWEEP=1 adds the staging-size sweep; REPEAT=N
@@ -25,6 +26,9 @@ for i in $(seq 2 "${REPEAT:-1}"); do  # repeats of the small sizes, for the run-
   python3 benchmarks/bench_transfer.py --tokens 256,2048 --out "$OUT/transfer_rep$i.json" > "$OUT/bench_rep$i.log" 2>&1
   grep -E "^ +256 .*(copy|kvtier-staged) " "$OUT/bench_rep$i.log"
 done
+echo "== bench_transfer --layout kv_split (vLLM 0.32's GPU layout)"
+python3 benchmarks/bench_transfer.py --layout kv_split --out "$OUT/transfer_kv_split.json" > "$OUT/bench_kv_split.log" 2>&1
+grep -E "^ +[0-9]+ (save|load) +(copy|kvtier-staged) " "$OUT/bench_kv_split.log"
 echo "== profile"
 python3 benchmarks/bench_transfer.py --profile --out /dev/null > "$OUT/profile.txt" 2>&1
 grep "host time" "$OUT/profile.txt"
