@@ -222,3 +222,48 @@ def test_store_matches_dict_model(ops, cpu_chunks, low_chunks, low_kind, tmp_pat
                 assert s.flush(5)
     # every slot came back: no leaked references
     assert s.pool.free_slots == s.pool.num_slots
+
+
+def test_cpu_tier_change_journal():
+    """track_changes/take_changes: the net change of each key since the last take, in order."""
+    store = make_store(cpu_chunks=2)
+    try:
+        cpu = store.cpu
+        store.put(key(0), payload(0))
+        assert cpu.take_changes() == ([], [])  # not tracking yet
+        cpu.track_changes()
+        assert cpu.take_changes() == ([key(0)], [])  # what the tier held when tracking began
+        store.put(key(1), payload(1))
+        store.put(key(2), payload(2))  # full: evicts key 0 (least recently used)
+        cpu.delete([key(1)])
+        store.put(key(1), payload(1))  # back again: net "indexed"
+        added, removed = cpu.take_changes()
+        assert sorted(added) == [key(1), key(2)] and removed == [key(0)]
+        assert cpu.take_changes() == ([], [])
+        cpu.close()
+        assert sorted(cpu.take_changes()[1]) == [key(1), key(2)]
+    finally:
+        store.close()
+
+
+def test_ledger_counts_chunks_a_worker_process_reported():
+    """vLLM's multi-process engine: chunks in the worker's cpu tier count once reported, and stop
+    counting once reported dropped; lookups and save planning both see them."""
+    from kvtier.keys import Namespace
+    from kvtier.vllm.scheduler import PrefixLedger
+
+    store = make_store(cpu_chunks=4)
+    try:
+        ledger = PrefixLedger(store, Namespace("m", "float16", 2, 1, 8), 16, 16)
+        tokens = list(range(100, 100 + 16 * 4 + 1))
+        k = ledger.keys(tokens)
+        store.put(k[1], payload(1))  # this process's store holds chunk 1 only
+        assert ledger.num_new_matched_tokens(tokens, 0) == 0
+        ledger.note_worker_chunks([k[0], k[2]], [])
+        assert ledger.num_new_matched_tokens(tokens, 0) == 48  # chunks 0, 1 (here), 2 (worker)
+        assert ledger._contains(k) == [True, True, True, False]
+        ledger.note_worker_chunks([], [k[0]])  # the worker evicted chunk 0
+        assert ledger.num_new_matched_tokens(tokens, 0) == 0
+        assert ledger.num_new_matched_tokens(tokens, 16) == 32
+    finally:
+        store.close()

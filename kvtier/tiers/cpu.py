@@ -3,6 +3,10 @@
 The tier owns one reference to each slot it indexes. Readers take their own
 reference (:meth:`CpuTier.acquire`), so evicting a chunk that is being loaded
 removes it from the index at once but frees its memory only after the load.
+
+:meth:`CpuTier.track_changes` starts a journal of keys indexed and dropped, which
+:meth:`CpuTier.take_changes` hands over: a vLLM worker process reports it to its
+scheduler, which lives in another process and cannot see this tier.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ class CpuTier(Tier):
         self.protected = protected
         self._index: OrderedDict[bytes, ChunkRef] = OrderedDict()
         self._lock = threading.Lock()
+        self._journal: dict[bytes, bool] | None = None  # key -> now indexed?, since the last take
         self._stats = TierStats("cpu", capacity_bytes=pool.slot_bytes * pool.num_slots)
 
     # Zero-copy paths used by the store.
@@ -45,6 +50,7 @@ class CpuTier(Tier):
         with self._lock:
             old = self._index.pop(key, None)
             self._index[key] = ref
+            self._note(key, True)
             self._stats.puts += 1
             self._stats.bytes_written += self.pool.slot_bytes
         if old is not None:
@@ -65,6 +71,7 @@ class CpuTier(Tier):
             if victim is None:
                 return False
             ref = self._index.pop(victim)
+            self._note(victim, False)
             self._stats.evictions += 1
         ref.release()
         return True
@@ -101,8 +108,30 @@ class CpuTier(Tier):
     def delete(self, keys: Sequence[bytes]) -> None:
         with self._lock:
             refs = [self._index.pop(k) for k in keys if k in self._index]
+            for k in keys:
+                self._note(k, False)
         for ref in refs:
             ref.release()
+
+    # Change journal (see the module docstring).
+    def _note(self, key: bytes, present: bool) -> None:
+        if self._journal is not None:  # under self._lock
+            self._journal.pop(key, None)  # keep the order of the last change
+            self._journal[key] = present
+
+    def track_changes(self) -> None:
+        """Start journaling keys indexed and dropped (the current index counts as indexed)."""
+        with self._lock:
+            if self._journal is None:
+                self._journal = dict.fromkeys(self._index, True)
+
+    def take_changes(self) -> tuple[list[bytes], list[bytes]]:
+        """(keys now indexed, keys now dropped) since the last call; empty if not tracking."""
+        with self._lock:
+            if not self._journal:
+                return [], []
+            journal, self._journal = self._journal, {}
+        return [k for k, p in journal.items() if p], [k for k, p in journal.items() if not p]
 
     def stats(self) -> TierStats:
         with self._lock:
@@ -118,6 +147,8 @@ class CpuTier(Tier):
     def close(self) -> None:
         with self._lock:
             refs = list(self._index.values())
+            for k in self._index:
+                self._note(k, False)
             self._index.clear()
         for ref in refs:
             ref.release()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorWorkerMetadata,
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
@@ -61,6 +63,21 @@ class KVTierMetadata(KVConnectorMetadata):
     def __init__(self, plan: StepPlan) -> None:
         self.loads = plan.loads
         self.saves = plan.saves
+
+
+class KVTierWorkerMetadata(KVConnectorWorkerMetadata):
+    """What a worker tells the scheduler after a step: its cpu tier's changes (picklable).
+
+    Only acted on when the worker runs in another process (``pid``): in one process
+    the scheduler shares the worker's store and sees its cpu tier directly.
+    """
+
+    def __init__(self, pid: int, added: list[bytes], removed: list[bytes]) -> None:
+        self.pid, self.added, self.removed = pid, added, removed
+
+    def aggregate(self, other: "KVTierWorkerMetadata") -> "KVTierWorkerMetadata":
+        # Tensor-parallel ranks: the union (the scheduler looks up rank 0's keys).
+        return KVTierWorkerMetadata(self.pid, self.added + other.added, self.removed + other.removed)
 
 
 def _engine_facts(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig | None"):
@@ -136,14 +153,6 @@ class KVTierConnector(KVConnectorBase_V1):
                 log.warning("kvtier: setting kv_load_failure_policy='recompute' (was %r): a chunk that "
                             "cannot be loaded is recomputed by the engine", tc.kv_load_failure_policy)
                 tc.kv_load_failure_policy = "recompute"
-            backend = getattr(vllm_config.parallel_config, "distributed_executor_backend", None)
-            shared = [t for t in self.config.tiers if t != "cpu"]
-            if not shared and (backend not in (None, "uni", "external_launcher")
-                               or vllm_config.parallel_config.world_size > 1):
-                log.warning(
-                    "kvtier: the model runs in worker processes (executor %r) but tiers=%s has no tier "
-                    "shared between processes; the scheduler will not see the workers' saves. Add "
-                    "'disk' or 'redis' to tiers.", backend, list(self.config.tiers))
         INSTANCES.add(self)
         log.info("kvtier connector (%s): chunk %d tokens, tiers %s, %s", role.name, self.config.chunk_size,
                  ",".join(self.config.tiers), self.layout.describe())
@@ -193,6 +202,9 @@ class KVTierConnector(KVConnectorBase_V1):
         return KVTierMetadata(self.ledger.on_step(steps))
 
     def update_connector_output(self, connector_output) -> None:
+        meta = getattr(connector_output, "kv_connector_worker_meta", None)
+        if isinstance(meta, KVTierWorkerMetadata) and meta.pid != os.getpid():
+            self.ledger.note_worker_chunks(meta.added, meta.removed)
         self.ledger.on_step_done()
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
@@ -223,6 +235,8 @@ class KVTierConnector(KVConnectorBase_V1):
                               f"its config lists {self.layout.num_layers} layers")
         self.worker = KVWorker(self.store, paged, self.config.chunk_size)
         self._layer_index = paged.layer_index
+        if getattr(self.store, "cpu", None) is not None:
+            self.store.cpu.track_changes()  # reported to the scheduler (build_connector_worker_meta)
         self.worker.warm_up()  # Triton: compile the kernels now, not in the first request's step
         log.info("kvtier: KV cache layout %s, transfer backend %s", paged.describe(),
                  self.worker.backend.__name__.rsplit(".", 1)[-1])
@@ -267,6 +281,13 @@ class KVTierConnector(KVConnectorBase_V1):
             self.worker.finish_save(skip_reqs=self._step_failed_reqs | reqs)
         self._step_meta = None
         self._step_failed_reqs = set()
+
+    def build_connector_worker_meta(self) -> KVTierWorkerMetadata | None:
+        cpu = getattr(self.store, "cpu", None)
+        if self.worker is None or cpu is None:
+            return None
+        added, removed = cpu.take_changes()
+        return KVTierWorkerMetadata(os.getpid(), added, removed) if added or removed else None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         failed, self._failed_blocks = self._failed_blocks, set()

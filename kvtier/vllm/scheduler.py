@@ -19,6 +19,10 @@ The rules (each is a test in tests/vllm/):
   resumed request gets all-new blocks.
 - Saves: only full chunks whose every token is computed by the end of the step,
   and only those no tier holds yet (one batched ``contains``), each once per step.
+- Chunks held in a worker process's cpu tier, which this process cannot see (vLLM's
+  multi-process engine), count as stored once the worker reports them
+  (:meth:`PrefixLedger.note_worker_chunks`); a report one step late can make a
+  lookup claim an evicted chunk, whose load then fails and is recomputed.
 """
 
 from __future__ import annotations
@@ -106,12 +110,37 @@ class PrefixLedger:
         self.hash_name = hash_name
         self.reqs: dict[str, _Req] = {}
         self._step_leases: deque[list] = deque()
+        self.worker_keys: set[bytes] = set()  # chunks in workers' cpu tiers (other processes)
         # Counters for tests and logs.
         self.stats = {"queries": 0, "lookups": 0, "load_tokens": 0, "loads": 0,
                       "save_chunks": 0, "skipped_stored": 0}
 
     def keys(self, token_ids: Sequence[int], max_chunks: int | None = None) -> list[bytes]:
         return chunk_keys(self.namespace, token_ids, self.chunk_size, self.hash_name, max_chunks)
+
+    def note_worker_chunks(self, added: Sequence[bytes], removed: Sequence[bytes]) -> None:
+        """A worker process reports chunks its cpu tier indexed and dropped since its last report."""
+        self.worker_keys.difference_update(removed)
+        self.worker_keys.update(added)
+
+    def _lookup(self, keys: Sequence[bytes]) -> int:
+        """Leading ``keys`` some tier of this store or a worker's cpu tier holds."""
+        if not self.worker_keys:
+            return self.store.lookup(keys)
+        i = 0
+        while i < len(keys):
+            if keys[i] in self.worker_keys:
+                i += 1
+                continue
+            found = self.store.lookup(keys[i:])
+            if not found:
+                break
+            i += found
+        return i
+
+    def _contains(self, keys: Sequence[bytes]) -> list[bool]:
+        stored = self.store.contains(keys)
+        return [s or k in self.worker_keys for k, s in zip(keys, stored)] if self.worker_keys else stored
 
     # ------------------------------------------------------------ lookups
     def num_new_matched_tokens(self, token_ids: Sequence[int], num_computed_tokens: int) -> int:
@@ -129,7 +158,7 @@ class PrefixLedger:
         keys = self.keys(token_ids)
         if first >= len(keys):
             return 0
-        found = self.store.lookup(keys[first:])
+        found = self._lookup(keys[first:])
         self.stats["lookups"] += 1
         # Whole blocks only, which also leaves the engine >= 1 token to compute. A claim that
         # ends inside a block (n - 1 for a prompt of whole chunks) gave wrong greedy outputs
@@ -186,7 +215,7 @@ class PrefixLedger:
             if n_full > r.chunks_considered:
                 keys = self.keys(tokens, n_full)
                 cand = [i for i in range(r.chunks_considered, n_full) if keys[i] not in saving]
-                stored = self.store.contains([keys[i] for i in cand]) if cand else []
+                stored = self._contains([keys[i] for i in cand]) if cand else []
                 todo = [i for i, present in zip(cand, stored) if not present]
                 self.stats["skipped_stored"] += len(cand) - len(todo)
                 if todo:

@@ -1,9 +1,9 @@
 """vLLM's default multi-process engine with kvtier.
 
 There the scheduler runs in the engine-core process and the model runner in a worker
-process of the multiproc executor: two stores, one per process. The cpu tier is per
-process, so the scheduler's lookups find the worker's saves through a tier both
-processes share — the disk tier here (the default tiers are cpu + disk).
+process of the multiproc executor: two stores, one per process. The scheduler's lookups
+find the worker's saves through a tier both processes share (disk), or, for the worker's
+cpu tier, through the changes the worker reports after each step.
 """
 
 from __future__ import annotations
@@ -40,3 +40,27 @@ def test_multiprocess_engine_hits_and_equality(tiny_model, engines, tmp_path):
     # After a prefix-cache reset, only kvtier can supply cached tokens.
     assert all(c >= 128 for c in cached[1])
     SUMMARY["hit_tokens"] += sum(cached[1]) + sum(cached[2])
+
+
+def test_multiprocess_engine_cpu_tier_only(tiny_model, engines):
+    """Only a cpu tier, in the worker process: the scheduler learns of the worker's chunks from the
+    worker's per-step reports (KVTierWorkerMetadata), so a prompt repeated right after its first run,
+    with vLLM's prefix cache reset, is served by kvtier -- no shared tier, no waiting."""
+    base = engines(tiny_model, ENGINE, None, wait=False)
+    kv = engines(tiny_model, ENGINE, {"chunk_size": 64, "tiers": ["cpu"], "cpu_bytes": "64MiB"},
+                 multiprocess=True, wait=False)
+    base.wait_ready()
+    kv.wait_ready()
+    rnd = random.Random(12)
+    shared = [rnd.randrange(3, 1024) for _ in range(400)]
+    prompts = [shared[:n] + [rnd.randrange(3, 1024) for _ in range(9)] for n in (150, 390)]
+    cached = []
+    for reset in (False, True):
+        base.send("generate", prompts=prompts, max_tokens=8, reset=reset)
+        got = kv.generate(prompts, 8, reset=reset)
+        assert got["outputs"] == base.recv()["outputs"]
+        cached.append(got["cached"])
+        SUMMARY["scenarios"] += 1
+    print(f"\ncached tokens per round: {cached}")
+    assert all(c >= 128 for c in cached[1]), cached  # whole chunks of 64 below each prompt's last block
+    SUMMARY["hit_tokens"] += sum(cached[1])
