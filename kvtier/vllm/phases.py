@@ -8,7 +8,6 @@ Steps:
 - ``{"op": "ttft", "prompt": [ids]}``: time of one request generating one token (its TTFT).
 - ``{"op": "generate", "prompts": [[ids]], "max_tokens": n}``: greedy outputs and wall time.
 - ``{"op": "reset_prefix_cache"}``: empty vLLM's own prefix cache (kvtier keeps its copy).
-- ``{"op": "sleep", "s": seconds}``: wait (kvtier's write-behind finishes meanwhile).
 """
 
 from __future__ import annotations
@@ -115,9 +114,6 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
                                      "cached": sum(o.num_cached_tokens or 0 for o in outs),
                                      "prompt_tokens": sum(len(p) for p in step["prompts"]),
                                      "outputs": [list(o.outputs[0].token_ids) for o in outs]})
-        elif op == "sleep":  # let background work settle (kvtier's write-behind to disk)
-            time.sleep(step["s"])
-            results["steps"].append({"op": op})
         elif op == "reset_prefix_cache":
             llm.reset_prefix_cache()
             results["steps"].append({"op": op})
