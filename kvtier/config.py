@@ -92,6 +92,8 @@ class KVTierConfig:
     """Settings for an engine adapter that the core does not interpret."""
 
     def __post_init__(self) -> None:
+        for key in ("cpu_bytes", "disk_bytes"):  # "4GiB" in Python too, as in YAML and env
+            object.__setattr__(self, key, parse_size(key, getattr(self, key)))
         _validate(self)
 
     @classmethod

@@ -76,3 +76,13 @@ def test_bad_yaml(tmp_path):
         KVTierConfig.from_sources({}, env={}, yaml_path=y)
     with pytest.raises(ConfigError, match="cannot read"):
         KVTierConfig.from_sources({}, env={}, yaml_path=tmp_path / "missing.yaml")
+
+
+def test_sizes_as_strings_in_python_too():
+    """KVTierConfig(cpu_bytes="2GiB") works like the YAML/env spelling; a wrong type is a ConfigError."""
+    c = KVTierConfig(cpu_bytes="2GiB", disk_bytes="512MB")
+    assert c.cpu_bytes == 2 * 2**30 and c.disk_bytes == 512 * 10**6
+    with pytest.raises(ConfigError, match="cpu_bytes"):
+        KVTierConfig(cpu_bytes=[1])
+    with pytest.raises(ConfigError, match="disk_bytes"):
+        KVTierConfig(disk_bytes="lots")
