@@ -56,6 +56,21 @@ def _time(fn, reps: int, warm: int = 2) -> float:
     return statistics.median(ts)
 
 
+def _torch_baseline(layers, nb: int, mapping, st, hflat):
+    """(save, load) of the torch baseline (flash layout): index_select / index_copy_ per layer on
+    the GPU into the staging tensor ``st``, and one pinned copy of it to or from ``hflat``."""
+    def save():
+        for l, x in enumerate(layers):
+            torch.index_select(x.view(2, nb * BS, W), 1, mapping, out=st[l])
+        hflat.copy_(st.reshape(-1).view(torch.uint8), non_blocking=True)
+
+    def load():
+        st.reshape(-1).view(torch.uint8).copy_(hflat, non_blocking=True)
+        for l, x in enumerate(layers):
+            x.view(2, nb * BS, W).index_copy_(1, mapping, st[l])
+    return save, load
+
+
 def _binder(fn):
     """``fn`` with direct launches of compiled kernels off (every launch through Triton's binder)."""
     def run():
@@ -118,16 +133,7 @@ def main() -> None:
         hflat, dflat = host[:nbytes], dev_flat[:nbytes]
         st = stage[:, :, :n]
 
-        def torch_save():
-            for l, x in enumerate(layers):
-                torch.index_select(x.view(2, nb * BS, W), 1, mapping, out=st[l])
-            hflat.copy_(st.reshape(-1).view(torch.uint8), non_blocking=True)
-
-        def torch_load():
-            st.reshape(-1).view(torch.uint8).copy_(hflat, non_blocking=True)
-            for l, x in enumerate(layers):
-                x.view(2, nb * BS, W).index_copy_(1, mapping, st[l])
-
+        torch_save, torch_load = _torch_baseline(layers, nb, mapping, st, hflat)
         methods = {
             ("save", "copy"): lambda: hflat.copy_(dflat, non_blocking=True),
             ("load", "copy"): lambda: dflat.copy_(hflat, non_blocking=True),
@@ -217,16 +223,7 @@ def main() -> None:
         torch.cuda.synchronize()
         return e0.elapsed_time(e1), (x0.elapsed_time(x1) if start_transfer is not None else None)
 
-    def torch_save_on_xfer():
-        for l, x in enumerate(layers):
-            torch.index_select(x.view(2, nb * BS, W), 1, mapping, out=st[l])
-        hflat.copy_(st.reshape(-1).view(torch.uint8), non_blocking=True)
-
-    def torch_load_on_xfer():
-        st.reshape(-1).view(torch.uint8).copy_(hflat, non_blocking=True)
-        for l, x in enumerate(layers):
-            x.view(2, nb * BS, W).index_copy_(1, mapping, st[l])
-
+    torch_save_on_xfer, torch_load_on_xfer = _torch_baseline(layers, nb, mapping, st, hflat)
     bg = {
         ("save", "copy"): lambda: hflat.copy_(dflat, non_blocking=True),
         ("load", "copy"): lambda: dflat.copy_(hflat, non_blocking=True),
