@@ -662,3 +662,15 @@ def test_triton_kernels_interpreted_on_cpu():
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "OK 108" in r.stdout
+
+
+def test_torch_ref_reuses_a_plan_only_for_the_same_unchanged_mapping():
+    """Layer-wise calls reuse the last plan; a mapping changed in place gets a new one."""
+    a, b = Case("flash", torch.float32, L=2, seed=3), Case("flash", torch.float32, L=2, seed=3)
+    m = a.mapping.clone()
+    scatter(a.paged, m, a.chunks, layers=(0, 1))
+    m[:] = m.flip(0)  # in place: same tensor object, new contents
+    scatter(a.paged, m, a.chunks, layers=(1, 2))
+    naive_scatter(b.layers, "flash", b.BS, b.mapping, b.chunks4, 0, (0, 1))
+    naive_scatter(b.layers, "flash", b.BS, b.mapping.flip(0), b.chunks4, 0, (1, 2))
+    assert all(torch.equal(x, y) for x, y in zip(a.storages(), b.storages()))

@@ -56,6 +56,35 @@ class _Plan:
             mc = mc.to(dev)
             blk = torch.div(mc, paged.block_size, rounding_mode="floor")
             self.items.append((c, pos, blk, mc - blk * paged.block_size))
+        self._units: dict[tuple[int, int], torch.Tensor] = {}
+
+    def units(self, paged: PagedKV, i: int, kv: int) -> torch.Tensor:
+        """Flat unit indices of item ``i``'s rows for K (``kv=0``) or V: ``[n * num_pieces]``,
+        the pieces of each row in order. Computed once per plan (every layer uses them)."""
+        u = self._units.get((i, kv))
+        if u is None:
+            _, _, blk, off = self.items[i]
+            s = paged.piece_size
+            first = (blk * paged.block_stride + off * paged.token_stride + kv * paged.kv_stride) // s
+            pieces = torch.arange(paged.num_pieces, device=blk.device) * (paged.piece_stride // s)
+            u = self._units[(i, kv)] = (first[:, None] + pieces).reshape(-1)
+        return u
+
+
+# The last call's plan: a layer-wise caller moves the same mapping once per layer. Holding the
+# paged cache and the mapping keeps their ids unique while the entry lives.
+_LAST_PLAN: tuple = ()
+
+
+def _plan_for(paged: PagedKV, slot_mapping: torch.Tensor, n_chunks: int, tokens: int, skip: int) -> _Plan:
+    global _LAST_PLAN
+    key = (id(paged), id(slot_mapping), slot_mapping._version, n_chunks, tokens, skip)
+    last = _LAST_PLAN
+    if last and last[0] == key:
+        return last[3]
+    plan = _Plan(paged, slot_mapping, n_chunks, tokens, skip)
+    _LAST_PLAN = (key, paged, slot_mapping, plan)
+    return plan
 
 
 def _move(paged: PagedKV, slot_mapping: torch.Tensor, chunks: Sequence[torch.Tensor],
@@ -63,7 +92,7 @@ def _move(paged: PagedKV, slot_mapping: torch.Tensor, chunks: Sequence[torch.Ten
     tokens, _ = check_args(paged, slot_mapping, chunks, skip)
     l0, l1 = layer_range(paged, layers)
     dev = paged.device
-    plan = _Plan(paged, slot_mapping, len(chunks), tokens, skip)
+    plan = _plan_for(paged, slot_mapping, len(chunks), tokens, skip)
     views = [chunk_view(paged, c, tokens) for c in chunks]
     if not to_paged:
         # Rows of tokens not moved are zeros (same contract as the GPU backend).
@@ -73,22 +102,17 @@ def _move(paged: PagedKV, slot_mapping: torch.Tensor, chunks: Sequence[torch.Ten
                 v[:, l0:l1].zero_()
     w, s, npc = paged.width, paged.piece_size, paged.num_pieces
     flats = {layer: _flat_units(paged, layer) for layer in range(l0, l1)}
-    # Unit offset of each piece of a row (from the row's first unit).
-    piece_units = (torch.arange(npc, device=dev) * (paged.piece_stride // s)) if flats[l0] is not None else None
-    for c, pos, blk, off in plan.items:
+    for i, (c, pos, blk, off) in enumerate(plan.items):
         # Chunks on another device (host buffers, CUDA cache, no Triton) go through a copy.
         work = views[c] if views[c].device == dev else views[c].to(dev)
         n = blk.numel()
-        if flats[l0] is not None:
-            k_units = ((blk * paged.block_stride + off * paged.token_stride) // s)[:, None] + piece_units
-            k_units = k_units.reshape(-1)  # [n * num_pieces]: the pieces of each row, in order
         for layer in range(l0, l1):
             flat = flats[layer]
             nd = int_view(paged.rows(layer)) if flat is None else None
             for kv in range(paged.num_kv):
                 buf = work[kv, layer]  # [T, W], contiguous
                 if flat is not None:
-                    units = k_units + (kv * paged.kv_stride) // s if kv else k_units
+                    units = plan.units(paged, i, kv)
                     if to_paged:
                         src = buf if pos is None else buf.index_select(0, pos)
                         flat.index_copy_(0, units, src.view(-1, s))
