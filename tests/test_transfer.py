@@ -674,3 +674,15 @@ def test_torch_ref_reuses_a_plan_only_for_the_same_unchanged_mapping():
     naive_scatter(b.layers, "flash", b.BS, b.mapping, b.chunks4, 0, (0, 1))
     naive_scatter(b.layers, "flash", b.BS, b.mapping.flip(0), b.chunks4, 0, (1, 2))
     assert all(torch.equal(x, y) for x, y in zip(a.storages(), b.storages()))
+
+
+def test_layer_wise_calls_with_an_inference_mode_mapping():
+    """vLLM's worker runs under torch.inference_mode(): its slot mappings are inference tensors
+    (no version counter). Layer-wise calls with one must work and equal the oracle."""
+    a, b = Case("cpu", torch.float32, L=3, H=2, seed=4), Case("cpu", torch.float32, L=3, H=2, seed=4)
+    with torch.inference_mode():
+        m = a.mapping.clone()
+        for layer in range(3):
+            scatter(a.paged, m, a.chunks, 2, layers=(layer, layer + 1))
+    naive_scatter(b.layers, "cpu", b.BS, b.mapping, b.chunks4, 2)
+    assert all(torch.equal(x, y) for x, y in zip(a.storages(), b.storages()))
