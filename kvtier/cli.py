@@ -138,13 +138,15 @@ def bench_tiers(shape: str, chunk_size: int, chunks: int, rounds: int, tier_name
 @click.option("--lengths", default="1024,4096", show_default=True, help="Prompt lengths for the TTFT table.")
 @click.option("--docs", default=4, show_default=True, help="Documents in the workload.")
 @click.option("--requests", default=16, show_default=True, help="Requests in the workload.")
+@click.option("--reps", default=3, show_default=True, type=click.IntRange(1, 20),
+              help="Hits timed per prompt length (the median is reported).")
 @click.option("--json", "json_path", default=None, help="Also write the results as JSON here.")
-def bench_vllm_cmd(size: str, lengths: str, docs: int, requests: int, json_path: str | None) -> None:
+def bench_vllm_cmd(size: str, lengths: str, docs: int, requests: int, reps: int, json_path: str | None) -> None:
     """TTFT cold / vLLM hit / kvtier hit, and a shared-prefix workload, on a real vLLM (CPU)."""
     from kvtier.vllm.bench import bench_vllm
 
     result = bench_vllm(size=size, lengths=tuple(int(x) for x in lengths.split(",")), docs=docs,
-                        requests=requests, out=click.echo)
+                        requests=requests, reps=reps, out=click.echo)
     if json_path:
         _write_json(json_path, {"cpu_count": os.cpu_count(), **result})
 
