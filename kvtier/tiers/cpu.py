@@ -106,10 +106,13 @@ class CpuTier(Tier):
         return out
 
     def delete(self, keys: Sequence[bytes]) -> None:
+        refs = []
         with self._lock:
-            refs = [self._index.pop(k) for k in keys if k in self._index]
             for k in keys:
-                self._note(k, False)
+                ref = self._index.pop(k, None)
+                if ref is not None:
+                    refs.append(ref)
+                    self._note(k, False)
         for ref in refs:
             ref.release()
 

@@ -463,10 +463,11 @@ def _move(paged: PagedKV, slot_mapping: torch.Tensor, chunks: Sequence[torch.Ten
         ks = d.kstream
         try:
             after = _event(caller, d.caller_ev)  # touch the cache only after the caller's queued work
-            if direct or host_map or slots.device != dev:
+            copy_map = host_map or slots.device != dev  # the kernels read the mapping on `dev`
+            if direct or copy_map:
                 _wait(ks, after)
                 _use(ks)
-                if host_map or slots.device != dev:
+                if copy_map:
                     slots = slots.to(dev, non_blocking=True)
                     after = _event(ks, d.map_ev)  # the staged streams start after the mapping's copy
                 elif cuda:
@@ -554,7 +555,6 @@ def _staged(d: _Dev, paged: PagedKV, slots: torch.Tensor, raws: list, tokens: in
             _wait(last, _event(ring.streams[k]))
         if ring.streams[k] is not None:
             slots.record_stream(ring.streams[k])  # read there: keep its memory until they are past it
-    _use(d.kstream)
     return _event(last)
 
 

@@ -68,6 +68,7 @@ class _Loads:
     refs: list  # host chunks, released once every copy is done
     blocks: set[int]  # blocks written, reported as failed if the step's loads fail
     reqs: set[str]
+    tokens: int  # tokens written, counted as loaded once the step's loads succeed
     copies: list[Transfer | None]  # per layer group; None: not issued (or raised)
     ready: list[bool]  # per layer group: copied (CPU) or waited on by the forward's stream (GPU)
     broken: bool = False  # a copy raised
@@ -183,6 +184,7 @@ class KVWorker:
         parts: list[torch.Tensor] = []
         blocks: set[int] = set()
         reqs: set[str] = set()
+        tokens = 0
         for spec in specs:
             if not spec.keys:
                 fail(spec, [(spec.start, spec.end)])
@@ -216,7 +218,7 @@ class KVWorker:
                 parts.append(m)
                 blocks |= self._blocks_of(spec.block_ids, lo, hi)
                 reqs.add(spec.req_id)
-                self.stats["loaded_tokens"] += hi - lo
+                tokens += hi - lo
         if refs:
             n = len(self.groups)
             try:
@@ -226,10 +228,9 @@ class KVWorker:
                 for ref in refs:
                     ref.release()
                 self.stats["failed_chunks"] += len(refs)
-                self.stats["loaded_tokens"] -= sum(int((p >= 0).sum()) for p in parts)
                 self.store.metrics.load_errors.inc()
                 return failed_blocks | blocks, failed_reqs | reqs
-            self._loads = _Loads(mapping, [self._buf(r) for r in refs], refs, blocks, reqs,
+            self._loads = _Loads(mapping, [self._buf(r) for r in refs], refs, blocks, reqs, tokens,
                                  [None] * n, [False] * n)
             if self.cuda:
                 for g in range(n):
@@ -279,6 +280,7 @@ class KVWorker:
             ref.release()
         unready = [self.groups[i] for i, ok in enumerate(ld.ready) if not ok]
         if not ld.broken and not unready:
+            self.stats["loaded_tokens"] += ld.tokens
             return set(), set()
         if unready:
             self.stats["unready_layer_loads"] += 1
@@ -286,7 +288,6 @@ class KVWorker:
                         "wait_for_layer_load); reporting the step's loads failed so they are recomputed",
                         unready[:8])
         self.stats["failed_chunks"] += len(ld.refs)
-        self.stats["loaded_tokens"] -= int((ld.mapping >= 0).sum())
         self.store.metrics.load_errors.inc()
         return set(ld.blocks), set(ld.reqs)
 
