@@ -13,7 +13,12 @@ multi-process mode, and then instruments it:
   contents back after;
 - can inject faults: ``align_down_load`` makes loads start at their chunk's
   boundary (the known overlap bug); ``evict_before_load`` deletes a load's chunks from every
-  tier just before the worker fetches them (evicted between lookup and load).
+  tier just before the worker fetches them (evicted between lookup and load);
+  ``lose_chunks`` turns chunks the worker's ``Store.get`` returns into misses, at random
+  (``p``, ``seed``) or by chunk index (``index``, ``times``), and writes noise into the
+  blocks of a failed load (a torn load: what the cache holds there is never right);
+- runs vLLM's async scheduler on CPU when the engine config asks for
+  ``async_scheduling=True`` (vLLM's CPU platform turns it off; its engine runs it fine).
 
 Parent side: :class:`EngineProc`. Child side: ``python engine_proc.py CONFIG_JSON``.
 """
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 import threading
@@ -147,6 +153,7 @@ def _child(cfg: dict) -> None:
                 "mid_chunk_loads": 0}
     faults: set[str] = set()
     fault_args: dict = {}
+    loss: dict = {"rnd": None}  # lose_chunks' random generator, seeded at the first load
 
     orig_preempt = Scheduler._preempt_request
 
@@ -162,7 +169,21 @@ def _child(cfg: dict) -> None:
     Scheduler._preempt_request = preempt
 
     kw = dict(cfg["engine"])
-    if cfg["kvtier"] is not None:
+    if kw.get("async_scheduling"):  # keep it on: vLLM's CPU platform switches it off
+        from vllm.platforms.cpu import CpuPlatform
+
+        cpu_check = CpuPlatform.check_and_update_config.__func__
+
+        def keep_async(cls, vllm_config):
+            cpu_check(cls, vllm_config)
+            vllm_config.scheduler_config.async_scheduling = True
+
+        CpuPlatform.check_and_update_config = classmethod(keep_async)
+    if kw.get("kv_transfer_config") is not None:  # a full config (MultiConnector tests)
+        from vllm.config import KVTransferConfig
+
+        kw["kv_transfer_config"] = KVTransferConfig(**kw["kv_transfer_config"])
+    if cfg["kvtier"] is not None or kw.get("kv_transfer_config") is not None:
         from vllm.config import KVTransferConfig
 
         from kvtier.transfer import gather as kv_gather
@@ -179,10 +200,12 @@ def _child(cfg: dict) -> None:
             return n, async_
 
         KVTierConnector.get_num_new_matched_tokens = match
-        kw["kv_transfer_config"] = KVTransferConfig(
-            kv_connector="KVTierConnector", kv_connector_module_path="kvtier.vllm", kv_role="kv_both",
-            kv_connector_extra_config=cfg["kvtier"],
-        )
+        if cfg["kvtier"] is not None:
+            kw["kv_transfer_config"] = KVTransferConfig(
+                kv_connector="KVTierConnector", kv_connector_module_path="kvtier.vllm", kv_role="kv_both",
+                kv_connector_extra_config=cfg["kvtier"],
+            )
+
         orig_start_load = kv_worker.KVWorker.start_load
         orig_finish_load = kv_worker.KVWorker.finish_load
         guard: dict = {"slots": None}  # the step's guarded slots, while its loads run
@@ -221,7 +244,45 @@ def _child(cfg: dict) -> None:
                 for s in specs:
                     s.start = s.start // self.chunk_size * self.chunk_size
                 counters["faults_injected"] += 1
-            return orig_start_load(self, specs)
+            if "lose_chunks" not in faults:
+                return orig_start_load(self, specs)
+            return lossy_start_load(self, specs)
+
+        def lossy_start_load(self, specs):
+            """``lose_chunks``: some chunks ``Store.get`` returns become misses; noise in failed blocks."""
+            if loss["rnd"] is None:
+                loss["rnd"] = random.Random(fault_args.get("seed", 0))
+            real_get = self.store.get
+
+            def get(keys):
+                got = list(real_get(keys))
+                spec = by_keys.get(id(keys))
+                for i, ref in enumerate(got):
+                    index = None if spec is None else spec.first_chunk + i
+                    if "index" in fault_args:
+                        hit = index == fault_args["index"] and fault_args.get("times", 1) > 0
+                        if hit:
+                            fault_args["times"] = fault_args.get("times", 1) - 1
+                    else:
+                        hit = loss["rnd"].random() < fault_args.get("p", 0.15)
+                    if hit and ref is not None:
+                        ref.release()
+                        got[i] = None
+                        counters["faults_injected"] += 1
+                return got
+
+            by_keys = {id(s.keys): s for s in specs}
+            self.store.get = get
+            try:
+                failed_blocks, failed_reqs = orig_start_load(self, specs)
+            finally:
+                del self.store.get
+            if failed_blocks:  # a torn load: the failed blocks hold noise, never the right KV
+                bs = self.block_size
+                slots = torch.tensor([b * bs + i for b in sorted(failed_blocks) for i in range(bs)])
+                noise = torch.randn(self.paged.chunk_shape(slots.numel()), dtype=self.paged.dtype)
+                kv_scatter(self.paged, slots, [noise]).wait()
+            return failed_blocks, failed_reqs
 
         def checked_finish_load(self):
             guard["slots"] = None
@@ -297,6 +358,8 @@ def _child(cfg: dict) -> None:
                         st["store"][f"{s.name}_chunks"] = s.chunks
                 _reply(st)
             elif cmd == "fault":
+                loss["rnd"] = None
+                fault_args.clear()
                 faults.clear()
                 faults.update(req.get("faults", []))
                 fault_args.update(req.get("args", {}))
