@@ -17,6 +17,7 @@ from typing import Any
 
 TIER_NAMES = ("cpu", "disk", "redis")
 HASH_NAMES = ("blake3", "xxh3_128")
+LOAD_MODES = ("auto", "sync", "async")
 ENV_PREFIX = "KVTIER_"
 
 
@@ -80,6 +81,8 @@ class KVTierConfig:
     """Timeout of one remote operation; a slower answer is treated as a miss."""
     retry_after_s: float = 2.0
     """After a remote tier failed, how long to answer misses before trying it again."""
+    load_mode: str = "auto"
+    """How loads reach the engine: auto, sync or async (see docs/config.md)."""
     lease_ttl_s: float = 60.0
     """A leased chunk (found by a lookup, not yet loaded) is kept from eviction this long at most."""
     server: str = ""
@@ -238,6 +241,8 @@ def _validate(c: KVTierConfig) -> None:
             raise ConfigError(f"redis_url={url!r}: expected redis://HOST:PORT[/DB], rediss://... or unix:///path")
     if c.hash not in HASH_NAMES:
         raise bad("hash", f"allowed: {', '.join(HASH_NAMES)}")
+    if c.load_mode not in LOAD_MODES:
+        raise bad("load_mode", f"allowed: {', '.join(LOAD_MODES)}")
     for key in ("write_queue_depth", "write_threads"):
         v = getattr(c, key)
         if not isinstance(v, int) or v < 1:

@@ -63,6 +63,7 @@ class KVTierMetadata(KVConnectorMetadata):
     def __init__(self, plan: StepPlan) -> None:
         self.loads = plan.loads
         self.saves = plan.saves
+        self.parked_loads = plan.parked_loads
 
 
 class KVTierWorkerMetadata(KVConnectorWorkerMetadata):
@@ -96,6 +97,35 @@ def _engine_facts(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig | N
             raise ConfigError(f"kvtier cannot store KV cache of kind {type(spec).__name__}")
     mla = type(spec).__name__.startswith("MLA")
     return spec.block_size, len(groups[0].layer_names), spec.num_kv_heads, spec.head_size, spec.dtype, mla
+
+
+def schedules_ahead(vllm_config: "VllmConfig") -> bool:
+    """Whether the engine schedules a step before the previous one's output is back
+    (async scheduling, or several batches in flight with pipeline parallelism)."""
+    if getattr(vllm_config.scheduler_config, "async_scheduling", False):
+        return True
+    try:
+        return int(getattr(vllm_config, "max_concurrent_batches", 1)) > 1
+    except (TypeError, ValueError):
+        return False
+
+
+def parks_loads(config: KVTierConfig, vllm_config: "VllmConfig") -> bool:
+    """Whether loads go through vLLM's async-load path (the request waits off the batch).
+
+    A failed load of a request that has a later step in flight is not recovered
+    soundly by vLLM's scheduler (0.24 and 0.32: its async scheduler asserts or keeps
+    a token sampled from the unloaded blocks; docs/vllm.md). A parked request has no
+    step in flight, so under async scheduling every load is parked.
+    """
+    ahead = schedules_ahead(vllm_config)
+    if config.load_mode == "sync" and ahead:
+        raise ConfigError(
+            "load_mode='sync' with async scheduling: vLLM cannot recover a failed synchronous load of "
+            "a request that already has its next step in flight (the engine dies or keeps a wrong "
+            "token). Use load_mode='auto' (loads wait off the batch), or turn async scheduling off "
+            "(--no-async-scheduling, or async_scheduling=False in Python)")
+    return config.load_mode == "async" or (config.load_mode == "auto" and ahead)
 
 
 def load_config(vllm_config: "VllmConfig", block_size: int) -> KVTierConfig:
@@ -144,6 +174,10 @@ class KVTierConnector(KVConnectorBase_V1):
         self._failed_blocks: set[int] = set()
         self._step_meta: KVTierMetadata | None = None  # the step whose loads/saves are planned
         self._step_failed_reqs: set[str] = set()
+        self._step_failed_blocks: set[int] = set()
+        self._recving: set[str] = set()  # parked loads done this step (reported by get_finished)
+        self._parked_meta: KVTierMetadata | None = None  # the step whose parked loads started
+        self.park = parks_loads(self.config, vllm_config)
         if role == KVConnectorRole.SCHEDULER:
             self.ledger = PrefixLedger(self.store, self.namespace, self.config.chunk_size, block_size,
                                        self.config.hash)
@@ -154,8 +188,9 @@ class KVTierConnector(KVConnectorBase_V1):
                             "cannot be loaded is recomputed by the engine", tc.kv_load_failure_policy)
                 tc.kv_load_failure_policy = "recompute"
         INSTANCES.add(self)
-        log.info("kvtier connector (%s): chunk %d tokens, tiers %s, %s", role.name, self.config.chunk_size,
-                 ",".join(self.config.tiers), self.layout.describe())
+        log.info("kvtier connector (%s): chunk %d tokens, tiers %s, %s, %s loads", role.name,
+                 self.config.chunk_size, ",".join(self.config.tiers), self.layout.describe(),
+                 "parked (async)" if self.park else "layer-wise (sync)")
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -167,17 +202,19 @@ class KVTierConnector(KVConnectorBase_V1):
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
         self._requests[request.request_id] = request
+        if self.ledger.load_failed(request.request_id):
+            return 0, False  # see PrefixLedger.note_failed_blocks
         try:
             n = self.ledger.num_new_matched_tokens(request.all_token_ids, num_computed_tokens)
         except Exception:  # a lookup problem is a miss, never a dead scheduler
             log.exception("kvtier: lookup failed for %s; treating as a miss", request.request_id)
             n = 0
-        return n, False
+        return n, self.park and n > 0
 
     def update_state_after_alloc(self, request: "Request", blocks, num_external_tokens: int) -> None:
         self._requests[request.request_id] = request
         (block_ids, *_) = blocks.get_block_ids()
-        self.ledger.on_alloc(request.request_id, block_ids, num_external_tokens)
+        self.ledger.on_alloc(request.request_id, block_ids, num_external_tokens, parked=self.park)
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVTierMetadata:
         spec = scheduler_output.scheduled_spec_decode_tokens
@@ -199,12 +236,18 @@ class KVTierConnector(KVConnectorBase_V1):
                 req_id, req.all_token_ids, cached.num_computed_tokens[i],
                 nst.get(req_id, 0) - len(spec.get(req_id, ())),
                 None if new_blocks is None else new_blocks[0], req_id in cached.resumed_req_ids))
-        return KVTierMetadata(self.ledger.on_step(steps))
+        # Parked loads end at the engine's count of this step, which vLLM set after the allocation.
+        parked = [ScheduledRequest(i, self._requests[i].all_token_ids, self._requests[i].num_computed_tokens,
+                                   0, None, False) for i in self.ledger.parked_ids() if i in self._requests]
+        return KVTierMetadata(self.ledger.on_step(steps, parked))
 
     def update_connector_output(self, connector_output) -> None:
         meta = getattr(connector_output, "kv_connector_worker_meta", None)
         if isinstance(meta, KVTierWorkerMetadata) and meta.pid != os.getpid():
             self.ledger.note_worker_chunks(meta.added, meta.removed)
+        invalid = getattr(connector_output, "invalid_block_ids", None)
+        if invalid:
+            self.ledger.note_failed_blocks(set(invalid))
         self.ledger.on_step_done()
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
@@ -254,12 +297,28 @@ class KVTierConnector(KVConnectorBase_V1):
         self._step_meta = meta
         blocks, reqs = self.worker.start_load(meta.loads) if meta.loads else (set(), set())
         self._failed_blocks |= blocks
+        self._step_failed_blocks = set(blocks)
         self._step_failed_reqs = reqs
         if meta.saves:
             self.worker.start_save(meta.saves)
 
+    def _start_parked(self) -> None:
+        """Start the bound step's parked loads, once; they finish in :meth:`get_finished`.
+
+        Never from a layer hook: no forward reads these blocks, so on a GPU the copies
+        overlap the step's forward instead of holding it up.
+        """
+        meta = self._get_connector_metadata()
+        if self._parked_meta is meta or self.worker is None or not meta.parked_loads:
+            return
+        self._parked_meta = meta
+        blocks, _ = self.worker.start_parked_load(meta.parked_loads)
+        self._failed_blocks |= blocks
+        self._recving.update(spec.req_id for spec in meta.parked_loads)
+
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
         self._begin_step()
+        self._start_parked()
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         self._begin_step()
@@ -278,9 +337,22 @@ class KVTierConnector(KVConnectorBase_V1):
         if self.worker is not None:
             blocks, reqs = self.worker.finish_load()
             self._failed_blocks |= blocks
-            self.worker.finish_save(skip_reqs=self._step_failed_reqs | reqs)
+            self.worker.finish_save(skip_reqs=self._step_failed_reqs | reqs,
+                                    failed_blocks=self._step_failed_blocks | blocks)
         self._step_meta = None
         self._step_failed_reqs = set()
+        self._step_failed_blocks = set()
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """Parked loads of this step are done (or failed: their blocks are reported with them)."""
+        if self.worker is None:
+            return None, None
+        if getattr(self, "_connector_metadata", None) is not None:
+            self._start_parked()
+        blocks, _ = self.worker.finish_parked_load()
+        self._failed_blocks |= blocks
+        done, self._recving = self._recving, set()
+        return None, done or None
 
     def build_connector_worker_meta(self) -> KVTierWorkerMetadata | None:
         cpu = getattr(self.store, "cpu", None)

@@ -67,8 +67,9 @@ class SaveSpec:
 
 @dataclass
 class StepPlan:
-    loads: list[LoadSpec] = field(default_factory=list)
+    loads: list[LoadSpec] = field(default_factory=list)  # read by this step's forward
     saves: list[SaveSpec] = field(default_factory=list)
+    parked_loads: list[LoadSpec] = field(default_factory=list)  # requests waiting off the batch
 
 
 @dataclass
@@ -93,6 +94,8 @@ class ScheduledRequest:
 class _Req:
     block_ids: list[int] = field(default_factory=list)
     external: int = 0            # num_external_tokens of this step's allocation (0: no load)
+    parked: bool = False         # the engine parks the request until its load finished
+    load_failed: bool = False    # a load of it failed: its next lookups answer 0 (recompute)
     chunks_considered: int = 0   # leading full chunks already saved or found stored
 
 
@@ -168,19 +171,72 @@ class PrefixLedger:
         return max(0, hit - num_computed_tokens)
 
     # ------------------------------------------------------------ allocation
-    def on_alloc(self, req_id: str, block_ids: Sequence[int], num_external_tokens: int) -> None:
+    def on_alloc(self, req_id: str, block_ids: Sequence[int], num_external_tokens: int,
+                 parked: bool = False) -> None:
         """The engine allocated ``block_ids`` (the whole table) and will treat
-        ``num_external_tokens`` tokens as loaded by us in this step."""
+        ``num_external_tokens`` tokens as loaded by us in this step; with ``parked`` the
+        request waits off the batch until the load finished (vLLM's async-load path)."""
         r = self.reqs.setdefault(req_id, _Req())
         r.block_ids = list(block_ids)
         r.external = max(0, int(num_external_tokens))
+        r.parked = parked and r.external > 0
+
+    def note_failed_blocks(self, block_ids: set[int]) -> None:
+        """The engine was told these blocks failed to load: their requests recompute.
+
+        A request whose parked load failed entirely comes back with nothing computed and is
+        looked up again; parking it again hangs vLLM 0.32 (its reservation for the first
+        load is still counted against the second), so it recomputes instead.
+        """
+        for r in self.reqs.values():
+            if not block_ids.isdisjoint(r.block_ids):
+                r.load_failed = True
+
+    def load_failed(self, req_id: str) -> bool:
+        r = self.reqs.get(req_id)
+        return r is not None and r.load_failed
+
+    def parked_ids(self) -> list[str]:
+        """Requests allocated for a parked load in this scheduling pass, not planned yet."""
+        return [i for i, r in self.reqs.items() if r.parked and r.external]
 
     # ------------------------------------------------------------ one step
-    def on_step(self, scheduled: Sequence[ScheduledRequest]) -> StepPlan:
+    def _plan_load(self, req_id: str, r: _Req, tokens: Sequence[int], end: int, leases: list) -> LoadSpec:
+        """The load of ``r.external`` tokens ending at the engine's count ``end`` (this step's)."""
+        c, bs = self.chunk_size, self.block_size
+        start = end - r.external
+        first = start // c
+        last = -(-end // c)  # exclusive
+        keys: list[bytes] = []
+        if start < 0 or end > len(tokens) - 1 or -(-end // bs) > len(r.block_ids):
+            log.error("kvtier: cannot plan load of %s [%d, %d) (tokens %d, blocks %d); "
+                      "reporting it failed", req_id, start, end, len(tokens), len(r.block_ids))
+            start = max(start, 0)
+        else:
+            keys = self.keys(tokens, last)[first:last]
+            if len(keys) != last - first:
+                keys = []
+            else:
+                leases.append(self.store.lease(keys))
+        self.stats["loads"] += 1
+        self.stats["load_tokens"] += end - start
+        r.external = 0
+        r.parked = False
+        return LoadSpec(req_id, start, end, first, keys, list(r.block_ids))
+
+    def on_step(self, scheduled: Sequence[ScheduledRequest],
+                parked: Sequence[ScheduledRequest] = ()) -> StepPlan:
+        """Plan one step: loads and saves of the ``scheduled`` requests, and the loads of
+        ``parked`` ones (:meth:`parked_ids`, with the engine's count of this step)."""
         plan = StepPlan()
-        step_leases = []
+        step_leases: list = []
         saving: set[bytes] = set()
         c, bs = self.chunk_size, self.block_size
+        for p in parked:
+            r = self.reqs.get(p.req_id)
+            if r is not None and r.parked and r.external:
+                plan.parked_loads.append(self._plan_load(p.req_id, r, p.token_ids, p.num_computed_tokens,
+                                                         step_leases))
         for s in scheduled:
             r = self.reqs.setdefault(s.req_id, _Req())
             if s.replace_blocks:
@@ -190,25 +246,7 @@ class PrefixLedger:
             tokens = s.token_ids
             # --- load: the range ends at the engine's count of this step.
             if r.external:
-                end = s.num_computed_tokens
-                start = end - r.external
-                first = start // c
-                last = -(-end // c)  # exclusive
-                keys: list[bytes] = []
-                if start < 0 or end > len(tokens) - 1 or -(-end // bs) > len(r.block_ids):
-                    log.error("kvtier: cannot plan load of %s [%d, %d) (tokens %d, blocks %d); "
-                              "reporting it failed", s.req_id, start, end, len(tokens), len(r.block_ids))
-                    start = max(start, 0)
-                else:
-                    keys = self.keys(tokens, last)[first:last]
-                    if len(keys) != last - first:
-                        keys = []
-                    else:
-                        step_leases.append(self.store.lease(keys))
-                plan.loads.append(LoadSpec(s.req_id, start, end, first, keys, list(r.block_ids)))
-                self.stats["loads"] += 1
-                self.stats["load_tokens"] += end - start
-                r.external = 0
+                plan.loads.append(self._plan_load(s.req_id, r, tokens, s.num_computed_tokens, step_leases))
             # --- saves: full chunks computed by the end of this step, not stored yet.
             done = min(s.num_computed_tokens + s.num_new_tokens, len(tokens))
             n_full = min(done // c, len(r.block_ids) * bs // c)
@@ -226,6 +264,7 @@ class PrefixLedger:
         # An allocation the engine did not schedule (should not happen) must not leak a load.
         for r in self.reqs.values():
             r.external = 0
+            r.parked = False
         self._step_leases.append(step_leases)
         while len(self._step_leases) > 64:  # output of old steps never reported: do not hold forever
             self.on_step_done()

@@ -80,7 +80,7 @@ class _Saves:
 
     mapping: torch.Tensor
     bufs: list[torch.Tensor]
-    items: list[tuple[str, bytes, object]]  # (request, key, host ref), in buffer order
+    items: list[tuple[SaveSpec, int, bytes, object]]  # (spec, chunk index, key, host ref), in buffer order
     copies: list[Transfer] = field(default_factory=list)
     written: list[bool] = field(default_factory=list)  # per layer: its attention is done (hook ran)
     copied: list[bool] = field(default_factory=list)  # per layer group
@@ -107,7 +107,8 @@ class KVWorker:
         g = max(1, min(int(layers_per_copy), self.num_layers))
         self.groups = [(lo, min(lo + g, self.num_layers)) for lo in range(0, self.num_layers, g)]
         self._group_of = [i // g for i in range(self.num_layers)]
-        self._loads: _Loads | None = None
+        self._loads: _Loads | None = None  # this step's loads (the forward waits for them layer by layer)
+        self._parked: _Loads | None = None  # this step's loads of parked requests (vLLM's async-load path)
         self._saves: _Saves | None = None
         self.stats = {"loaded_tokens": 0, "failed_chunks": 0, "saved_chunks": 0, "skipped_saves": 0,
                       "unready_layer_loads": 0}
@@ -168,6 +169,38 @@ class KVWorker:
         if self._loads is not None:  # the previous step was not finished: never keep its chunks
             log.warning("kvtier: a step's loads were not finished; finishing them now")
             self.finish_load()
+        failed_blocks, failed_reqs, self._loads = self._plan_loads(specs)
+        if self._loads is not None and self.cuda:
+            for g in range(len(self.groups)):
+                self._copy_in(self._loads, g)
+        return failed_blocks, failed_reqs
+
+    def start_parked_load(self, specs: Iterable[LoadSpec]) -> tuple[set[int], set[str]]:
+        """Load for requests the engine parked until their load finished (vLLM's async-load path).
+
+        No forward reads these blocks before the engine hears the load finished, so every
+        layer group is copied at once (GPU: enqueued on side streams, overlapping the
+        step's forward; CPU: copied now); :meth:`finish_parked_load` waits for them.
+        Returns (failed block ids, their requests) known at planning time.
+        """
+        if self._parked is not None:
+            log.warning("kvtier: a step's parked loads were not finished; finishing them now")
+            self.finish_parked_load()
+        failed_blocks, failed_reqs, ld = self._plan_loads(specs)
+        if ld is not None:
+            for g in range(len(self.groups)):
+                self._copy_in(ld, g)
+                ld.ready[g] = True
+        self._parked = ld
+        return failed_blocks, failed_reqs
+
+    def finish_parked_load(self) -> tuple[set[int], set[str]]:
+        """Wait for :meth:`start_parked_load`'s copies; returns (failed block ids, their requests)."""
+        ld, self._parked = self._parked, None
+        return self._finish(ld)
+
+    def _plan_loads(self, specs: Iterable[LoadSpec]) -> tuple[set[int], set[str], _Loads | None]:
+        """Fetch chunks and map slots; returns (failed block ids, their requests, the loads to copy)."""
         failed_blocks: set[int] = set()
         failed_reqs: set[str] = set()
         c = self.chunk_size
@@ -229,16 +262,12 @@ class KVWorker:
                     ref.release()
                 self.stats["failed_chunks"] += len(refs)
                 self.store.metrics.load_errors.inc()
-                return failed_blocks | blocks, failed_reqs | reqs
-            self._loads = _Loads(mapping, [self._buf(r) for r in refs], refs, blocks, reqs, tokens,
-                                 [None] * n, [False] * n)
-            if self.cuda:
-                for g in range(n):
-                    self._copy_in(g)
-        return failed_blocks, failed_reqs
+                return failed_blocks | blocks, failed_reqs | reqs, None
+            return failed_blocks, failed_reqs, _Loads(mapping, [self._buf(r) for r in refs], refs, blocks, reqs,
+                                                      tokens, [None] * n, [False] * n)
+        return failed_blocks, failed_reqs, None
 
-    def _copy_in(self, group: int) -> None:
-        ld = self._loads
+    def _copy_in(self, ld: _Loads, group: int) -> None:
         try:
             ld.copies[group] = scatter(self.paged, ld.mapping, ld.bufs, layers=self.groups[group])
         except Exception:
@@ -257,7 +286,7 @@ class KVWorker:
         if ld is None or ld.ready[g]:
             return
         if not self.cuda:
-            self._copy_in(g)
+            self._copy_in(ld, g)
         t = ld.copies[g]
         if t is not None and self.cuda:
             t.wait_on(torch.cuda.current_stream(self.paged.device))
@@ -271,6 +300,9 @@ class KVWorker:
         reported, since its attention may have read the cache before the copy.
         """
         ld, self._loads = self._loads, None
+        return self._finish(ld)
+
+    def _finish(self, ld: _Loads | None) -> tuple[set[int], set[str]]:
         if ld is None:
             return set(), set()
         for t in ld.copies:
@@ -319,18 +351,18 @@ class KVWorker:
                 if ref is None:
                     self.stats["skipped_saves"] += 1
                     continue
-                items.append((spec.req_id, key, ref))
+                items.append((spec, ci, key, ref))
                 parts.append(slots)
         if items:
             try:
                 mapping = self._mapping(parts)
             except Exception:
                 log.exception("kvtier: the step's saves have no valid slot mapping; not saved")
-                for _, _, ref in items:
+                for *_, ref in items:
                     ref.release()
                 self.stats["skipped_saves"] += len(items)
                 return
-            self._saves = _Saves(mapping, [self._buf(r) for _, _, r in items], items,
+            self._saves = _Saves(mapping, [self._buf(r) for *_, r in items], items,
                                  written=[False] * self.num_layers, copied=[False] * len(self.groups))
 
     def save_layer(self, layer: int) -> None:
@@ -355,10 +387,15 @@ class KVWorker:
                           self.groups[group], len(sv.bufs))
             sv.broken = True
 
-    def finish_save(self, skip_reqs: set[str] = frozenset()) -> None:
-        """Copy layers not saved yet, wait for every copy, commit (requests in ``skip_reqs`` do not).
+    def finish_save(self, skip_reqs: set[str] = frozenset(), failed_blocks: set[int] = frozenset()) -> None:
+        """Copy layers not saved yet, wait for every copy, commit the chunks whose KV is right.
 
-        Requests in ``skip_reqs`` had a load fail this step: KV computed on top of it is wrong.
+        Not committed: chunks of requests in ``skip_reqs`` (a load of theirs failed this
+        step), and chunks whose prefix holds a block of ``failed_blocks`` (this step's failed
+        loads: a request admitted in the same step may share those blocks through the
+        prefix cache and have computed on them). Later steps are planned after the engine
+        learned of the failure, as long as no step is in flight when a load fails: the
+        connector parks loads under async scheduling (docs/vllm.md).
         """
         sv = self._saves
         if sv is None:
@@ -373,8 +410,11 @@ class KVWorker:
         except Exception:
             log.exception("kvtier: waiting for a save failed; the step saves nothing")
             sv.broken = True
-        for req_id, key, ref in sv.items:
-            if sv.broken or req_id in skip_reqs:
+        bs = self.block_size
+        for spec, ci, key, ref in sv.items:
+            end = (ci + 1) * self.chunk_size
+            if (sv.broken or spec.req_id in skip_reqs
+                    or (failed_blocks and not failed_blocks.isdisjoint(spec.block_ids[:end // bs]))):
                 ref.release()
                 self.stats["skipped_saves"] += 1
             else:
@@ -385,7 +425,7 @@ class KVWorker:
         sv, self._saves = self._saves, None
         for t in sv.copies:
             t.wait()
-        for _, _, ref in sv.items:
+        for *_, ref in sv.items:
             ref.release()
 
     def save(self, specs: Iterable[SaveSpec], skip_reqs: set[str] = frozenset()) -> None:

@@ -210,7 +210,8 @@ def _child(cfg: dict) -> None:
         orig_finish_load = kv_worker.KVWorker.finish_load
         guard: dict = {"slots": None}  # the step's guarded slots, while its loads run
 
-        def checked_start_load(self, specs):
+        def checked_start_load(self, specs, orig=None):
+            orig = orig or orig_start_load
             specs = list(specs)
             bs = self.block_size
 
@@ -245,10 +246,10 @@ def _child(cfg: dict) -> None:
                     s.start = s.start // self.chunk_size * self.chunk_size
                 counters["faults_injected"] += 1
             if "lose_chunks" not in faults:
-                return orig_start_load(self, specs)
-            return lossy_start_load(self, specs)
+                return orig(self, specs)
+            return lossy_start_load(self, specs, orig)
 
-        def lossy_start_load(self, specs):
+        def lossy_start_load(self, specs, orig):
             """``lose_chunks``: some chunks ``Store.get`` returns become misses; noise in failed blocks."""
             if loss["rnd"] is None:
                 loss["rnd"] = random.Random(fault_args.get("seed", 0))
@@ -274,7 +275,7 @@ def _child(cfg: dict) -> None:
             by_keys = {id(s.keys): s for s in specs}
             self.store.get = get
             try:
-                failed_blocks, failed_reqs = orig_start_load(self, specs)
+                failed_blocks, failed_reqs = orig(self, specs)
             finally:
                 del self.store.get
             if failed_blocks:  # a torn load: the failed blocks hold noise, never the right KV
@@ -311,7 +312,17 @@ def _child(cfg: dict) -> None:
                           f"{kw.get('layers')})", file=sys.stderr, flush=True)
                 kv_scatter(paged, guarded, [snap]).wait()
 
+        orig_parked = kv_worker.KVWorker.start_parked_load
+
+        def checked_parked_load(self, specs):
+            """Parked loads are copied within the call on CPU: guard and faults as for a step's loads."""
+            try:
+                return checked_start_load(self, specs, orig_parked)
+            finally:
+                guard["slots"] = None
+
         kv_worker.KVWorker.start_load = checked_start_load
+        kv_worker.KVWorker.start_parked_load = checked_parked_load
         kv_worker.KVWorker.finish_load = checked_finish_load
         kv_worker.scatter = checked_scatter
     try:
