@@ -35,13 +35,13 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
     KVConnectorWorkerMetadata,
 )
-from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvtier.config import ConfigError, KVTierConfig
 from kvtier.keys import Namespace
 from kvtier.layout import ChunkLayout, dtype_name
 from kvtier.store import get_store
 from kvtier.transfer import LayoutError, PagedKV
+from kvtier.vllm.compat import HOST_HIT_SOURCE
 from kvtier.vllm.scheduler import PrefixLedger, ScheduledRequest, StepPlan
 from kvtier.vllm.worker import KVWorker
 
@@ -144,7 +144,8 @@ def load_config(vllm_config: "VllmConfig", block_size: int) -> KVTierConfig:
 class KVTierConnector(KVConnectorBase_V1):
     """kvtier as a vLLM v1 KV connector (role ``kv_both``)."""
 
-    _cache_hit_source = CacheHitSource.HOST
+    if HOST_HIT_SOURCE is not None:
+        _cache_hit_source = HOST_HIT_SOURCE
 
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole,
                  kv_cache_config: "KVCacheConfig | None" = None) -> None:

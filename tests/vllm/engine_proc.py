@@ -47,8 +47,8 @@ class EngineProc:
 
     def __init__(self, model: str, engine: dict, kvtier: dict | None, multiprocess: bool = False,
                  log_path: str | None = None, env: dict | None = None, timeout: float = 300.0,
-                 wait: bool = True) -> None:
-        cfg = {"model": model, "engine": engine, "kvtier": kvtier}
+                 wait: bool = True, sync_loads: bool = False) -> None:
+        cfg = {"model": model, "engine": engine, "kvtier": kvtier, "sync_loads": sync_loads}
         e = dict(os.environ)
         e.update({"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
                   "VLLM_ENABLE_V1_MULTIPROCESSING": "1" if multiprocess else "0",
@@ -200,6 +200,10 @@ def _child(cfg: dict) -> None:
             return n, async_
 
         KVTierConnector.get_num_new_matched_tokens = match
+        if cfg.get("sync_loads"):  # the old behaviour, to show what vLLM does with it
+            from kvtier.vllm import connector as kv_connector
+
+            kv_connector.parks_loads = lambda config, vllm_config: False
         if cfg["kvtier"] is not None:
             kw["kv_transfer_config"] = KVTransferConfig(
                 kv_connector="KVTierConnector", kv_connector_module_path="kvtier.vllm", kv_role="kv_both",
@@ -294,7 +298,7 @@ def _child(cfg: dict) -> None:
             guarded slots around it, their contents restored after. Safe: the engine runs
             in-process on CPU, so nothing reads the cache while the copy runs."""
             guarded = guard["slots"]
-            if guarded is None:
+            if guarded is None or paged.device.type == "cuda":  # on a GPU the forward may be reading
                 return kv_scatter(paged, mapping, chunks, skip, **kw)
             snap = torch.zeros(paged.chunk_shape(guarded.numel()), dtype=paged.dtype)
             kv_gather(paged, guarded, [snap]).wait()
@@ -326,8 +330,9 @@ def _child(cfg: dict) -> None:
         kv_worker.KVWorker.finish_load = checked_finish_load
         kv_worker.scatter = checked_scatter
     try:
-        llm = LLM(model=cfg["model"], skip_tokenizer_init=True, enforce_eager=True, dtype="float32",
-                  disable_log_stats=True, **kw)
+        opts = dict(skip_tokenizer_init=True, enforce_eager=True, dtype="float32", disable_log_stats=True)
+        opts.update(kw)  # a GPU run may turn CUDA graphs on (enforce_eager=False)
+        llm = LLM(model=cfg["model"], **opts)
     except Exception as e:  # report start-up failures to the parent (bad config tests)
         _reply({"error": str(e), "type": type(e).__name__})
         return
