@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -128,6 +129,25 @@ def parks_loads(config: KVTierConfig, vllm_config: "VllmConfig") -> bool:
     return config.load_mode == "async" or (config.load_mode == "auto" and ahead)
 
 
+def _transfer_configs(vllm_config: "VllmConfig", connector: KVConnectorBase_V1) -> list:
+    """kvtier's transfer config and those of the connectors that created it.
+
+    Under ``MultiConnector`` kvtier gets a copy of the engine's config holding its own
+    child transfer config, while vLLM's scheduler reads the parent's (e.g. its
+    ``kv_load_failure_policy``); the parent connector is the caller of our constructor.
+    """
+    configs = [vllm_config.kv_transfer_config]
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, KVConnectorBase_V1) and owner is not connector:
+            tc = getattr(getattr(owner, "_vllm_config", None), "kv_transfer_config", None)
+            if tc is not None and all(tc is not c for c in configs):
+                configs.append(tc)
+        frame = frame.f_back
+    return configs
+
+
 def load_config(vllm_config: "VllmConfig", block_size: int) -> KVTierConfig:
     """kvtier's config from ``kv_connector_extra_config`` (+ env / YAML), checked against the engine."""
     extra = dict(vllm_config.kv_transfer_config.kv_connector_extra_config or {})
@@ -182,12 +202,13 @@ class KVTierConnector(KVConnectorBase_V1):
         if role == KVConnectorRole.SCHEDULER:
             self.ledger = PrefixLedger(self.store, self.namespace, self.config.chunk_size, block_size,
                                        self.config.hash)
-            tc = vllm_config.kv_transfer_config
-            if getattr(tc, "kv_load_failure_policy", "recompute") != "recompute":
-                # A kvtier miss (evicted, corrupt, tier down) must be recomputed, never fail a request.
-                log.warning("kvtier: setting kv_load_failure_policy='recompute' (was %r): a chunk that "
-                            "cannot be loaded is recomputed by the engine", tc.kv_load_failure_policy)
-                tc.kv_load_failure_policy = "recompute"
+            # A kvtier miss (evicted, corrupt, tier down) must be recomputed, never fail a request.
+            for tc in _transfer_configs(vllm_config, self):
+                if getattr(tc, "kv_load_failure_policy", "recompute") != "recompute":
+                    log.warning("kvtier: setting kv_load_failure_policy='recompute' (was %r) for %s: a chunk "
+                                "that cannot be loaded is recomputed by the engine",
+                                tc.kv_load_failure_policy, tc.kv_connector)
+                    tc.kv_load_failure_policy = "recompute"
         INSTANCES.add(self)
         log.info("kvtier connector (%s): chunk %d tokens, tiers %s, %s, %s loads", role.name,
                  self.config.chunk_size, ",".join(self.config.tiers), self.layout.describe(),
