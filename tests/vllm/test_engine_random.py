@@ -28,7 +28,15 @@ GROUPS = {
     # 64-token chunks of the tiny model are 128 KiB: 1 MiB holds 8 of them, so the tier evicts.
     "evict": (engine_kwargs(), {"chunk_size": 64, "tiers": ["cpu"], "cpu_bytes": "1MiB"}, 8, 4),
     "shared": (engine_kwargs(), {"chunk_size": 64, "tiers": ["cpu", "disk"], "cpu_bytes": "64MiB"}, 8, 3),
+    # 20 % of the chunks loads fetch are lost (noise left in their blocks); later scenarios
+    # reuse whatever was stored meanwhile. Synchronous scheduling, then vLLM's async scheduler.
+    "faults": (engine_kwargs(num_gpu_blocks_override=33, scheduler_reserve_full_isl=False),
+               {"chunk_size": 64, "tiers": ["cpu"], "cpu_bytes": "64MiB"}, 8, 4),
+    "async_faults": (engine_kwargs(async_scheduling=True, num_gpu_blocks_override=33,
+                                   scheduler_reserve_full_isl=False),
+                     {"chunk_size": 64, "tiers": ["cpu"], "cpu_bytes": "64MiB"}, 8, 4),
 }
+LOSSY = {"faults", "async_faults"}
 
 
 def _scenarios(name: str, n: int, max_reqs: int, max_len: int):
@@ -60,6 +68,8 @@ def test_random_equality(group, tiny_model, engines, tmp_path):
         e.wait_ready()
     max_len = engine["max_model_len"]
     mismatches = []
+    if group in LOSSY:
+        kv[0].call("fault", faults=["lose_chunks"], args={"p": 0.2, "seed": 7})
     if group == "shared":  # engine 2 loads what engine 1 saved, through the disk directory
         p = [[random.Random(5).randrange(3, 1024) for _ in range(300)]]
         want = base.generate(p, 4)["outputs"]
@@ -99,6 +109,8 @@ def test_random_equality(group, tiny_model, engines, tmp_path):
         assert stats[1]["worker"]["loaded_tokens"] > 0, "the second engine never loaded from the shared disk"
     if group == "evict":
         assert stats[0]["store"]["cpu_evictions"] > 0, "the small cpu tier never evicted"
+    if group in LOSSY:
+        assert stats[0]["counters"]["faults_injected"] > 0, "no chunk was lost in a fault group"
 
 
 def test_whole_chunk_prompts(tiny_model, engines):
