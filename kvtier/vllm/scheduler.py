@@ -15,6 +15,10 @@ The rules (each is a test in tests/vllm/):
   ``[num_computed_tokens - num_external_tokens, num_computed_tokens)``.
 - Only whole blocks are claimed, and never the last token: the engine computes at least
   one (a claim ending inside a block gave wrong outputs on vLLM 0.32).
+- Parked loads (vLLM's async-load path, used under async scheduling): the load range ends
+  at the engine's count set at allocation, read when the step is planned; the request
+  computes nothing until the load finished, so no step of it is in flight on a failed
+  load. A request whose load failed answers 0 at its next lookups (it recomputes).
 - Block ids are replaced, not appended, when a request is (re)admitted — a
   resumed request gets all-new blocks.
 - Saves: only full chunks whose every token is computed by the end of the step,
