@@ -1,0 +1,239 @@
+"""kvtier inside a GPU vLLM engine: TTFT cold / vLLM prefix-cache hit / kvtier hits / vLLM's own
+CPU offload hit, against the link and disk limits measured in the same run (issue 11).
+
+A Llama-3.1-8B-shaped model with dummy weights (bf16), default engine settings (CUDA graphs,
+torch.compile, async scheduling), vLLM's default multi-process engine, prompts of token ids.
+Each engine runs in its own process (kvtier.vllm.phases); a figure is the median of --reps
+runs, each on a prompt vLLM's prefix cache does not hold (``reset_prefix_cache`` before it):
+
+- ``cold_s``: vLLM alone; ``apc_hit_s``: the same prompt again (vLLM's prefix cache);
+- ``cold_kvtier_s``: with kvtier (cpu + disk tiers) saving; ``kvtier_cpu_hit_s``: after
+  ``reset_prefix_cache()``, from the cpu tier; ``kvtier_disk_hit_s``: in a restarted engine
+  (page cache dropped first when the machine lets us), from the disk tier;
+- ``native_offload_hit_s``: vLLM's own CPU offload (``kv_offloading_size``), after a reset;
+- ``link_limit_s``: KV bytes / pinned host->device ``copy_`` bandwidth, measured here;
+  ``disk_limit_s``: KV bytes / sequential read bandwidth of kvtier's chunk files, measured here;
+- ``outputs_match``: 16 greedy tokens of the first prompt, equal in every configuration.
+
+    python3 benchmarks/gpu_vllm.py --part 1 && python3 benchmarks/gpu_vllm.py --part 2
+    (--part all: both in one call; --cpu: dry run with the tiny model on vLLM's CPU engine)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from kvtier.vllm.phases import run_phase
+
+LLAMA_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+            "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256, "rms_norm_eps": 1e-5,
+            "rope_theta": 500000.0, "max_position_embeddings": 131072, "torch_dtype": "bfloat16",
+            "tie_word_embeddings": False, "hidden_act": "silu", "bos_token_id": 128000,
+            "eos_token_id": 128001}
+STATE = Path(os.environ.get("KVTIER_BENCH_STATE", "/tmp/kvtier-gpu-vllm"))
+
+
+def _setup(cpu: bool) -> tuple[str, dict, dict, int, list[int]]:
+    """(model dir, engine kwargs, kvtier config, vocab, lengths)."""
+    if cpu:
+        from kvtier.models import SIZES, make_random_llama
+
+        model = make_random_llama(STATE / "tiny", "tiny")
+        engine = dict(max_model_len=4096, max_num_batched_tokens=1024, block_size=32)
+        return model, engine, {"cpu_bytes": "1GiB", "disk_bytes": "4GiB"}, SIZES["tiny"]["vocab_size"], [512, 2048]
+    model = STATE / "llama-8b-dummy"
+    model.mkdir(parents=True, exist_ok=True)
+    (model / "config.json").write_text(json.dumps(LLAMA_8B))
+    engine = dict(load_format="dummy", dtype="bfloat16", enforce_eager=False, block_size=16,
+                  max_model_len=32768 + 64, max_num_batched_tokens=8192, gpu_memory_utilization=0.85)
+    return str(model), engine, {"cpu_bytes": "24GiB", "disk_bytes": "48GiB"}, LLAMA_8B["vocab_size"], \
+        [2048, 8192, 32768]
+
+
+def _prompts(vocab: int, lengths: list[int], reps: int) -> dict[int, list[list[int]]]:
+    rnd = random.Random(11)
+    return {n: [[rnd.randrange(10, vocab - 10) for _ in range(n)] for _ in range(reps)] for n in lengths}
+
+
+def _drop_page_cache() -> bool:
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def _ttfts(result: dict, skip: int = 0) -> list[dict]:
+    return [s for s in result["steps"] if s["op"] == "ttft"][skip:]
+
+
+def part1(model, engine, kv, prompts, reps) -> dict:
+    """vLLM alone (cold, APC hit) and kvtier (cold with saves, cpu-tier hit)."""
+    reset = {"op": "reset_prefix_cache"}
+    warm = {"op": "ttft", "prompt": prompts[min(prompts)][0][:64]}
+    gen = [{"op": "generate", "prompts": [prompts[n][0]], "max_tokens": 16} for n in prompts]
+    base_steps = [warm]
+    for n, ps in prompts.items():
+        for p in ps:
+            base_steps += [reset, {"op": "ttft", "prompt": p}, {"op": "ttft", "prompt": p}]
+    base_steps += [reset] + gen
+    kv_steps = [warm]
+    for n, ps in prompts.items():
+        kv_steps += [step for p in ps for step in (reset, {"op": "ttft", "prompt": p})]  # cold, saving
+        kv_steps += [step for p in ps for step in (reset, {"op": "ttft", "prompt": p})]  # cpu-tier hits
+    kv_steps += [s for g in gen for s in (reset, g)]
+    t = time.time()
+    base = run_phase(model, base_steps, None, engine)
+    print(f"vllm alone: {time.time() - t:.0f} s (start-up {base['startup_s']:.0f} s)", flush=True)
+    t = time.time()
+    kvr = run_phase(model, kv_steps, kv, engine)
+    print(f"kvtier: {time.time() - t:.0f} s (start-up {kvr['startup_s']:.0f} s)", flush=True)
+    return {"base": base, "kvtier": kvr}
+
+
+def part2(model, engine, kv, prompts, reps, native_gib: float) -> dict:
+    """kvtier after a restart (disk-tier hits) and vLLM's own CPU offload."""
+    reset = {"op": "reset_prefix_cache"}
+    warm = {"op": "ttft", "prompt": prompts[min(prompts)][0][:64]}
+    gen = [{"op": "generate", "prompts": [prompts[n][0]], "max_tokens": 16} for n in prompts]
+    dropped = _drop_page_cache()
+    disk_steps = [warm] + [s for n, ps in prompts.items() for p in ps for s in (reset, {"op": "ttft", "prompt": p})]
+    disk_steps += [s for g in gen for s in (reset, g)]
+    t = time.time()
+    restart = run_phase(model, disk_steps, kv, engine)
+    print(f"kvtier restart: {time.time() - t:.0f} s", flush=True)
+    native_steps = [warm]
+    for n, ps in prompts.items():
+        native_steps += [s for p in ps for s in (reset, {"op": "ttft", "prompt": p})]  # cold, offloading
+        native_steps += [s for p in ps for s in (reset, {"op": "ttft", "prompt": p})]  # hits
+    native_steps += [s for g in gen for s in (reset, g)]
+    t = time.time()
+    native = run_phase(model, native_steps, None, {**engine, "kv_offloading_size": native_gib,
+                                                    "kv_offloading_backend": "native"})
+    print(f"vLLM native offload: {time.time() - t:.0f} s", flush=True)
+    return {"restart": restart, "native": native, "page_cache_dropped": dropped}
+
+
+def link_and_disk(kv_bytes_per_token: int, disk_path: str) -> dict:
+    """Pinned host->device copy bandwidth and kvtier chunk-file read bandwidth (bytes/s)."""
+    import torch
+
+    out: dict = {}
+    if torch.cuda.is_available():
+        n = 1 << 30
+        src = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+        dst = torch.empty(n, dtype=torch.uint8, device="cuda")
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            dst.copy_(src, non_blocking=True)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        out["h2d_bytes_per_s"] = n / statistics.median(times)
+    files = sorted(p for p in Path(disk_path).rglob("*") if p.is_file())
+    out["page_cache_dropped_for_disk"] = _drop_page_cache()
+    total, t = 0, time.perf_counter()
+    for p in files[:4096]:
+        with open(p, "rb", buffering=0) as f:
+            while chunk := f.read(16 << 20):
+                total += len(chunk)
+    dt = time.perf_counter() - t
+    out["disk_read_bytes"] = total
+    out["disk_bytes_per_s"] = total / dt if dt > 0 and total else None
+    out["kv_bytes_per_token"] = kv_bytes_per_token
+    return out
+
+
+def rows(p1: dict, p2: dict, limits: dict, prompts: dict, reps: int) -> list[dict]:
+    med = lambda xs: statistics.median(xs) if xs else None  # noqa: E731
+    base = _ttfts(p1["base"], 1)
+    kvr = _ttfts(p1["kvtier"], 1)
+    restart = _ttfts(p2["restart"], 1)
+    native = _ttfts(p2["native"], 1)
+    gens = {name: [s for s in r["steps"] if s["op"] == "generate"]
+            for name, r in (("vllm", p1["base"]), ("kvtier_cpu", p1["kvtier"]), ("kvtier_disk", p2["restart"]),
+                            ("native", p2["native"]))}
+    out = []
+    for i, n in enumerate(prompts):
+        b = base[i * 2 * reps:(i + 1) * 2 * reps]
+        k = kvr[i * 2 * reps:(i + 1) * 2 * reps]
+        nat = native[i * 2 * reps:(i + 1) * 2 * reps]
+        d = restart[i * reps:(i + 1) * reps]
+        kv_bytes = n * limits["kv_bytes_per_token"]
+        outs = {name: g[i]["outputs"][0] for name, g in gens.items()}
+        row = {"tokens": n, "kv_bytes": kv_bytes,
+               "cold_s": med([s["s"] for s in b[0::2]]), "apc_hit_s": med([s["s"] for s in b[1::2]]),
+               "cold_kvtier_s": med([s["s"] for s in k[:reps]]),
+               "kvtier_cpu_hit_s": med([s["s"] for s in k[reps:]]),
+               "kvtier_disk_hit_s": med([s["s"] for s in d]),
+               "native_offload_hit_s": med([s["s"] for s in nat[reps:]]),
+               "link_limit_s": kv_bytes / limits["h2d_bytes_per_s"] if limits.get("h2d_bytes_per_s") else None,
+               "disk_limit_s": kv_bytes / limits["disk_bytes_per_s"] if limits.get("disk_bytes_per_s") else None,
+               "cached_tokens": {"apc": [s["cached"] for s in b[1::2]], "kvtier_cpu": [s["cached"] for s in k[reps:]],
+                                 "kvtier_disk": [s["cached"] for s in d],
+                                 "native": [s["cached"] for s in nat[reps:]]},
+               "runs_s": {"cold": [s["s"] for s in b[0::2]], "apc": [s["s"] for s in b[1::2]],
+                          "cold_kvtier": [s["s"] for s in k[:reps]], "kvtier_cpu": [s["s"] for s in k[reps:]],
+                          "kvtier_disk": [s["s"] for s in d], "native": [s["s"] for s in nat[reps:]]},
+               "outputs": outs,
+               "outputs_match": all(o == outs["vllm"] for o in outs.values())}
+        out.append(row)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--part", choices=["1", "2", "all"], default="all")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--cpu", action="store_true", help="dry run: tiny model, vLLM's CPU engine")
+    ap.add_argument("--out", default="benchmarks/results/gpu_vllm_h200.json")
+    args = ap.parse_args()
+    STATE.mkdir(parents=True, exist_ok=True)
+    model, engine, kv_sizes, vocab, lengths = _setup(args.cpu)
+    kv = {"tiers": ["cpu", "disk"], "disk_path": str(STATE / "disk"), **kv_sizes}
+    prompts = _prompts(vocab, lengths, args.reps)
+    cfg = json.loads(Path(model, "config.json").read_text())
+    per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * \
+        cfg.get("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"]) * (4 if args.cpu else 2)
+    if args.part in ("1", "all"):
+        (STATE / "part1.json").write_text(json.dumps(part1(model, engine, kv, prompts, args.reps)))
+    if args.part in ("2", "all"):
+        p2 = part2(model, engine, kv, prompts, args.reps, 1.0 if args.cpu else 24.0)
+        limits = link_and_disk(per_token, kv["disk_path"])
+        p1 = json.loads((STATE / "part1.json").read_text())
+        import torch
+        import vllm
+
+        result = {"command": "python3 benchmarks/gpu_vllm.py " + " ".join(sys.argv[1:]),
+                  "vllm_version": vllm.__version__,
+                  "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU dry run)",
+                  "model": "Llama-3.1-8B shape, dummy weights" if not args.cpu else "tiny", "engine": engine,
+                  "kvtier": kv, "reps": args.reps, "limits": limits,
+                  "page_cache_dropped_before_restart": p2["page_cache_dropped"],
+                  "startup_s": {"vllm": p1["base"]["startup_s"], "kvtier": p1["kvtier"]["startup_s"],
+                                "kvtier_restart": p2["restart"]["startup_s"], "native": p2["native"]["startup_s"]},
+                  "rows": rows(p1, p2, limits, prompts, args.reps)}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+        keys = ["tokens", "cold_s", "cold_kvtier_s", "apc_hit_s", "kvtier_cpu_hit_s", "kvtier_disk_hit_s",
+                "native_offload_hit_s", "link_limit_s", "disk_limit_s", "outputs_match"]
+        print(" ".join(f"{k:>20}" for k in keys))
+        for r in result["rows"]:
+            print(" ".join(f"{r[k]:>20.4f}" if isinstance(r[k], float) else f"{str(r[k]):>20}" for k in keys))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
