@@ -101,7 +101,7 @@ def part1(model, engine, kv, prompts, reps) -> dict:
     return {"base": base, "kvtier": kvr}
 
 
-def part2(model, engine, kv, prompts, reps, native_gib: float) -> dict:
+def part2(model, engine, kv, prompts, reps, native_gib: float | None) -> dict:
     """kvtier after a restart (disk-tier hits) and vLLM's own CPU offload."""
     reset = {"op": "reset_prefix_cache"}
     warm = {"op": "ttft", "prompt": prompts[min(prompts)][0][:64]}
@@ -112,6 +112,8 @@ def part2(model, engine, kv, prompts, reps, native_gib: float) -> dict:
     t = time.time()
     restart = run_phase(model, disk_steps, kv, engine)
     print(f"kvtier restart: {time.time() - t:.0f} s", flush=True)
+    if native_gib is None:  # vLLM's CPU offload runs on GPUs only
+        return {"restart": restart, "native": None, "page_cache_dropped": dropped}
     native_steps = [warm]
     for n, ps in prompts.items():
         native_steps += [s for p in ps for s in (reset, {"op": "ttft", "prompt": p})]  # cold, offloading
@@ -161,10 +163,10 @@ def rows(p1: dict, p2: dict, limits: dict, prompts: dict, reps: int) -> list[dic
     base = _ttfts(p1["base"], 1)
     kvr = _ttfts(p1["kvtier"], 1)
     restart = _ttfts(p2["restart"], 1)
-    native = _ttfts(p2["native"], 1)
+    native = _ttfts(p2["native"], 1) if p2["native"] else []
     gens = {name: [s for s in r["steps"] if s["op"] == "generate"]
             for name, r in (("vllm", p1["base"]), ("kvtier_cpu", p1["kvtier"]), ("kvtier_disk", p2["restart"]),
-                            ("native", p2["native"]))}
+                            ("native", p2["native"])) if r is not None}
     out = []
     for i, n in enumerate(prompts):
         b = base[i * 2 * reps:(i + 1) * 2 * reps]
@@ -210,7 +212,7 @@ def main() -> int:
     if args.part in ("1", "all"):
         (STATE / "part1.json").write_text(json.dumps(part1(model, engine, kv, prompts, args.reps)))
     if args.part in ("2", "all"):
-        p2 = part2(model, engine, kv, prompts, args.reps, 1.0 if args.cpu else 24.0)
+        p2 = part2(model, engine, kv, prompts, args.reps, None if args.cpu else 24.0)
         limits = link_and_disk(per_token, kv["disk_path"])
         p1 = json.loads((STATE / "part1.json").read_text())
         import torch
@@ -223,7 +225,8 @@ def main() -> int:
                   "kvtier": kv, "reps": args.reps, "limits": limits,
                   "page_cache_dropped_before_restart": p2["page_cache_dropped"],
                   "startup_s": {"vllm": p1["base"]["startup_s"], "kvtier": p1["kvtier"]["startup_s"],
-                                "kvtier_restart": p2["restart"]["startup_s"], "native": p2["native"]["startup_s"]},
+                                "kvtier_restart": p2["restart"]["startup_s"],
+                                "native": p2["native"]["startup_s"] if p2["native"] else None},
                   "rows": rows(p1, p2, limits, prompts, args.reps)}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))
