@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 
 import torch
 import xxhash
@@ -133,3 +136,19 @@ def verify(header: Header, key: bytes, layout: ChunkLayout, payload: memoryview 
         raise CorruptChunk(f"payload truncated ({len(payload)} of {header.nbytes} bytes)")
     if checksum(payload) != header.checksum:
         raise CorruptChunk("checksum mismatch")
+
+
+def payload_bytes(payload: Any, nbytes: int) -> np.ndarray:
+    """``payload`` (a tensor or any buffer) as a flat uint8 array of exactly ``nbytes`` bytes.
+
+    Raises ValueError naming both sizes, so a caller checks before it takes a slot.
+    """
+    if isinstance(payload, torch.Tensor):
+        if not payload.is_contiguous():
+            raise ValueError("a chunk payload tensor must be contiguous")
+        src = payload.detach().cpu().reshape(-1).view(torch.uint8).numpy()
+    else:
+        src = np.frombuffer(payload, dtype=np.uint8)
+    if src.size != nbytes:
+        raise ValueError(f"a chunk payload must be {nbytes} bytes (this layout's chunk size); got {src.size}")
+    return src

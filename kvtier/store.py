@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from kvtier.config import KVTierConfig
-from kvtier.layout import ChunkLayout
+from kvtier.layout import ChunkLayout, payload_bytes
 from kvtier.memory import ChunkRef, HostPool
 from kvtier.metrics import Metrics
 from kvtier.tiers.base import Buffer, Protected, Tier
@@ -224,12 +224,15 @@ class Store:
             ref.release()
 
     def put(self, key: bytes, payload: torch.Tensor | Buffer) -> bool:
-        """Copy ``payload`` (``layout.nbytes`` bytes) into a slot and commit it; False if no slot."""
+        """Copy ``payload`` (``layout.nbytes`` bytes) into a slot and commit it; False if no slot.
+
+        A payload of another size raises ValueError before any slot is taken.
+        """
+        src = payload_bytes(payload, self.layout.nbytes)
         ref = self.allocate()
         if ref is None:
             return False
-        src = payload.numpy() if isinstance(payload, torch.Tensor) else np.frombuffer(payload, dtype=np.uint8)
-        np.copyto(ref.data.numpy(), src.reshape(-1))
+        np.copyto(ref.data.numpy()[:src.size], src)
         self.commit(key, ref)
         return True
 

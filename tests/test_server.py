@@ -534,3 +534,12 @@ def test_two_model_namespaces_on_one_server_never_see_each_other(shared_server):
             assert all(torch.equal(r.data[: LAYOUT.nbytes], payload(seed + i)) for i, r in enumerate(refs))
             for r in refs:
                 r.release()
+
+
+def test_remote_put_of_a_wrong_size_is_refused_before_taking_a_slot(shared_server):
+    addr, _ = shared_server
+    with RemoteStore(client_config(addr), LAYOUT, "m") as s:
+        for _ in range(80):  # more than the server's 32 slots
+            with pytest.raises(ValueError, match=f"must be {LAYOUT.nbytes} bytes"):
+                s.put(key(900), np.zeros(3, dtype=np.uint8))
+        assert s.put(key(901), payload(901))

@@ -267,3 +267,15 @@ def test_ledger_counts_chunks_a_worker_process_reported():
         assert ledger.num_new_matched_tokens(tokens, 16) == 32
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("size", [1, LAYOUT.nbytes - 1, LAYOUT.nbytes + 1])
+def test_put_of_a_wrong_size_is_refused_before_taking_a_slot(size):
+    """Issue 14.2: a wrong size leaked a slot per call (all puts then failed); 1 byte was spread over the chunk."""
+    s = make_store(cpu_chunks=4)
+    for _ in range(2 * s.pool.num_slots):
+        with pytest.raises(ValueError, match=f"must be {LAYOUT.nbytes} bytes .*got {size}"):
+            s.put(key(1), np.zeros(size, dtype=np.uint8))
+    assert s.pool.free_slots == s.pool.num_slots
+    assert s.put(key(2), payload(2))
+    assert np.array_equal(read(s, key(2)), payload(2))

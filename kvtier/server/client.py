@@ -35,7 +35,7 @@ import torch
 import zmq
 
 from kvtier.config import KVTierConfig
-from kvtier.layout import ChunkLayout
+from kvtier.layout import ChunkLayout, payload_bytes
 from kvtier.metrics import Metrics
 from kvtier.server import protocol as P
 from kvtier.server.server import layout_from_msg, layout_to_msg
@@ -445,12 +445,15 @@ class RemoteStore:
         self.commit_many([key], [ref])
 
     def put(self, key: bytes, payload: torch.Tensor | memoryview | np.ndarray) -> bool:
-        """Copy ``payload`` into a slot and commit it; True once the server accepted it (visible to all)."""
+        """Copy ``payload`` into a slot and commit it; True once the server accepted it (visible to all).
+
+        A payload of another size than the layout's chunk raises ValueError before any slot is taken.
+        """
+        src = payload_bytes(payload, self.layout.nbytes)
         ref = self.allocate()
         if ref is None:
             return False
-        src = payload.numpy() if isinstance(payload, torch.Tensor) else np.frombuffer(payload, dtype=np.uint8)
-        np.copyto(ref.data.numpy(), src.reshape(-1))
+        np.copyto(ref.data.numpy()[:src.size], src)
         return self.commit_many([key], [ref], wait=True) == 1
 
     def lease(self, keys: Sequence[bytes]) -> RemoteLease:
