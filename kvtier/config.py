@@ -239,6 +239,9 @@ def _validate(c: KVTierConfig) -> None:
     for url in c.redis_url:
         if not re.match(r"^(redis|rediss|unix)://", url):
             raise ConfigError(f"redis_url={url!r}: expected redis://HOST:PORT[/DB], rediss://... or unix:///path")
+        if url.startswith("unix://") and (c.redis_cluster or len(c.redis_url) > 1):
+            raise ConfigError(f"redis_url={url!r}: a Redis Cluster is reached over TCP (redis://HOST:PORT); "
+                              f"a unix socket serves one standalone server")
     if c.hash not in HASH_NAMES:
         raise bad("hash", f"allowed: {', '.join(HASH_NAMES)}")
     if c.load_mode not in LOAD_MODES:

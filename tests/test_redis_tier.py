@@ -205,3 +205,25 @@ def test_cluster_all_seeds_dead_is_misses(bad_url):
     assert check_bytes(tier, keys, [0, 1, 2]) == [False] * 3
     assert list(tier.scan()) == []
     assert tier.stats().errors >= 1
+
+
+def test_unix_socket_url(tmp_path):
+    """Issue 14.4: unix:///path passed validation, then Store() raised TypeError (path=)."""
+    from kvtier.config import ConfigError, KVTierConfig
+    from kvtier.local_redis import RedisServer
+    from kvtier.store import Store
+
+    sock = tmp_path / "redis.sock"
+    with RedisServer(extra_args=("--unixsocket", str(sock), "--unixsocketperm", "700")):
+        cfg = KVTierConfig(tiers=("redis",), redis_url=(f"unix://{sock}",))
+        with Store(cfg, SMALL_LAYOUT, pin=False) as store:
+            keys = make_keys(2)
+            assert store.put(keys[0], make_payload(3))
+            assert store.flush(10)
+            assert store.lookup(keys) == 1
+            (ref, miss) = store.get(keys)
+            assert miss is None
+            with ref:
+                assert np.array_equal(ref.data.numpy(), make_payload(3))
+    with pytest.raises(ConfigError, match="unix socket serves one standalone server"):
+        KVTierConfig(tiers=("redis",), redis_url=(f"unix://{sock}",), redis_cluster=True)

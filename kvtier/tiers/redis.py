@@ -116,7 +116,12 @@ class RedisTier(Tier):
     # ---- connections ----------------------------------------------------------------------
     def _node_for_url(self, url: str) -> _Node:
         kw = parse_url(url)
-        name = f"{kw.get('host', '127.0.0.1')}:{kw.get('port', 6379)}"
+        if "path" in kw:  # unix:///path/redis.sock: redis.Redis names it unix_socket_path
+            kw["unix_socket_path"] = kw.pop("path")
+            kw.pop("connection_class", None)
+            name = f"unix:{kw['unix_socket_path']}"
+        else:
+            name = f"{kw.get('host', '127.0.0.1')}:{kw.get('port', 6379)}"
         client = redis.Redis(**kw, **self._conn_kwargs)
         node = _Node(name, client, self.retry_after_s)
         self._nodes[name] = node
