@@ -348,3 +348,35 @@ def test_two_processes_share_one_directory(tmp_chunk_dir):
     os.unlink(reader._path(keys[0]))
     assert reader.get_into(keys[:1], dests[:1]) == [False]
     assert reader.stats().errors == 0
+
+
+def _bounded(fn, timeout: float = 10.0):
+    """Run ``fn`` in a thread; fail (instead of hanging the suite) if it blocks."""
+    out: list = []
+    t = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), f"{fn} blocked for {timeout} s"
+    return out[0]
+
+
+def test_a_fifo_named_like_a_chunk_never_blocks(tmp_chunk_dir):
+    """Issue 14.5: a FIFO named like a chunk: lookup said hit, then get (and kvtier inspect) blocked forever."""
+    from kvtier.tiers.scan import scan_disk
+
+    keys = make_keys(3)
+    tier = DiskTier(tmp_chunk_dir, 100 * FILE, SMALL_LAYOUT, label="m")
+    tier.put(keys[:2], [make_payload(0), make_payload(1)])
+    os.unlink(tier._path(keys[1]))
+    os.mkfifo(tier._path(keys[1]))  # replaced behind the running tier's back
+    os.makedirs(os.path.dirname(tier._path(keys[2])), exist_ok=True)
+    os.mkfifo(tier._path(keys[2]))  # never a chunk
+    assert _bounded(lambda: read(tier, keys[1])) is None
+    assert _bounded(lambda: tier.contains(keys)) == [True, False, False]
+    assert _bounded(lambda: read(tier, keys[2])) is None
+    assert np.array_equal(read(tier, keys[0]), make_payload(0))
+    assert [c.key for c in _bounded(lambda: list(scan_disk(str(tmp_chunk_dir))))] == [keys[0]]
+    assert [c.key for c in _bounded(lambda: list(tier.scan()))] == [keys[0]]
+    tier.close()
+    reopened = _bounded(lambda: DiskTier(tmp_chunk_dir, 100 * FILE, SMALL_LAYOUT, label="m"))
+    assert _bounded(lambda: reopened.contains(keys)) == [True, False, False]

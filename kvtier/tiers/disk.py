@@ -27,6 +27,7 @@ import errno
 import itertools
 import logging
 import os
+import stat
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -130,6 +131,8 @@ class DiskTier(Tier):
                     st = entry.stat(follow_symlinks=False)
                 except (ValueError, OSError):
                     continue
+                if not stat.S_ISREG(st.st_mode):
+                    continue  # a FIFO, socket or link named like a chunk is never ours
                 found.append((st.st_mtime_ns, key, st.st_size))
         found.sort()
         for _, key, size in found:
@@ -195,10 +198,11 @@ class DiskTier(Tier):
             if k in self._index:
                 continue
             try:
-                size = os.stat(self._path(k)).st_size
+                st = os.stat(self._path(k), follow_symlinks=False)
             except OSError:
                 continue
-            if size != self.file_bytes:
+            size = st.st_size
+            if size != self.file_bytes or not stat.S_ISREG(st.st_mode):
                 continue  # not a whole chunk of this layout (yet): leave it alone
             with self._lock:
                 if k not in self._index:
@@ -267,9 +271,9 @@ class DiskTier(Tier):
             return False
         path = self._path(key)
         try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError as e:
-            self._forget(key, None, error=e.errno != errno.ENOENT)
+            fd = open_regular(path)
+        except OSError as e:  # vanished, or not a regular file (never ours): forgotten
+            self._forget(key, None, error=e.errno not in (errno.ENOENT, errno.EINVAL, errno.ELOOP))
             return False
         st = None
         try:
@@ -371,7 +375,7 @@ class DiskTier(Tier):
             keys = list(self._index)
         for k in keys:
             try:
-                with open(self._path(k), "rb", buffering=0) as f:
+                with open(open_regular(self._path(k)), "rb", buffering=0) as f:
                     header = decode_header(f.read(HEADER_SIZE))
             except (OSError, CorruptChunk):
                 continue
@@ -395,6 +399,19 @@ def _write_all(fd: int, parts: list) -> None:
             views.pop(0)
         if n:
             views[0] = views[0][n:]
+
+
+def open_regular(path: str) -> int:
+    """A read-only fd of ``path`` if it is a regular file; OSError otherwise.
+
+    Never blocks: a FIFO or device named like a chunk would block a plain open (and every
+    lookup after it) forever; ``O_NONBLOCK`` has no effect on a regular file's reads.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", path)
+    return fd
 
 
 def _unlink_quiet(path: str) -> None:
