@@ -543,3 +543,29 @@ def test_remote_put_of_a_wrong_size_is_refused_before_taking_a_slot(shared_serve
             with pytest.raises(ValueError, match=f"must be {LAYOUT.nbytes} bytes"):
                 s.put(key(900), np.zeros(3, dtype=np.uint8))
         assert s.put(key(901), payload(901))
+
+
+def test_start_up_failure_releases_shared_memory_and_socket(tmp_path):
+    """Issue 14.3: `kvtier serve --metrics-port <busy>` exited but left its /dev/shm segment
+    (cpu_bytes of RAM) and its socket behind."""
+    import socket as so
+
+    busy = so.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    sock_path = f"/tmp/kvs-busy-{os.getpid()}.sock"
+    before = set(os.listdir("/dev/shm"))
+    try:
+        r = subprocess.run([sys.executable, "-m", "kvtier.cli", "serve", "--address", f"ipc://{sock_path}",
+                            "--tiers", "cpu", "--cpu-bytes", "8MiB", "--num-layers", "2", "--kv-heads", "1",
+                            "--head-size", "8", "--dtype", "float16", "--chunk-size", "16",
+                            "--metrics-port", str(port), "--log-level", "WARNING"],
+                           capture_output=True, text=True, timeout=60)
+    finally:
+        busy.close()
+    assert r.returncode != 0
+    assert f"--metrics-port {port}" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert not os.path.exists(sock_path), "the ipc socket was left behind"
+    left = [n for n in set(os.listdir("/dev/shm")) - before if n.startswith("kvtier-")]
+    assert not left, f"shared memory left behind: {left}"

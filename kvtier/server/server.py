@@ -244,10 +244,18 @@ class Server:
         else:
             sock.bind(self.address)
         self._sock = sock
-        if self.layout is not None:
-            self._open_store(self.layout, self.label)
-        if self.metrics_port is not None:
-            serve_http(self.metrics, self.metrics_port)
+        try:
+            if self.metrics_port is not None:
+                try:
+                    serve_http(self.metrics, self.metrics_port)
+                except OSError as e:
+                    raise RuntimeError(f"--metrics-port {self.metrics_port}: cannot listen on 127.0.0.1:"
+                                       f"{self.metrics_port} ({e.strerror}); choose a free port") from e
+            if self.layout is not None:
+                self._open_store(self.layout, self.label)
+        except BaseException:  # a failed start releases what it acquired: socket, shared memory
+            self.close(0)
+            raise
         log.info("kvtier server %s listening at %s", self.server_id, self.address)
 
     def _open_store(self, layout: ChunkLayout, label: str) -> None:
