@@ -380,3 +380,19 @@ def test_a_fifo_named_like_a_chunk_never_blocks(tmp_chunk_dir):
     tier.close()
     reopened = _bounded(lambda: DiskTier(tmp_chunk_dir, 100 * FILE, SMALL_LAYOUT, label="m"))
     assert _bounded(lambda: reopened.contains(keys)) == [True, False, False]
+
+
+def test_directory_removed_while_running(tmp_chunk_dir):
+    """Issue 14.6: after `rm -rf` of the directory each sub-directory lost its next write, and the
+    index kept claiming chunks that were gone."""
+    import shutil
+
+    keys = make_keys(40)
+    tier = DiskTier(tmp_chunk_dir, 100 * FILE, SMALL_LAYOUT, label="m")
+    assert tier.put(keys[:20], [make_payload(i) for i in range(20)]) == [True] * 20
+    shutil.rmtree(tmp_chunk_dir)
+    assert [read(tier, k) for k in keys[:20]] == [None] * 20
+    assert tier.contains(keys[:20]) == [False] * 20, "chunks whose files are gone are still indexed"
+    assert tier.put(keys[20:], [make_payload(i) for i in range(20, 40)]) == [True] * 20
+    assert all(np.array_equal(read(tier, k), make_payload(20 + i)) for i, k in enumerate(keys[20:]))
+    assert tier.stats().errors == 0

@@ -228,7 +228,12 @@ class DiskTier(Tier):
             header = encode_header(key, self.layout, data, self.label)
             d = self._subdir(key)
             tmp = os.path.join(d, f"{TMP_PREFIX}{os.getpid()}-{next(self._tmp_ids)}")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileNotFoundError:  # the directory was removed behind our back: make it again
+                self._made_dirs.discard(key[:1].hex())
+                self._subdir(key)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
                 _write_all(fd, [header, _PAD, data])
             finally:
@@ -253,7 +258,6 @@ class DiskTier(Tier):
                             self.root, e.strerror or e)
             if tmp is not None:
                 _unlink_quiet(tmp)
-            # A subdirectory removed behind our back is made again next time.
             self._made_dirs.discard(key[:1].hex())
             return False
 
