@@ -227,3 +227,32 @@ def test_unix_socket_url(tmp_path):
                 assert np.array_equal(ref.data.numpy(), make_payload(3))
     with pytest.raises(ConfigError, match="unix socket serves one standalone server"):
         KVTierConfig(tiers=("redis",), redis_url=(f"unix://{sock}",), redis_cluster=True)
+
+
+def test_op_timeout_bounds_every_concurrent_caller(redis_server):
+    """Issue 14.8: with a stalled server and op_timeout_s=1, one caller waited 1 s but four
+    concurrent callers waited up to 2 s (a retry after the wait)."""
+    import threading
+
+    tier = RedisTier([redis_server.url], SMALL_LAYOUT, op_timeout_s=1.0, connect_timeout_s=1.0)
+    keys = make_keys(4)
+    assert tier.contains(keys) == [False] * 4  # one pooled connection exists; the others are new
+    waits: list[float] = []
+
+    def call() -> None:
+        t = time.monotonic()
+        assert tier.contains(keys) == [False] * 4
+        waits.append(time.monotonic() - t)
+
+    redis_server.pause()
+    try:
+        threads = [threading.Thread(target=call) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+    finally:
+        redis_server.resume()
+    assert len(waits) == 4
+    assert max(waits) < 1.5, f"waits {waits}: op_timeout_s=1 must bound every caller"
+    tier.close()

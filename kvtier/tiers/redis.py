@@ -72,6 +72,24 @@ class _Breaker:
         return self.open_until != 0.0
 
 
+class _QuickRetry(Retry):
+    """One immediate retry, only of a call that failed at once (a connection a restarted server
+    closed), never of one that waited: a slow server costs every caller one ``op_timeout_s``
+    at most, however many callers there are."""
+
+    def __init__(self, quick_s: float) -> None:
+        super().__init__(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,))
+        self.quick_s = quick_s
+
+    def call_with_retry(self, do, fail, is_retryable=None, with_failure_count=False):
+        start = time.monotonic()
+
+        def retryable(error: Exception) -> bool:
+            return time.monotonic() - start < self.quick_s and (is_retryable is None or is_retryable(error))
+
+        return super().call_with_retry(do, fail, retryable, with_failure_count)
+
+
 class _Node:
     def __init__(self, name: str, client: redis.Redis, retry_after_s: float) -> None:
         self.name = name
@@ -98,8 +116,8 @@ class RedisTier(Tier):
         self._conn_kwargs = dict(
             socket_connect_timeout=connect_timeout_s, socket_timeout=op_timeout_s,
             # One immediate retry on a broken connection (a server restarted since the last
-            # call); none on a timeout, so a hung server costs one op_timeout, then the breaker.
-            retry=Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
+            # call); none after a wait, so a hung server costs one op_timeout, then the breaker.
+            retry=_QuickRetry(min(0.25, op_timeout_s / 4)),
             health_check_interval=0,
         )
         self._lock = threading.Lock()
