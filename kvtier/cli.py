@@ -44,7 +44,31 @@ def _write_json(path: str, payload: dict[str, Any]) -> None:
     click.echo(f"wrote {path}")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _UserError(click.ClickException):
+    """A problem the user can fix (a setting, a path, a server not there): one line, exit status 2."""
+
+    exit_code = 2
+
+
+class _Group(click.Group):
+    """Every command: errors a user can fix end it with one line naming the problem, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        import redis
+
+        try:
+            return super().invoke(ctx)
+        except ConfigError as e:
+            raise _UserError(str(e)) from e
+        except click.ClickException as e:
+            if type(e) is click.ClickException:  # our own one-line errors: a user's to fix
+                raise _UserError(e.message) from e
+            raise
+        except (OSError, redis.exceptions.RedisError) as e:
+            raise _UserError(f"{type(e).__name__}: {e}") from e
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="kvtier")
 def main() -> None:
     """kvtier: keep the KV cache of prompt prefixes in CPU memory, on disk and in Redis."""

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import math
 import re
 from collections.abc import Mapping
+from urllib.parse import urlparse
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +43,8 @@ def parse_size(key: str, value: Any) -> int:
         if not m:
             raise ConfigError(f"{key}={value!r}: expected a byte size such as 4GiB, 512MB or 1073741824")
         unit = (m.group(2) or "").lower().rstrip("b")
+        if unit not in _SIZE_UNITS:
+            raise ConfigError(f"{key}={value!r}: unknown unit; use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB")
         n = int(float(m.group(1)) * _SIZE_UNITS[unit])
     if n < 0:
         raise ConfigError(f"{key}={value!r}: a size cannot be negative")
@@ -128,8 +132,13 @@ class KVTierConfig:
     def from_dict(cls, values: Mapping[str, Any]) -> "KVTierConfig":
         known = {f.name: f for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
-        adapter: dict[str, Any] = dict(values.get("extra", {}) or {})
+        extra = values.get("extra", {}) or {}
+        if not isinstance(extra, Mapping):
+            raise ConfigError(f"extra={extra!r}: expected a mapping of engine-adapter settings")
+        adapter: dict[str, Any] = dict(extra)
         for key, value in values.items():
+            if not isinstance(key, str):
+                raise ConfigError(f"setting {key!r}: setting names are strings such as chunk_size")
             if key == "extra":
                 continue
             if key not in known:
@@ -161,19 +170,19 @@ def _load_yaml(path: str | os.PathLike) -> dict[str, Any]:
             data = yaml.safe_load(f) or {}
     except OSError as e:
         raise ConfigError(f"config_file={str(path)!r}: cannot read it ({e.strerror})") from e
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config_file={str(path)!r}: not valid YAML ({e})") from e
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config_file={str(path)!r}: not valid YAML text ({str(e).splitlines()[0]})") from e
     if not isinstance(data, dict):
         raise ConfigError(f"config_file={str(path)!r}: expected a mapping of settings at the top level")
     return data
 
 
-def _split_list(value: Any) -> tuple[str, ...]:
+def _split_list(key: str, value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         return tuple(p.strip() for p in value.split(",") if p.strip())
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float)) for v in value):
         return tuple(str(v).strip() for v in value)
-    raise ConfigError(f"expected a list or a comma-separated string, got {value!r}")
+    raise ConfigError(f"{key}={value!r}: expected a list or a comma-separated string")
 
 
 def _coerce(key: str, type_name: Any, value: Any) -> Any:
@@ -183,7 +192,7 @@ def _coerce(key: str, type_name: Any, value: Any) -> Any:
         if key in ("cpu_bytes", "disk_bytes"):
             return parse_size(key, value)
         if t.startswith("tuple"):
-            return _split_list(value)
+            return _split_list(key, value)
         if t == "bool":
             if isinstance(value, bool):
                 return value
@@ -200,7 +209,10 @@ def _coerce(key: str, type_name: Any, value: Any) -> Any:
         if t == "float":
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            f = float(value)
+            if f != f or f in (float("inf"), float("-inf")):
+                raise ConfigError(f"{key}={value!r}: expected a finite number")
+            return f
         if t == "str":
             if not isinstance(value, (str, os.PathLike)):
                 raise ValueError
@@ -239,6 +251,13 @@ def _validate(c: KVTierConfig) -> None:
     for url in c.redis_url:
         if not re.match(r"^(redis|rediss|unix)://", url):
             raise ConfigError(f"redis_url={url!r}: expected redis://HOST:PORT[/DB], rediss://... or unix:///path")
+        if not url.startswith("unix://"):
+            try:
+                port = urlparse(url).port
+            except ValueError:
+                port = -1
+            if port == -1 or not urlparse(url).hostname:
+                raise ConfigError(f"redis_url={url!r}: expected redis://HOST:PORT[/DB] with a numeric port")
         if url.startswith("unix://") and (c.redis_cluster or len(c.redis_url) > 1):
             raise ConfigError(f"redis_url={url!r}: a Redis Cluster is reached over TCP (redis://HOST:PORT); "
                               f"a unix socket serves one standalone server")
@@ -252,7 +271,7 @@ def _validate(c: KVTierConfig) -> None:
             raise bad(key, "must be an integer >= 1")
     for key in ("connect_timeout_s", "op_timeout_s", "retry_after_s", "lease_ttl_s"):
         v = getattr(c, key)
-        if not isinstance(v, (int, float)) or v <= 0:
+        if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
             raise bad(key, "must be a number of seconds > 0")
     if c.server and not re.match(r"^(ipc|tcp)://", c.server):
         raise bad("server", "expected ipc:///path/to/socket or tcp://127.0.0.1:PORT")

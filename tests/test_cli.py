@@ -69,7 +69,7 @@ def test_config_shows_env_and_reports_bad_values():
     r = run("config", env={"KVTIER_CHUNK_SIZE": "512"})
     assert r.exit_code == 0 and json.loads(r.output)["chunk_size"] == 512
     bad = CliRunner().invoke(main, ["config"], env={"KVTIER_TIERS": "cpu,tape"})
-    assert bad.exit_code == 1 and "unknown tier 'tape'" in bad.output
+    assert bad.exit_code == 2 and "unknown tier 'tape'" in bad.output
 
 
 def test_bench_tiers_writes_json_with_ratios(tmp_path, redis_server):
@@ -83,3 +83,51 @@ def test_bench_tiers_writes_json_with_ratios(tmp_path, redis_server):
     assert {("cpu", "put+get"), ("disk", "write"), ("disk", "read"), ("redis", "write"), ("redis", "read")} <= got
     assert all(x["ratio"] > 0 for x in data["results"])
     assert "ratio" in r.output
+
+
+LAYOUT_ARGS = ["--num-layers", "2", "--kv-heads", "1", "--head-size", "8", "--dtype", "float16", "--chunk-size", "16"]
+
+
+def _bad_inputs(tmp_path):
+    """(args, env, what the one-line error must name) for issue 14.9's cases."""
+    import os
+
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("tiers: {a: 1}\n")
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("extra: 5\n")
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(bytes(range(256)) * 4)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    sock = f"ipc:///tmp/kvs-cli-{os.getpid()}/s.sock"
+    return [
+        (["config"], {"KVTIER_CPU_BYTES": "4ib"}, "cpu_bytes='4ib'"),
+        (["config", "--file", str(nested)], {}, "tiers="),
+        (["config", "--file", str(extra)], {}, "extra=5"),
+        (["config", "--file", str(binary)], {}, "config_file="),
+        (["config"], {"KVTIER_TIERS": "cpu,redis", "KVTIER_REDIS_URL": "redis://host:abc"}, "redis_url="),
+        (["config"], {"KVTIER_OP_TIMEOUT_S": "nan"}, "op_timeout_s='nan'"),
+        (["config"], {"KVTIER_OP_TIMEOUT_S": "inf"}, "op_timeout_s='inf'"),
+        (["serve", "--address", sock, "--tiers", "cpu", "--cpu-bytes", "1000", *LAYOUT_ARGS], {}, "cpu_bytes=1000"),
+        (["serve", "--address", sock, "--tiers", "cpu,disk", "--disk-path", str(afile), "--cpu-bytes", "8MiB",
+          *LAYOUT_ARGS], {}, "disk_path="),
+        (["inspect", "--redis-url", "redis://127.0.0.1:1"], {}, "127.0.0.1:1"),
+    ]
+
+
+def test_user_errors_are_one_line_with_exit_status_2(tmp_path):
+    """Issue 14.9: each of these printed a raw traceback (KeyError, TypeError, UnicodeDecodeError,
+    ValueError, ProtocolError, ConnectionError) or was accepted (nan, inf)."""
+    import os
+    import subprocess
+    import sys
+
+    bad = []
+    for args, env, names in _bad_inputs(tmp_path):
+        r = subprocess.run([sys.executable, "-m", "kvtier.cli", *args], capture_output=True, text=True,
+                           timeout=60, env={**os.environ, **env}, cwd=tmp_path)
+        err = r.stderr.strip()
+        if r.returncode != 2 or "Traceback" in err or names not in err or len(err.splitlines()) != 1:
+            bad.append((args, env, r.returncode, err[-600:]))
+    assert not bad, bad

@@ -37,7 +37,7 @@ import msgspec
 import zmq
 from prometheus_client import Counter, Gauge
 
-from kvtier.config import KVTierConfig
+from kvtier.config import ConfigError, KVTierConfig
 from kvtier.layout import ChunkLayout, dtype_from_name, dtype_name
 from kvtier.memory import ChunkRef
 from kvtier.metrics import Metrics, serve_http
@@ -252,7 +252,10 @@ class Server:
                     raise RuntimeError(f"--metrics-port {self.metrics_port}: cannot listen on 127.0.0.1:"
                                        f"{self.metrics_port} ({e.strerror}); choose a free port") from e
             if self.layout is not None:
-                self._open_store(self.layout, self.label)
+                try:
+                    self._open_store(self.layout, self.label)
+                except ProtocolError as e:  # the command line's layout and settings do not fit
+                    raise ConfigError(f"{e}; raise --cpu-bytes or use a smaller layout") from e
         except BaseException:  # a failed start releases what it acquired: socket, shared memory
             self.close(0)
             raise
