@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 # Without a cpu tier the pool only stages chunks on their way to or from a lower tier.
 _STAGING_SLOTS = 64
+# At most 1/_QUEUE_SHARE of the host slots wait in the write-behind queue (see Store.__init__).
+_QUEUE_SHARE = 2
 
 
 def make_tier(name: str, config: KVTierConfig, layout: ChunkLayout, label: str, protected: Protected) -> Tier:
@@ -113,8 +115,13 @@ class Store:
         self.lower: list[Tier] = list(tiers)
         self.tiers: list[Tier] = ([self.cpu] if self.cpu else []) + self.lower
         self.metrics.watch_tiers(lambda: self.tiers)
+        # Each queued write pins its host slot until a writer is done with it. Bounded by a share
+        # of the pool, not by write_queue_depth alone: a lower tier slower than the puts must
+        # never pin the slots the cpu tier needs for new chunks and for reads from lower tiers
+        # (with 32 MiB chunks, 4 GiB holds only 128). Past the bound, writes are dropped (counted).
+        self.queue_depth = max(1, min(config.write_queue_depth, self.pool.num_slots // _QUEUE_SHARE))
         self._queue: queue.Queue[tuple[bytes, ChunkRef, tuple[Tier, ...]] | None] = queue.Queue(
-            config.write_queue_depth
+            self.queue_depth
         )
         self._writers = [
             threading.Thread(target=self._write_behind, name=f"kvtier-writer-{i}", daemon=True)
