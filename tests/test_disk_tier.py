@@ -14,14 +14,14 @@ from hypothesis import strategies as st
 from conftest import SMALL_LAYOUT, make_keys, make_payload, remount
 from kvtier.config import ConfigError
 from kvtier.layout import ChunkLayout, checksum
-from kvtier.tiers.disk import DATA_OFFSET, TMP_PREFIX, DiskTier
+from kvtier.tiers.disk import DATA_OFFSET, TMP_PREFIX, USAGE_FILE, DiskTier
 
 N = SMALL_LAYOUT.nbytes
 FILE = DATA_OFFSET + N  # bytes of one chunk file
 
 
 def chunk_files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file())
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != USAGE_FILE)
 
 
 def temp_files(root: Path) -> list[Path]:
@@ -396,3 +396,35 @@ def test_directory_removed_while_running(tmp_chunk_dir):
     assert tier.put(keys[20:], [make_payload(i) for i in range(20, 40)]) == [True] * 20
     assert all(np.array_equal(read(tier, k), make_payload(20 + i)) for i, k in enumerate(keys[20:]))
     assert tier.stats().errors == 0
+
+
+def _fill(root: str, cap: int, start: int, n: int, barrier) -> None:
+    tier = DiskTier(root, cap, SMALL_LAYOUT, label="m")
+    barrier.wait(60)  # both tiers are open (each indexed the empty directory) before either writes
+    keys = make_keys(start + n)[start:]
+    for i, k in enumerate(keys):
+        tier.put([k], [make_payload(start + i)])
+    tier.close()
+
+
+def test_two_processes_share_one_cap(tmp_chunk_dir):
+    """Issue 14.7: two processes on one disk_path each kept their own account: 416 files
+    against a 300-chunk cap. Several processes on one directory is how engines share chunks
+    (and vLLM's scheduler and worker processes each open the tier), so they share the cap."""
+    import multiprocessing as mp
+
+    cap_chunks = 60
+    DiskTier(tmp_chunk_dir, cap_chunks * FILE, SMALL_LAYOUT, label="m").close()
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_fill, args=(str(tmp_chunk_dir), cap_chunks * FILE, 1000 * i, 100, barrier))
+             for i in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    files = chunk_files(tmp_chunk_dir)
+    assert cap_chunks // 2 <= len(files) <= cap_chunks, f"{len(files)} files against a {cap_chunks}-chunk cap"
+    reopened = DiskTier(tmp_chunk_dir, cap_chunks * FILE, SMALL_LAYOUT, label="m")
+    assert reopened.stats().chunks == len(files)

@@ -24,6 +24,7 @@ makes the checksum nearly free next to the read itself.
 from __future__ import annotations
 
 import errno
+import fcntl
 import itertools
 import logging
 import os
@@ -42,6 +43,7 @@ from kvtier.tiers.base import Buffer, Protected, StoredChunk, Tier, TierStats, n
 
 log = logging.getLogger(__name__)
 
+USAGE_FILE = ".kvtier-usage"
 SUFFIX = ".kvc"
 TMP_PREFIX = ".tmp-"
 # Payload bytes read (and hashed) per step: small enough to stay in L2 while hashed.
@@ -82,6 +84,7 @@ class DiskTier(Tier):
         self._tmp_ids = itertools.count()
         self._stats = TierStats("disk", capacity_bytes=self.capacity)
         self._check_dir()
+        self._usage = _SharedUsage(self.root)
         self._rebuild()
 
     # ---- start-up -------------------------------------------------------------------------
@@ -139,13 +142,13 @@ class DiskTier(Tier):
             self._index[key] = size
             self._used += size
             self._stored += size
+        self._usage.set(self._stored)
         # The cap may have shrunk since the last run.
         while self._used > self.capacity:
             victim = next((k for k in self._index if not self.protected(k)), None)
             if victim is None:
                 break
-            self._drop(victim)
-            _unlink_quiet(self._path(victim))
+            self._remove(victim)
             self._stats.evictions += 1
 
     # ---- paths ------------------------------------------------------------------------------
@@ -163,26 +166,29 @@ class DiskTier(Tier):
 
     # ---- space ----------------------------------------------------------------------------
     def _reserve(self, size: int) -> bool:
-        """Make room for ``size`` bytes (evicting LRU unprotected chunks); lock held."""
-        if self._used + size <= self.capacity:
-            self._used += size
-            return True
-        victims = []
-        free = self.capacity - self._used
-        for k, s in self._index.items():
-            if free >= size:
-                break
-            if not self.protected(k):
-                victims.append(k)
-                free += s
-        if free < size:
+        """Make room for ``size`` bytes under the cap shared by every process on this directory
+        (evicting this process's LRU unprotected chunks); lock held."""
+        shared = self._usage.add(size)
+        total = self._used + size if shared is None else shared
+        if total > self.capacity:
+            for k in [k for k in self._index if not self.protected(k)]:
+                if total <= self.capacity:
+                    break
+                removed, now = self._index.get(k, 0), self._remove(k)
+                total = total - removed if shared is None else (total if now is None else now)
+                self._stats.evictions += 1
+        if total > self.capacity:
+            if shared is not None:
+                self._usage.add(-size)
             return False
-        for k in victims:
-            self._drop(k)
-            _unlink_quiet(self._path(k))
-            self._stats.evictions += 1
         self._used += size
         return True
+
+    def _remove(self, key: bytes) -> int | None:
+        """Forget ``key`` and remove its file; the shared total if this call removed it (lock held)."""
+        size = self._index.get(key, 0)
+        self._drop(key)
+        return self._usage.add(-size) if _unlink(self._path(key)) else None
 
     # ---- Tier -----------------------------------------------------------------------------
     def contains(self, keys: Sequence[bytes]) -> list[bool]:
@@ -239,8 +245,11 @@ class DiskTier(Tier):
             finally:
                 os.close(fd)
             with self._lock:
+                replaced = os.path.lexists(self._path(key))
                 os.replace(tmp, self._path(key))
                 tmp = None
+                if replaced:  # the old file's bytes are gone, whoever had counted them
+                    self._usage.add(-size)
                 self._drop(key)
                 self._index[key] = size
                 self._stored += size
@@ -251,6 +260,7 @@ class DiskTier(Tier):
         except OSError as e:
             with self._lock:
                 self._used -= size
+                self._usage.add(-size)
                 self._stats.errors += 1
                 warn, self._failing = not self._failing, True
             if warn:
@@ -351,7 +361,8 @@ class DiskTier(Tier):
                     now = None
                 if now is not None and (now.st_ino, now.st_dev) != (st.st_ino, st.st_dev):
                     return
-                _unlink_quiet(path)
+                self._remove(key)
+                return
             self._drop(key)
 
     def _drop(self, key: bytes) -> None:
@@ -365,8 +376,7 @@ class DiskTier(Tier):
         with self._lock:
             for k in keys:
                 if k in self._index:
-                    self._drop(k)
-                    _unlink_quiet(self._path(k))
+                    self._remove(k)
 
     def stats(self) -> TierStats:
         with self._lock:
@@ -403,6 +413,52 @@ def _write_all(fd: int, parts: list) -> None:
             views.pop(0)
         if n:
             views[0] = views[0][n:]
+
+
+class _SharedUsage:
+    """Bytes of chunk files in a directory, shared by every process using it (one 8-byte file,
+    updated under ``flock``), so several processes on one ``disk_path`` keep one cap.
+
+    Each process adds what it writes (at reservation) and subtracts what it removes itself;
+    a file another process removed is only forgotten. A process starting up sets it to the
+    bytes it found. The file is opened per update (no descriptor held: a file system can
+    still be remounted read-only); when it cannot be updated, callers count locally.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.path = root / USAGE_FILE
+
+    def _update(self, fn) -> int | None:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            raw = os.pread(fd, 8, 0)
+            total = max(0, fn(int.from_bytes(raw, "little", signed=True) if len(raw) == 8 else 0))
+            os.pwrite(fd, total.to_bytes(8, "little", signed=True), 0)
+            return total
+        except OSError:
+            return None
+        finally:
+            os.close(fd)  # releases the lock
+
+    def add(self, delta: int) -> int | None:
+        """Add ``delta`` bytes; the new total, or None if the shared count cannot be updated."""
+        return self._update(lambda total: total + delta)
+
+    def set(self, total: int) -> None:
+        self._update(lambda _: total)
+
+
+def _unlink(path: str) -> bool:
+    """Remove ``path``; True if this call removed it."""
+    try:
+        os.unlink(path)
+        return True
+    except OSError:
+        return False
 
 
 def open_regular(path: str) -> int:
