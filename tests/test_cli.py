@@ -113,6 +113,11 @@ def _bad_inputs(tmp_path):
         (["serve", "--address", sock, "--tiers", "cpu,disk", "--disk-path", str(afile), "--cpu-bytes", "8MiB",
           *LAYOUT_ARGS], {}, "disk_path="),
         (["inspect", "--redis-url", "redis://127.0.0.1:1"], {}, "127.0.0.1:1"),
+        # a directory that cannot be made (root ignores file modes here, so not a read-only one)
+        (["serve", "--address", "ipc:///proc/kvtier-none/s.sock", "--tiers", "cpu", "--cpu-bytes", "8MiB"], {},
+         "address="),
+        (["serve", "--address", f"ipc:///tmp/{'x' * 120}/s.sock", "--tiers", "cpu", "--cpu-bytes", "8MiB"], {},
+         "address="),
     ]
 
 

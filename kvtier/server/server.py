@@ -225,24 +225,16 @@ class Server:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, P.HARD_MESSAGE_BYTES)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        u = urlparse(self.address)
-        if u.scheme == "ipc":
-            path = u.path
-            os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
-            if os.path.exists(path):
-                if _answers(self._ctx, self.address, self.token, timeout_s=0.5):
-                    sock.close()
-                    raise RuntimeError(f"another kvtier server is serving at {self.address}")
-                os.unlink(path)
-            old = os.umask(0o177)
-            try:
-                sock.bind(self.address)
-            finally:
-                os.umask(old)
-            os.chmod(path, 0o600)
-            self._ipc_path = path
-        else:
-            sock.bind(self.address)
+        try:
+            self._bind(sock)
+        except RuntimeError:
+            sock.close()
+            raise
+        except (OSError, zmq.ZMQError) as e:
+            sock.close()
+            raise ConfigError(f"address={self.address!r}: cannot listen there ({e}); use "
+                              f"ipc:///path/in/a/writable/dir/server.sock (at most 107 characters) "
+                              f"or tcp://127.0.0.1:PORT") from e
         self._sock = sock
         try:
             if self.metrics_port is not None:
@@ -260,6 +252,25 @@ class Server:
             self.close(0)
             raise
         log.info("kvtier server %s listening at %s", self.server_id, self.address)
+
+    def _bind(self, sock) -> None:
+        u = urlparse(self.address)
+        if u.scheme == "ipc":
+            path = u.path
+            os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+            if os.path.exists(path):
+                if _answers(self._ctx, self.address, self.token, timeout_s=0.5):
+                    raise RuntimeError(f"another kvtier server is serving at {self.address}")
+                os.unlink(path)
+            old = os.umask(0o177)
+            try:
+                sock.bind(self.address)
+            finally:
+                os.umask(old)
+            os.chmod(path, 0o600)
+            self._ipc_path = path
+        else:
+            sock.bind(self.address)
 
     def _open_store(self, layout: ChunkLayout, label: str) -> None:
         num_slots = self.config.cpu_bytes // layout.nbytes
