@@ -415,7 +415,7 @@ def test_two_processes_share_one_cap(tmp_chunk_dir):
 
     cap_chunks = 60
     DiskTier(tmp_chunk_dir, cap_chunks * FILE, SMALL_LAYOUT, label="m").close()
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("fork")  # spawn would import this module again, and whichever conftest is first on sys.path
     barrier = ctx.Barrier(2)
     procs = [ctx.Process(target=_fill, args=(str(tmp_chunk_dir), cap_chunks * FILE, 1000 * i, 100, barrier))
              for i in range(2)]
