@@ -101,7 +101,7 @@ class Store:
         self.metrics = metrics or Metrics()
         self._lease_lock = threading.Lock()
         self._leased: dict[bytes, int] = {}
-        self._leases: set[Lease] = set()
+        self._leases: dict[Lease, None] = {}  # open leases, oldest (= soonest to expire) first
         if pool is not None and pool.slot_bytes != layout.nbytes:
             raise ValueError(f"pool slots of {pool.slot_bytes} bytes cannot hold chunks of {layout.nbytes}")
         if "cpu" in config.tiers:
@@ -278,7 +278,7 @@ class Store:
         lease = Lease(self, keys)
         with self._lease_lock:
             self._expire_leases()
-            self._leases.add(lease)
+            self._leases[lease] = None
             for k in lease.keys:
                 self._leased[k] = self._leased.get(k, 0) + 1
         return lease
@@ -290,7 +290,7 @@ class Store:
     def _drop_lease(self, lease: Lease) -> None:
         if lease not in self._leases:
             return
-        self._leases.discard(lease)
+        del self._leases[lease]
         for k in lease.keys:
             n = self._leased[k] - 1
             if n:
@@ -299,8 +299,13 @@ class Store:
                 del self._leased[k]
 
     def _expire_leases(self) -> None:
+        """Drop expired leases: the oldest first, stopping at the first live one (every lease has
+        the same lifetime, so insertion order is expiry order): O(1) amortized per call."""
         now = time.monotonic()
-        for lease in [x for x in self._leases if x.expires < now]:
+        while self._leases:
+            lease = next(iter(self._leases))
+            if lease.expires >= now:
+                break
             log.warning("kvtier: a lease on %d chunks expired before release", len(lease.keys))
             self._drop_lease(lease)
 

@@ -14,6 +14,8 @@ Contract (each is tested for every tier):
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -87,3 +89,18 @@ class Tier(ABC):
 
     def close(self) -> None:
         """Release resources; the tier is unusable afterwards."""
+
+
+def lru_victim(index: "OrderedDict[bytes, object]", protected: Protected) -> bytes | None:
+    """The least recently used key of ``index`` that is not protected, or None (lock held).
+
+    Protected keys walked past move to the recent end, so each is passed over once per pass
+    through the unprotected keys rather than once per eviction: with L leased and U other
+    chunks, O(L / U) amortized per eviction instead of O(L) (issue 17.1).
+    """
+    for _ in range(len(index)):
+        key = next(iter(index))
+        if not protected(key):
+            return key
+        index.move_to_end(key)
+    return None

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from kvtier.memory import ChunkRef, HostPool
-from kvtier.tiers.base import Buffer, Protected, StoredChunk, Tier, TierStats, never_protected
+from kvtier.tiers.base import Buffer, Protected, StoredChunk, Tier, TierStats, lru_victim, never_protected
 
 
 class CpuTier(Tier):
@@ -67,7 +67,7 @@ class CpuTier(Tier):
 
     def _evict_one(self) -> bool:
         with self._lock:
-            victim = next((k for k in self._index if not self.protected(k)), None)
+            victim = lru_victim(self._index, self.protected)
             if victim is None:
                 return False
             ref = self._index.pop(victim)

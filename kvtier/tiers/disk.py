@@ -39,7 +39,7 @@ import xxhash
 
 from kvtier.config import ConfigError
 from kvtier.layout import HEADER_SIZE, ChunkLayout, CorruptChunk, decode_header, encode_header
-from kvtier.tiers.base import Buffer, Protected, StoredChunk, Tier, TierStats, never_protected
+from kvtier.tiers.base import Buffer, Protected, StoredChunk, Tier, TierStats, lru_victim, never_protected
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ class DiskTier(Tier):
         self._usage.set(self._stored)
         # The cap may have shrunk since the last run.
         while self._used > self.capacity:
-            victim = next((k for k in self._index if not self.protected(k)), None)
+            victim = lru_victim(self._index, self.protected)
             if victim is None:
                 break
             self._remove(victim)
@@ -170,13 +170,13 @@ class DiskTier(Tier):
         (evicting this process's LRU unprotected chunks); lock held."""
         shared = self._usage.add(size)
         total = self._used + size if shared is None else shared
-        if total > self.capacity:
-            for k in [k for k in self._index if not self.protected(k)]:
-                if total <= self.capacity:
-                    break
-                removed, now = self._index.get(k, 0), self._remove(k)
-                total = total - removed if shared is None else (total if now is None else now)
-                self._stats.evictions += 1
+        while total > self.capacity:
+            k = lru_victim(self._index, self.protected)
+            if k is None:
+                break
+            removed, now = self._index.get(k, 0), self._remove(k)
+            total = total - removed if shared is None else (total if now is None else now)
+            self._stats.evictions += 1
         if total > self.capacity:
             if shared is not None:
                 self._usage.add(-size)
