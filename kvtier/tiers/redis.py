@@ -75,7 +75,8 @@ class _Breaker:
 class _QuickRetry(Retry):
     """One immediate retry, only of a call that failed at once (a connection a restarted server
     closed), never of one that waited: a slow server costs every caller one ``op_timeout_s``
-    at most, however many callers there are."""
+    at most, however many callers there are. Self-contained (redis-py 5 to 8 differ in the
+    arguments they pass)."""
 
     def __init__(self, quick_s: float) -> None:
         super().__init__(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,))
@@ -83,11 +84,17 @@ class _QuickRetry(Retry):
 
     def call_with_retry(self, do, fail, is_retryable=None, with_failure_count=False):
         start = time.monotonic()
-
-        def retryable(error: Exception) -> bool:
-            return time.monotonic() - start < self.quick_s and (is_retryable is None or is_retryable(error))
-
-        return super().call_with_retry(do, fail, retryable, with_failure_count)
+        try:
+            return do()
+        except redis.exceptions.ConnectionError as error:
+            if with_failure_count:
+                fail(error, 1)
+            else:
+                fail(error)
+            waited = time.monotonic() - start >= self.quick_s
+            if waited or (is_retryable is not None and not is_retryable(error)):
+                raise
+        return do()
 
 
 class _Node:
