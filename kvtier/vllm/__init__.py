@@ -1,6 +1,7 @@
 """kvtier for vLLM: ``KVTierConnector``, a v1 KV connector.
 
-Load it with ``kv_connector="KVTierConnector", kv_connector_module_path="kvtier.vllm"``.
+Load it with ``kv_connector="KVTierConnector"`` (registered by :mod:`kvtier.vllm.plugin`), or
+with ``kv_connector_module_path="kvtier.vllm"`` besides.
 The engine-agnostic halves live in :mod:`kvtier.vllm.scheduler` (ledger) and
 :mod:`kvtier.vllm.worker` (loads/saves); :mod:`kvtier.vllm.connector` adapts them.
 The connector (and vLLM with it) is imported on first use of ``KVTierConnector``,
