@@ -19,6 +19,8 @@ import time
 import numpy as np
 import torch
 
+from _common import merge_json
+
 from kvtier.config import KVTierConfig
 from kvtier.layout import ChunkLayout
 from kvtier.store import Store
@@ -84,15 +86,7 @@ def main() -> int:
     ap.add_argument("--label", default="run")
     args = ap.parse_args()
     rows = [measure(int(n), with_disk=True) for n in args.leases.split(",")]
-    if args.json:
-        try:
-            with open(args.json) as f:
-                doc = json.load(f)
-        except (OSError, ValueError):
-            doc = {}
-        doc[args.label] = {"command": "python " + " ".join(sys.argv), "rows": rows}
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=1)
+    merge_json(args.json, args.label, {"command": "python " + " ".join(sys.argv), "rows": rows})
     return 0
 
 

@@ -11,7 +11,6 @@ get missed" (the starvation symptom), per configuration.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import tempfile
@@ -20,6 +19,8 @@ import time
 
 import numpy as np
 import torch
+
+from _common import merge_json
 
 from kvtier.config import KVTierConfig
 from kvtier.layout import ChunkLayout
@@ -98,15 +99,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as d:
         out["runs"]["cpu_slow_disk_depth256"] = run(
             "cpu + slow disk (depth 256)", [SlowDisk(d, 1 << 40, LAYOUT)], args.seconds, 256)
-    if args.json:
-        try:
-            with open(args.json) as f:
-                doc = json.load(f)
-        except (OSError, ValueError):
-            doc = {}
-        doc[args.label or "run"] = out
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=1)
+    merge_json(args.json, args.label or "run", out)
     return 0
 
 

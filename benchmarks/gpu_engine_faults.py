@@ -15,16 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "vllm"))
+from _common import ROOT, tiny_engine_pair
 
-from engine_proc import EngineProc  # noqa: E402
+sys.path.insert(0, str(ROOT / "tests" / "vllm"))
 from test_engine_async import _workload  # noqa: E402
 
 ENGINE = dict(block_size=32, enable_prefix_caching=True, max_num_batched_tokens=128, max_num_seqs=16,
@@ -42,24 +38,10 @@ def main() -> int:
                     help="control: kvtier's former synchronous loads under async scheduling (expected to crash)")
     ap.add_argument("--cpu", action="store_true", help="dry run on vLLM's CPU engine (async scheduling forced)")
     args = ap.parse_args()
-    engine = dict(ENGINE)
-    if args.cpu:
-        engine.update(async_scheduling=True, enforce_eager=True)
-        engine.pop("gpu_memory_utilization")
     import torch
     import vllm
 
-    from kvtier.models import make_random_llama
-
-    model = make_random_llama(Path(tempfile.mkdtemp()) / "tiny", "tiny")
-    logs = Path(tempfile.mkdtemp())
-    t0 = time.time()
-    base = EngineProc(model, engine, None, log_path=str(logs / "base.log"), wait=False, timeout=900)
-    kv = EngineProc(model, engine, {}, log_path=str(logs / "kvtier.log"), wait=False, timeout=900,
-                    sync_loads=args.sync_loads)
-    base.wait_ready()
-    kv.wait_ready()
-    print(f"engines up in {time.time() - t0:.0f} s", flush=True)
+    engine, base, kv, logs = tiny_engine_pair(ENGINE, {}, args.cpu, sync_loads=args.sync_loads)
     result = {"command": "python3 " + " ".join(sys.argv), "vllm_version": vllm.__version__,
               "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
               "engine": engine, "loss_p": args.p, "sync_loads": args.sync_loads, "seeds": []}

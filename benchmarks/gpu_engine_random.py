@@ -15,14 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "vllm"))
+from _common import ROOT, tiny_engine_pair
 
-from engine_proc import EngineProc  # noqa: E402
+sys.path.insert(0, str(ROOT / "tests" / "vllm"))
 from test_engine_random import _scenarios  # noqa: E402
 
 ENGINE = dict(block_size=32, enable_prefix_caching=True, max_num_batched_tokens=128, max_num_seqs=16,
@@ -39,21 +36,8 @@ def main() -> int:
     import torch
     import vllm
 
-    from kvtier.models import make_random_llama
-
-    engine = dict(ENGINE)
-    if args.cpu:
-        engine.update(async_scheduling=True, enforce_eager=True)
-        engine.pop("gpu_memory_utilization")
-    model = make_random_llama(Path(tempfile.mkdtemp()) / "tiny", "tiny")
-    logs = Path(tempfile.mkdtemp())
-    t0 = time.time()
-    base = EngineProc(model, engine, None, log_path=str(logs / "base.log"), wait=False, timeout=900)
-    kv = EngineProc(model, engine, {"chunk_size": 64, "tiers": ["cpu"], "cpu_bytes": "256MiB"},
-                    log_path=str(logs / "kvtier.log"), wait=False, timeout=900)
-    base.wait_ready()
-    kv.wait_ready()
-    print(f"engines up in {time.time() - t0:.0f} s", flush=True)
+    engine, base, kv, logs = tiny_engine_pair(ENGINE, {"chunk_size": 64, "tiers": ["cpu"], "cpu_bytes": "256MiB"},
+                                              args.cpu)
     faults_from = args.scenarios - args.scenarios // 3
     result = {"command": "python3 " + " ".join(sys.argv), "vllm_version": vllm.__version__,
               "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
