@@ -9,13 +9,13 @@ allowed, so a user fixes it before the first request rather than after.
 from __future__ import annotations
 
 import dataclasses
-import os
 import math
+import os
 import re
 from collections.abc import Mapping
-from urllib.parse import urlparse
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlparse
 
 TIER_NAMES = ("cpu", "disk", "redis")
 HASH_NAMES = ("blake3", "xxh3_128")
@@ -210,7 +210,7 @@ def _coerce(key: str, type_name: Any, value: Any) -> Any:
             if isinstance(value, bool):
                 raise ValueError
             f = float(value)
-            if f != f or f in (float("inf"), float("-inf")):
+            if not math.isfinite(f):
                 raise ConfigError(f"{key}={value!r}: expected a finite number")
             return f
         if t == "str":
@@ -252,11 +252,12 @@ def _validate(c: KVTierConfig) -> None:
         if not re.match(r"^(redis|rediss|unix)://", url):
             raise ConfigError(f"redis_url={url!r}: expected redis://HOST:PORT[/DB], rediss://... or unix:///path")
         if not url.startswith("unix://"):
+            parsed = urlparse(url)
             try:
-                port = urlparse(url).port
+                port = parsed.port
             except ValueError:
                 port = -1
-            if port == -1 or not urlparse(url).hostname:
+            if port == -1 or not parsed.hostname:
                 raise ConfigError(f"redis_url={url!r}: expected redis://HOST:PORT[/DB] with a numeric port")
         if url.startswith("unix://") and (c.redis_cluster or len(c.redis_url) > 1):
             raise ConfigError(f"redis_url={url!r}: a Redis Cluster is reached over TCP (redis://HOST:PORT); "

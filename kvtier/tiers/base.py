@@ -14,9 +14,8 @@ Contract (each is tested for every tier):
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 

@@ -118,14 +118,14 @@ class DiskTier(Tier):
         found: list[tuple[int, bytes, int]] = []
         for sub in os.scandir(self.root):
             if sub.name.startswith(TMP_PREFIX) and sub.is_file(follow_symlinks=False):
-                _unlink_quiet(sub.path)
+                _unlink(sub.path)
                 continue
             if not sub.is_dir(follow_symlinks=False) or len(sub.name) != 2:
                 continue
             self._made_dirs.add(sub.name)
             for entry in os.scandir(sub.path):
                 if entry.name.startswith(TMP_PREFIX):
-                    _unlink_quiet(entry.path)
+                    _unlink(entry.path)
                     continue
                 if not entry.name.endswith(SUFFIX):
                     continue
@@ -267,7 +267,7 @@ class DiskTier(Tier):
                 log.warning("disk tier: cannot write under %s (%s); chunks are not stored there until it works",
                             self.root, e.strerror or e)
             if tmp is not None:
-                _unlink_quiet(tmp)
+                _unlink(tmp)
             self._made_dirs.discard(key[:1].hex())
             return False
 
@@ -472,10 +472,3 @@ def open_regular(path: str) -> int:
         os.close(fd)
         raise OSError(errno.EINVAL, "not a regular file", path)
     return fd
-
-
-def _unlink_quiet(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
