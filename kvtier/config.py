@@ -21,6 +21,8 @@ TIER_NAMES = ("cpu", "disk", "redis")
 HASH_NAMES = ("blake3", "xxh3_128")
 LOAD_MODES = ("auto", "sync", "async")
 ENV_PREFIX = "KVTIER_"
+# KVTIER_* variables that are not settings: the config file, and kvtier.trace's output file.
+ENV_NOT_SETTINGS = (ENV_PREFIX + "CONFIG_FILE", ENV_PREFIX + "TRACE")
 
 
 class ConfigError(ValueError):
@@ -123,7 +125,7 @@ class KVTierConfig:
         if yaml_path:
             merged.update(_load_yaml(yaml_path))
         for name, value in env.items():
-            if name.startswith(ENV_PREFIX) and name != ENV_PREFIX + "CONFIG_FILE":
+            if name.startswith(ENV_PREFIX) and name not in ENV_NOT_SETTINGS:
                 merged[name[len(ENV_PREFIX):].lower()] = value
         merged.update(extra)
         return cls.from_dict(merged)

@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import sys
+import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +42,7 @@ from kvtier.config import ConfigError, KVTierConfig
 from kvtier.keys import Namespace
 from kvtier.layout import ChunkLayout, dtype_name
 from kvtier.store import get_store
+from kvtier.trace import record, span
 from kvtier.transfer import LayoutError, PagedKV
 from kvtier.vllm.compat import HOST_HIT_SOURCE
 from kvtier.vllm.scheduler import PrefixLedger, ScheduledRequest, StepPlan
@@ -226,11 +228,13 @@ class KVTierConnector(KVConnectorBase_V1):
         self._requests[request.request_id] = request
         if self.ledger.load_failed(request.request_id):
             return 0, False  # see PrefixLedger.note_failed_blocks
-        try:
-            n = self.ledger.num_new_matched_tokens(request.all_token_ids, num_computed_tokens)
-        except Exception:  # a lookup problem is a miss, never a dead scheduler
-            log.exception("kvtier: lookup failed for %s; treating as a miss", request.request_id)
-            n = 0
+        with span("sched.lookup", tokens=request.num_tokens) as f:
+            try:
+                n = self.ledger.num_new_matched_tokens(request.all_token_ids, num_computed_tokens)
+            except Exception:  # a lookup problem is a miss, never a dead scheduler
+                log.exception("kvtier: lookup failed for %s; treating as a miss", request.request_id)
+                n = 0
+            f["hit"] = n
         return n, self.park and n > 0
 
     def update_state_after_alloc(self, request: "Request", blocks, num_external_tokens: int) -> None:
@@ -239,6 +243,12 @@ class KVTierConnector(KVConnectorBase_V1):
         self.ledger.on_alloc(request.request_id, block_ids, num_external_tokens, parked=self.park)
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVTierMetadata:
+        with span("sched.build_meta") as f:
+            meta = self._build_meta(scheduler_output)
+            f.update(loads=len(meta.loads), parked=len(meta.parked_loads), saves=len(meta.saves))
+        return meta
+
+    def _build_meta(self, scheduler_output: "SchedulerOutput") -> KVTierMetadata:
         spec = scheduler_output.scheduled_spec_decode_tokens
         nst = scheduler_output.num_scheduled_tokens
         steps: list[ScheduledRequest] = []
@@ -317,12 +327,13 @@ class KVTierConnector(KVConnectorBase_V1):
         if self._step_meta is meta or self.worker is None:
             return
         self._step_meta = meta
-        blocks, reqs = self.worker.start_load(meta.loads) if meta.loads else (set(), set())
-        self._failed_blocks |= blocks
-        self._step_failed_blocks = set(blocks)
-        self._step_failed_reqs = reqs
-        if meta.saves:
-            self.worker.start_save(meta.saves)
+        with span("worker.begin_step", loads=len(meta.loads), saves=len(meta.saves)):
+            blocks, reqs = self.worker.start_load(meta.loads) if meta.loads else (set(), set())
+            self._failed_blocks |= blocks
+            self._step_failed_blocks = set(blocks)
+            self._step_failed_reqs = reqs
+            if meta.saves:
+                self.worker.start_save(meta.saves)
 
     def _start_parked(self) -> None:
         """Start the bound step's parked loads, once; they finish in :meth:`get_finished`.
@@ -334,11 +345,13 @@ class KVTierConnector(KVConnectorBase_V1):
         if self._parked_meta is meta or self.worker is None or not meta.parked_loads:
             return
         self._parked_meta = meta
-        blocks, _ = self.worker.start_parked_load(meta.parked_loads)
+        with span("worker.start_parked", loads=len(meta.parked_loads)):
+            blocks, _ = self.worker.start_parked_load(meta.parked_loads)
         self._failed_blocks |= blocks
         self._recving.update(spec.req_id for spec in meta.parked_loads)
 
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
+        record("worker.step", time.perf_counter())
         self._begin_step()
         self._start_parked()
 
@@ -357,10 +370,11 @@ class KVTierConnector(KVConnectorBase_V1):
     def wait_for_save(self) -> None:
         self._begin_step()
         if self.worker is not None:
-            blocks, reqs = self.worker.finish_load()
-            self._failed_blocks |= blocks
-            self.worker.finish_save(skip_reqs=self._step_failed_reqs | reqs,
-                                    failed_blocks=self._step_failed_blocks | blocks)
+            with span("worker.wait_for_save"):
+                blocks, reqs = self.worker.finish_load()
+                self._failed_blocks |= blocks
+                self.worker.finish_save(skip_reqs=self._step_failed_reqs | reqs,
+                                        failed_blocks=self._step_failed_blocks | blocks)
         self._step_meta = None
         self._step_failed_reqs = set()
         self._step_failed_blocks = set()
@@ -371,7 +385,8 @@ class KVTierConnector(KVConnectorBase_V1):
             return None, None
         if getattr(self, "_connector_metadata", None) is not None:
             self._start_parked()
-        blocks, _ = self.worker.finish_parked_load()
+        with span("worker.get_finished", recving=len(self._recving)):
+            blocks, _ = self.worker.finish_parked_load()
         self._failed_blocks |= blocks
         done, self._recving = self._recving, set()
         return None, done or None

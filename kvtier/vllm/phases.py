@@ -89,6 +89,8 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     from vllm.config import KVTransferConfig
     from vllm.inputs import TokensPrompt
 
+    from kvtier.trace import record
+
     kw = dict(spec["engine"])
     if spec["kvtier"] is not None:
         kw["kv_transfer_config"] = KVTransferConfig(
@@ -104,6 +106,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         if op == "ttft":
             t = time.perf_counter()
             (out,) = llm.generate([TokensPrompt(prompt_token_ids=step["prompt"])], one, use_tqdm=False)
+            record("phase.ttft", t, time.perf_counter() - t, tokens=len(step["prompt"]))
             results["steps"].append({"op": op, "s": time.perf_counter() - t, "cached": out.num_cached_tokens,
                                      "tokens": list(out.outputs[0].token_ids), "top2": _top2(out)})
         elif op == "generate":

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvtier.trace import span
 from kvtier.transfer import PagedKV, Transfer, backend_for, gather, scatter
 from kvtier.vllm.scheduler import LoadSpec, SaveSpec
 
@@ -114,10 +115,17 @@ class KVWorker:
                       "unready_layer_loads": 0}
 
     # ------------------------------------------------------------------ helpers
-    def _slots(self, block_ids: list[int], lo: int, hi: int) -> torch.Tensor:
-        t = torch.arange(lo, hi, dtype=torch.int64)
-        blocks = torch.as_tensor(block_ids, dtype=torch.int64)
-        return blocks[t // self.block_size] * self.block_size + t % self.block_size
+    def _chunk_slots(self, block_ids: list[int], first: int, count: int) -> tuple[torch.Tensor, int]:
+        """Slots of every token of chunks ``[first, first + count)`` (one row per chunk), computed
+        at once, and how many leading chunks the block table covers (rows past it are garbage)."""
+        per = self.chunk_size // self.block_size
+        covered = max(0, min(count, len(block_ids) // per - first))
+        blocks = torch.as_tensor(block_ids[first * per:(first + covered) * per], dtype=torch.int64)
+        slots = torch.full((count, self.chunk_size), -1, dtype=torch.int64)
+        if covered:
+            offs = torch.arange(self.block_size, dtype=torch.int64)
+            slots[:covered] = (blocks.view(covered, per, 1) * self.block_size + offs).view(covered, -1)
+        return slots, covered
 
     def _blocks_of(self, block_ids: list[int], lo: int, hi: int) -> set[int]:
         if hi <= lo:
@@ -171,8 +179,9 @@ class KVWorker:
             self.finish_load()
         failed_blocks, failed_reqs, self._loads = self._plan_loads(specs)
         if self._loads is not None and self.cuda:
-            for g in range(len(self.groups)):
-                self._copy_in(self._loads, g)
+            with span("worker.enqueue_loads", chunks=len(self._loads.refs)):
+                for g in range(len(self.groups)):
+                    self._copy_in(self._loads, g)
         return failed_blocks, failed_reqs
 
     def start_parked_load(self, specs: Iterable[LoadSpec]) -> tuple[set[int], set[str]]:
@@ -188,9 +197,10 @@ class KVWorker:
             self.finish_parked_load()
         failed_blocks, failed_reqs, ld = self._plan_loads(specs)
         if ld is not None:
-            for g in range(len(self.groups)):
-                self._copy_in(ld, g)
-                ld.ready[g] = True
+            with span("worker.enqueue_loads", chunks=len(ld.refs)):
+                for g in range(len(self.groups)):
+                    self._copy_in(ld, g)
+                    ld.ready[g] = True
         self._parked = ld
         return failed_blocks, failed_reqs
 
@@ -201,6 +211,10 @@ class KVWorker:
 
     def _plan_loads(self, specs: Iterable[LoadSpec]) -> tuple[set[int], set[str], _Loads | None]:
         """Fetch chunks and map slots; returns (failed block ids, their requests, the loads to copy)."""
+        with span("worker.plan_loads"):
+            return self._plan_loads_now(specs)
+
+    def _plan_loads_now(self, specs: Iterable[LoadSpec]) -> tuple[set[int], set[str], _Loads | None]:
         failed_blocks: set[int] = set()
         failed_reqs: set[str] = set()
         c = self.chunk_size
@@ -227,6 +241,7 @@ class KVWorker:
             except Exception:  # the store should not raise; if it does, it is a miss
                 log.exception("kvtier: store.get raised; treating the load as failed")
                 got = [None] * len(spec.keys)
+            slots, covered = self._chunk_slots(spec.block_ids, spec.first_chunk, len(got))
             for i, ref in enumerate(got):
                 base = (spec.first_chunk + i) * c
                 lo, hi = max(spec.start, base), min(spec.end, base + c)
@@ -237,16 +252,16 @@ class KVWorker:
                 if ref is None:
                     fail(spec, [(lo, hi)], chunks=1)
                     continue
-                # Slots of tokens [lo, hi); -1 elsewhere (below start: shared blocks, never written).
-                m = torch.full((c,), -1, dtype=torch.int64)
-                try:
-                    m[lo - base:hi - base] = self._slots(spec.block_ids, lo, hi)
-                except Exception:  # block table too short: a planning bug, never a crash
-                    log.exception("kvtier: no slots for %s tokens [%d, %d); reporting them failed",
-                                  spec.req_id, lo, hi)
+                if i >= covered:  # block table too short: a planning bug, never a crash
+                    log.error("kvtier: no slots for %s tokens [%d, %d) (%d blocks); reporting them failed",
+                              spec.req_id, lo, hi, len(spec.block_ids))
                     ref.release()
                     fail(spec, [(lo, hi)])
                     continue
+                # Slots of tokens [lo, hi); -1 elsewhere (below start: shared blocks, never written).
+                m = slots[i]
+                m[:lo - base] = -1
+                m[hi - base:] = -1
                 refs.append(ref)
                 parts.append(m)
                 blocks |= self._blocks_of(spec.block_ids, lo, hi)
@@ -305,9 +320,10 @@ class KVWorker:
     def _finish(self, ld: _Loads | None) -> tuple[set[int], set[str]]:
         if ld is None:
             return set(), set()
-        for t in ld.copies:
-            if t is not None:
-                t.wait()
+        with span("worker.wait_loads", chunks=len(ld.refs)):
+            for t in ld.copies:
+                if t is not None:
+                    t.wait()
         for ref in ld.refs:
             ref.release()
         unready = [self.groups[i] for i, ok in enumerate(ld.ready) if not ok]
@@ -337,14 +353,18 @@ class KVWorker:
         if self._saves is not None:
             log.warning("kvtier: a step's saves were not finished; dropping them")
             self._drop_saves()
+        with span("worker.plan_saves"):
+            self._plan_saves(specs)
+
+    def _plan_saves(self, specs: Iterable[SaveSpec]) -> None:
         c = self.chunk_size
         items, parts = [], []
         for spec in specs:
             for ci, key in zip(spec.chunk_indices, spec.keys):
-                try:
-                    slots = self._slots(spec.block_ids, ci * c, (ci + 1) * c)
-                except Exception:  # block table too short: a planning bug, never a crash
-                    log.exception("kvtier: no slots for chunk %d of %s; not saved", ci, spec.req_id)
+                slots, covered = self._chunk_slots(spec.block_ids, ci, 1)
+                if not covered:  # block table too short: a planning bug, never a crash
+                    log.error("kvtier: no slots for chunk %d of %s (%d blocks); not saved",
+                              ci, spec.req_id, len(spec.block_ids))
                     self.stats["skipped_saves"] += 1
                     continue
                 ref = self.store.allocate()
@@ -352,7 +372,7 @@ class KVWorker:
                     self.stats["skipped_saves"] += 1
                     continue
                 items.append((spec, ci, key, ref))
-                parts.append(slots)
+                parts.append(slots[0])
         if items:
             try:
                 mapping = self._mapping(parts)
@@ -405,8 +425,9 @@ class KVWorker:
                 self._copy_out(g)
         self._saves = None
         try:
-            for t in sv.copies:
-                t.wait()
+            with span("worker.wait_saves", chunks=len(sv.items)):
+                for t in sv.copies:
+                    t.wait()
         except Exception:
             log.exception("kvtier: waiting for a save failed; the step saves nothing")
             sv.broken = True
