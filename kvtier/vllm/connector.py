@@ -113,13 +113,20 @@ def schedules_ahead(vllm_config: "VllmConfig") -> bool:
         return False
 
 
+# A parked load of more bytes than this waits off the batch (a background load) when other
+# requests run in its step: inline, its copy would hold their next forward for longer than
+# ~1 ms at PCIe Gen5 speed (55 GB/s). Smaller ones, and any load into an idle engine, go inline.
+BUSY_INLINE_MAX_BYTES = 64 << 20
+
+
 def parks_loads(config: KVTierConfig, vllm_config: "VllmConfig") -> bool:
-    """Whether loads go through vLLM's async-load path (the request waits off the batch).
+    """Whether every load goes through vLLM's async-load path (the request waits off the batch).
 
     A failed load of a request that has a later step in flight is not recovered
     soundly by vLLM's scheduler (0.24 and 0.32: its async scheduler asserts or keeps
     a token sampled from the unloaded blocks; docs/vllm.md). A parked request has no
-    step in flight, so under async scheduling every load is parked.
+    step in flight, so under async scheduling every load is parked. Otherwise ``auto``
+    parks only loads larger than :data:`BUSY_INLINE_MAX_BYTES` (see ``KVTierConnector``).
     """
     ahead = schedules_ahead(vllm_config)
     if config.load_mode == "sync" and ahead:
@@ -198,9 +205,13 @@ class KVTierConnector(KVConnectorBase_V1):
         self._step_meta: KVTierMetadata | None = None  # the step whose loads/saves are planned
         self._step_failed_reqs: set[str] = set()
         self._step_failed_blocks: set[int] = set()
-        self._recving: set[str] = set()  # parked loads done this step (reported by get_finished)
         self._parked_meta: KVTierMetadata | None = None  # the step whose parked loads started
         self.park = parks_loads(self.config, vllm_config)
+        # auto: a load of at least this many tokens is parked too, and goes to the background
+        # when other requests run in its step (load_mode async: every parked load does).
+        per_token = max(1, self.layout.nbytes // self.config.chunk_size)
+        self.large_load_tokens = max(1, BUSY_INLINE_MAX_BYTES // per_token)
+        self._parks: dict[str, bool] = {}  # request -> parked, as answered by its latest lookup
         if role == KVConnectorRole.SCHEDULER:
             self.ledger = PrefixLedger(self.store, self.namespace, self.config.chunk_size, block_size,
                                        self.config.hash)
@@ -214,7 +225,8 @@ class KVTierConnector(KVConnectorBase_V1):
         INSTANCES.add(self)
         log.info("kvtier connector (%s): chunk %d tokens, tiers %s, %s, %s loads", role.name,
                  self.config.chunk_size, ",".join(self.config.tiers), self.layout.describe(),
-                 "parked (async)" if self.park else "layer-wise (sync)")
+                 "parked (async)" if self.park else
+                 "layer-wise (sync), parked when large" if self.config.load_mode == "auto" else "layer-wise (sync)")
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -235,12 +247,15 @@ class KVTierConnector(KVConnectorBase_V1):
                 log.exception("kvtier: lookup failed for %s; treating as a miss", request.request_id)
                 n = 0
             f["hit"] = n
-        return n, self.park and n > 0
+        park = n > 0 and (self.park or (self.config.load_mode == "auto" and n >= self.large_load_tokens))
+        self._parks[request.request_id] = park
+        return n, park
 
     def update_state_after_alloc(self, request: "Request", blocks, num_external_tokens: int) -> None:
         self._requests[request.request_id] = request
         (block_ids, *_) = blocks.get_block_ids()
-        self.ledger.on_alloc(request.request_id, block_ids, num_external_tokens, parked=self.park)
+        self.ledger.on_alloc(request.request_id, block_ids, num_external_tokens,
+                             parked=self._parks.get(request.request_id, False))
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVTierMetadata:
         with span("sched.build_meta") as f:
@@ -271,7 +286,11 @@ class KVTierConnector(KVConnectorBase_V1):
         # Parked loads end at the engine's count of this step, which vLLM set after the allocation.
         parked = [ScheduledRequest(i, self._requests[i].all_token_ids, self._requests[i].num_computed_tokens,
                                    0, None, False) for i in self.ledger.parked_ids() if i in self._requests]
-        return KVTierMetadata(self.ledger.on_step(steps, parked))
+        plan = self.ledger.on_step(steps, parked)
+        busy = scheduler_output.total_num_scheduled_tokens > 0
+        for spec in plan.parked_loads:  # off the batch: the whole load, or a large one beside running requests
+            spec.background = self.config.load_mode == "async" or (busy and spec.end - spec.start >= self.large_load_tokens)
+        return KVTierMetadata(plan)
 
     def update_connector_output(self, connector_output) -> None:
         meta = getattr(connector_output, "kv_connector_worker_meta", None)
@@ -284,6 +303,7 @@ class KVTierConnector(KVConnectorBase_V1):
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._requests.pop(request.request_id, None)
+        self._parks.pop(request.request_id, None)
         self.ledger.on_finished(request.request_id)
         return False, None
 
@@ -327,6 +347,7 @@ class KVTierConnector(KVConnectorBase_V1):
         if self._step_meta is meta or self.worker is None:
             return
         self._step_meta = meta
+        self.worker.before_forward()  # reported parked loads still copying: this forward waits for them
         with span("worker.begin_step", loads=len(meta.loads), saves=len(meta.saves)):
             blocks, reqs = self.worker.start_load(meta.loads) if meta.loads else (set(), set())
             self._failed_blocks |= blocks
@@ -336,19 +357,16 @@ class KVTierConnector(KVConnectorBase_V1):
                 self.worker.start_save(meta.saves)
 
     def _start_parked(self) -> None:
-        """Start the bound step's parked loads, once; they finish in :meth:`get_finished`.
+        """Start the bound step's parked loads, once; :meth:`get_finished` reports them when done.
 
-        Never from a layer hook: no forward reads these blocks, so on a GPU the copies
-        overlap the step's forward instead of holding it up.
+        Never from a layer hook: no forward reads these blocks before they are reported.
         """
         meta = self._get_connector_metadata()
         if self._parked_meta is meta or self.worker is None or not meta.parked_loads:
             return
         self._parked_meta = meta
         with span("worker.start_parked", loads=len(meta.parked_loads)):
-            blocks, _ = self.worker.start_parked_load(meta.parked_loads)
-        self._failed_blocks |= blocks
-        self._recving.update(spec.req_id for spec in meta.parked_loads)
+            self.worker.park_load(meta.parked_loads)
 
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
         record("worker.step", time.perf_counter())
@@ -380,15 +398,15 @@ class KVTierConnector(KVConnectorBase_V1):
         self._step_failed_blocks = set()
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        """Parked loads of this step are done (or failed: their blocks are reported with them)."""
+        """Parked loads done (or failed: their blocks are reported with them in this step)."""
         if self.worker is None:
             return None, None
         if getattr(self, "_connector_metadata", None) is not None:
             self._start_parked()
-        with span("worker.get_finished", recving=len(self._recving)):
-            blocks, _ = self.worker.finish_parked_load()
+        with span("worker.get_finished") as f:
+            done, blocks = self.worker.finished_parked()
+            f["done"] = len(done)
         self._failed_blocks |= blocks
-        done, self._recving = self._recving, set()
         return None, done or None
 
     def build_connector_worker_meta(self) -> KVTierWorkerMetadata | None:

@@ -57,6 +57,7 @@ class LoadSpec:
     first_chunk: int
     keys: list[bytes]
     block_ids: list[int]
+    background: bool = False  # a parked load the worker runs off the engine's steps
 
 
 @dataclass

@@ -43,7 +43,10 @@ so 8 layers per copy). Measured in ``benchmarks/bench_layerwise.py``.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -88,6 +91,19 @@ class _Saves:
     broken: bool = False
 
 
+class _Done:
+    """A finished job's result whose GPU copies are still in flight (polled like a future)."""
+
+    def __init__(self, value) -> None:
+        self.value = value
+
+    def done(self) -> bool:
+        return True
+
+    def result(self, timeout: float | None = None):
+        return self.value
+
+
 class KVWorker:
     def __init__(self, store, paged: PagedKV, chunk_size: int, layers_per_copy: int | None = None) -> None:
         """``layers_per_copy``: layers moved by one copy (default: 1 on CPU, by :data:`MIN_RUN_BYTES` on a GPU)."""
@@ -109,7 +125,13 @@ class KVWorker:
         self.groups = [(lo, min(lo + g, self.num_layers)) for lo in range(0, self.num_layers, g)]
         self._group_of = [i // g for i in range(self.num_layers)]
         self._loads: _Loads | None = None  # this step's loads (the forward waits for them layer by layer)
-        self._parked: _Loads | None = None  # this step's loads of parked requests (vLLM's async-load path)
+        # Parked loads (vLLM's async-load path): reports of inline ones for this step's get_finished,
+        # background jobs (future, specs), and inline GPU loads whose copies may still run.
+        self._reports: list[tuple[set[str], set[int], _Loads | None]] = []
+        self._jobs: list[tuple[object, list[LoadSpec]]] = []
+        self._pending: list[_Loads] = []
+        self._load_thread: ThreadPoolExecutor | None = None
+        self._load_stream = None
         self._saves: _Saves | None = None
         self.stats = {"loaded_tokens": 0, "failed_chunks": 0, "saved_chunks": 0, "skipped_saves": 0,
                       "unready_layer_loads": 0}
@@ -184,30 +206,127 @@ class KVWorker:
                     self._copy_in(self._loads, g)
         return failed_blocks, failed_reqs
 
-    def start_parked_load(self, specs: Iterable[LoadSpec]) -> tuple[set[int], set[str]]:
+    # ------------------------------------------------------------------ parked loads
+    def park_load(self, specs: Iterable[LoadSpec]) -> None:
         """Load for requests the engine parked until their load finished (vLLM's async-load path).
 
-        No forward reads these blocks before the engine hears the load finished, so every
-        layer group is copied at once (GPU: enqueued on side streams, overlapping the
-        step's forward; CPU: copied now); :meth:`finish_parked_load` waits for them.
-        Returns (failed block ids, their requests) known at planning time.
-        """
-        if self._parked is not None:
-            log.warning("kvtier: a step's parked loads were not finished; finishing them now")
-            self.finish_parked_load()
-        failed_blocks, failed_reqs, ld = self._plan_loads(specs)
-        if ld is not None:
-            with span("worker.enqueue_loads", chunks=len(ld.refs)):
-                for g in range(len(self.groups)):
-                    self._copy_in(ld, g)
-                    ld.ready[g] = True
-        self._parked = ld
-        return failed_blocks, failed_reqs
+        Never blocks the step; :meth:`finished_parked` reports each request once its load is
+        done or failed. Two ways, per spec (``spec.background``, or a chunk not in host memory):
 
-    def finish_parked_load(self) -> tuple[set[int], set[str]]:
-        """Wait for :meth:`start_parked_load`'s copies; returns (failed block ids, their requests)."""
-        ld, self._parked = self._parked, None
-        return self._finish(ld)
+        - inline: planned now; on CPU copied now; on a GPU enqueued on side streams and
+          reported at once: every later forward waits for these copies on the device
+          (:meth:`before_forward`), so whatever reads the blocks once the engine heard of them
+          reads the loaded KV. Failures are known now (a chunk missing, an enqueue raising).
+        - background: fetched (disk, Redis, server), planned and copied by the load thread,
+          off the engine's steps; reported once every copy is done.
+        """
+        inline, background = [], []
+        for spec in specs:
+            (background if spec.background or not self._in_memory(spec.keys) else inline).append(spec)
+        if inline:
+            self._reports.append(self._run_parked(inline))
+        if background:
+            after = None
+            if self.cuda:  # the copies start after the work queued so far (as an inline copy would)
+                after = torch.cuda.Event()
+                after.record(torch.cuda.current_stream(self.paged.device))
+            if self._load_thread is None:
+                self._load_thread = ThreadPoolExecutor(1, thread_name_prefix="kvtier-load")
+            self._jobs.append((self._load_thread.submit(self._run_parked, background, after), background))
+
+    def _in_memory(self, keys: list[bytes]) -> bool:
+        cpu = getattr(self.store, "cpu", None)
+        return cpu is not None and all(cpu.contains(keys))
+
+    def _run_parked(self, specs: list[LoadSpec], after=None) -> tuple[set[str], set[int], _Loads | None]:
+        """Plan and copy (GPU: enqueue) parked loads; returns (requests, failed blocks, loads in flight)."""
+        with (torch.cuda.device(self.paged.device) if self.cuda else nullcontext()), \
+                (torch.cuda.stream(self._side_stream(after)) if after is not None else nullcontext()):
+            failed_blocks, _, ld = self._plan_loads(specs)
+            if ld is not None:
+                with span("worker.enqueue_loads", chunks=len(ld.refs)):
+                    for g in range(len(self.groups)):
+                        self._copy_in(ld, g)
+                        ld.ready[g] = True
+        return {s.req_id for s in specs}, failed_blocks, ld
+
+    def _side_stream(self, after):
+        if self._load_stream is None:
+            self._load_stream = torch.cuda.Stream(self.paged.device)
+        self._load_stream.wait_event(after)
+        return self._load_stream
+
+    def finished_parked(self) -> tuple[set[str], set[int]]:
+        """Requests whose parked load is done, and the block ids that failed to load (non-blocking)."""
+        done: set[str] = set()
+        failed: set[int] = set()
+        finished = self._reports  # inline: reported in the step that issued them
+        self._reports = []
+        still = []
+        for fut, specs in self._jobs:
+            if not fut.done():
+                still.append((fut, specs))
+                continue
+            try:
+                result = fut.result()
+            except Exception:  # a bug in the load thread: recompute, never crash
+                log.exception("kvtier: a background load raised; reporting it failed")
+                blocks = set().union(*(self._blocks_of(s.block_ids, s.start, s.end) for s in specs))
+                result = ({s.req_id for s in specs}, blocks, None)
+            ld = result[2]
+            if ld is not None and not all(t is None or t.done() for t in ld.copies):
+                still.append((_Done(result), specs))  # GPU copies still in flight
+            else:
+                finished.append(result)
+        self._jobs = still
+        for reqs, blocks, ld in finished:
+            done |= reqs
+            failed |= blocks
+            if ld is None:
+                continue
+            if ld.broken:
+                for ref in ld.refs:
+                    ref.release()
+                self.stats["failed_chunks"] += len(ld.refs)
+                self.store.metrics.load_errors.inc()
+                failed |= ld.blocks
+                continue
+            self.stats["loaded_tokens"] += ld.tokens
+            self._pending.append(ld)  # its chunks are released once its copies are done
+        self._release_copied()
+        return done, failed
+
+    def _release_copied(self) -> list[_Loads]:
+        """Release the chunks of reported parked loads whose copies are done; the others stay."""
+        keep = []
+        for ld in self._pending:
+            if all(t is None or t.done() for t in ld.copies):
+                for ref in ld.refs:
+                    ref.release()
+            else:
+                keep.append(ld)
+        self._pending = keep
+        return keep
+
+    def before_forward(self) -> None:
+        """Before a forward (GPU): it waits, on the device, for reported parked loads still copying."""
+        if not self._pending:
+            return
+        stream = torch.cuda.current_stream(self.paged.device)
+        for ld in self._release_copied():
+            for t in ld.copies:
+                if t is not None:
+                    t.wait_on(stream)
+
+    def drain_parked(self, timeout: float = 60.0) -> None:
+        """Wait for background loads (tests, shutdown); they are reported by :meth:`finished_parked`."""
+        deadline = time.monotonic() + timeout
+        for fut, _ in list(self._jobs):
+            fut.result(timeout=max(0.0, deadline - time.monotonic()))
+        for ld in self._pending:
+            for t in ld.copies:
+                if t is not None:
+                    t.wait()
 
     def _plan_loads(self, specs: Iterable[LoadSpec]) -> tuple[set[int], set[str], _Loads | None]:
         """Fetch chunks and map slots; returns (failed block ids, their requests, the loads to copy)."""
@@ -296,6 +415,8 @@ class KVWorker:
         CPU: copies its layer group now. GPU: the current (forward) stream waits for
         the group's copy, without blocking the host. No-op when the step loads nothing.
         """
+        if self._pending:  # belt and braces: before_forward ran at the step's start
+            self.before_forward()
         ld = self._loads
         g = self._group_of[layer]
         if ld is None or ld.ready[g]:

@@ -212,27 +212,20 @@ def _child(cfg: dict) -> None:
 
         orig_start_load = kv_worker.KVWorker.start_load
         orig_finish_load = kv_worker.KVWorker.finish_load
-        guard: dict = {"slots": None}  # the step's guarded slots, while its loads run
+        orig_run_parked = kv_worker.KVWorker._run_parked
+        orig_plan = kv_worker.KVWorker._plan_loads_now
+        guard: dict = {"slots": None}  # the step's guarded slots, while its loads run (main thread)
+        by_keys: dict = {}  # id(spec.keys) -> spec, for lose_chunks by index
+        loss_lock = threading.Lock()
 
-        def checked_start_load(self, specs, orig=None):
-            orig = orig or orig_start_load
-            specs = list(specs)
-            bs = self.block_size
+        def slots_of(s, lo, hi, bs):
+            t = torch.arange(lo, hi)
+            return torch.as_tensor(s.block_ids, dtype=torch.int64)[t // bs] * bs + t % bs
 
-            def slots_of(s, lo, hi):
-                t = torch.arange(lo, hi)
-                return torch.as_tensor(s.block_ids, dtype=torch.int64)[t // bs] * bs + t % bs
-
-            # Slots some load of this step owns (a request admitted in the same step may share
-            # another's freshly loaded blocks through the prefix cache; that load may write them).
-            owned = torch.cat([slots_of(s, s.start, s.end) for s in specs]) if specs else torch.zeros(0)
-            # Every slot below some load's start that no load of this step owns: several loads
-            # of one step may share those blocks (prefix caching), so take each slot once.
-            below = [slots_of(s, 0, s.start) for s in specs if s.start > 0]
-            guarded = torch.unique(torch.cat(below)) if below else torch.zeros(0, dtype=torch.int64)
-            guarded = guarded[~torch.isin(guarded, owned)]
-            guard["slots"] = guarded if guarded.numel() else None
+        def before_load(self, specs):
+            """Faults that change a load before the worker plans it; the specs' keys for lose_chunks."""
             counters["mid_chunk_loads"] += sum(1 for s in specs if s.start % self.chunk_size)
+            by_keys.update({id(s.keys): s for s in specs})
             if "kill_before_load" in faults and specs:
                 import signal
 
@@ -245,60 +238,109 @@ def _child(cfg: dict) -> None:
                         for tier in self.store.tiers:
                             tier.delete(list(s.keys))
                         counters["faults_injected"] += 1
-            if "align_down_load" in faults:  # the known bug, to show the check catches it
+            if "align_down_load" in faults:  # the known bug, to show the checks catch it
                 for s in specs:
                     s.start = s.start // self.chunk_size * self.chunk_size
                 counters["faults_injected"] += 1
-            if "lose_chunks" not in faults:
-                return orig(self, specs)
-            return lossy_start_load(self, specs, orig)
+            if not getattr(self.store, "_lossy", False):
+                real_get = self.store.get
 
-        def lossy_start_load(self, specs, orig):
-            """``lose_chunks``: some chunks ``Store.get`` returns become misses; noise in failed blocks."""
-            if loss["rnd"] is None:
-                loss["rnd"] = random.Random(fault_args.get("seed", 0))
-            real_get = self.store.get
+                def get(keys):
+                    """``lose_chunks``: some chunks ``Store.get`` returns become misses."""
+                    got = list(real_get(keys))
+                    if "lose_chunks" not in faults:
+                        return got
+                    spec = by_keys.get(id(keys))
+                    with loss_lock:
+                        if loss["rnd"] is None:
+                            loss["rnd"] = random.Random(fault_args.get("seed", 0))
+                        for i, ref in enumerate(got):
+                            index = None if spec is None else spec.first_chunk + i
+                            if "index" in fault_args:
+                                hit = index == fault_args["index"] and fault_args.get("times", 1) > 0
+                                if hit:
+                                    fault_args["times"] = fault_args.get("times", 1) - 1
+                            else:
+                                hit = loss["rnd"].random() < fault_args.get("p", 0.15)
+                            if hit and ref is not None:
+                                ref.release()
+                                got[i] = None
+                                counters["faults_injected"] += 1
+                    return got
 
-            def get(keys):
-                got = list(real_get(keys))
-                spec = by_keys.get(id(keys))
-                for i, ref in enumerate(got):
-                    index = None if spec is None else spec.first_chunk + i
-                    if "index" in fault_args:
-                        hit = index == fault_args["index"] and fault_args.get("times", 1) > 0
-                        if hit:
-                            fault_args["times"] = fault_args.get("times", 1) - 1
-                    else:
-                        hit = loss["rnd"].random() < fault_args.get("p", 0.15)
-                    if hit and ref is not None:
-                        ref.release()
-                        got[i] = None
-                        counters["faults_injected"] += 1
-                return got
+                self.store.get = get
+                self.store._lossy = True
 
-            by_keys = {id(s.keys): s for s in specs}
-            self.store.get = get
-            try:
-                failed_blocks, failed_reqs = orig(self, specs)
-            finally:
-                del self.store.get
-            if failed_blocks:  # a torn load: the failed blocks hold noise, never the right KV
+        def torn(self, failed_blocks):
+            """A failed load's blocks hold noise, never the right KV (a torn load)."""
+            if failed_blocks and "lose_chunks" in faults:
                 bs = self.block_size
                 slots = torch.tensor([b * bs + i for b in sorted(failed_blocks) for i in range(bs)])
                 noise = torch.randn(self.paged.chunk_shape(slots.numel()), dtype=self.paged.dtype)
                 kv_scatter(self.paged, slots, [noise]).wait()
+
+        def checked_plan(self, specs):
+            """Every planned load writes only slots of its own range [start, end): never below."""
+            specs = list(specs)
+            result = orig_plan(self, specs)
+            ld = result[2]
+            if ld is not None and specs:
+                bs = self.block_size
+                owned = torch.cat([slots_of(s, s.start, s.end, bs) for s in specs])
+                mapped = ld.mapping[ld.mapping >= 0].cpu()
+                counters["overlap_checks"] += 1
+                if not torch.isin(mapped, owned).all():
+                    counters["overlap_violations"] += 1
+                    print(f"kvtier overlap violation (plan): slots {mapped[~torch.isin(mapped, owned)][:16].tolist()}",
+                          file=sys.stderr, flush=True)
+            return result
+
+        def guard_below(self, specs):
+            """Sentinels go in every slot below some load's start that no load of this step owns
+            (a request admitted in the same step may share another's freshly loaded blocks)."""
+            bs = self.block_size
+            owned = torch.cat([slots_of(s, s.start, s.end, bs) for s in specs]) if specs else torch.zeros(0)
+            below = [slots_of(s, 0, s.start, bs) for s in specs if s.start > 0]
+            guarded = torch.unique(torch.cat(below)) if below else torch.zeros(0, dtype=torch.int64)
+            guarded = guarded[~torch.isin(guarded, owned)]
+            guard["slots"] = guarded if guarded.numel() else None
+
+        def checked_start_load(self, specs):
+            specs = list(specs)
+            before_load(self, specs)
+            guard_below(self, specs)
+            failed_blocks, failed_reqs = orig_start_load(self, specs)
+            torn(self, failed_blocks)
             return failed_blocks, failed_reqs
+
+        def checked_run_parked(self, specs, after=None):
+            """Parked loads: inline ones run here (main thread, guarded); background ones in the
+            load thread, beside the forward: no sentinels there (the forward may read those
+            slots), the plan check above still holds."""
+            specs = list(specs)
+            before_load(self, specs)
+            main = threading.current_thread() is threading.main_thread()
+            if main:
+                guard_below(self, specs)
+            try:
+                reqs, failed_blocks, ld = orig_run_parked(self, specs, after)
+            finally:
+                if main:
+                    guard["slots"] = None
+            torn(self, failed_blocks)
+            return reqs, failed_blocks, ld
 
         def checked_finish_load(self):
             guard["slots"] = None
             return orig_finish_load(self)
 
         def checked_scatter(paged, mapping, chunks, skip=0, **kw):
-            """Every copy of a load (one per layer, during the forward): sentinels in the step's
-            guarded slots around it, their contents restored after. Safe: the engine runs
-            in-process on CPU, so nothing reads the cache while the copy runs."""
+            """Every copy of a guarded load: sentinels in the step's guarded slots around it,
+            their contents restored after. Safe: the engine runs in-process on CPU and this
+            is the main thread, so nothing reads the cache while the copy runs."""
             guarded = guard["slots"]
-            if guarded is None or paged.device.type == "cuda":  # on a GPU the forward may be reading
+            if (guarded is None or paged.device.type == "cuda"
+                    or threading.current_thread() is not threading.main_thread()):
                 return kv_scatter(paged, mapping, chunks, skip, **kw)
             snap = torch.zeros(paged.chunk_shape(guarded.numel()), dtype=paged.dtype)
             kv_gather(paged, guarded, [snap]).wait()
@@ -316,17 +358,9 @@ def _child(cfg: dict) -> None:
                           f"{kw.get('layers')})", file=sys.stderr, flush=True)
                 kv_scatter(paged, guarded, [snap]).wait()
 
-        orig_parked = kv_worker.KVWorker.start_parked_load
-
-        def checked_parked_load(self, specs):
-            """Parked loads are copied within the call on CPU: guard and faults as for a step's loads."""
-            try:
-                return checked_start_load(self, specs, orig_parked)
-            finally:
-                guard["slots"] = None
-
         kv_worker.KVWorker.start_load = checked_start_load
-        kv_worker.KVWorker.start_parked_load = checked_parked_load
+        kv_worker.KVWorker._run_parked = checked_run_parked
+        kv_worker.KVWorker._plan_loads_now = checked_plan
         kv_worker.KVWorker.finish_load = checked_finish_load
         kv_worker.scatter = checked_scatter
     try:
