@@ -31,6 +31,7 @@ import random
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from kvtier.vllm.phases import kill_process_group, shutdown_engine
@@ -150,7 +151,7 @@ def _child(cfg: dict) -> None:
     from vllm.v1.core.sched.scheduler import Scheduler
 
     counters = {"preemptions": 0, "overlap_checks": 0, "overlap_violations": 0, "faults_injected": 0,
-                "mid_chunk_loads": 0}
+                "mid_chunk_loads": 0, "slowed_loads": 0}
     faults: set[str] = set()
     fault_args: dict = {}
     loss: dict = {"rnd": None}  # lose_chunks' random generator, seeded at the first load
@@ -216,6 +217,7 @@ def _child(cfg: dict) -> None:
         orig_plan = kv_worker.KVWorker._plan_loads_now
         guard: dict = {"slots": None}  # the step's guarded slots, while its loads run (main thread)
         by_keys: dict = {}  # id(spec.keys) -> spec, for lose_chunks by index
+        starts: dict = {}  # id(spec) -> its start as planned by the scheduler (before align_down_load)
         loss_lock = threading.Lock()
 
         def slots_of(s, lo, hi, bs):
@@ -226,6 +228,10 @@ def _child(cfg: dict) -> None:
             """Faults that change a load before the worker plans it; the specs' keys for lose_chunks."""
             counters["mid_chunk_loads"] += sum(1 for s in specs if s.start % self.chunk_size)
             by_keys.update({id(s.keys): s for s in specs})
+            starts.update({id(s): s.start for s in specs})
+            if "slow_background_load" in faults and threading.current_thread() is not threading.main_thread():
+                counters["slowed_loads"] += 1
+                time.sleep(float(fault_args.get("secs", 0.5)))  # the load stays in flight meanwhile
             if "kill_before_load" in faults and specs:
                 import signal
 
@@ -286,7 +292,7 @@ def _child(cfg: dict) -> None:
             ld = result[2]
             if ld is not None and specs:
                 bs = self.block_size
-                owned = torch.cat([slots_of(s, s.start, s.end, bs) for s in specs])
+                owned = torch.cat([slots_of(s, starts.get(id(s), s.start), s.end, bs) for s in specs])
                 mapped = ld.mapping[ld.mapping >= 0].cpu()
                 counters["overlap_checks"] += 1
                 if not torch.isin(mapped, owned).all():
@@ -307,8 +313,8 @@ def _child(cfg: dict) -> None:
 
         def checked_start_load(self, specs):
             specs = list(specs)
-            before_load(self, specs)
             guard_below(self, specs)
+            before_load(self, specs)
             failed_blocks, failed_reqs = orig_start_load(self, specs)
             torn(self, failed_blocks)
             return failed_blocks, failed_reqs
@@ -318,10 +324,10 @@ def _child(cfg: dict) -> None:
             load thread, beside the forward: no sentinels there (the forward may read those
             slots), the plan check above still holds."""
             specs = list(specs)
-            before_load(self, specs)
             main = threading.current_thread() is threading.main_thread()
             if main:
                 guard_below(self, specs)
+            before_load(self, specs)
             try:
                 reqs, failed_blocks, ld = orig_run_parked(self, specs, after)
             finally:
@@ -414,6 +420,10 @@ def _child(cfg: dict) -> None:
                 faults.update(req.get("faults", []))
                 fault_args.update(req.get("args", {}))
                 _reply({"ok": True})
+            elif cmd == "staggered":
+                _reply(_staggered(llm, req["prompts"], req["max_tokens"], req["after_tokens"]))
+            elif cmd == "abort_while_loading":
+                _reply(_abort_while_loading(llm, req["prompts"], req["abort"], req["max_tokens"]))
             elif cmd == "flush":
                 from kvtier.vllm.connector import INSTANCES
 
@@ -427,6 +437,82 @@ def _child(cfg: dict) -> None:
 
             traceback.print_exc()
             _reply({"error": str(e), "type": type(e).__name__})
+
+
+def _staggered(llm, prompts: list[list[int]], max_tokens: list[int], after_tokens: list[int]) -> dict:
+    """Step the in-process engine by hand, adding prompt i once prompt i-1 has generated
+    ``after_tokens[i]`` tokens (a request arriving while others decode); outputs in prompt order."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    eng = llm.llm_engine
+    llm.reset_prefix_cache()
+    ids = [str(10**9 + time.monotonic_ns() % 10**6 * 100 + i) for i in range(len(prompts))]
+    outputs: dict[str, list[int]] = {}
+    added = 0
+    deadline = time.monotonic() + 300
+    while (added < len(prompts) or eng.has_unfinished_requests()) and time.monotonic() < deadline:
+        while added < len(prompts) and (added == 0 or len(outputs.get(ids[added - 1], ())) >= after_tokens[added]):
+            sp = SamplingParams(max_tokens=max_tokens[added], temperature=0.0, ignore_eos=True)
+            eng.add_request(ids[added], TokensPrompt(prompt_token_ids=prompts[added]), sp)
+            added += 1
+        for o in eng.step():
+            outputs[o.request_id.split("-")[0]] = list(o.outputs[0].token_ids)
+    return {"outputs": [outputs.get(i) for i in ids]}
+
+
+def _abort_while_loading(llm, prompts: list[list[int]], abort: int, max_tokens: int) -> dict:
+    """Step the in-process engine by hand: add ``prompts``, abort prompt ``abort`` once vLLM
+    parked it for its kvtier load, finish the others. Returns their outputs and what the
+    aborted request held (vLLM's free blocks and kvtier's free host slots) before and after."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.v1.request import RequestStatus
+
+    from kvtier.vllm.connector import INSTANCES
+
+    eng = llm.llm_engine
+    sched = eng.engine_core.engine_core.scheduler
+    pool = sched.kv_cache_manager.block_pool
+    stores = {id(c.store): c.store for c in INSTANCES}
+    host = lambda: sum(st.pool.free_slots for st in stores.values())  # noqa: E731
+    llm.reset_prefix_cache()
+    before = {"free_blocks": pool.get_num_free_blocks(), "free_host_slots": host()}
+    sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    ids = [str(10**9 + time.monotonic_ns() % 10**6 * 100 + i) for i in range(len(prompts))]  # LLM parses ids as ints
+    for rid, p in zip(ids, prompts):
+        eng.add_request(rid, TokensPrompt(prompt_token_ids=p), sp)
+    victim, parked, steps = ids[abort], False, 0
+    outputs: dict[str, list[int]] = {}
+
+    def step() -> None:
+        for o in eng.step():
+            if o.finished:
+                outputs[o.request_id.split("-")[0]] = list(o.outputs[0].token_ids)
+
+    while steps < 500:
+        r = next((q for i, q in sched.requests.items() if i == victim or i.startswith(victim + "-")), None)
+        if r is not None and r.status == RequestStatus.WAITING_FOR_REMOTE_KVS:
+            parked = True
+            break
+        step()
+        steps += 1
+    eng.abort_request([victim])
+    deadline = time.monotonic() + 120
+    while eng.has_unfinished_requests() and time.monotonic() < deadline:
+        step()
+        steps += 1
+    workers = [c.worker for c in INSTANCES if c.worker is not None]
+    for w in workers:
+        w.drain_parked()
+    # The engine hears of the aborted request's finished load at its next step.
+    llm.generate([TokensPrompt(prompt_token_ids=prompts[0][:8])], SamplingParams(max_tokens=1), use_tqdm=False)
+    llm.reset_prefix_cache()
+    after = {"free_blocks": pool.get_num_free_blocks(), "free_host_slots": host()}
+    return {"parked": parked, "before": before, "after": after,
+            "outputs": [outputs.get(i) for i in ids], "finished_ids": sorted(outputs), "steps": steps,
+            "jobs_left": sum(len(w._jobs) for w in workers), "pending_left": sum(len(w._pending) for w in workers),
+            "leases": sum(len(st._leases) for st in stores.values())}
 
 
 if __name__ == "__main__":
