@@ -35,8 +35,13 @@ GROUPS = {
     "async_faults": (engine_kwargs(async_scheduling=True, num_gpu_blocks_override=33,
                                    scheduler_reserve_full_isl=False),
                      {"chunk_size": 64, "tiers": ["cpu"], "cpu_bytes": "64MiB"}, 8, 4),
+    # Every load in kvtier's load thread (load_mode async), beside running requests, with
+    # preemptions and lost chunks, under vLLM's async scheduler.
+    "background": (engine_kwargs(async_scheduling=True, num_gpu_blocks_override=33,
+                                 scheduler_reserve_full_isl=False),
+                   {"chunk_size": 64, "tiers": ["cpu"], "cpu_bytes": "64MiB", "load_mode": "async"}, 8, 4),
 }
-LOSSY = {"faults", "async_faults"}
+LOSSY = {"faults", "async_faults", "background"}
 
 
 def _scenarios(name: str, n: int, max_reqs: int, max_len: int):

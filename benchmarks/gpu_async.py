@@ -1,0 +1,165 @@
+"""Decode latency of running requests while long cached prompts arrive (issue 12).
+
+32 requests decode (1K-token prompts, 256 new tokens each); every 0.5 s a request arrives
+whose 32K-token prefix kvtier holds in its cpu tier (stored by a warm-up, then vLLM's own
+prefix cache reset). Per mode, one engine process: the inter-token latency (ITL) of the
+running requests, p50/p99, and the TTFT of the arriving ones:
+
+- ``no_arrivals``: the decode batch alone (each engine measures its own);
+- ``sync``: kvtier's layer-wise loads inside the step (async scheduling off);
+- ``async``: every load in kvtier's load thread (``load_mode: async``);
+- ``auto``: kvtier's default (async scheduling on: inline when the engine is idle or the
+  load is small, background beside running requests);
+- ``native``: vLLM's own CPU offload (``kv_offloading_size``).
+
+    python3 benchmarks/gpu_async.py                 # on the GPU machine
+    python3 benchmarks/gpu_async.py --cpu           # dry run: tiny model on vLLM's CPU engine
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_vllm import STATE, _setup  # noqa: E402
+
+MARK = "@@GPU-ASYNC@@"
+
+
+def _child(spec: dict) -> dict:
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+    from vllm.inputs import TokensPrompt
+
+    kw = dict(spec["engine"])
+    if spec["kvtier"] is not None:
+        kw["kv_transfer_config"] = KVTransferConfig(kv_connector="KVTierConnector", kv_role="kv_both",
+                                                    kv_connector_module_path="kvtier.vllm",
+                                                    kv_connector_extra_config=spec["kvtier"])
+    llm = LLM(model=spec["model"], skip_tokenizer_init=True, **kw)
+    eng = llm.llm_engine
+    one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    llm.generate([TokensPrompt(prompt_token_ids=p) for p in spec["arrivals"]], one, use_tqdm=False)  # store them
+    llm.generate([TokensPrompt(prompt_token_ids=p) for p in spec["running"][:2]], one, use_tqdm=False)  # warm
+    out = {}
+    for run in ("no_arrivals", "arrivals"):
+        llm.reset_prefix_cache()
+        time.sleep(1.0)  # let kvtier's write-behind settle
+        dec = SamplingParams(max_tokens=spec["new_tokens"], temperature=0.0, ignore_eos=True)
+        t0 = time.perf_counter()
+        times: dict[str, list[float]] = {}
+        added: dict[str, float] = {}
+        for i, p in enumerate(spec["running"]):
+            eng.add_request(f"run{i}", TokensPrompt(prompt_token_ids=p), dec)
+        pending = list(enumerate(spec["arrivals"])) if run == "arrivals" else []
+        while eng.has_unfinished_requests() or pending:
+            now = time.perf_counter()
+            while pending and now - t0 >= spec["interval_s"] * (pending[0][0] + 1):
+                i, p = pending.pop(0)
+                eng.add_request(f"arr{i}", TokensPrompt(prompt_token_ids=p), one)
+                added[f"arr{i}"] = time.perf_counter()
+            for o in eng.step():
+                rid = o.request_id.split("-")[0]
+                n = len(o.outputs[0].token_ids)
+                ts = times.setdefault(rid, [])
+                while len(ts) < n:
+                    ts.append(time.perf_counter())
+        itl = [b - a for rid, ts in times.items() if rid.startswith("run") for a, b in zip(ts, ts[1:])]
+        # Only the window in which arrivals happen (and the same window without them).
+        first = min(ts[0] for rid, ts in times.items() if rid.startswith("run"))
+        window = spec["interval_s"] * (len(spec["arrivals"]) + 2)
+        itl_w = [b - a for rid, ts in times.items() if rid.startswith("run")
+                 for a, b in zip(ts, ts[1:]) if a - first < window]
+        out[run] = {"itl_p50_ms": 1e3 * statistics.median(itl_w), "itl_p99_ms": 1e3 * _p99(itl_w),
+                    "itl_all_p99_ms": 1e3 * _p99(itl), "ttft_s": [times[r][0] - added[r] for r in added],
+                    "ttft_p50_s": statistics.median([times[r][0] - added[r] for r in added]) if added else None,
+                    "wall_s": time.perf_counter() - t0}
+    return out
+
+
+def _p99(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(0.99 * len(xs)))]
+
+
+def _run(spec: dict) -> dict:
+    env = dict(os.environ, VLLM_LOGGING_LEVEL="WARNING")
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")  # the CPU dry run (as kvtier.vllm.phases)
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    proc = subprocess.run([sys.executable, __file__, "--child"], input=json.dumps(spec), text=True,
+                          capture_output=True, env=env, timeout=1500)
+    for line in proc.stdout.splitlines():
+        if line.startswith(MARK):
+            return json.loads(line[len(MARK):])
+    raise RuntimeError(f"child failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cpu", action="store_true")
+    ap.add_argument("--child", action="store_true")
+    ap.add_argument("--modes", default="auto,async,sync,native")
+    ap.add_argument("--out", default="benchmarks/results/gpu_async_h200.json")
+    args = ap.parse_args()
+    if args.child:
+        result = _child(json.loads(sys.stdin.read()))
+        sys.stdout.write(MARK + json.dumps(result) + "\n")
+        sys.stdout.flush()
+        os._exit(0)
+    STATE.mkdir(parents=True, exist_ok=True)
+    model, engine, kv_sizes, vocab, _ = _setup(args.cpu)
+    rnd = random.Random(5)
+    if args.cpu:
+        n_run, ctx, prefix, new, arrivals, interval = 8, 128, 1024, 64, 3, 0.3
+        engine = {**engine, "max_model_len": 2048, "max_num_batched_tokens": 1024}
+        modes = [m for m in args.modes.split(",") if m != "native"]
+    else:
+        n_run, ctx, prefix, new, arrivals, interval = 32, 1024, 32768, 256, 4, 0.5
+        modes = args.modes.split(",")
+    spec = {"model": model, "new_tokens": new, "interval_s": interval,
+            "running": [[rnd.randrange(10, vocab - 10) for _ in range(ctx)] for _ in range(n_run)],
+            "arrivals": [[rnd.randrange(10, vocab - 10) for _ in range(prefix + 16)] for _ in range(arrivals)]}
+    kv = {"tiers": ["cpu"], "cpu_bytes": kv_sizes["cpu_bytes"]}
+    configs = {"auto": ({**engine, "async_scheduling": True}, {**kv, "load_mode": "auto"}),
+               "async": ({**engine, "async_scheduling": True}, {**kv, "load_mode": "async"}),
+               "sync": ({**engine, "async_scheduling": False}, {**kv, "load_mode": "sync"}),
+               "native": ({**engine, "kv_offloading_size": 24.0, "kv_offloading_backend": "native"}, None)}
+    result = {"command": "python3 benchmarks/gpu_async.py " + " ".join(sys.argv[1:]),
+              "workload": {"running": n_run, "context": ctx, "new_tokens": new, "arrival_prefix": prefix,
+                           "arrivals": arrivals, "interval_s": interval}, "modes": {}, "no_arrivals": {}}
+    for mode in modes:
+        eng, kvc = configs[mode]
+        t = time.time()
+        r = _run({**spec, "engine": eng, "kvtier": kvc})
+        print(f"{mode}: {time.time() - t:.0f} s  no arrivals {r['no_arrivals']['itl_p99_ms']:.1f} ms p99; "
+              f"arrivals itl p50 {r['arrivals']['itl_p50_ms']:.1f} p99 {r['arrivals']['itl_p99_ms']:.1f} ms, "
+              f"ttft p50 {r['arrivals']['ttft_p50_s']:.3f} s", flush=True)
+        result["modes"][mode] = {k: r["arrivals"][k] for k in ("itl_p50_ms", "itl_p99_ms", "ttft_p50_s")}
+        result["modes"][mode]["detail"] = r["arrivals"]
+        result["no_arrivals"][mode] = r["no_arrivals"]
+    base = result["no_arrivals"].get("auto")
+    if base:
+        result["modes"]["no_arrivals"] = {k: base[k] for k in ("itl_p50_ms", "itl_p99_ms")} | {"ttft_p50_s": None}
+    try:
+        import torch
+        import vllm
+
+        result["vllm_version"] = vllm.__version__
+        result["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU dry run)"
+    except Exception:  # noqa: BLE001
+        pass
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
