@@ -25,11 +25,14 @@ import random
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_vllm import STATE, _setup  # noqa: E402
+
+from kvtier.vllm.phases import kill_process_group, shutdown_engine  # noqa: E402
 
 MARK = "@@GPU-ASYNC@@"
 
@@ -66,6 +69,9 @@ def _child(spec: dict) -> dict:
                 i, p = pending.pop(0)
                 eng.add_request(f"arr{i}", TokensPrompt(prompt_token_ids=p), one)
                 added[f"arr{i}"] = time.perf_counter()
+            if not eng.has_unfinished_requests():  # step() would wait for output forever
+                time.sleep(0.001)
+                continue
             for o in eng.step():
                 rid = o.request_id.split("-")[0]
                 n = len(o.outputs[0].token_ids)
@@ -82,6 +88,7 @@ def _child(spec: dict) -> dict:
                     "itl_all_p99_ms": 1e3 * _p99(itl), "ttft_s": [times[r][0] - added[r] for r in added],
                     "ttft_p50_s": statistics.median([times[r][0] - added[r] for r in added]) if added else None,
                     "wall_s": time.perf_counter() - t0}
+    shutdown_engine(llm)
     return out
 
 
@@ -91,15 +98,24 @@ def _p99(xs: list[float]) -> float:
 
 
 def _run(spec: dict) -> dict:
+    """One engine process; output through a file (an engine process outliving the child would
+    hold a pipe open), and whatever is left of its process group killed after."""
     env = dict(os.environ, VLLM_LOGGING_LEVEL="WARNING")
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")  # the CPU dry run (as kvtier.vllm.phases)
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-    proc = subprocess.run([sys.executable, __file__, "--child"], input=json.dumps(spec), text=True,
-                          capture_output=True, env=env, timeout=1500)
-    for line in proc.stdout.splitlines():
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen([sys.executable, __file__, "--child"], stdin=subprocess.PIPE, stdout=log,
+                                stderr=log, env=env, text=True, start_new_session=True)
+        try:
+            proc.communicate(json.dumps(spec), timeout=1500)
+        finally:
+            kill_process_group(proc.pid)
+        log.seek(0)
+        text = log.read()
+    for line in text.splitlines():
         if line.startswith(MARK):
             return json.loads(line[len(MARK):])
-    raise RuntimeError(f"child failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    raise RuntimeError(f"child failed ({proc.returncode}):\n{text[-6000:]}")
 
 
 def main() -> int:
