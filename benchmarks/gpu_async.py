@@ -23,16 +23,14 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_vllm import STATE, _setup  # noqa: E402
 
-from kvtier.vllm.phases import kill_process_group, shutdown_engine  # noqa: E402
+from kvtier.vllm.phases import run_engine_child, shutdown_engine  # noqa: E402
 
 MARK = "@@GPU-ASYNC@@"
 
@@ -98,24 +96,7 @@ def _p99(xs: list[float]) -> float:
 
 
 def _run(spec: dict) -> dict:
-    """One engine process; output through a file (an engine process outliving the child would
-    hold a pipe open), and whatever is left of its process group killed after."""
-    env = dict(os.environ, VLLM_LOGGING_LEVEL="WARNING")
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")  # the CPU dry run (as kvtier.vllm.phases)
-    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-    with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen([sys.executable, __file__, "--child"], stdin=subprocess.PIPE, stdout=log,
-                                stderr=log, env=env, text=True, start_new_session=True)
-        try:
-            proc.communicate(json.dumps(spec), timeout=1500)
-        finally:
-            kill_process_group(proc.pid)
-        log.seek(0)
-        text = log.read()
-    for line in text.splitlines():
-        if line.startswith(MARK):
-            return json.loads(line[len(MARK):])
-    raise RuntimeError(f"child failed ({proc.returncode}):\n{text[-6000:]}")
+    return run_engine_child([sys.executable, __file__, "--child"], spec, MARK, timeout=1500)
 
 
 def main() -> int:

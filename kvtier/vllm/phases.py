@@ -31,6 +31,13 @@ def run_phase(model: str, steps: list[dict[str, Any]], kvtier: dict[str, Any] | 
               engine: dict[str, Any] | None = None, timeout: float = 1200.0) -> dict[str, Any]:
     """Start an engine (with kvtier when ``kvtier`` is a config dict), run ``steps``, stop it."""
     spec = {"model": model, "steps": steps, "kvtier": kvtier, "engine": {**DEMO_ENGINE, **(engine or {})}}
+    return run_engine_child([sys.executable, "-m", "kvtier.vllm.phases"], spec, MARK, timeout)
+
+
+def run_engine_child(argv: list[str], spec: dict[str, Any], mark: str, timeout: float = 1200.0) -> dict[str, Any]:
+    """Run ``argv`` (a process that starts a vLLM engine) with ``spec`` as JSON on stdin; return
+    the JSON of its output line that starts with ``mark``. Whatever is left of its process group
+    is killed after."""
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
@@ -38,8 +45,8 @@ def run_phase(model: str, steps: list[dict[str, Any]], kvtier: dict[str, Any] | 
     # Output goes to a file, not a pipe: a pipe stays open in any engine process that
     # outlives the child, and reading it to EOF would then hang.
     with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "kvtier.vllm.phases"], stdin=subprocess.PIPE,
-                                stdout=log, stderr=log, env=env, text=True, start_new_session=True)
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=log, stderr=log, env=env, text=True,
+                                start_new_session=True)
         try:
             proc.communicate(json.dumps(spec), timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -50,9 +57,9 @@ def run_phase(model: str, steps: list[dict[str, Any]], kvtier: dict[str, Any] | 
         log.seek(0)
         text = log.read()
     for line in text.splitlines():
-        if line.startswith(MARK):
-            return json.loads(line[len(MARK):])
-    raise RuntimeError(f"engine phase failed (exit {proc.returncode}):\n{text[-4000:]}")
+        if line.startswith(mark):
+            return json.loads(line[len(mark):])
+    raise RuntimeError(f"engine process failed (exit {proc.returncode}):\n{text[-4000:]}")
 
 
 def kill_process_group(pgid: int) -> None:

@@ -478,7 +478,6 @@ class KVWorker:
             self._plan_saves(specs)
 
     def _plan_saves(self, specs: Iterable[SaveSpec]) -> None:
-        c = self.chunk_size
         items, parts = [], []
         for spec in specs:
             for ci, key in zip(spec.chunk_indices, spec.keys):
