@@ -28,20 +28,35 @@ def tiny_model(tmp_path_factory) -> str:
     return make_random_llama(tmp_path_factory.mktemp("model") / "tiny", "tiny")
 
 
-@pytest.fixture(scope="module")
-def engines(tmp_path_factory, request):
-    """``start(engine_kwargs, kvtier_extra|None, ...) -> EngineProc``; all closed at module end."""
-    procs: list[EngineProc] = []
-    logdir = tmp_path_factory.mktemp("engine-logs")
+class _Engines:
+    """Engine processes of one test module, all closed at its end."""
 
-    def start(model: str, engine: dict, kvtier: dict | None, **kw) -> EngineProc:
-        name = f"{request.module.__name__.split('.')[-1]}-{len(procs)}.log"
-        p = EngineProc(model, engine, kvtier, log_path=str(logdir / name), **kw)
-        procs.append(p)
+    def __init__(self, logdir, module: str) -> None:
+        self.logdir, self.module = logdir, module
+        self.procs: list[EngineProc] = []
+
+    def __call__(self, model: str, engine: dict, kvtier: dict | None, **kw) -> EngineProc:
+        """``engines(model, engine_kwargs, kvtier_extra|None, ...) -> EngineProc``."""
+        log_path = self.logdir / f"{self.module}-{len(self.procs)}.log"
+        p = EngineProc(model, engine, kvtier, log_path=str(log_path), **kw)
+        self.procs.append(p)
         return p
 
-    yield start
-    for p in procs:
+    def pair(self, model: str, engine: dict, kvtier: dict, **kw) -> tuple[EngineProc, EngineProc]:
+        """vLLM alone and vLLM with kvtier (``kw`` for the latter), started side by side, both ready."""
+        base = self(model, engine, None, wait=False)
+        kv = self(model, engine, kvtier, wait=False, **kw)
+        base.wait_ready()
+        kv.wait_ready()
+        return base, kv
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory, request):
+    """:class:`_Engines` of this module: ``engines(...)`` starts one, ``engines.pair(...)`` two."""
+    started = _Engines(tmp_path_factory.mktemp("engine-logs"), request.module.__name__.split(".")[-1])
+    yield started
+    for p in started.procs:
         p.close()
 
 

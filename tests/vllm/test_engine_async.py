@@ -35,10 +35,7 @@ LOSSY = engine_kwargs(async_scheduling=True, max_num_batched_tokens=128, max_num
 
 @pytest.fixture(scope="module")
 def small_pair(tiny_model, engines):
-    base = engines(tiny_model, SMALL, None, wait=False)
-    kv = engines(tiny_model, SMALL, {"chunk_size": 64, "tiers": ["cpu"], "cpu_bytes": "64MiB"}, wait=False)
-    base.wait_ready()
-    kv.wait_ready()
+    base, kv = engines.pair(tiny_model, SMALL, {"chunk_size": 64, "tiers": ["cpu"], "cpu_bytes": "64MiB"})
     return base, kv
 
 
@@ -76,10 +73,7 @@ def test_failed_load_poisons_no_chunk(small_pair):
 
 @pytest.fixture(scope="module")
 def lossy_pair(tiny_model, engines):
-    base = engines(tiny_model, LOSSY, None, wait=False)
-    kv = engines(tiny_model, LOSSY, {}, wait=False)  # kvtier's defaults
-    base.wait_ready()
-    kv.wait_ready()
+    base, kv = engines.pair(tiny_model, LOSSY, {})  # kvtier's defaults
     return base, kv
 
 

@@ -25,10 +25,7 @@ ASYNC = {"chunk_size": 64, "tiers": ["cpu"], "cpu_bytes": "64MiB", "load_mode": 
 
 @pytest.fixture(scope="module")
 def pair(tiny_model, engines):
-    base = engines(tiny_model, ENGINE, None, wait=False)
-    kv = engines(tiny_model, ENGINE, ASYNC, wait=False)
-    base.wait_ready()
-    kv.wait_ready()
+    base, kv = engines.pair(tiny_model, ENGINE, ASYNC)
     return base, kv
 
 
@@ -110,10 +107,7 @@ def test_tier_dies_during_a_background_load(tiny_model, engines, tmp_path):
     try:
         kvtier = {"chunk_size": 64, "tiers": ["redis"], "redis_url": [redis.url], "op_timeout_s": 0.5,
                   "connect_timeout_s": 0.5}
-        base = engines(tiny_model, ENGINE, None, wait=False)
-        kv = engines(tiny_model, ENGINE, kvtier, wait=False)
-        base.wait_ready()
-        kv.wait_ready()
+        base, kv = engines.pair(tiny_model, ENGINE, kvtier)
         rnd = random.Random(6)
         doc = _tokens(rnd, 400)
         prompts = [doc + _tokens(rnd, 30), doc[:300] + _tokens(rnd, 60)]

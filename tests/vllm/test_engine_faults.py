@@ -48,10 +48,7 @@ def disk_dir(tmp_path_factory) -> Path:
 def pair(tiny_model, engines, disk_dir):
     # Disk only: every load reads a file, so a corrupt file is always seen.
     kvtier = {"chunk_size": 64, "tiers": ["disk"], "disk_path": str(disk_dir), "disk_bytes": "256MiB"}
-    base = engines(tiny_model, ENGINE, None, wait=False)
-    kv = engines(tiny_model, ENGINE, kvtier, wait=False)
-    base.wait_ready()
-    kv.wait_ready()
+    base, kv = engines.pair(tiny_model, ENGINE, kvtier)
     return base, kv
 
 
@@ -113,10 +110,7 @@ def test_redis_killed_between_lookup_and_load(tiny_model, engines, tmp_path):
                 time.sleep(0.05)
         kvtier = {"chunk_size": 64, "tiers": ["redis"], "redis_url": [f"redis://127.0.0.1:{port}"],
                   "op_timeout_s": 0.5, "connect_timeout_s": 0.5}
-        base = engines(tiny_model, ENGINE, None, wait=False)
-        kv = engines(tiny_model, ENGINE, kvtier, wait=False)
-        base.wait_ready()
-        kv.wait_ready()
+        base, kv = engines.pair(tiny_model, ENGINE, kvtier)
         prompts = _prompts(3)
         _both(base, kv, prompts, reset=False)
         kv.call("flush")

@@ -33,12 +33,9 @@ def _rounds(base, kv, prompts: list[list[int]], resets: tuple[bool, ...], pause_
 
 
 def test_multiprocess_engine_hits_and_equality(tiny_model, engines, tmp_path):
-    base = engines(tiny_model, ENGINE, None, wait=False)
-    kv = engines(tiny_model, ENGINE, {"chunk_size": 64, "tiers": ["cpu", "disk"], "cpu_bytes": "64MiB",
-                                      "disk_path": str(tmp_path / "disk"), "disk_bytes": "64MiB"},
-                 multiprocess=True, wait=False)
-    base.wait_ready()
-    kv.wait_ready()
+    kvtier = {"chunk_size": 64, "tiers": ["cpu", "disk"], "cpu_bytes": "64MiB",
+              "disk_path": str(tmp_path / "disk"), "disk_bytes": "64MiB"}
+    base, kv = engines.pair(tiny_model, ENGINE, kvtier, multiprocess=True)
     rnd = random.Random(11)
     shared = [rnd.randrange(3, 1024) for _ in range(500)]
     prompts = [shared[:n] + [rnd.randrange(3, 1024) for _ in range(9)] for n in (130, 300, 500)]
@@ -52,11 +49,8 @@ def test_multiprocess_engine_cpu_tier_only(tiny_model, engines):
     """Only a cpu tier, in the worker process: the scheduler learns of the worker's chunks from the
     worker's per-step reports (KVTierWorkerMetadata), so a prompt repeated right after its first run,
     with vLLM's prefix cache reset, is served by kvtier -- no shared tier, no waiting."""
-    base = engines(tiny_model, ENGINE, None, wait=False)
-    kv = engines(tiny_model, ENGINE, {"chunk_size": 64, "tiers": ["cpu"], "cpu_bytes": "64MiB"},
-                 multiprocess=True, wait=False)
-    base.wait_ready()
-    kv.wait_ready()
+    kvtier = {"chunk_size": 64, "tiers": ["cpu"], "cpu_bytes": "64MiB"}
+    base, kv = engines.pair(tiny_model, ENGINE, kvtier, multiprocess=True)
     rnd = random.Random(12)
     shared = [rnd.randrange(3, 1024) for _ in range(400)]
     prompts = [shared[:n] + [rnd.randrange(3, 1024) for _ in range(9)] for n in (150, 390)]

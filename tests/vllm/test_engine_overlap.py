@@ -22,10 +22,7 @@ KVTIER = {"chunk_size": 256, "tiers": ["cpu"], "cpu_bytes": "16MiB"}
 
 @pytest.mark.parametrize("load_mode", ["auto", "async"])
 def test_mid_chunk_load_onto_shared_blocks(tiny_model, engines, load_mode):
-    base = engines(tiny_model, ENGINE, None, wait=False)
-    kv = engines(tiny_model, ENGINE, {**KVTIER, "load_mode": load_mode}, wait=False)
-    base.wait_ready()
-    kv.wait_ready()
+    base, kv = engines.pair(tiny_model, ENGINE, {**KVTIER, "load_mode": load_mode})
     rnd = random.Random(3)
     p = [rnd.randrange(3, 1024) for _ in range(600)]
     r2 = p[:320] + [rnd.randrange(3, 1024) for _ in range(40)]

@@ -21,10 +21,7 @@ KVTIER = {"chunk_size": 256, "tiers": ["cpu"], "cpu_bytes": "16MiB"}
 
 @pytest.fixture(scope="module")
 def pair(tiny_model, engines):
-    base = engines(tiny_model, ENGINE, None, wait=False)
-    kv = engines(tiny_model, ENGINE, KVTIER, wait=False)
-    base.wait_ready()
-    kv.wait_ready()
+    base, kv = engines.pair(tiny_model, ENGINE, KVTIER)
     return base, kv
 
 

@@ -125,10 +125,7 @@ def test_whole_chunk_prompts(tiny_model, engines):
     for 256, 512 and 2048-token prompts here; the ledger now claims whole blocks only.
     """
     engine = engine_kwargs(max_num_batched_tokens=2048, num_gpu_blocks_override=256, max_model_len=4096)
-    base = engines(tiny_model, engine, None, wait=False)
-    kv = engines(tiny_model, engine, {"chunk_size": 256, "tiers": ["cpu"], "cpu_bytes": "256MiB"}, wait=False)
-    base.wait_ready()
-    kv.wait_ready()
+    base, kv = engines.pair(tiny_model, engine, {"chunk_size": 256, "tiers": ["cpu"], "cpu_bytes": "256MiB"})
     rnd = random.Random(1)
     bad, cached = [], []
     for n in (256, 512, 768, 1024, 1280, 2048):
