@@ -24,10 +24,6 @@ _PATH = os.environ.get("KVTIER_TRACE") or None
 _fd: int | None = None
 
 
-def enabled() -> bool:
-    return _PATH is not None
-
-
 def record(name: str, start: float, dur: float = 0.0, **fields: object) -> None:
     """Append one line (a single ``write`` on an O_APPEND file: lines of processes do not interleave)."""
     global _fd

@@ -288,8 +288,9 @@ class KVTierConnector(KVConnectorBase_V1):
                                    0, None, False) for i in self.ledger.parked_ids() if i in self._requests]
         plan = self.ledger.on_step(steps, parked)
         busy = scheduler_output.total_num_scheduled_tokens > 0
-        for spec in plan.parked_loads:  # off the batch: the whole load, or a large one beside running requests
-            spec.background = self.config.load_mode == "async" or (busy and spec.end - spec.start >= self.large_load_tokens)
+        for spec in plan.parked_loads:  # off the batch: every load, or a large one beside running requests
+            large = spec.end - spec.start >= self.large_load_tokens
+            spec.background = self.config.load_mode == "async" or (busy and large)
         return KVTierMetadata(plan)
 
     def update_connector_output(self, connector_output) -> None:

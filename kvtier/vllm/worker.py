@@ -45,7 +45,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -77,6 +77,10 @@ class _Loads:
     ready: list[bool]  # per layer group: copied (CPU) or waited on by the forward's stream (GPU)
     broken: bool = False  # a copy raised
 
+    def copied(self) -> bool:
+        """Every issued copy is done (CPU copies are done when issued)."""
+        return all(t is None or t.done() for t in self.copies)
+
 
 @dataclass
 class _Saves:
@@ -89,19 +93,6 @@ class _Saves:
     written: list[bool] = field(default_factory=list)  # per layer: its attention is done (hook ran)
     copied: list[bool] = field(default_factory=list)  # per layer group
     broken: bool = False
-
-
-class _Done:
-    """A finished job's result whose GPU copies are still in flight (polled like a future)."""
-
-    def __init__(self, value) -> None:
-        self.value = value
-
-    def done(self) -> bool:
-        return True
-
-    def result(self, timeout: float | None = None):
-        return self.value
 
 
 class KVWorker:
@@ -125,10 +116,12 @@ class KVWorker:
         self.groups = [(lo, min(lo + g, self.num_layers)) for lo in range(0, self.num_layers, g)]
         self._group_of = [i // g for i in range(self.num_layers)]
         self._loads: _Loads | None = None  # this step's loads (the forward waits for them layer by layer)
-        # Parked loads (vLLM's async-load path): reports of inline ones for this step's get_finished,
-        # background jobs (future, specs), and inline GPU loads whose copies may still run.
+        # Parked loads (vLLM's async-load path), each a (requests, failed blocks, loads) result:
+        # inline ones for this step's get_finished; background jobs (future, specs); background
+        # results whose GPU copies still run; reported loads whose GPU copies may still run.
         self._reports: list[tuple[set[str], set[int], _Loads | None]] = []
-        self._jobs: list[tuple[object, list[LoadSpec]]] = []
+        self._jobs: list[tuple[Future, list[LoadSpec]]] = []
+        self._landing: list[tuple[set[str], set[int], _Loads | None]] = []
         self._pending: list[_Loads] = []
         self._load_thread: ThreadPoolExecutor | None = None
         self._load_stream = None
@@ -247,7 +240,6 @@ class KVWorker:
                 with span("worker.enqueue_loads", chunks=len(ld.refs)):
                     for g in range(len(self.groups)):
                         self._copy_in(ld, g)
-                        ld.ready[g] = True
         return {s.req_id for s in specs}, failed_blocks, ld
 
     def _side_stream(self, after):
@@ -258,49 +250,54 @@ class KVWorker:
 
     def finished_parked(self) -> tuple[set[str], set[int]]:
         """Requests whose parked load is done, and the block ids that failed to load (non-blocking)."""
-        done: set[str] = set()
-        failed: set[int] = set()
-        finished = self._reports  # inline: reported in the step that issued them
-        self._reports = []
-        still = []
+        reports, self._reports = self._reports, []  # inline: reported in the step that issued them
+        running = []
         for fut, specs in self._jobs:
             if not fut.done():
-                still.append((fut, specs))
+                running.append((fut, specs))
                 continue
             try:
-                result = fut.result()
+                self._landing.append(fut.result())
             except Exception:  # a bug in the load thread: recompute, never crash
                 log.exception("kvtier: a background load raised; reporting it failed")
                 blocks = set().union(*(self._blocks_of(s.block_ids, s.start, s.end) for s in specs))
-                result = ({s.req_id for s in specs}, blocks, None)
-            ld = result[2]
-            if ld is not None and not all(t is None or t.done() for t in ld.copies):
-                still.append((_Done(result), specs))  # GPU copies still in flight
-            else:
-                finished.append(result)
-        self._jobs = still
-        for reqs, blocks, ld in finished:
+                self._landing.append(({s.req_id for s in specs}, blocks, None))
+        self._jobs = running
+        landing = []  # background: reported once its copies are done
+        for result in self._landing:
+            (reports if result[2] is None or result[2].copied() else landing).append(result)
+        self._landing = landing
+        done: set[str] = set()
+        failed: set[int] = set()
+        for reqs, blocks, ld in reports:
             done |= reqs
             failed |= blocks
             if ld is None:
-                continue
-            if ld.broken:
-                for ref in ld.refs:
-                    ref.release()
-                self.stats["failed_chunks"] += len(ld.refs)
-                self.store.metrics.load_errors.inc()
-                failed |= ld.blocks
-                continue
-            self.stats["loaded_tokens"] += ld.tokens
-            self._pending.append(ld)  # its chunks are released once its copies are done
+                pass
+            elif ld.broken:
+                failed |= self._release(ld, ok=False)
+            else:
+                self.stats["loaded_tokens"] += ld.tokens
+                self._pending.append(ld)  # its chunks are released once its copies are done
         self._release_copied()
         return done, failed
+
+    def _release(self, ld: _Loads, ok: bool) -> set[int]:
+        """Release a load's host chunks and count it; returns its blocks if it failed."""
+        for ref in ld.refs:
+            ref.release()
+        if ok:
+            self.stats["loaded_tokens"] += ld.tokens
+            return set()
+        self.stats["failed_chunks"] += len(ld.refs)
+        self.store.metrics.load_errors.inc()
+        return set(ld.blocks)
 
     def _release_copied(self) -> list[_Loads]:
         """Release the chunks of reported parked loads whose copies are done; the others stay."""
         keep = []
         for ld in self._pending:
-            if all(t is None or t.done() for t in ld.copies):
+            if ld.copied():
                 for ref in ld.refs:
                     ref.release()
             else:
@@ -323,7 +320,7 @@ class KVWorker:
         deadline = time.monotonic() + timeout
         for fut, _ in list(self._jobs):
             fut.result(timeout=max(0.0, deadline - time.monotonic()))
-        for ld in self._pending:
+        for ld in self._pending + [r[2] for r in self._landing if r[2] is not None]:
             for t in ld.copies:
                 if t is not None:
                     t.wait()
@@ -436,29 +433,20 @@ class KVWorker:
         reported, since its attention may have read the cache before the copy.
         """
         ld, self._loads = self._loads, None
-        return self._finish(ld)
-
-    def _finish(self, ld: _Loads | None) -> tuple[set[int], set[str]]:
         if ld is None:
             return set(), set()
         with span("worker.wait_loads", chunks=len(ld.refs)):
             for t in ld.copies:
                 if t is not None:
                     t.wait()
-        for ref in ld.refs:
-            ref.release()
         unready = [self.groups[i] for i, ok in enumerate(ld.ready) if not ok]
-        if not ld.broken and not unready:
-            self.stats["loaded_tokens"] += ld.tokens
-            return set(), set()
         if unready:
             self.stats["unready_layer_loads"] += 1
             log.warning("kvtier: layer groups %s were not waited for before their attention (no "
                         "wait_for_layer_load); reporting the step's loads failed so they are recomputed",
                         unready[:8])
-        self.stats["failed_chunks"] += len(ld.refs)
-        self.store.metrics.load_errors.inc()
-        return set(ld.blocks), set(ld.reqs)
+        ok = not ld.broken and not unready
+        return self._release(ld, ok), set() if ok else set(ld.reqs)
 
     def load(self, specs: Iterable[LoadSpec]) -> tuple[set[int], set[str]]:
         """All layers at once (tools, tests): :meth:`start_load`, every layer, :meth:`finish_load`."""

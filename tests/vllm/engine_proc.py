@@ -511,7 +511,8 @@ def _abort_while_loading(llm, prompts: list[list[int]], abort: int, max_tokens: 
     after = {"free_blocks": pool.get_num_free_blocks(), "free_host_slots": host()}
     return {"parked": parked, "before": before, "after": after,
             "outputs": [outputs.get(i) for i in ids], "finished_ids": sorted(outputs), "steps": steps,
-            "jobs_left": sum(len(w._jobs) for w in workers), "pending_left": sum(len(w._pending) for w in workers),
+            "jobs_left": sum(len(w._jobs) + len(w._landing) for w in workers),
+            "pending_left": sum(len(w._pending) for w in workers),
             "leases": sum(len(st._leases) for st in stores.values())}
 
 
