@@ -127,6 +127,17 @@ class EngineProc:
         self._log.close()
 
 
+def same_as_vllm(base: EngineProc, kv: EngineProc, prompts: list[list[int]], max_tokens: int | list[int] = 8,
+                 reset: bool = True) -> dict:
+    """Run ``prompts`` on vLLM alone and with kvtier (side by side); assert equal greedy outputs.
+    Returns kvtier's answer (outputs, cached tokens); counts one scenario."""
+    base.send("generate", prompts=prompts, max_tokens=max_tokens, reset=reset)
+    got = kv.generate(prompts, max_tokens, reset=reset)
+    assert got["outputs"] == base.recv()["outputs"]
+    SUMMARY["scenarios"] += 1
+    return got
+
+
 class EngineError(RuntimeError):
     def __init__(self, message: str, type_name: str) -> None:
         super().__init__(f"{type_name}: {message}")

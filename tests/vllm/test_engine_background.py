@@ -15,7 +15,7 @@ import shutil
 
 import pytest
 from conftest import engine_kwargs
-from engine_proc import SUMMARY
+from engine_proc import SUMMARY, same_as_vllm
 
 from kvtier.local_redis import RedisServer
 
@@ -33,14 +33,6 @@ def _tokens(rnd: random.Random, n: int) -> list[int]:
     return [rnd.randrange(3, 1024) for _ in range(n)]
 
 
-def _same(base, kv, prompts, max_tokens=8) -> dict:
-    base.send("generate", prompts=prompts, max_tokens=max_tokens, reset=True)
-    got = kv.generate(prompts, max_tokens, reset=True)
-    assert got["outputs"] == base.recv()["outputs"]
-    SUMMARY["scenarios"] += 1
-    return got
-
-
 def test_background_loads_equal_vllm_alone(pair):
     """Shared documents, requests arriving while others decode: every load runs in the load
     thread, outputs equal vLLM alone, and no load was planned outside its own range."""
@@ -48,9 +40,9 @@ def test_background_loads_equal_vllm_alone(pair):
     rnd = random.Random(3)
     docs = [_tokens(rnd, rnd.randint(200, 500)) for _ in range(3)]
     prompts = [rnd.choice(docs) + _tokens(rnd, rnd.randint(10, 120)) for _ in range(10)]
-    _same(base, kv, prompts, 16)  # stores
+    same_as_vllm(base, kv, prompts, 16)  # stores
     before = kv.stats()
-    got = _same(base, kv, prompts, 16)  # loads, from the background
+    got = same_as_vllm(base, kv, prompts, 16)  # loads, from the background
     after = kv.stats()
     loaded = after["worker"]["loaded_tokens"] - before["worker"]["loaded_tokens"]
     assert loaded >= 10 * 192, f"the prompts' stored prefixes were not loaded ({loaded} tokens)"
@@ -67,9 +59,9 @@ def test_two_requests_sharing_a_prefix_both_wait(pair):
     rnd = random.Random(4)
     doc = _tokens(rnd, 320)
     prompts = [doc + _tokens(rnd, 40), doc + _tokens(rnd, 70)]
-    _same(base, kv, [doc + [5]])  # stores the document's chunks
+    same_as_vllm(base, kv, [doc + [5]])  # stores the document's chunks
     before = kv.stats()["ledger"]["loads"]
-    got = _same(base, kv, prompts)
+    got = same_as_vllm(base, kv, prompts)
     assert kv.stats()["ledger"]["loads"] - before == 2, "both requests should have waited on a load"
     assert all(c >= 320 for c in got["cached"]), got["cached"]
 
@@ -111,17 +103,17 @@ def test_tier_dies_during_a_background_load(tiny_model, engines, tmp_path):
         rnd = random.Random(6)
         doc = _tokens(rnd, 400)
         prompts = [doc + _tokens(rnd, 30), doc[:300] + _tokens(rnd, 60)]
-        _same(base, kv, prompts)
+        same_as_vllm(base, kv, prompts)
         kv.call("flush")
         kv.call("fault", faults=["slow_background_load", "kill_before_load"],
                 args={"pid": redis.proc.pid, "secs": 0.2})
-        _same(base, kv, prompts)
+        same_as_vllm(base, kv, prompts)
         kv.call("fault", faults=[])
         st = kv.stats()
         assert st["counters"]["slowed_loads"] > 0, "no load ran in the background: the test proved nothing"
         assert st["counters"]["faults_injected"] == 1
         assert st["store"]["load_errors"] > 0 and st["store"]["redis_errors"] > 0
         SUMMARY["load_errors"] += int(st["store"]["load_errors"])
-        _same(base, kv, [doc[:200] + _tokens(rnd, 50)])  # serving goes on with the tier down
+        same_as_vllm(base, kv, [doc[:200] + _tokens(rnd, 50)])  # serving goes on with the tier down
     finally:
         redis.kill()

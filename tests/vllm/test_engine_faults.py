@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import engine_kwargs
-from engine_proc import SUMMARY
+from engine_proc import SUMMARY, same_as_vllm
 
 ENGINE = engine_kwargs()
 
@@ -29,14 +29,6 @@ def _prompts(seed: int, n: int = 3) -> list[list[int]]:
     base = [rnd.randrange(3, 1024) for _ in range(700)]
     return [base[: rnd.randint(300, 700)] + [rnd.randrange(3, 1024) for _ in range(rnd.randint(0, 50))]
             for _ in range(n)]
-
-
-def _both(base, kv, prompts, mts=8, reset=True):
-    base.send("generate", prompts=prompts, max_tokens=mts, reset=reset)
-    got = kv.generate(prompts, mts, reset=reset)
-    assert got["outputs"] == base.recv()["outputs"]
-    SUMMARY["scenarios"] += 1
-    return got
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +47,7 @@ def pair(tiny_model, engines, disk_dir):
 def test_corrupt_chunk_file(pair, disk_dir):
     base, kv = pair
     prompts = _prompts(1)
-    _both(base, kv, prompts, reset=False)
+    same_as_vllm(base, kv, prompts, reset=False)
     kv.call("flush")
     files = sorted(disk_dir.rglob("*.kvc"))
     assert files, "nothing was written to the disk tier"
@@ -65,23 +57,23 @@ def test_corrupt_chunk_file(pair, disk_dir):
         b[mid:mid + 8] = bytes(x ^ 0xFF for x in b[mid:mid + 8])
         f.write_bytes(bytes(b))
     before = kv.stats()["store"]
-    _both(base, kv, prompts)
+    same_as_vllm(base, kv, prompts)
     after = kv.stats()["store"]
     print(f"\ncorrupt: before={before} after={after}")
     assert after["disk_corrupt"] > before["disk_corrupt"]
     assert after["load_errors"] > before["load_errors"]
     SUMMARY["load_errors"] += int(after["load_errors"] - before["load_errors"])
-    _both(base, kv, prompts)  # the recomputed chunks were saved again and load cleanly
+    same_as_vllm(base, kv, prompts)  # the recomputed chunks were saved again and load cleanly
 
 
 def test_evicted_between_lookup_and_load(pair):
     base, kv = pair
     prompts = _prompts(2)
-    _both(base, kv, prompts, reset=False)
+    same_as_vllm(base, kv, prompts, reset=False)
     kv.call("flush")
     kv.call("fault", faults=["evict_before_load"])
     before = kv.stats()
-    _both(base, kv, prompts)
+    same_as_vllm(base, kv, prompts)
     kv.call("fault", faults=[])
     after = kv.stats()
     print(f"\nevict: {after['counters']} {after['store']}")
@@ -112,17 +104,17 @@ def test_redis_killed_between_lookup_and_load(tiny_model, engines, tmp_path):
                   "op_timeout_s": 0.5, "connect_timeout_s": 0.5}
         base, kv = engines.pair(tiny_model, ENGINE, kvtier)
         prompts = _prompts(3)
-        _both(base, kv, prompts, reset=False)
+        same_as_vllm(base, kv, prompts, reset=False)
         kv.call("flush")
         kv.call("fault", faults=["kill_before_load"], args={"pid": redis.pid})
-        got = _both(base, kv, prompts)
+        got = same_as_vllm(base, kv, prompts)
         st = kv.stats()
         print(f"\nredis: {st['counters']} {st['store']} cached={got['cached']}")
         assert st["counters"]["faults_injected"] == 1
         assert st["store"]["load_errors"] > 0
         assert st["store"]["redis_errors"] > 0
         SUMMARY["load_errors"] += int(st["store"]["load_errors"])
-        _both(base, kv, _prompts(4))  # serving goes on with the tier down
+        same_as_vllm(base, kv, _prompts(4))  # serving goes on with the tier down
     finally:
         redis.kill()
         redis.wait()
