@@ -30,22 +30,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_vllm import STATE, _setup  # noqa: E402
 
-from kvtier.vllm.phases import run_engine_child, shutdown_engine  # noqa: E402
+from kvtier.vllm.phases import run_engine_child, shutdown_engine, start_llm  # noqa: E402
 
 MARK = "@@GPU-ASYNC@@"
 
 
 def _child(spec: dict) -> dict:
-    from vllm import LLM, SamplingParams
-    from vllm.config import KVTransferConfig
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    kw = dict(spec["engine"])
-    if spec["kvtier"] is not None:
-        kw["kv_transfer_config"] = KVTransferConfig(kv_connector="KVTierConnector", kv_role="kv_both",
-                                                    kv_connector_module_path="kvtier.vllm",
-                                                    kv_connector_extra_config=spec["kvtier"])
-    llm = LLM(model=spec["model"], skip_tokenizer_init=True, **kw)
+    llm = start_llm(spec["model"], {"skip_tokenizer_init": True, **spec["engine"]}, spec["kvtier"])
     eng = llm.llm_engine
     one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     llm.generate([TokensPrompt(prompt_token_ids=p) for p in spec["arrivals"]], one, use_tqdm=False)  # store them

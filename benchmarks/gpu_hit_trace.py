@@ -27,7 +27,7 @@ from kvtier.trace import summarize  # noqa: E402
 from kvtier.vllm.phases import run_phase  # noqa: E402
 
 
-def _timelines(path: Path, ttft_lengths: list[int]) -> list[dict]:
+def _timelines(path: Path) -> list[dict]:
     """The spans inside each traced request, relative to its start (ms)."""
     recs = sorted((json.loads(line) for line in path.read_text().splitlines()), key=lambda r: r["t"])
     reqs = [r for r in recs if r["name"] == "phase.ttft"]
@@ -75,7 +75,7 @@ def main() -> int:
                          "hit_s": [hit1["s"], hit2["s"]], "hit_cached": [hit1["cached"], hit2["cached"]],
                          "same_token": hit1["tokens"] == cold["tokens"] and hit2["tokens"] == cold2["tokens"]})
         result["modes"][mode] = {"rows": rows, "summary": summarize(str(trace)),
-                                 "timelines": _timelines(trace, lengths)[1:]}
+                                 "timelines": _timelines(trace)[1:]}
         for row in rows:
             print(mode, row, flush=True)
     os.environ.pop("KVTIER_TRACE", None)

@@ -91,20 +91,27 @@ def _top2(out: Any) -> list[list[float]]:
     return [[tok, lp.logprob] for tok, lp in best]
 
 
-def _child(spec: dict[str, Any]) -> dict[str, Any]:
-    from vllm import LLM, SamplingParams
+def start_llm(model: str, engine: dict[str, Any], kvtier: dict[str, Any] | None) -> Any:
+    """vLLM's ``LLM`` with ``engine`` kwargs, and kvtier as its connector when ``kvtier`` is a config dict."""
+    from vllm import LLM
     from vllm.config import KVTransferConfig
+
+    kw = dict(engine)
+    if kvtier is not None:
+        kw["kv_transfer_config"] = KVTransferConfig(
+            kv_connector="KVTierConnector", kv_connector_module_path="kvtier.vllm", kv_role="kv_both",
+            kv_connector_extra_config=kvtier)
+    return LLM(model=model, **kw)
+
+
+def _child(spec: dict[str, Any]) -> dict[str, Any]:
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     from kvtier.trace import record
 
-    kw = dict(spec["engine"])
-    if spec["kvtier"] is not None:
-        kw["kv_transfer_config"] = KVTransferConfig(
-            kv_connector="KVTierConnector", kv_connector_module_path="kvtier.vllm", kv_role="kv_both",
-            kv_connector_extra_config=spec["kvtier"])
     t0 = time.perf_counter()
-    llm = LLM(model=spec["model"], **kw)
+    llm = start_llm(spec["model"], spec["engine"], spec["kvtier"])
     results: dict[str, Any] = {"startup_s": time.perf_counter() - t0, "steps": []}
     # Top-2 logprobs of the first token: when outputs differ, how close the race was.
     one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, logprobs=2)
