@@ -14,7 +14,11 @@ cost more than the write itself.
 
 The index (key -> file size, in LRU order) lives in memory and is rebuilt from the
 directory on start (oldest mtime first; a hit refreshes the file's mtime so recency
-survives a restart). Leftover temp files of an earlier run are removed then.
+survives a restart). Leftover temp files of an earlier run are removed then. When the
+cap shrank since the last run, the oldest entries leave the index at once and a
+background thread removes their files: the tier serves while it trims. Chunks other
+processes write to the same directory later are learned from its journal
+(:mod:`kvtier.tiers.journal`), so a lookup miss never touches the file system.
 
 Reads go straight into the caller's buffer and are checked on the way: the payload
 is read in pieces and each piece is hashed while it is still in the CPU cache, which
@@ -40,6 +44,7 @@ import xxhash
 from kvtier.config import ConfigError
 from kvtier.layout import HEADER_SIZE, ChunkLayout, CorruptChunk, decode_header, encode_header
 from kvtier.tiers.base import Buffer, Protected, StoredChunk, Tier, TierStats, lru_victim, never_protected
+from kvtier.tiers.journal import Journal
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +88,12 @@ class DiskTier(Tier):
         self._failing = False  # the last put failed (log once per failing spell)
         self._tmp_ids = itertools.count()
         self._stats = TierStats("disk", capacity_bytes=self.capacity)
+        self._trimmer: threading.Thread | None = None
+        self._closed = False
         self._check_dir()
         self._usage = _SharedUsage(self.root)
+        self._journal = Journal(self.root)
+        self._journal.skip_to_end()  # what is older, the scan finds
         self._rebuild()
 
     # ---- start-up -------------------------------------------------------------------------
@@ -142,14 +151,39 @@ class DiskTier(Tier):
             self._index[key] = size
             self._used += size
             self._stored += size
-        self._usage.set(self._stored)
-        # The cap may have shrunk since the last run.
+        # The cap may have shrunk since the last run: serve now, remove the files behind.
+        victims = []
         while self._used > self.capacity:
             victim = lru_victim(self._index, self.protected)
             if victim is None:
                 break
-            self._remove(victim)
-            self._stats.evictions += 1
+            self._drop(victim)
+            victims.append(victim)
+        self._usage.set(self._stored)
+        if victims:
+            self._trimmer = threading.Thread(target=self._trim, args=(victims,), name="kvtier-disk-trim",
+                                             daemon=True)
+            self._trimmer.start()
+
+    def _trim(self, victims: list[bytes]) -> None:
+        """Remove the files of ``victims`` (already out of the index and the shared count),
+        except those put again since."""
+        for key in victims:
+            with self._lock:
+                if self._closed:
+                    return
+                if key in self._index:
+                    continue
+                if _unlink(self._path(key)):
+                    self._journal.append(key, 0)
+                self._stats.evictions += 1
+
+    def wait_trimmed(self, timeout: float | None = None) -> bool:
+        """Wait until the files over a shrunk cap are removed; False on timeout."""
+        if self._trimmer is not None:
+            self._trimmer.join(timeout)
+            return not self._trimmer.is_alive()
+        return True
 
     # ---- paths ------------------------------------------------------------------------------
     def _path(self, key: bytes) -> str:
@@ -188,34 +222,47 @@ class DiskTier(Tier):
         """Forget ``key`` and remove its file; the shared total if this call removed it (lock held)."""
         size = self._index.get(key, 0)
         self._drop(key)
-        return self._usage.add(-size) if _unlink(self._path(key)) else None
+        if not _unlink(self._path(key)):
+            return None
+        self._journal.append(key, 0)
+        return self._usage.add(-size)
 
     # ---- Tier -----------------------------------------------------------------------------
     def contains(self, keys: Sequence[bytes]) -> list[bool]:
-        self._adopt(keys)
+        self._catch_up(keys)
         index = self._index
         return [k in index for k in keys]
 
-    def _adopt(self, keys: Sequence[bytes]) -> None:
-        """Index files that another process (an engine's worker, another engine) wrote here
-        since we scanned: a directory shared by several processes is how they share chunks.
-        Each process keeps its own account of the cap; a file another one removed is a miss."""
-        for k in keys:
-            if k in self._index:
-                continue
-            try:
-                st = os.stat(self._path(k), follow_symlinks=False)
-            except OSError:
-                continue
-            size = st.st_size
-            if size != self.file_bytes or not stat.S_ISREG(st.st_mode):
-                continue  # not a whole chunk of this layout (yet): leave it alone
-            with self._lock:
-                if k not in self._index:
-                    self._index[k] = size
-                    self._index.move_to_end(k, last=False)  # never read here: first to go
-                    self._used += size
-                    self._stored += size
+    def _catch_up(self, keys: Sequence[bytes]) -> None:
+        """Index the chunk files that other processes (an engine's worker, another engine) wrote
+        here since we last looked, and forget those they removed, as their journal says: a
+        directory shared by several processes is how they share chunks. One ``stat()`` when
+        nothing is new. Each process keeps its own account of the cap."""
+        with self._lock:
+            for key, size in self._journal.read_new():
+                if size == 0:  # removed, unless written again since (a file we wrote stays ours)
+                    if key in self._index and not os.path.lexists(self._path(key)):
+                        self._drop(key)
+                else:
+                    self._adopt(key, size)
+            if not self._journal.gap:
+                return
+            for key in keys:  # records were lost: ask the file system about each unknown key
+                if key not in self._index:
+                    try:
+                        st = os.stat(self._path(key), follow_symlinks=False)
+                    except OSError:
+                        continue
+                    if stat.S_ISREG(st.st_mode):
+                        self._adopt(key, st.st_size)
+
+    def _adopt(self, key: bytes, size: int) -> None:
+        """Index a chunk file another process wrote (lock held)."""
+        if size == self.file_bytes and key not in self._index:  # another layout's is not ours
+            self._index[key] = size
+            self._index.move_to_end(key, last=False)  # never read here: first to go
+            self._used += size
+            self._stored += size
 
     def put(self, keys: Sequence[bytes], payloads: Sequence[Buffer]) -> list[bool]:
         return [self._put_one(k, p) for k, p in zip(keys, payloads, strict=True)]
@@ -256,6 +303,7 @@ class DiskTier(Tier):
                 self._stats.puts += 1
                 self._stats.bytes_written += size
                 self._failing = False
+            self._journal.append(key, size)
             return True
         except OSError as e:
             with self._lock:
@@ -272,7 +320,7 @@ class DiskTier(Tier):
             return False
 
     def get_into(self, keys: Sequence[bytes], dests: Sequence[Buffer]) -> list[bool]:
-        self._adopt(keys)
+        self._catch_up(keys)
         return [self._get_one(k, d) for k, d in zip(keys, dests, strict=True)]
 
     def _get_one(self, key: bytes, dest: Buffer) -> bool:
@@ -397,6 +445,8 @@ class DiskTier(Tier):
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
+            self._journal.close()
             self._index.clear()
             self._used = self._stored = 0
 
