@@ -58,6 +58,13 @@ def _setup(cpu: bool) -> tuple[str, dict, dict, int, list[int]]:
         [2048, 8192, 32768]
 
 
+def kv_bytes_per_token(model: str, cpu: bool) -> int:
+    """KV bytes of one token of the model at ``model`` (float32 on the CPU dry run, bf16 on the GPU)."""
+    cfg = json.loads(Path(model, "config.json").read_text())
+    head_dim = cfg.get("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"])
+    return 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * (4 if cpu else 2)
+
+
 def _prompts(vocab: int, lengths: list[int], reps: int) -> dict[int, list[list[int]]]:
     rnd = random.Random(11)
     return {n: [[rnd.randrange(10, vocab - 10) for _ in range(n)] for _ in range(reps)] for n in lengths}
@@ -205,9 +212,7 @@ def main() -> int:
     model, engine, kv_sizes, vocab, lengths = _setup(args.cpu)
     kv = {"tiers": ["cpu", "disk"], "disk_path": str(STATE / "disk"), **kv_sizes}
     prompts = _prompts(vocab, lengths, args.reps)
-    cfg = json.loads(Path(model, "config.json").read_text())
-    per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * \
-        cfg.get("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"]) * (4 if args.cpu else 2)
+    per_token = kv_bytes_per_token(model, args.cpu)
     if args.part in ("1", "all"):
         (STATE / "part1.json").write_text(json.dumps(part1(model, engine, kv, prompts, args.reps)))
     if args.part in ("2", "all"):

@@ -62,7 +62,7 @@ def test_input_types_agree_and_bad_tokens_fail():
     with pytest.raises(ValueError):
         chunk_keys(NS, [-1] * CS, CS)
     with pytest.raises(ValueError):
-        chunk_keys(NS, [[1, 2]], CS)
+        chunk_keys(NS, [[1, 2]] * CS, CS)
 
 
 def test_keychain_extends_incrementally():
@@ -71,6 +71,21 @@ def test_keychain_extends_incrementally():
     assert chain.extend(toks[: CS + 3]) == chunk_keys(NS, toks[: CS + 3], CS)
     assert chain.extend(toks) == chunk_keys(NS, toks, CS)
     assert chain.extend(toks[: 2 * CS]) == chunk_keys(NS, toks, CS)[:2]
+    assert chain.extend(toks, max_chunks=3) == chunk_keys(NS, toks, CS)[:3]
+
+
+def test_keychain_starts_over_when_the_tokens_are_not_the_ones_hashed():
+    """The scheduler keeps one chain per request id; tokens that do not continue what was
+    hashed (an id reused for another prompt) must never get the old prompt's keys."""
+    rng = np.random.default_rng(1)
+    a = list(rng.integers(0, 1000, CS * 3))
+    b = list(rng.integers(0, 1000, CS * 4))
+    chain = KeyChain(NS, CS)
+    assert chain.extend(a) == chunk_keys(NS, a, CS)
+    assert chain.extend(b) == chunk_keys(NS, b, CS)
+    assert chain.extend(b[: CS]) == chunk_keys(NS, b, CS)[:1]
+    assert chain.extend(a[: 2 * CS]) == chunk_keys(NS, a, CS)[:2]  # shorter than the chain: computed apart
+    assert chain.extend(b) == chunk_keys(NS, b, CS)
 
 
 def test_same_keys_in_another_process():

@@ -242,7 +242,8 @@ class KVTierConnector(KVConnectorBase_V1):
             return 0, False  # see PrefixLedger.note_failed_blocks
         with span("sched.lookup", tokens=request.num_tokens) as f:
             try:
-                n = self.ledger.num_new_matched_tokens(request.all_token_ids, num_computed_tokens)
+                n = self.ledger.num_new_matched_tokens(request.all_token_ids, num_computed_tokens,
+                                                       request.request_id)
             except Exception:  # a lookup problem is a miss, never a dead scheduler
                 log.exception("kvtier: lookup failed for %s; treating as a miss", request.request_id)
                 n = 0

@@ -36,7 +36,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from kvtier.keys import Namespace, chunk_keys
+from kvtier.keys import KeyChain, Namespace, chunk_keys
 
 log = logging.getLogger(__name__)
 
@@ -119,12 +119,21 @@ class PrefixLedger:
         self.reqs: dict[str, _Req] = {}
         self._step_leases: deque[list] = deque()
         self.worker_keys: set[bytes] = set()  # chunks in workers' cpu tiers (other processes)
+        # Keys per request, hashed once: vLLM's request ids are unique for the engine's life and a
+        # request's tokens only grow (KeyChain starts over if they do not continue what it hashed).
+        self._chains: dict[str, KeyChain] = {}
         # Counters for tests and logs.
         self.stats = {"queries": 0, "lookups": 0, "load_tokens": 0, "loads": 0,
                       "save_chunks": 0, "skipped_stored": 0}
 
-    def keys(self, token_ids: Sequence[int], max_chunks: int | None = None) -> list[bytes]:
-        return chunk_keys(self.namespace, token_ids, self.chunk_size, self.hash_name, max_chunks)
+    def keys(self, token_ids: Sequence[int], max_chunks: int | None = None, req_id: str | None = None) -> list[bytes]:
+        """Keys of the full chunks of ``token_ids``; with ``req_id``, from that request's chain."""
+        if req_id is None:
+            return chunk_keys(self.namespace, token_ids, self.chunk_size, self.hash_name, max_chunks)
+        chain = self._chains.get(req_id)
+        if chain is None:
+            chain = self._chains[req_id] = KeyChain(self.namespace, self.chunk_size, self.hash_name)
+        return chain.extend(token_ids, max_chunks)
 
     def note_worker_chunks(self, added: Sequence[bytes], removed: Sequence[bytes]) -> None:
         """A worker process reports chunks its cpu tier indexed and dropped since its last report."""
@@ -151,7 +160,8 @@ class PrefixLedger:
         return [s or k in self.worker_keys for k, s in zip(keys, stored)] if self.worker_keys else stored
 
     # ------------------------------------------------------------ lookups
-    def num_new_matched_tokens(self, token_ids: Sequence[int], num_computed_tokens: int) -> int:
+    def num_new_matched_tokens(self, token_ids: Sequence[int], num_computed_tokens: int,
+                               req_id: str | None = None) -> int:
         """Tokens beyond ``num_computed_tokens`` that the store can supply; no side effects.
 
         Only chunks from the one holding ``num_computed_tokens`` on are asked about:
@@ -163,7 +173,7 @@ class PrefixLedger:
         if n // c == 0 or num_computed_tokens >= n - 1:
             return 0
         first = num_computed_tokens // c
-        keys = self.keys(token_ids)
+        keys = self.keys(token_ids, req_id=req_id)
         if first >= len(keys):
             return 0
         found = self._lookup(keys[first:])
@@ -218,7 +228,7 @@ class PrefixLedger:
                       "reporting it failed", req_id, start, end, len(tokens), len(r.block_ids))
             start = max(start, 0)
         else:
-            keys = self.keys(tokens, last)[first:last]
+            keys = self.keys(tokens, last, req_id)[first:last]
             if len(keys) != last - first:
                 keys = []
             else:
@@ -256,7 +266,7 @@ class PrefixLedger:
             done = min(s.num_computed_tokens + s.num_new_tokens, len(tokens))
             n_full = min(done // c, len(r.block_ids) * bs // c)
             if n_full > r.chunks_considered:
-                keys = self.keys(tokens, n_full)
+                keys = self.keys(tokens, n_full, s.req_id)
                 cand = [i for i in range(r.chunks_considered, n_full) if keys[i] not in saving]
                 stored = self._contains([keys[i] for i in cand]) if cand else []
                 todo = [i for i, present in zip(cand, stored) if not present]
@@ -283,6 +293,7 @@ class PrefixLedger:
 
     def on_finished(self, req_id: str) -> None:
         self.reqs.pop(req_id, None)
+        self._chains.pop(req_id, None)
 
     def block_ids(self, req_id: str) -> list[int] | None:
         r = self.reqs.get(req_id)

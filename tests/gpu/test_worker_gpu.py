@@ -208,3 +208,87 @@ def test_vllm_032_gpu_layout_mid_chunk_load_and_round_trip(store):
     saved = ref.data[:w.chunk_nbytes].view(torch.float32).view(2, L, C, H * D)
     assert torch.equal(saved[:, :, 300 - C:500 - C], chunks[1][:, :, 300 - C:500 - C])
     ref.release()
+
+
+def _reported(w, timeout: float = 30.0):
+    """Poll finished_parked (as get_finished does each step) until something is reported."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, failed = w.finished_parked()
+        if done:
+            return done, failed
+        time.sleep(0.001)
+    raise AssertionError("a parked load was never reported")
+
+
+def _check_loaded(caches, chunks, block_ids, start, end, missing=()):
+    """Tokens [start, end) hold the chunks' K/V (but for chunks in ``missing``); every other slot its sentinel."""
+    for layer, cache in enumerate(caches.values()):
+        c = cache.cpu()
+        for t in range(0, len(block_ids) * BS):
+            k, v = _kv_of(c, block_ids[t // BS] * BS + t % BS)
+            if start <= t < end and t // C not in missing:
+                assert torch.equal(k, chunks[t // C][0, layer, t % C]), (layer, t)
+                assert torch.equal(v, chunks[t // C][1, layer, t % C]), (layer, t)
+            elif not start <= t < end:
+                assert bool((k == SENTINEL).all()) and bool((v == SENTINEL).all()), f"token {t} written"
+
+
+def test_parked_inline_load_orders_the_next_forward(store):
+    """An inline parked load is reported at once, its copies still in flight (queued here behind
+    a 50 ms sleep): before_forward makes the forward's stream wait for them on the device, so a
+    read queued there sees the loaded KV. Blocks below the start are never written."""
+    keys, chunks = _put(store, 2)
+    caches = _caches()
+    w = KVWorker(store, PagedKV.from_vllm(caches, block_size=BS), C)
+    w.warm_up()
+    block_ids = list(range(5, 5 + 32))
+    torch.cuda._sleep(100_000_000)  # the copies start after the work queued so far
+    w.park_load([LoadSpec("r", 100, 500, 0, keys, block_ids)])
+    assert w.finished_parked() == ({"r"}, set())
+    fwd = torch.cuda.Stream()
+    with torch.cuda.stream(fwd):
+        w.before_forward()
+        got = next(iter(caches.values()))[0, block_ids[300 // BS], 300 % BS].reshape(-1).clone()
+    fwd.synchronize()
+    assert torch.equal(got.cpu(), chunks[1][0, 0, 300 - C])
+    torch.cuda.synchronize()
+    _check_loaded(caches, chunks, block_ids, 100, 500)
+    w.finished_parked()
+    assert not w._pending and w.stats["loaded_tokens"] == 400
+
+
+def test_parked_background_load_reported_once_copied(store):
+    """A background load (the load thread, its own stream) is reported only once its copies are
+    done; a chunk missing meanwhile fails its blocks only, the other chunk lands."""
+    keys, chunks = _put(store, 3)
+    keys[1] = b"never-stored".ljust(16, b"\0")
+    caches = _caches()
+    w = KVWorker(store, PagedKV.from_vllm(caches, block_size=BS), C)
+    w.warm_up()
+    block_ids = list(range(5, 5 + 48))
+    w.park_load([LoadSpec("r", 0, 700, 0, keys, block_ids, background=True)])
+    done, failed = _reported(w)
+    assert done == {"r"}
+    assert failed == {block_ids[b] for b in range(C // BS, 2 * C // BS)}  # chunk 1's blocks only
+    _check_loaded(caches, chunks, block_ids, 0, 700, missing={1})
+    w.drain_parked()
+    assert not w._jobs and not w._landing and not w._pending
+
+
+def test_parked_background_load_waits_for_earlier_work(store):
+    """Background copies start after what the engine had queued when the load was parked (a
+    forward still writing those blocks' previous contents must not overwrite the loaded KV)."""
+    keys, chunks = _put(store, 1)
+    caches = _caches()
+    w = KVWorker(store, PagedKV.from_vllm(caches, block_size=BS), C)
+    w.warm_up()
+    block_ids = list(range(5, 5 + 16))
+    torch.cuda._sleep(100_000_000)
+    for cache in caches.values():  # queued behind the sleep: runs before the load's copies
+        cache[:, block_ids].fill_(SENTINEL)
+    w.park_load([LoadSpec("r", 0, 256, 0, keys, block_ids, background=True)])
+    assert _reported(w) == ({"r"}, set())
+    _check_loaded(caches, chunks, block_ids, 0, 256)

@@ -137,6 +137,7 @@ class Harness:
         while self.scheduler.has_requests() and self.step_no < max_steps:
             self.step()
         assert not self.scheduler.has_requests(), "requests did not finish"
+        assert not self.ledger._chains, "per-request key chains outlived their requests"
 
 
 def _prompt(seed: int, n: int) -> list[int]:
@@ -178,7 +179,7 @@ def test_buggy_ledger_is_caught(tiny_model):
     first: dict[int, int] = {}
     orig = h.ledger.num_new_matched_tokens
 
-    def stale(token_ids, num_computed_tokens):
+    def stale(token_ids, num_computed_tokens, req_id=None):
         k = len(token_ids)
         if k not in first:
             first[k] = orig(token_ids, num_computed_tokens)

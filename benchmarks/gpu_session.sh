@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The GPU runs of one device session, one step per device call (each under its 10-minute limit),
+# on the machine staged with ../shared/gpu-vllm/prepare.sh. From the repo root:
+#   source .gpu-vllm/bin/env.sh && bash benchmarks/gpu_session.sh STEP
+# STEP: tests (tests/gpu + bench_gil), async1 (gpu_async auto,async), async2 (sync,native),
+# vllm1 / vllm2 (gpu_vllm parts). Results land in $OUT (default /tmp/kvtier-gpu).
+set -uo pipefail
+OUT=${OUT:-/tmp/kvtier-gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+rm -rf /tmp/kvtier-gpu-vllm/async-disk  # what a killed run left (the disk holds 64 GiB)
+[ "$1" = vllm1 ] && rm -rf /tmp/kvtier-gpu-vllm/disk
+case "$1" in
+  tests)
+    nvidia-smi --query-gpu=name,driver_version,pcie.link.gen.current,pcie.link.width.current --format=csv
+    python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/gpu_tests_h200_vllm024.txt" | tail -6
+    python3 benchmarks/bench_gil.py --out "$OUT/gil_h200.json" ;;
+  async1) python3 benchmarks/gpu_async.py --modes auto,async --out "$OUT/gpu_async_h200_part1.json" ;;
+  async2) python3 benchmarks/gpu_async.py --modes sync,native --out "$OUT/gpu_async_h200_part2.json" ;;
+  vllm1) python3 benchmarks/gpu_vllm.py --part 1 --out "$OUT/gpu_vllm_h200.json" ;;
+  vllm2) python3 benchmarks/gpu_vllm.py --part 2 --out "$OUT/gpu_vllm_h200.json" ;;
+  *) echo "unknown step $1"; exit 2 ;;
+esac
