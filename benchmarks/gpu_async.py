@@ -106,7 +106,8 @@ def _measure(eng, spec: dict, arrivals: list[list[int]], drop_page_cache: bool) 
     return {"itl_p50_ms": 1e3 * statistics.median(itl_w), "itl_p99_ms": 1e3 * _p99(itl_w),
             "itl_all_p99_ms": 1e3 * _p99(itl), "ttft_s": ttft,
             "ttft_p50_s": statistics.median(ttft) if ttft else None, "wall_s": time.perf_counter() - t0,
-            "page_cache_dropped": dropped, "cached_tokens": [cached.get(r) for r in added]}
+            "page_cache_dropped": dropped, "cached_tokens": [cached.get(r) for r in added],
+            **({"t0": t0, "added": added, "token_times": times} if spec.get("keep_times") else {})}
 
 
 def _p99(xs: list[float]) -> float:
@@ -123,6 +124,8 @@ def main() -> int:
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--modes", default="auto,async,sync,native")
+    ap.add_argument("--trace", default=None, help="directory: kvtier's spans (KVTIER_TRACE) and every token's "
+                    "time per mode, to find what delays the running requests")
     ap.add_argument("--disk", action=argparse.BooleanOptionalAction, default=True,
                     help="also arrivals whose prefix only the disk tier holds (page cache dropped)")
     ap.add_argument("--out", default="benchmarks/results/gpu_async_h200.json")
@@ -166,7 +169,17 @@ def main() -> int:
         eng, kvc = configs[mode]
         shutil.rmtree(disk_dir, ignore_errors=True)
         t = time.time()
-        r = _run({**spec, "engine": eng, "kvtier": kvc, "disk_arrivals": disk_arrivals if kvc else []})
+        if args.trace:
+            Path(args.trace).mkdir(parents=True, exist_ok=True)
+            os.environ["KVTIER_TRACE"] = str(Path(args.trace) / f"trace_{mode}.jsonl")
+        r = _run({**spec, "engine": eng, "kvtier": kvc, "disk_arrivals": disk_arrivals if kvc else [],
+                  "keep_times": bool(args.trace)})
+        os.environ.pop("KVTIER_TRACE", None)
+        if args.trace:
+            (Path(args.trace) / f"times_{mode}.json").write_text(json.dumps(r))
+            for run in r.values():
+                for k in ("t0", "added", "token_times"):
+                    run.pop(k, None)
         print(f"{mode}: {time.time() - t:.0f} s  no arrivals {r['no_arrivals']['itl_p99_ms']:.1f} ms p99", flush=True)
         result["no_arrivals"][mode] = r["no_arrivals"]
         for run, name in (("arrivals", mode), ("arrivals_disk", f"{mode}_disk")):

@@ -15,7 +15,10 @@ case "$1" in
     nvidia-smi --query-gpu=name,driver_version,pcie.link.gen.current,pcie.link.width.current --format=csv
     python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/gpu_tests_h200_vllm024.txt" | tail -6
     python3 benchmarks/bench_gil.py --out "$OUT/gil_h200.json" ;;
-  async1) python3 benchmarks/gpu_async.py --modes auto,async --out "$OUT/gpu_async_h200_part1.json" ;;
+  async1)
+    python3 benchmarks/gpu_async.py --modes auto,async --trace "$OUT/async_trace" --out "$OUT/gpu_async_h200_part1.json"
+    python3 benchmarks/async_causes.py "$OUT/async_trace" --out "$OUT/async_causes_h200.json" > /dev/null
+    gzip "$OUT"/async_trace/* ;;
   async2) python3 benchmarks/gpu_async.py --modes sync,native --out "$OUT/gpu_async_h200_part2.json" ;;
   vllm1) python3 benchmarks/gpu_vllm.py --part 1 --out "$OUT/gpu_vllm_h200.json" ;;
   vllm2) python3 benchmarks/gpu_vllm.py --part 2 --out "$OUT/gpu_vllm_h200.json" ;;

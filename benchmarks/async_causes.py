@@ -1,0 +1,86 @@
+"""What delays the running requests while cached prompts arrive: ITL spikes of a
+``gpu_async.py --trace DIR`` run set against kvtier's spans in the same window.
+
+A spike is a gap between two tokens of a running request over twice the median gap of that
+run. For each mode and run: how many spikes, their extra time, and which kvtier spans
+(``KVTIER_TRACE``) overlapped them, with the overlap per span name; and the durations of the
+load thread's work per arrival (planning, enqueueing copies).
+
+    python3 benchmarks/async_causes.py DIR [--out FILE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+
+def _spans(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def analyse(run: dict, spans: list[dict]) -> dict:
+    added = set(run["added"])
+    gaps = [(a, b) for rid, ts in run["token_times"].items() if rid not in added for a, b in zip(ts, ts[1:])]
+    med = statistics.median(b - a for a, b in gaps)
+    spikes = sorted((a, b) for a, b in gaps if b - a > 2 * med)
+    # Several running requests share one step: a spike is one step, count it once.
+    merged: list[tuple[float, float]] = []
+    for a, b in spikes:
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(b, merged[-1][1]))
+        else:
+            merged.append((a, b))
+    lo = min(a for a, _ in gaps)
+    hi = max(b for _, b in gaps)
+    window = [s for s in spans if s["t"] + s["dur"] >= lo and s["t"] <= hi]
+    overlap: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for a, b in merged:
+        for s in window:
+            o = min(b, s["t"] + s["dur"]) - max(a, s["t"])
+            if o > 0:
+                overlap[s["name"]][0] += 1
+                overlap[s["name"]][1] += o
+    by_name: dict[str, list[float]] = defaultdict(list)
+    for s in window:
+        by_name[s["name"]].append(s["dur"])
+    return {
+        "median_itl_ms": 1e3 * med,
+        "spikes": len(merged),
+        "spike_extra_ms": 1e3 * sum(b - a - med for a, b in merged),
+        "worst_spikes_ms": sorted((round(1e3 * (b - a), 2) for a, b in merged), reverse=True)[:8],
+        "spans_in_spikes": {k: {"count": v[0], "overlap_ms": round(1e3 * v[1], 2)}
+                            for k, v in sorted(overlap.items(), key=lambda kv: -kv[1][1])},
+        "spans_in_window": {k: {"count": len(d), "total_ms": round(1e3 * sum(d), 2),
+                                "max_ms": round(1e3 * max(d), 2)} for k, d in sorted(by_name.items())},
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("dir")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    d = Path(args.dir)
+    out = {}
+    for times in sorted(d.glob("times_*.json")):
+        mode = times.stem[len("times_"):]
+        spans = _spans(d / f"trace_{mode}.jsonl")
+        runs = json.loads(times.read_text())
+        out[mode] = {name: analyse(run, spans) for name, run in runs.items() if "token_times" in run}
+    if args.out:
+        Path(args.out).write_text(json.dumps({"command": "python3 benchmarks/async_causes.py " +
+                                              " ".join(sys.argv[1:]), "modes": out}, indent=1))
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
