@@ -12,7 +12,6 @@ another model, a truncated write or flipped bits from the real thing.
 
 from __future__ import annotations
 
-import ctypes
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -81,32 +80,8 @@ class ChunkLayout:
         return f"{'MLA ' if self.mla else ''}{list(self.shape)} {dtype_name(self.dtype)}"
 
 
-def _xxh3_without_gil():
-    """``XXH3_64bits`` of python-xxhash's own extension, called through ctypes, which lets other
-    threads run while it hashes. xxhash's Python API holds the GIL throughout: 1.4 ms per 32 MiB
-    chunk on a 2-core box, in which a writer thread stops the engine's own thread. None where
-    the extension does not export the symbol (then the Python API is used)."""
-    try:
-        import xxhash._xxhash as ext
-
-        fn = ctypes.CDLL(ext.__file__).XXH3_64bits
-    except (ImportError, OSError, AttributeError):
-        return None
-    fn.restype = ctypes.c_uint64
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    return fn
-
-
-_XXH3 = _xxh3_without_gil()
-_GIL_FREE_MIN = 256 * 1024  # below it the ctypes call costs more than it frees
-
-
 def checksum(payload: memoryview | bytes) -> int:
-    """xxh3-64 of ``payload`` (seed 0); large payloads are hashed with the GIL released."""
-    if _XXH3 is None or len(payload) < _GIL_FREE_MIN:
-        return xxhash.xxh3_64_intdigest(payload)
-    arr = np.frombuffer(payload, dtype=np.uint8)  # no copy; holds the buffer for the call
-    return int(_XXH3(arr.ctypes.data, arr.nbytes))
+    return xxhash.xxh3_64_intdigest(payload)
 
 
 def encode_header(key: bytes, layout: ChunkLayout, payload: memoryview | bytes, label: str = "") -> bytes:

@@ -221,17 +221,6 @@ def test_streaming_checksum_matches_layout_checksum():
     assert h.intdigest() == checksum(memoryview(x))
 
 
-@pytest.mark.parametrize("n", [0, 1, 4095, 256 * 1024 - 1, 256 * 1024, (1 << 22) + 7])
-def test_checksum_without_the_gil_is_xxh3_64(n):
-    """Large payloads are hashed through ctypes (the GIL released); the value must be xxhash's own,
-    or every chunk already on disk would read as corrupt."""
-    from kvtier import layout
-
-    data = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8).tobytes()
-    assert layout._XXH3 is not None  # the wheel this project pins exports it
-    assert checksum(data) == checksum(memoryview(data)) == xxhash.xxh3_64_intdigest(data)
-
-
 def test_full_disk_put_fails_cleanly_and_recovers(tmpfs):
     root = tmpfs("small", "size=512k")
     tier = DiskTier(root / "chunks", 100 * FILE, SMALL_LAYOUT)  # the cap is above what fits
