@@ -2,7 +2,7 @@
 # The GPU runs of one device session, one step per device call (each under its 10-minute limit),
 # on the machine staged with ../shared/gpu-vllm/prepare.sh. From the repo root:
 #   source .gpu-vllm/bin/env.sh && bash benchmarks/gpu_session.sh STEP
-# STEP: tests (tests/gpu + bench_gil), async1 (gpu_async auto,async), async2 (sync,native),
+# STEP: tests (tests/gpu), async1 (gpu_async auto,async), async2 (sync,native),
 # vllm1 / vllm2 (gpu_vllm parts). Results land in $OUT (default /tmp/kvtier-gpu).
 set -uo pipefail
 OUT=${OUT:-/tmp/kvtier-gpu}
@@ -13,8 +13,7 @@ rm -rf /tmp/kvtier-gpu-vllm/async-disk  # what a killed run left (the disk holds
 case "$1" in
   tests)
     nvidia-smi --query-gpu=name,driver_version,pcie.link.gen.current,pcie.link.width.current --format=csv
-    python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/gpu_tests_h200_vllm024.txt" | tail -6
-    python3 benchmarks/bench_gil.py --out "$OUT/gil_h200.json" ;;
+    python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/gpu_tests_h200_vllm024.txt" | tail -6 ;;
   async1)
     python3 benchmarks/gpu_async.py --modes auto,async --trace "$OUT/async_trace" --out "$OUT/gpu_async_h200_part1.json"
     python3 benchmarks/async_causes.py "$OUT/async_trace" --out "$OUT/async_causes_h200.json" > /dev/null

@@ -161,13 +161,14 @@ def test_layer_wise_step_on_the_forward_stream(store):
 
 def test_gpu_layer_groups_follow_min_run_bytes():
     """Llama-8B geometry on a GPU (512 KiB per layer and K/V of a 256-token chunk): 8 layers per
-    copy, so a step issues 4 copies, not 32."""
+    copy, so a step issues 6 copies, not 32 (the first and last layers alone: the waits at the
+    forward's two ends cover one layer's bytes)."""
     from kvtier.vllm.worker import MIN_RUN_BYTES
 
     paged = PagedKV([torch.empty(2, 4, 16, 8, 128, dtype=torch.bfloat16, device="cuda") for _ in range(32)], "flash")
     w = KVWorker(None, paged, 256)
     assert MIN_RUN_BYTES == 4 << 20
-    assert w.groups == [(0, 8), (8, 16), (16, 24), (24, 32)]
+    assert w.groups == [(0, 1), (1, 9), (9, 17), (17, 25), (25, 31), (31, 32)]
 
 
 def test_vllm_032_gpu_layout_mid_chunk_load_and_round_trip(store):
@@ -268,7 +269,7 @@ def test_parked_background_load_reported_once_copied(store):
     caches = _caches()
     w = KVWorker(store, PagedKV.from_vllm(caches, block_size=BS), C)
     w.warm_up()
-    block_ids = list(range(5, 5 + 48))
+    block_ids = list(range(NB - 1, -1, -1))  # every block of the cache, in reverse
     w.park_load([LoadSpec("r", 0, 700, 0, keys, block_ids, background=True)])
     done, failed = _reported(w)
     assert done == {"r"}
