@@ -63,19 +63,6 @@ log = logging.getLogger(__name__)
 MIN_RUN_BYTES = 4 << 20
 
 
-def layer_groups(num_layers: int, per_copy: int) -> list[tuple[int, int]]:
-    """Layer ranges moved by one copy each: ``per_copy`` layers, but the first and the last
-    layer alone. A step's forward waits for the first group of its loads before layer 0, and
-    its output for the last group of its saves after the last layer: alone, each of those
-    waits is 1/L of the step's bytes instead of ``per_copy``/L (Llama-8B, 32K tokens cold:
-    the last group of 8 layers was 1 GiB, ~20 ms past the forward)."""
-    g = max(1, min(per_copy, num_layers))
-    if g == 1 or num_layers <= 2:
-        return [(lo, min(lo + g, num_layers)) for lo in range(0, num_layers, g)]
-    inner = [(lo, min(lo + g, num_layers - 1)) for lo in range(1, num_layers - 1, g)]
-    return [(0, 1)] + inner + [(num_layers - 1, num_layers)]
-
-
 @dataclass
 class _Loads:
     """One step's planned loads: one mapping over every chunk, one copy per layer."""
@@ -125,8 +112,9 @@ class KVWorker:
         if layers_per_copy is None:
             run = chunk_size * paged.width * paged.itemsize  # one chunk's K (or V) of one layer
             layers_per_copy = -(-MIN_RUN_BYTES // run) if self.cuda else 1
-        self.groups = layer_groups(self.num_layers, int(layers_per_copy))
-        self._group_of = [i for i, (lo, hi) in enumerate(self.groups) for _ in range(lo, hi)]
+        g = max(1, min(int(layers_per_copy), self.num_layers))
+        self.groups = [(lo, min(lo + g, self.num_layers)) for lo in range(0, self.num_layers, g)]
+        self._group_of = [i // g for i in range(self.num_layers)]
         self._loads: _Loads | None = None  # this step's loads (the forward waits for them layer by layer)
         # Parked loads (vLLM's async-load path), each a (requests, failed blocks, loads) result:
         # inline ones for this step's get_finished; background jobs (future, specs); background

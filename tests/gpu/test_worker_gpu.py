@@ -161,14 +161,13 @@ def test_layer_wise_step_on_the_forward_stream(store):
 
 def test_gpu_layer_groups_follow_min_run_bytes():
     """Llama-8B geometry on a GPU (512 KiB per layer and K/V of a 256-token chunk): 8 layers per
-    copy, so a step issues 6 copies, not 32 (the first and last layers alone: the waits at the
-    forward's two ends cover one layer's bytes)."""
+    copy, so a step issues 4 copies, not 32."""
     from kvtier.vllm.worker import MIN_RUN_BYTES
 
     paged = PagedKV([torch.empty(2, 4, 16, 8, 128, dtype=torch.bfloat16, device="cuda") for _ in range(32)], "flash")
     w = KVWorker(None, paged, 256)
     assert MIN_RUN_BYTES == 4 << 20
-    assert w.groups == [(0, 1), (1, 9), (9, 17), (17, 25), (25, 31), (31, 32)]
+    assert w.groups == [(0, 8), (8, 16), (16, 24), (24, 32)]
 
 
 def test_vllm_032_gpu_layout_mid_chunk_load_and_round_trip(store):

@@ -331,9 +331,9 @@ def test_failed_request_commits_nothing_and_returns_its_slots(store):
 
 
 def test_layer_groups_copy_once_all_their_layers_are_due(monkeypatch):
-    """layers_per_copy=3 on 5 layers (groups: the first layer, three, the last): a load copies a
-    group at its first layer's hook; a save copies a group only once every layer of it has been
-    written (hooks in any order), and the groups whose hooks never ran at finish_save."""
+    """layers_per_copy=2 on 4 layers: a load copies a group at its first layer's hook; a save
+    copies a group only once every layer of it has been written (hooks in any order), and the
+    groups whose hooks never ran at finish_save."""
     import kvtier.vllm.worker as worker_mod
 
     calls = []
@@ -345,37 +345,35 @@ def test_layer_groups_copy_once_all_their_layers_are_due(monkeypatch):
             return real(paged, mapping, bufs, skip, **kw)
 
         monkeypatch.setattr(worker_mod, name, spy)
-    n_layers = 5
+    n_layers = 4
     st = Store(KVTierConfig(chunk_size=C, tiers=("cpu",), cpu_bytes=8 * 2**20),
                ChunkLayout(n_layers, C, H * D, torch.float32))
     try:
         caches = [torch.randn(NB, H, BS, 2 * D) for _ in range(n_layers)]
         w = KVWorker(st, PagedKV.from_vllm({f"l.{i}": c for i, c in enumerate(caches)}, block_size=BS), C,
-                     layers_per_copy=3)
-        assert w.groups == [(0, 1), (1, 4), (4, 5)]
+                     layers_per_copy=2)
+        assert w.groups == [(0, 2), (2, 4)]
         key = b"group-load".ljust(16, b"\0")
         assert st.put(key, torch.randn(2, n_layers, C, H * D).view(torch.uint8).reshape(-1))
         w.start_load([LoadSpec("r", 0, C, 0, [key], list(range(8)))])
         for layer in range(n_layers):
             w.load_layer(layer)
-        assert calls == [("scatter", (0, 1)), ("scatter", (1, 4)), ("scatter", (4, 5))]
+        assert calls == [("scatter", (0, 2)), ("scatter", (2, 4))]
         assert w.finish_load() == (set(), set())
         calls.clear()
         out = b"group-save".ljust(16, b"\0")
         w.start_save([SaveSpec("r", [0], [out], list(range(8, 16)))])
-        w.save_layer(2)
         w.save_layer(1)
-        assert calls == []  # layer 3 of the group is not written yet
-        w.save_layer(3)
+        assert calls == []  # layer 0 of the group is not written yet
         w.save_layer(0)
-        assert calls == [("gather", (1, 4)), ("gather", (0, 1))]
+        assert calls == [("gather", (0, 2))]
         for c in caches:
-            c.fill_(3.0)  # after those copies; group (4, 5) has no hook: copied at finish, with these
+            c.fill_(3.0)  # after the group's copy; group (2, 4) has no hook: copied at finish, with these
         w.finish_save()
-        assert calls == [("gather", (1, 4)), ("gather", (0, 1)), ("gather", (4, 5))]
+        assert calls == [("gather", (0, 2)), ("gather", (2, 4))]
         ref = st.get([out])[0]
         saved = ref.data[:w.chunk_nbytes].view(torch.float32).view(2, n_layers, C, H * D)
-        assert not (saved[:, :4] == 3.0).all() and (saved[:, 4:] == 3.0).all()
+        assert not (saved[:, :2] == 3.0).all() and (saved[:, 2:] == 3.0).all()
         ref.release()
     finally:
         st.close()
@@ -399,14 +397,3 @@ def test_block_ids_past_the_cache_fail_the_load_and_skip_the_save(store):
     assert all((c == SENTINEL).all() for c in caches.values())
     w.start_save([SaveSpec("s", [0], [b"never".ljust(16, b"\0")], bad)])
     assert w._saves is None and w.stats["skipped_saves"] == 1 and store.pool.free_slots == free
-
-
-@pytest.mark.parametrize("layers,per_copy", [(32, 8), (32, 1), (32, 32), (5, 8), (3, 2), (2, 8), (1, 4)])
-def test_layer_groups_cover_each_layer_once_first_and_last_alone(layers, per_copy):
-    from kvtier.vllm.worker import layer_groups
-
-    groups = layer_groups(layers, per_copy)
-    assert [i for lo, hi in groups for i in range(lo, hi)] == list(range(layers))
-    assert all(hi - lo <= max(1, per_copy) for lo, hi in groups)
-    if per_copy > 1 and layers > 2:  # the waits at the forward's two ends cover one layer
-        assert groups[0] == (0, 1) and groups[-1] == (layers - 1, layers)
