@@ -30,7 +30,8 @@ import sys
 import time
 from pathlib import Path
 
-from kvtier.vllm.phases import run_phase
+from kvtier.models import kv_bytes_per_token
+from kvtier.vllm.phases import drop_page_cache_now, run_phase
 
 LLAMA_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
             "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
@@ -58,25 +59,11 @@ def _setup(cpu: bool) -> tuple[str, dict, dict, int, list[int]]:
         [2048, 8192, 32768]
 
 
-def kv_bytes_per_token(model: str, cpu: bool) -> int:
-    """KV bytes of one token of the model at ``model`` (float32 on the CPU dry run, bf16 on the GPU)."""
-    cfg = json.loads(Path(model, "config.json").read_text())
-    head_dim = cfg.get("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"])
-    return 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * (4 if cpu else 2)
-
-
 def _prompts(vocab: int, lengths: list[int], reps: int) -> dict[int, list[list[int]]]:
     rnd = random.Random(11)
     return {n: [[rnd.randrange(10, vocab - 10) for _ in range(n)] for _ in range(reps)] for n in lengths}
 
 
-def _drop_page_cache() -> bool:
-    try:
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
 
 
 def _ttfts(result: dict, skip: int = 0) -> list[dict]:
@@ -112,7 +99,7 @@ def part2(model, engine, kv, prompts, reps, native_gib: float | None) -> dict:
     reset = {"op": "reset_prefix_cache"}
     warm = {"op": "ttft", "prompt": prompts[min(prompts)][0][:64]}
     gen = [{"op": "generate", "prompts": [prompts[n][0]], "max_tokens": 16} for n in prompts]
-    dropped = _drop_page_cache()
+    dropped = drop_page_cache_now()
     disk_steps = [warm] + [s for n, ps in prompts.items() for p in ps for s in (reset, {"op": "ttft", "prompt": p})]
     disk_steps += [s for g in gen for s in (reset, g)]
     t = time.time()
@@ -151,7 +138,7 @@ def link_and_disk(kv_bytes_per_token: int, disk_path: str) -> dict:
             times.append(time.perf_counter() - t)
         out["h2d_bytes_per_s"] = n / statistics.median(times)
     files = sorted(p for p in Path(disk_path).rglob("*") if p.is_file())
-    out["page_cache_dropped_for_disk"] = _drop_page_cache()
+    out["page_cache_dropped_for_disk"] = drop_page_cache_now()
     total, t = 0, time.perf_counter()
     for p in files[:4096]:
         with open(p, "rb", buffering=0) as f:
@@ -212,7 +199,7 @@ def main() -> int:
     model, engine, kv_sizes, vocab, lengths = _setup(args.cpu)
     kv = {"tiers": ["cpu", "disk"], "disk_path": str(STATE / "disk"), **kv_sizes}
     prompts = _prompts(vocab, lengths, args.reps)
-    per_token = kv_bytes_per_token(model, args.cpu)
+    per_token = kv_bytes_per_token(model, 4 if args.cpu else 2)  # float32 on the CPU dry run, bf16 on the GPU
     if args.part in ("1", "all"):
         (STATE / "part1.json").write_text(json.dumps(part1(model, engine, kv, prompts, args.reps)))
     if args.part in ("2", "all"):

@@ -164,13 +164,20 @@ def bench_tiers(shape: str, chunk_size: int, chunks: int, rounds: int, tier_name
 @click.option("--requests", default=16, show_default=True, help="Requests in the workload.")
 @click.option("--reps", default=3, show_default=True, type=click.IntRange(1, 20),
               help="Hits timed per prompt length (the median is reported).")
+@click.option("--arrivals", is_flag=True,
+              help="Instead: requests decode while cached prompts arrive; ITL of the running ones and TTFT of "
+                   "the arrivals per load_mode (sync, async, auto), from the cpu tier and from disk.")
 @click.option("--json", "json_path", default=None, help="Also write the results as JSON here.")
-def bench_vllm_cmd(size: str, lengths: str, docs: int, requests: int, reps: int, json_path: str | None) -> None:
+def bench_vllm_cmd(size: str, lengths: str, docs: int, requests: int, reps: int, arrivals: bool,
+                   json_path: str | None) -> None:
     """TTFT cold / vLLM hit / kvtier hit, and a shared-prefix workload, on a real vLLM (CPU)."""
-    from kvtier.vllm.bench import bench_vllm
+    from kvtier.vllm.bench import bench_arrivals_cpu, bench_vllm
 
-    result = bench_vllm(size=size, lengths=tuple(int(x) for x in lengths.split(",")), docs=docs,
-                        requests=requests, reps=reps, out=click.echo)
+    if arrivals:
+        result = bench_arrivals_cpu(size=size, out=click.echo)
+    else:
+        result = bench_vllm(size=size, lengths=tuple(int(x) for x in lengths.split(",")), docs=docs,
+                            requests=requests, reps=reps, out=click.echo)
     if json_path:
         _write_json(json_path, {"cpu_count": os.cpu_count(), **result})
 

@@ -24,6 +24,13 @@ SIZES = {
 }
 
 
+def kv_bytes_per_token(model_dir: str | os.PathLike, itemsize: int) -> int:
+    """KV-cache bytes of one token of the Hugging Face model at ``model_dir`` (all layers, K and V)."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    return 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * itemsize
+
+
 def make_random_llama(path: str | os.PathLike, size: str = "tiny", seed: int = 0,
                       max_position_embeddings: int = 8192) -> str:
     """Write a random Llama of ``size`` ("tiny" or "demo") to ``path``; returns the path.

@@ -7,6 +7,9 @@ In one run, on a random-weight Llama (the ~82M "demo" model by default):
 - a workload of requests over several long documents that do not all fit vLLM's KV pool:
   total time with vLLM's prefix caching only vs with kvtier, outputs compared.
 Goals (issue 4): a kvtier hit within 2x of vLLM's own hit; >= 20x faster than cold at 4K.
+
+``--arrivals`` (:func:`bench_arrivals_cpu`): the async-loading scenario of
+``benchmarks/gpu_async.py`` scaled down to the CPU engine (:mod:`kvtier.vllm.arrivals`).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kvtier.vllm.demo import model_dir
-from kvtier.vllm.phases import run_phase
+from kvtier.vllm.phases import DEMO_ENGINE, run_phase
 
 
 def bench_vllm(size: str = "demo", lengths: tuple[int, ...] = (1024, 4096), docs: int = 4, doc_tokens: int = 2048,
@@ -102,3 +105,26 @@ def bench_vllm(size: str = "demo", lengths: tuple[int, ...] = (1024, 4096), docs
         f"vs {workload['kvtier_cached_tokens']}; outputs {'same' if workload['outputs_match'] else 'DIFFER'}")
     return {"model": size, "ttft": rows, "workload": workload,
             "startup_s": {name: r["startup_s"] for name, r in runs.items()}}
+
+
+def bench_arrivals_cpu(size: str = "demo", out: Callable[[str], None] = print) -> dict[str, Any]:
+    """8 requests decode (128-token prompts, 64 new tokens) while 3 requests with a 1K-token cached
+    prefix arrive 0.3 s apart, per ``load_mode``; see :mod:`kvtier.vllm.arrivals`."""
+    from kvtier.models import SIZES, kv_bytes_per_token, make_random_llama
+    from kvtier.vllm.arrivals import bench_arrivals
+
+    model = make_random_llama(model_dir(size), size)
+    engine = {k: v for k, v in DEMO_ENGINE.items() if k != "skip_tokenizer_init"}
+    engine.update(max_model_len=2048, max_num_batched_tokens=1024)
+    disk = tempfile.mkdtemp(prefix="kvtier-bench-arrivals-")
+    try:
+        result = bench_arrivals(model, engine, kv_bytes_per_token(model, 4), SIZES[size]["vocab_size"],
+                                ["sync", "async", "auto"], disk, running=8, context=128, prefix=1024,
+                                new_tokens=64, arrivals=3, interval_s=0.3, settle_s=2.0, disk_settle_s=0.5, out=out)
+    finally:
+        shutil.rmtree(disk, ignore_errors=True)
+    out(f"{'mode':>12} {'ITL p50 ms':>10} {'ITL p99 ms':>10} {'TTFT p50 s':>10}")
+    for mode, m in result["modes"].items():
+        ttft = "" if m["ttft_p50_s"] is None else f"{m['ttft_p50_s']:.3f}"
+        out(f"{mode:>12} {m['itl_p50_ms']:>10.1f} {m['itl_p99_ms']:>10.1f} {ttft:>10}")
+    return {"model": size, **result}

@@ -19,12 +19,23 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 MARK = "@@KVTIER-PHASE@@"
 
 DEMO_ENGINE = dict(enforce_eager=True, dtype="float32", block_size=32, enable_prefix_caching=True,
                    max_model_len=8192, max_num_batched_tokens=2048, skip_tokenizer_init=True, seed=0)
+
+
+def drop_page_cache_now() -> bool:
+    """Drop the OS page cache (root only), so that disk-tier reads come from the disk."""
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
 
 
 def run_phase(model: str, steps: list[dict[str, Any]], kvtier: dict[str, Any] | None,
