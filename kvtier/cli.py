@@ -106,8 +106,9 @@ def bench() -> None:
 @click.option("--redis-url", default=None,
               help="Redis to benchmark against; default: start a private redis-server on 127.0.0.1.")
 @click.option("--json", "json_path", default=None, help="Also write the results as JSON here.")
+@click.option("--plot", "plot_path", default=None, help="Also draw the bandwidths as a PNG here (needs matplotlib).")
 def bench_tiers(shape: str, chunk_size: int, chunks: int, rounds: int, tier_names: str, disk_path: str | None,
-                redis_url: str | None, json_path: str | None) -> None:
+                redis_url: str | None, json_path: str | None, plot_path: str | None) -> None:
     """Each tier vs the raw operation under it: memcpy, file I/O, redis-py."""
     import torch
     from tqdm import tqdm
@@ -121,6 +122,10 @@ def bench_tiers(shape: str, chunk_size: int, chunks: int, rounds: int, tier_name
     unknown = set(names) - {"cpu", "disk", "redis", "lookup"}
     if unknown:
         raise click.BadParameter(f"unknown {sorted(unknown)}; choose from cpu,disk,redis,lookup", param_hint="--tiers")
+    if plot_path:
+        from kvtier.plots import pyplot
+
+        pyplot()  # a missing matplotlib is said before the benchmark, not after
     steps = rounds * (("cpu" in names) + 2 * ("disk" in names) + 2 * ("redis" in names))
     results: list[dict[str, Any]] = []
     notes: list[str] = []
@@ -150,10 +155,15 @@ def bench_tiers(shape: str, chunk_size: int, chunks: int, rounds: int, tier_name
                        f"= {r['total_ms']:.3f} ms (budget {r['budget_ms']:.3f} ms = 1% of loading at 50 GB/s)")
     for n in notes:
         click.echo(n)
+    doc = {"layout": layout.describe(), "chunk_bytes": layout.nbytes, "chunks": chunks, "rounds": rounds,
+           "cpu_count": os.cpu_count(), "torch": torch.__version__, "results": results, "notes": notes}
     if json_path:
-        _write_json(json_path, {"layout": layout.describe(), "chunk_bytes": layout.nbytes, "chunks": chunks,
-                                "rounds": rounds, "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                                "results": results, "notes": notes})
+        _write_json(json_path, doc)
+    if plot_path:
+        from kvtier.plots import plot_tiers
+
+        plot_tiers(doc, plot_path)
+        click.echo(f"wrote {plot_path}")
 
 
 @bench.command("vllm")
@@ -168,11 +178,19 @@ def bench_tiers(shape: str, chunk_size: int, chunks: int, rounds: int, tier_name
               help="Instead: requests decode while cached prompts arrive; ITL of the running ones and TTFT of "
                    "the arrivals per load_mode (sync, async, auto), from the cpu tier and from disk.")
 @click.option("--json", "json_path", default=None, help="Also write the results as JSON here.")
+@click.option("--plot", "plot_path", default=None,
+              help="Also draw TTFT by prompt length as a PNG here (needs matplotlib; not with --arrivals).")
 def bench_vllm_cmd(size: str, lengths: str, docs: int, requests: int, reps: int, arrivals: bool,
-                   json_path: str | None) -> None:
+                   json_path: str | None, plot_path: str | None) -> None:
     """TTFT cold / vLLM hit / kvtier hit, and a shared-prefix workload, on a real vLLM (CPU)."""
     from kvtier.vllm.bench import bench_arrivals_cpu, bench_vllm
 
+    if plot_path and arrivals:
+        raise click.UsageError("--plot draws the TTFT table; leave it out with --arrivals")
+    if plot_path:
+        from kvtier.plots import pyplot
+
+        pyplot()  # a missing matplotlib is said before minutes of benchmark, not after
     if arrivals:
         result = bench_arrivals_cpu(size=size, out=click.echo)
     else:
@@ -180,6 +198,11 @@ def bench_vllm_cmd(size: str, lengths: str, docs: int, requests: int, reps: int,
                             requests=requests, reps=reps, out=click.echo)
     if json_path:
         _write_json(json_path, {"cpu_count": os.cpu_count(), **result})
+    if plot_path:
+        from kvtier.plots import plot_ttft
+
+        plot_ttft(result, plot_path)
+        click.echo(f"wrote {plot_path}")
 
 
 @main.command()

@@ -85,6 +85,26 @@ def test_bench_tiers_writes_json_with_ratios(tmp_path, redis_server):
     assert "ratio" in r.output
 
 
+def test_bench_tiers_plot_draws_a_png(tmp_path):
+    png = tmp_path / "tiers.png"
+    r = run("bench", "tiers", "--shape", "small", "--chunk-size", "16", "--chunks", "2", "--rounds", "1",
+            "--tiers", "cpu,disk", "--disk-path", str(tmp_path), "--plot", str(png))
+    assert r.exit_code == 0, r.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_plot_without_matplotlib_says_how_to_get_it(tmp_path):
+    """Checked before the benchmark runs, not after."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['matplotlib'] = None; from kvtier.cli import main; "
+            f"main(['bench', 'tiers', '--tiers', 'cpu', '--plot', {str(tmp_path / 'x.png')!r}])")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "pip install 'kvtier[plot]'" in p.stderr, p.stderr
+    assert "MiB chunks" not in p.stderr  # no progress bar: nothing ran
+
+
 LAYOUT_ARGS = ["--num-layers", "2", "--kv-heads", "1", "--head-size", "8", "--dtype", "float16", "--chunk-size", "16"]
 
 
