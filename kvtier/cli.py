@@ -74,6 +74,19 @@ def main() -> None:
     """kvtier: keep the KV cache of prompt prefixes in CPU memory, on disk and in Redis."""
 
 
+@main.command("make-model")
+@click.argument("path", type=click.Path(file_okay=False))
+@click.option("--size", type=click.Choice(["demo", "tiny"]), default="demo", show_default=True,
+              help="demo: ~82M-parameter random Llama; tiny: ~0.4M.")
+def make_model(path: str, size: str) -> None:
+    """Write the demo's random-weight Llama and a word tokenizer to PATH, for `vllm serve PATH`."""
+    from kvtier.models import SIZES, make_random_llama, write_word_tokenizer
+
+    make_random_llama(path, size)
+    write_word_tokenizer(path, SIZES[size]["vocab_size"])
+    click.echo(path)
+
+
 @main.command()
 @click.option("--size", type=click.Choice(["demo", "tiny"]), default="demo", show_default=True,
               help="demo: ~82M-parameter random Llama (prefill costs real time); tiny: seconds.")

@@ -31,6 +31,21 @@ def kv_bytes_per_token(model_dir: str | os.PathLike, itemsize: int) -> int:
     return 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * itemsize
 
 
+def write_word_tokenizer(path: str | os.PathLike, vocab_size: int) -> None:
+    """A tokenizer for the random models, so that servers taking text (``vllm serve``) can load them:
+    token ``i`` (from 3) is the word ``w<i>``, 0-2 are ``<unk> <s> </s>`` (the models' bos 1 and eos 2);
+    text is words separated by spaces (``w17 w4 w99``)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(str(path))
+
+
 def make_random_llama(path: str | os.PathLike, size: str = "tiny", seed: int = 0,
                       max_position_embeddings: int = 8192) -> str:
     """Write a random Llama of ``size`` ("tiny" or "demo") to ``path``; returns the path.

@@ -21,7 +21,7 @@ def run(*args, env=None):
 
 
 @pytest.mark.parametrize("cmd", [[], ["demo"], ["bench"], ["bench", "tiers"], ["bench", "vllm"], ["inspect"],
-                                 ["config"], ["serve"], ["health"]])
+                                 ["config"], ["serve"], ["health"], ["make-model"]])
 def test_every_command_has_help(cmd):
     r = run(*cmd, "--help")
     assert r.exit_code == 0
