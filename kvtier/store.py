@@ -352,13 +352,9 @@ def get_store(config: KVTierConfig, layout: ChunkLayout, label: str = "") -> "St
     """The process-wide store for this config and layout, created on first use.
 
     Lets the scheduler-side and worker-side halves of an engine adapter, living in
-    one process, share one store (and one cpu tier). With ``config.server`` set, it is
-    a client of that `kvtier serve` process instead (same methods).
+    one process, share one store (and one cpu tier). An adapter whose config names a
+    `kvtier serve` process uses :func:`kvtier.server.client.get_remote_store` instead.
     """
-    if config.server:
-        from kvtier.server.client import get_remote_store
-
-        return get_remote_store(config, layout, label)
     key = (repr(config.to_dict()), layout, label)
     with _registry_lock:
         store = _registry.get(key)

@@ -51,3 +51,12 @@ def test_vllm_plugin_entry_point_is_installed():
 
     eps = [e for e in entry_points(group="vllm.general_plugins") if e.value == "kvtier.vllm.plugin:register"]
     assert eps, "kvtier's vllm.general_plugins entry point is not installed (pip install -e . again)"
+
+
+def test_the_store_and_the_server_client_do_not_import_each_other():
+    """Issue 13.6: kvtier.store imported the server client, which imported the server module for
+    two message codecs, which imports the store: a circle. The adapter picks the implementation."""
+    for code in ("import sys, kvtier.store; assert not [m for m in sys.modules if m.startswith('kvtier.server')]",
+                 "import sys, kvtier.server.client; "
+                 "assert not {'kvtier.store', 'kvtier.server.server'} & set(sys.modules)"):
+        subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

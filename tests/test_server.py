@@ -104,9 +104,8 @@ class Raw:
         return self.send_raw(P.encode(msg), timeout)
 
     def hello(self, layout=LAYOUT) -> P.Welcome:
-        from kvtier.server.server import layout_to_msg
 
-        rep = self.call(P.Hello(label="raw", layout=layout_to_msg(layout)))
+        rep = self.call(P.Hello(label="raw", layout=P.layout_to_msg(layout)))
         assert isinstance(rep, P.Welcome), rep
         return rep
 
@@ -208,9 +207,8 @@ def test_hostile_structs_get_errors_and_server_keeps_serving(shared_server, msg)
     try:
         rep = raw.call(msg)
         if isinstance(msg, P.Hello) and isinstance(rep, P.Welcome):  # the one legitimate hello
-            from kvtier.server.server import layout_from_msg
 
-            assert msg.version == P.PROTOCOL_VERSION and (msg.layout is None or layout_from_msg(msg.layout) == LAYOUT)
+            assert msg.version == P.PROTOCOL_VERSION and (msg.layout is None or P.layout_from_msg(msg.layout) == LAYOUT)
         elif not isinstance(msg, P.Release):
             assert isinstance(rep, P.Error), rep  # unknown client id, bad layout, bad version
         _assert_alive(raw)
@@ -232,10 +230,9 @@ def test_hostile_requests_of_a_real_session(shared_server):
         # Too many keys: schema violation.
         assert raw.call(P.Lookup(client=me, keys=[key(1)] * (P.MAX_KEYS + 1))).code == "bad_message"
         # Wrong layout for this server's store.
-        from kvtier.server.server import layout_to_msg
 
         bad = ChunkLayout(2, 16, 16, torch.float16)
-        assert raw.call(P.Hello(layout=layout_to_msg(bad))).code == "layout"
+        assert raw.call(P.Hello(layout=P.layout_to_msg(bad))).code == "layout"
         # Huge allocate: capped at the per-client limit (half the slots), nothing evicted beyond.
         rep = raw.call(P.Allocate(client=me, n=P.MAX_KEYS))
         assert isinstance(rep, P.Slots) and len(rep.slots) == w.max_refs == w.num_slots // 2

@@ -38,7 +38,6 @@ from kvtier.config import KVTierConfig
 from kvtier.layout import ChunkLayout, payload_bytes
 from kvtier.metrics import Metrics
 from kvtier.server import protocol as P
-from kvtier.server.server import layout_from_msg, layout_to_msg
 from kvtier.server.shm import SharedRegion
 
 log = logging.getLogger(__name__)
@@ -181,7 +180,7 @@ class RemoteStore:
         sock.setsockopt(zmq.SNDTIMEO, self._timeout_ms)
         sock.connect(self.address)
         self._sock = sock
-        hello = P.Hello(label=self.label, layout=layout_to_msg(self.layout), token=self.config.server_token,
+        hello = P.Hello(label=self.label, layout=P.layout_to_msg(self.layout), token=self.config.server_token,
                         pid=os.getpid())
         rep = self._roundtrip(hello, self._connect_ms)
         if not isinstance(rep, P.Welcome):
@@ -189,7 +188,7 @@ class RemoteStore:
                 log.error("kvtier: server %s refused this client: %s (%s)", self.address, rep.message, rep.code)
             self._reset_socket()
             return False
-        if rep.layout is None or layout_from_msg(rep.layout) != self.layout or rep.slot_bytes != self.layout.nbytes:
+        if rep.layout is None or P.layout_from_msg(rep.layout) != self.layout or rep.slot_bytes != self.layout.nbytes:
             log.error("kvtier: server %s serves another layout; not using it", self.address)
             self._reset_socket()
             return False

@@ -19,6 +19,8 @@ from typing import Annotated, Union
 import msgspec
 from msgspec import Meta, Struct
 
+from kvtier.layout import ChunkLayout, dtype_from_name, dtype_name
+
 PROTOCOL_VERSION = 1
 
 MAX_MESSAGE_BYTES = 1 << 20
@@ -45,6 +47,14 @@ class LayoutMsg(Struct, frozen=True, forbid_unknown_fields=True):
     width: Annotated[int, Meta(ge=1, le=1 << 20)]
     dtype: Annotated[str, Meta(max_length=32)]
     mla: bool = False
+
+
+def layout_to_msg(layout: ChunkLayout) -> LayoutMsg:
+    return LayoutMsg(layout.num_layers, layout.tokens, layout.width, dtype_name(layout.dtype), layout.mla)
+
+
+def layout_from_msg(m: LayoutMsg) -> ChunkLayout:
+    return ChunkLayout(m.num_layers, m.tokens, m.width, dtype_from_name(m.dtype), m.mla)
 
 
 class _Req(Struct, tag_field="op", forbid_unknown_fields=True):

@@ -38,7 +38,7 @@ import zmq
 from prometheus_client import Counter, Gauge
 
 from kvtier.config import ConfigError, KVTierConfig
-from kvtier.layout import ChunkLayout, dtype_from_name, dtype_name
+from kvtier.layout import ChunkLayout
 from kvtier.memory import ChunkRef
 from kvtier.metrics import Metrics, serve_http
 from kvtier.server import protocol as P
@@ -55,14 +55,6 @@ MAX_LEASED_KEYS_PER_SESSION = 1 << 16
 
 def default_address() -> str:
     return f"ipc:///tmp/kvtier-{os.getuid()}/server.sock"
-
-
-def layout_to_msg(layout: ChunkLayout) -> P.LayoutMsg:
-    return P.LayoutMsg(layout.num_layers, layout.tokens, layout.width, dtype_name(layout.dtype), layout.mla)
-
-
-def layout_from_msg(m: P.LayoutMsg) -> ChunkLayout:
-    return ChunkLayout(m.num_layers, m.tokens, m.width, dtype_from_name(m.dtype), m.mla)
 
 
 class ProtocolError(Exception):
@@ -409,7 +401,7 @@ class Server:
             raise ProtocolError("label", f"this server serves {self.label!r}, not {req.label!r}")
         if req.layout is not None:
             try:
-                layout = layout_from_msg(req.layout)
+                layout = P.layout_from_msg(req.layout)
             except ValueError as e:
                 raise ProtocolError("layout", str(e)) from None
             if self.store is None:
@@ -428,7 +420,7 @@ class Server:
         return P.Welcome(
             client=sid, server_id=self.server_id, shm_path=r.path, shm_bytes=r.size, data_offset=r.data_offset,
             gen_offset=r.gen_offset, slot_bytes=r.slot_bytes, num_slots=r.num_slots,
-            layout=layout_to_msg(store.layout), label=self.label, heartbeat_s=self.client_timeout_s / 4,
+            layout=P.layout_to_msg(store.layout), label=self.label, heartbeat_s=self.client_timeout_s / 4,
             max_refs=self.max_refs,
         )
 

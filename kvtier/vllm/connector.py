@@ -41,11 +41,13 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from kvtier.config import ConfigError, KVTierConfig
 from kvtier.keys import Namespace
 from kvtier.layout import ChunkLayout, dtype_name
+from kvtier.server.client import get_remote_store
 from kvtier.store import get_store
 from kvtier.trace import record, span
 from kvtier.transfer import LayoutError, PagedKV
 from kvtier.vllm.compat import HOST_HIT_SOURCE
 from kvtier.vllm.scheduler import PrefixLedger, ScheduledRequest, StepPlan
+from kvtier.vllm.stats import Deltas, KVTierPromMetrics, KVTierStats, scheduler_counters, worker_counters
 from kvtier.vllm.worker import KVWorker
 
 if TYPE_CHECKING:
@@ -196,7 +198,9 @@ class KVTierConnector(KVConnectorBase_V1):
         )
         width = head_size if mla else heads * head_size
         self.layout = ChunkLayout(layers, self.config.chunk_size, width, dtype, mla)
-        self.store = get_store(self.config, self.layout, self.namespace.label())
+        # In process, or a client of a `kvtier serve` process (same methods).
+        open_store = get_remote_store if self.config.server else get_store
+        self.store = open_store(self.config, self.layout, self.namespace.label())
         self._requests: dict[str, Request] = {}
         self.ledger: PrefixLedger | None = None
         self.worker: KVWorker | None = None
@@ -212,6 +216,7 @@ class KVTierConnector(KVConnectorBase_V1):
         per_token = max(1, self.layout.nbytes // self.config.chunk_size)
         self.large_load_tokens = max(1, BUSY_INLINE_MAX_BYTES // per_token)
         self._parks: dict[str, bool] = {}  # request -> parked, as answered by its latest lookup
+        self._deltas = Deltas()  # counters reported to vLLM's metrics so far
         if role == KVConnectorRole.SCHEDULER:
             self.ledger = PrefixLedger(self.store, self.namespace, self.config.chunk_size, block_size,
                                        self.config.hash)
@@ -417,6 +422,28 @@ class KVTierConnector(KVConnectorBase_V1):
             return None
         added, removed = cpu.take_changes()
         return KVTierWorkerMetadata(os.getpid(), added, removed) if added or removed else None
+
+    # ================================================================ vLLM's metrics (kvtier.vllm.stats)
+    def get_kv_connector_stats(self) -> KVTierStats | None:
+        """What changed since the last report: loads, saves and tiers (worker), lookups (scheduler).
+        vLLM calls it every step on both sides, sums the reports, logs and exports them."""
+        if self.worker is not None:
+            now = worker_counters(self.worker.stats, self.store.tiers)
+        elif self.ledger is not None:
+            now = scheduler_counters(self.ledger.stats)
+        else:
+            return None
+        changed = self._deltas.take(now)
+        return KVTierStats(data=changed) if changed else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVTierStats:
+        return KVTierStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: "VllmConfig", metric_types: dict, labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]) -> KVTierPromMetrics:
+        return KVTierPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         failed, self._failed_blocks = self._failed_blocks, set()

@@ -3,7 +3,8 @@
 The commands of the README's "With `vllm serve`" section run as written, with this test's own
 port and directories. Over HTTP, with the `openai` client: a prompt computed once; after vLLM's
 own prefix cache is reset the server reports its prefix as cached (kvtier's cpu tier); after a
-restart again (the disk tier); outputs equal those of the same server without kvtier.
+restart again (the disk tier); kvtier's counters are on the server's own `/metrics`; outputs
+equal those of the same server without kvtier.
 """
 
 from __future__ import annotations
@@ -70,6 +71,14 @@ class Server:
         details = r.usage.prompt_tokens_details
         return r.choices[0].text, (details.cached_tokens or 0) if details else 0
 
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of the samples of ``name`` on the server's Prometheus ``/metrics`` with ``labels``."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = urllib.request.urlopen(self.url + "/metrics", timeout=30).read().decode()
+        return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+                   if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
     def reset_prefix_cache(self) -> None:
         urllib.request.urlopen(urllib.request.Request(self.url + "/reset_prefix_cache", method="POST"), timeout=30)
 
@@ -106,8 +115,16 @@ def test_vllm_serve_over_http_as_the_readme_says(tmp_path):
         out = [s.complete(prompts[0])]
         s.reset_prefix_cache()  # vLLM's own copy is gone; kvtier's cpu tier still holds it
         out.append(s.complete(prompts[1]))
+        # kvtier's counters in vLLM's own /metrics (issue 13.4)
+        assert s.metric("vllm:kvtier_loaded_tokens_total") >= DOC_WORDS
+        assert s.metric("vllm:kvtier_tier_hits_total", tier="cpu") >= DOC_WORDS // 256
+        assert s.metric("vllm:kvtier_saved_chunks_total") >= DOC_WORDS // 256
+        assert s.metric("vllm:kvtier_hit_tokens_total") >= DOC_WORDS
+        assert s.metric("vllm:kvtier_lookups_total") >= 2
+        assert s.metric("vllm:kvtier_load_errors_total") == 0
     with Server(here(serve), port, tmp_path / "kvtier-2.log", model) as s:  # a new process: only the disk tier
         out.append(s.complete(prompts[2]))
+        assert s.metric("vllm:kvtier_tier_hits_total", tier="disk") >= DOC_WORDS // 256
     assert out[0][1] == 0, "the first request found a prefix nobody computed"
     assert out[1][1] >= DOC_WORDS, f"after vLLM's cache reset: {out[1][1]} cached tokens, not kvtier's cpu tier"
     assert out[2][1] >= DOC_WORDS, f"after a restart: {out[2][1]} cached tokens, not kvtier's disk tier"

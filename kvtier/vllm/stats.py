@@ -1,0 +1,104 @@
+"""kvtier's counters in vLLM's own metrics: its periodic "KV Transfer metrics" log line and its
+Prometheus ``/metrics`` (``vllm:kvtier_*``), through the connector stats API (vLLM 0.24-0.33).
+
+Each connector reports what changed since its last report, every step: the scheduler's one its
+lookups and the prompt tokens it took from kvtier, the worker's one its loads, saves, load errors and
+each tier's counters of that process (hits, misses, puts, evictions, errors, corrupt chunks,
+bytes read and written). vLLM sums the reports of every worker and the scheduler, logs the sums
+of each interval and passes each report to :class:`KVTierPromMetrics`, which adds it to counters
+labelled by engine (and tier).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
+
+# Report key -> help text. Worker keys first, then the scheduler's; "<tier>.<field>" keys are per tier.
+COUNTERS = {
+    "loaded_tokens": "Prompt tokens kvtier loaded into the engine's KV cache",
+    "load_errors": "Chunks kvtier could not load (the engine recomputed them)",
+    "saved_chunks": "Chunks kvtier saved from the engine",
+    "skipped_saves": "Chunks not saved (no host slot, or their request's load failed)",
+    "lookups": "Prefix lookups the scheduler asked kvtier (a waiting request is asked about again)",
+    "hit_tokens": "Prompt tokens the scheduler took from kvtier (admitted hits)",
+}
+TIER_COUNTERS = {
+    "hits": "Chunks a tier found", "misses": "Chunks a tier did not find", "puts": "Chunks stored in a tier",
+    "evictions": "Chunks a tier evicted", "errors": "Failed tier operations", "corrupt": "Corrupt chunks dropped",
+    "bytes_read": "Bytes read from a tier", "bytes_written": "Bytes written to a tier",
+}
+
+
+def worker_counters(worker_stats: dict[str, int], tiers) -> dict[str, float]:
+    """The worker's cumulative counters: its loads and saves, and each tier of its store."""
+    out = {"loaded_tokens": worker_stats.get("loaded_tokens", 0), "load_errors": worker_stats.get("failed_chunks", 0),
+           "saved_chunks": worker_stats.get("saved_chunks", 0), "skipped_saves": worker_stats.get("skipped_saves", 0)}
+    for tier in tiers:
+        s = tier.stats()
+        for field in TIER_COUNTERS:
+            out[f"{s.name}.{field}"] = getattr(s, field)
+    return {k: float(v) for k, v in out.items()}
+
+
+def scheduler_counters(ledger_stats: dict[str, int]) -> dict[str, float]:
+    """The scheduler's cumulative counters (its :class:`~kvtier.vllm.scheduler.PrefixLedger`'s)."""
+    return {"lookups": float(ledger_stats.get("queries", 0)), "hit_tokens": float(ledger_stats.get("load_tokens", 0))}
+
+
+class Deltas:
+    """What changed in cumulative counters since the last call."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, float] = {}
+
+    def take(self, now: dict[str, float]) -> dict[str, float]:
+        changed = {k: v - self._last.get(k, 0.0) for k, v in now.items() if v != self._last.get(k, 0.0)}
+        self._last = now
+        return changed
+
+
+@dataclass
+class KVTierStats(KVConnectorStats):
+    """Counter increments (``data``: name -> amount); reports add up."""
+
+    def reset(self) -> None:
+        self.data = {}
+
+    def aggregate(self, other: KVConnectorStats) -> "KVTierStats":
+        total = dict(self.data)
+        for k, v in other.data.items():
+            total[k] = total.get(k, 0.0) + v
+        return KVTierStats(data=total)
+
+    def reduce(self) -> dict[str, int | float]:
+        return {k: int(v) if float(v).is_integer() else round(v, 3) for k, v in sorted(self.data.items())}
+
+    def is_empty(self) -> bool:
+        return not any(self.data.values())
+
+
+class KVTierPromMetrics(KVConnectorPromMetrics):
+    """``vllm:kvtier_<name>_total`` counters per engine, per tier for the tiers' counters."""
+
+    def __init__(self, vllm_config: Any, metric_types: dict, labelnames: list[str],
+                 per_engine_labelvalues: dict[int, list[object]]) -> None:
+        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        self._counters = {k: self._counter_cls(name=f"vllm:kvtier_{k}", documentation=doc, labelnames=labelnames)
+                          for k, doc in COUNTERS.items()}
+        self._tier_counters = {k: self._counter_cls(name=f"vllm:kvtier_tier_{k}", documentation=doc,
+                                                    labelnames=[*labelnames, "tier"])
+                               for k, doc in TIER_COUNTERS.items()}
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
+        labels = self.per_engine_labelvalues.get(engine_idx, [])
+        for key, amount in transfer_stats_data.items():
+            if amount <= 0:
+                continue
+            tier, _, field = key.rpartition(".")
+            if tier and field in self._tier_counters:
+                self._tier_counters[field].labels(*labels, tier).inc(amount)
+            elif key in self._counters:
+                self._counters[key].labels(*labels).inc(amount)

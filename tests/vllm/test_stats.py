@@ -1,0 +1,49 @@
+"""kvtier's counters through vLLM's connector stats API (kvtier.vllm.stats), without an engine."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from kvtier.layout import ChunkLayout
+from kvtier.tiers.disk import DiskTier
+from kvtier.vllm.stats import Deltas, KVTierPromMetrics, KVTierStats, worker_counters
+
+
+def test_reports_are_increments_and_add_up(tmp_path):
+    layout = ChunkLayout(1, 16, 8, torch.float16)
+    disk = DiskTier(tmp_path, 1 << 20, layout)
+    keys = [bytes([i]) * 16 for i in range(3)]
+    disk.put(keys, [np.full(layout.nbytes, i, np.uint8) for i in range(3)])
+    dest = np.zeros(layout.nbytes, np.uint8)
+    disk.get_into(keys[:1], [dest])
+    worker = {"loaded_tokens": 512, "failed_chunks": 1}
+    deltas = Deltas()
+    first = deltas.take(worker_counters(worker, [disk]))
+    assert first == {"loaded_tokens": 512, "load_errors": 1, "disk.hits": 1, "disk.puts": 3,
+                     "disk.bytes_read": disk.file_bytes, "disk.bytes_written": 3 * disk.file_bytes}
+    disk.get_into(keys[1:], [dest, dest])
+    assert deltas.take(worker_counters(worker, [disk])) == {"disk.hits": 2, "disk.bytes_read": 2 * disk.file_bytes}
+    assert deltas.take(worker_counters(worker, [disk])) == {}
+    total = KVTierStats(data=first).aggregate(KVTierStats(data={"disk.hits": 2, "saved_chunks": 4}))
+    assert total.reduce()["disk.hits"] == 3 and total.reduce()["saved_chunks"] == 4
+    assert not total.is_empty() and KVTierStats(data={"cpu.hits": 0}).is_empty()
+
+
+def test_prometheus_counters_per_engine_and_tier():
+    registry = CollectorRegistry()
+
+    def counter(**kw):
+        return Counter(registry=registry, **kw)
+
+    prom = KVTierPromMetrics(type("Cfg", (), {"kv_transfer_config": None})(),
+                             {Counter: counter, Gauge: Gauge, Histogram: Histogram}, ["model_name", "engine"],
+                             {0: ["m", "0"], 1: ["m", "1"]})
+    prom.observe({"loaded_tokens": 256, "disk.hits": 1, "disk.bytes_read": 4096}, engine_idx=1)
+    prom.observe({"loaded_tokens": 256}, engine_idx=1)
+    value = registry.get_sample_value
+    assert value("vllm:kvtier_loaded_tokens_total", {"model_name": "m", "engine": "1"}) == 512
+    assert value("vllm:kvtier_tier_hits_total", {"model_name": "m", "engine": "1", "tier": "disk"}) == 1
+    assert value("vllm:kvtier_tier_bytes_read_total", {"model_name": "m", "engine": "1", "tier": "disk"}) == 4096
+    assert value("vllm:kvtier_loaded_tokens_total", {"model_name": "m", "engine": "0"}) is None
