@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,3 +50,20 @@ def tiny_engine_pair(engine: dict, kvtier: dict, cpu: bool, sync_loads: bool = F
     kv.wait_ready()
     print(f"engines up in {time.time() - t0:.0f} s", flush=True)
     return engine, base, kv, logs
+
+
+def pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(xs), q))
+
+
+def start_server(addr: str, cpu_bytes: int) -> subprocess.Popen:
+    """A `kvtier serve` subprocess (cpu tier only) at ``addr``, once it answers."""
+    from kvtier.server.server import ping
+
+    proc = subprocess.Popen([sys.executable, "-m", "kvtier.cli", "serve", "--address", addr, "--tiers", "cpu",
+                             "--cpu-bytes", str(cpu_bytes), "--log-level", "WARNING"])
+    deadline = time.monotonic() + 60
+    while not ping(addr, 0.2):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("server did not start")
+    return proc

@@ -16,15 +16,16 @@ import multiprocessing as mp
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 
+from _common import pct, start_server
+
 from kvtier.config import KVTierConfig
+from kvtier.hostcopy import copy_bytes
 from kvtier.layout import ChunkLayout
 from kvtier.store import Store
 
@@ -35,24 +36,8 @@ SHAPES = {
 }
 
 
-def pct(xs: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(xs), q))
-
-
 def key(i: int) -> bytes:
     return i.to_bytes(16, "little")
-
-
-def start_server(addr: str, cpu_bytes: int) -> subprocess.Popen:
-    from kvtier.server.server import ping
-
-    proc = subprocess.Popen([sys.executable, "-m", "kvtier.cli", "serve", "--address", addr, "--tiers", "cpu",
-                             "--cpu-bytes", str(cpu_bytes), "--log-level", "WARNING"])
-    deadline = time.monotonic() + 60
-    while not ping(addr, 0.2):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("server did not start")
-    return proc
 
 
 def lookup_latencies(store, keys: list[bytes], n: int) -> list[float]:
@@ -76,7 +61,7 @@ def load_round(store, keys: list[bytes], dst: torch.Tensor) -> float:
     t0 = time.perf_counter()
     refs = store.get(keys)
     for i, r in enumerate(refs):
-        dst[i].copy_(r.data, non_blocking=True)
+        copy_bytes(dst[i], r.data, non_blocking=True)  # host: one-thread memcpy; GPU: DMA
     _sync(dst)
     for r in refs:
         r.release()
@@ -88,7 +73,7 @@ def save_round(store, keys: list[bytes], src: torch.Tensor) -> float:
     t0 = time.perf_counter()
     for i, k in enumerate(keys):
         r = store.allocate()
-        r.data.copy_(src[i], non_blocking=True)
+        copy_bytes(r.data, src[i], non_blocking=True)
         _sync(src)
         store.commit(k, r)
     return time.perf_counter() - t0

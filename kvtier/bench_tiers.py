@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from kvtier.config import KVTierConfig
+from kvtier.hostcopy import copy_bytes
 from kvtier.keys import Namespace, chunk_keys
 from kvtier.layout import ChunkLayout
 from kvtier.store import Store
@@ -79,7 +80,7 @@ def bench_cpu(layout: ChunkLayout, n: int, rounds: int, tick: Callable[[], None]
         for k, d in zip(keys, data):
             store.put(k, d)
         for ref in store.get(keys):
-            np.copyto(out, ref.data.numpy())
+            copy_bytes(out, ref.data)
             ref.release()
         store.cpu.delete(keys)
 

@@ -8,6 +8,8 @@ Per-tier counts live in each tier's :class:`~kvtier.tiers.base.TierStats`
 
 from __future__ import annotations
 
+from collections import deque
+
 from collections.abc import Callable, Iterable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
@@ -42,6 +44,26 @@ class Metrics:
         self.load_errors = Counter("kvtier_load_errors", "Chunks an engine asked for that could not be loaded",
                                    registry=r)
         self.saved_chunks = Counter("kvtier_saved_chunks", "Chunks an engine saved", registry=r)
+        # Latency observations kept for a reader that forwards them (vLLM's metrics), when it asks.
+        self.recent_latency: deque[tuple[str, str, float]] | None = None
+
+    def observe_latency(self, tier: str, op: str, seconds: float) -> None:
+        """One operation's latency: into the histogram, and into ``recent_latency`` when kept."""
+        self.latency.labels(tier, op).observe(seconds)
+        if self.recent_latency is not None:
+            self.recent_latency.append((tier, op, seconds))
+
+    def keep_recent_latency(self, most: int = 8192) -> None:
+        """Keep up to ``most`` latency observations until :meth:`take_recent_latency`."""
+        if self.recent_latency is None:
+            self.recent_latency = deque(maxlen=most)
+
+    def take_recent_latency(self) -> list[tuple[str, str, float]]:
+        """The observations kept since the last call."""
+        out = []
+        while self.recent_latency:
+            out.append(self.recent_latency.popleft())
+        return out
 
     def watch_tiers(self, tiers: Callable[[], Sequence[Tier]]) -> None:
         self.registry.register(TierCollector(tiers))

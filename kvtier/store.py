@@ -23,10 +23,10 @@ import threading
 import time
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
 from kvtier.config import KVTierConfig
+from kvtier.hostcopy import copy_bytes
 from kvtier.layout import ChunkLayout, payload_bytes
 from kvtier.memory import ChunkRef, HostPool
 from kvtier.metrics import Metrics
@@ -153,7 +153,7 @@ class Store:
         m.lookups.inc()
         m.hit_tokens.inc(first * self.chunk_size)
         m.miss_tokens.inc((n - first) * self.chunk_size)
-        m.latency.labels("store", "lookup").observe(time.perf_counter() - t0)
+        m.observe_latency("store", "lookup", time.perf_counter() - t0)
         return first
 
     def contains(self, keys: Sequence[bytes]) -> list[bool]:
@@ -203,7 +203,7 @@ class Store:
                     ref.release()
                     still.append(i)
             missing = still + missing[len(slots):]
-        self.metrics.latency.labels("store", "get").observe(time.perf_counter() - t0)
+        self.metrics.observe_latency("store", "get", time.perf_counter() - t0)
         return refs
 
     def _promote(self, key: bytes, ref: ChunkRef, upper: Sequence[Tier]) -> None:
@@ -239,7 +239,7 @@ class Store:
         ref = self.allocate()
         if ref is None:
             return False
-        np.copyto(ref.data.numpy()[:src.size], src)
+        copy_bytes(ref.data, src)
         self.commit(key, ref)
         return True
 
@@ -322,7 +322,7 @@ class Store:
             self.metrics.tier_exceptions.labels(tier.name).inc()
             return None
         finally:
-            self.metrics.latency.labels(tier.name, op).observe(time.perf_counter() - t0)
+            self.metrics.observe_latency(tier.name, op, time.perf_counter() - t0)
 
     def close(self, timeout: float = 30.0) -> None:
         """Finish queued writes (up to ``timeout``), stop the writers, close the tiers."""

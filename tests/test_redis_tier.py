@@ -256,3 +256,132 @@ def test_op_timeout_bounds_every_concurrent_caller(redis_server):
     assert len(waits) == 4
     assert max(waits) < 1.5, f"waits {waits}: op_timeout_s=1 must bound every caller"
     tier.close()
+
+
+# ---- chunks in several values -------------------------------------------------------------
+PIECE = 4096  # SMALL_LAYOUT's 16 KiB chunks in 4 values
+
+
+def piece_names(prefix: bytes, key: bytes) -> list[bytes]:
+    name = prefix + key.hex().encode()
+    return [name] + [b"%s:{%s}:%d" % (name, name, i) for i in (1, 2, 3)]
+
+
+def test_split_chunks_round_trip_with_ttl_and_scan_each_once(redis_server):
+    tier = RedisTier([redis_server.url], SMALL_LAYOUT, label="p", prefix="p1:", piece_bytes=PIECE, ttl_s=100)
+    keys = make_keys(6)
+    assert tier.put(keys[:4], [make_payload(i) for i in range(4)]) == [True] * 4
+    assert tier.contains(keys) == [True] * 4 + [False] * 2
+    assert check_bytes(tier, keys, list(range(6))) == [True] * 4 + [False] * 2
+    with redis_server.client() as c:
+        names = piece_names(b"p1:", keys[0])
+        assert [c.strlen(n) for n in names] == [HEADER_SIZE + PIECE, PIECE, PIECE, PIECE]
+        assert all(0 < c.ttl(n) <= 100 for n in names)
+        assert len(c.keys("p1:*")) == 16
+    assert sorted(c.key for c in tier.scan()) == sorted(keys[:4])  # each chunk once, not each value
+    from kvtier.tiers.scan import scan_redis
+
+    assert sorted(c.key for c in scan_redis(redis_server.url, prefix="p1:")) == sorted(keys[:4])
+    s = tier.stats()
+    assert (s.puts, s.hits, s.misses, s.bytes_read) == (4, 4, 2, 4 * (HEADER_SIZE + N))
+
+
+def test_a_missing_piece_is_a_miss_and_the_rest_is_removed(redis_server):
+    """Redis evicted (or expired) one value of a chunk: a miss, never a partly old chunk."""
+    tier = RedisTier([redis_server.url], SMALL_LAYOUT, prefix="p2:", piece_bytes=PIECE)
+    keys = make_keys(3)
+    tier.put(keys, [make_payload(i) for i in range(3)])
+    with redis_server.client() as c:
+        c.delete(piece_names(b"p2:", keys[1])[2])
+    assert tier.contains(keys) == [True, False, True]
+    assert check_bytes(tier, keys, [0, 1, 2]) == [True, False, True]
+    s = tier.stats()
+    assert (s.hits, s.misses, s.corrupt, s.extra["partial"]) == (2, 1, 0, 1)
+    with redis_server.client() as c:
+        assert c.exists(*piece_names(b"p2:", keys[1])) == 0
+        assert c.exists(*piece_names(b"p2:", keys[0])) == 4
+    # Without its first value a chunk is simply absent (a put that has not finished yet).
+    with redis_server.client() as c:
+        c.delete(piece_names(b"p2:", keys[2])[0])
+    assert check_bytes(tier, keys[2:], [2]) == [False]
+    assert tier.stats().extra["partial"] == 1
+
+
+def test_a_corrupt_or_resized_piece_is_a_miss_and_removed(redis_server):
+    tier = RedisTier([redis_server.url], SMALL_LAYOUT, prefix="p3:", piece_bytes=PIECE)
+    keys = make_keys(4)
+    tier.put(keys, [make_payload(i) for i in range(4)])
+    with redis_server.client() as c:
+        n0, n1, n2 = (piece_names(b"p3:", k) for k in keys[:3])
+        last = bytearray(c.get(n0[3]))
+        last[17] ^= 0x01  # one flipped bit in the last piece
+        c.set(n0[3], bytes(last))
+        c.set(n1[1], c.get(n1[1])[:-1])  # a piece one byte short
+        c.set(n2[2], c.get(piece_names(b"p3:", keys[3])[2]))  # a piece of another chunk, right size
+    assert check_bytes(tier, keys, [0, 1, 2, 3]) == [False, False, False, True]
+    s = tier.stats()
+    assert (s.corrupt, s.hits, s.misses) == (3, 1, 3)
+    with redis_server.client() as c:
+        assert c.exists(*n0, *n1, *n2) == 0
+
+
+def test_delete_removes_every_piece(redis_server):
+    tier = RedisTier([redis_server.url], SMALL_LAYOUT, prefix="p4:", piece_bytes=PIECE)
+    keys = make_keys(3)
+    tier.put(keys, [make_payload(i) for i in range(3)])
+    tier.delete(keys[:2])
+    with redis_server.client() as c:
+        assert sorted(c.keys("p4:*")) == sorted(piece_names(b"p4:", keys[2]))
+    assert tier.contains(keys) == [False, False, True]
+
+
+def test_cluster_keeps_a_chunks_pieces_on_its_node(redis_cluster):
+    """The {NAME} hash tag: every value of a chunk lives on the node of its first value, so a dead
+    node costs its own chunks only (not every chunk that had one piece there)."""
+    tier = RedisTier(redis_cluster.urls, SMALL_LAYOUT, prefix="clp:", piece_bytes=PIECE)
+    keys = make_keys(30)
+    assert all(tier.put(keys, [make_payload(i) for i in range(30)]))
+    for k in keys:
+        assert len({redis_cluster.node_of(n) for n in piece_names(b"clp:", k)}) == 1
+    assert check_bytes(tier, keys, list(range(30))) == [True] * 30
+    assert sorted(c.key for c in tier.scan()) == sorted(keys)
+    tier.delete(keys)
+    assert tier.contains(keys) == [False] * 30
+
+
+def test_socket_timeout_grows_with_the_bytes_of_a_batch(redis_server):
+    """op_timeout_s bounds small calls; a batch gets its bytes' time at slow_bytes_per_s (rounded up
+    to op_timeout_s * 2**k). Here a server frozen for 1.2 s fails a small call (0.5 s) but not a
+    get of 128 KiB at 40 KB/s (3.3 s -> 4 s)."""
+    tier = RedisTier([redis_server.url], SMALL_LAYOUT, op_timeout_s=0.5, retry_after_s=0.2,
+                     slow_bytes_per_s=40e3)
+    assert tier._timeout(0) == tier._timeout(1000) == 0.5
+    assert tier._timeout(8 * N) == 4.0
+    keys = make_keys(8)
+    assert all(tier.put(keys, [make_payload(i) for i in range(8)]))
+    redis_server.pause()
+    try:
+        t0 = time.monotonic()
+        assert tier.contains(keys[:1]) == [False]  # a small call: one op_timeout_s, then the breaker
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        redis_server.resume()
+    time.sleep(0.25)
+    assert tier.contains(keys[:1]) == [True]
+    result: list = []
+
+    def big_get() -> None:
+        result.append(check_bytes(tier, keys, list(range(8))))
+
+    redis_server.pause()
+    try:
+        import threading
+
+        th = threading.Thread(target=big_get)
+        th.start()
+        time.sleep(1.2)
+    finally:
+        redis_server.resume()
+    th.join(10)
+    assert result == [[True] * 8]
+    assert tier.stats().errors == 1  # the small call's only

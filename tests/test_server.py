@@ -566,3 +566,60 @@ def test_start_up_failure_releases_shared_memory_and_socket(tmp_path):
     assert not os.path.exists(sock_path), "the ipc socket was left behind"
     left = [n for n in set(os.listdir("/dev/shm")) - before if n.startswith("kvtier-")]
     assert not left, f"shared memory left behind: {left}"
+
+
+_COPY_SCRIPT = r"""
+import os, sys
+import numpy as np, torch
+from kvtier.config import KVTierConfig
+from kvtier.hostcopy import copy_bytes
+from kvtier.layout import ChunkLayout
+from kvtier.server.client import RemoteStore
+from kvtier.transfer import PagedKV, gather, scatter
+
+addr, threads = sys.argv[1], int(sys.argv[2])
+torch.set_num_threads(threads)
+L, T, H, D, BS, N = 4, 64, 8, 128, 16, 4  # 1 MiB chunks: big enough for torch to split a copy across threads
+layout = ChunkLayout(L, T, H * D, torch.bfloat16)
+chunks = [np.random.default_rng(threads * 100 + i).integers(0, 256, layout.nbytes, dtype=np.uint8) for i in range(N)]
+keys = [(threads * 100 + i).to_bytes(16, "little") for i in range(N)]
+store = RemoteStore(KVTierConfig(server=addr, op_timeout_s=5), layout, "copies", pin=False)
+assert store.wait_connected(10)
+[r.release() for r in store.get(keys[:1]) if r is not None]  # every thread of the client exists now
+nb = 2 * N * T // BS
+zeros = lambda *shape: torch.from_numpy(np.zeros(shape, dtype=np.int16)).view(torch.bfloat16)
+paged = PagedKV([zeros(nb, H, BS, 2 * D) for _ in range(L)], "cpu", BS)  # (torch.zeros would start the pool)
+mapping = (torch.from_numpy(np.random.default_rng(threads).permutation(nb)[:N * T // BS]).view(-1, 1) * BS
+           + torch.arange(BS)).reshape(-1)
+out = torch.from_numpy(np.zeros((N, layout.nbytes), dtype=np.uint8))
+back = [torch.from_numpy(np.zeros(layout.nbytes, dtype=np.uint8)) for _ in range(N)]
+tasks = len(os.listdir("/proc/self/task"))
+
+assert all(store.put(k, c) for k, c in zip(keys, chunks))  # payload -> shared slot
+refs = store.get(keys)
+for i, r in enumerate(refs):
+    copy_bytes(out[i], r.data)  # shared slot -> private buffer
+assert all(np.array_equal(out[i].numpy(), chunks[i]) for i in range(N))
+scatter(paged, mapping, [r.data for r in refs])  # shared slots -> paged KV (a CPU engine's load)
+gather(paged, mapping, back)  # paged KV -> chunks (its save)
+assert all(np.array_equal(b.numpy(), c) for b, c in zip(back, chunks))
+for r in refs:
+    r.release()
+grown = len(os.listdir("/proc/self/task")) - tasks
+store.close()
+assert grown == 0, f"{grown} threads appeared while kvtier copied chunk bytes: torch's thread pool ran"
+print("OK")
+"""
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_client_copies_do_not_depend_on_torch_threads(threads):
+    """Issue 'costs that grow with load', item 4: with torch's default intra-op pool in each of
+    several client processes, host copies of chunk bytes through torch (copy_, index_copy_) ran at a
+    fraction of memcpy speed. kvtier's copies (put, copy_bytes, the CPU scatter/gather) must give
+    the right bytes at any torch.set_num_threads, and never start torch's pool: a fresh process
+    has no OpenMP worker threads until torch first splits work across them."""
+    with server(cpu_chunks=16 * 1024) as (addr, _):  # 16 MiB of 1 KiB units: 16 chunks of 1 MiB
+        r = subprocess.run([sys.executable, "-c", _COPY_SCRIPT, addr, str(threads)], capture_output=True,
+                           text=True, timeout=120)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]

@@ -13,19 +13,20 @@ from kvtier.tiers.redis import RedisTier
 N = SMALL_LAYOUT.nbytes
 
 
-@pytest.fixture(params=["cpu", "disk", "redis", "redis-cluster"])
+@pytest.fixture(params=["cpu", "disk", "redis", "redis-pieces", "redis-cluster", "redis-cluster-pieces"])
 def tier(request, tmp_chunk_dir) -> Tier:
     kind = request.param
+    pieces = {"piece_bytes": N // 3} if kind.endswith("-pieces") else {}  # 3 full values and a short one
     if kind == "cpu":
         t = CpuTier(HostPool(N, 64, pin=False))
     elif kind == "disk":
         t = DiskTier(tmp_chunk_dir, 64 * (N + 4096), SMALL_LAYOUT, label="contract")
-    elif kind == "redis":
-        srv = request.getfixturevalue("redis_server")
-        t = RedisTier([srv.url], SMALL_LAYOUT, label="contract")
-    else:
+    elif kind.startswith("redis-cluster"):
         cl = request.getfixturevalue("redis_cluster")
-        t = RedisTier(cl.urls[:1], SMALL_LAYOUT, label="contract", cluster=True)
+        t = RedisTier(cl.urls[:1], SMALL_LAYOUT, label="contract", cluster=True, **pieces)
+    else:
+        srv = request.getfixturevalue("redis_server")
+        t = RedisTier([srv.url], SMALL_LAYOUT, label="contract", **pieces)
     yield t
     t.close()
 

@@ -686,3 +686,24 @@ def test_layer_wise_calls_with_an_inference_mode_mapping():
             scatter(a.paged, m, a.chunks, 2, layers=(layer, layer + 1))
     naive_scatter(b.layers, "cpu", b.BS, b.mapping, b.chunks4, 2)
     assert all(torch.equal(x, y) for x, y in zip(a.storages(), b.storages()))
+
+
+@pytest.mark.parametrize("kind,variant", [(k, v) for k in KINDS for v in _variants(k)])
+@pytest.mark.parametrize("lrange", [None, (1, 2)])
+def test_whole_block_mappings_equal_the_oracle(kind, variant, lrange):
+    """The connector's mappings: each chunk is whole blocks in order (a host cache then moves one
+    run of memory per block). Chunk 1's tokens are reversed (no runs): both paths in one call."""
+    kw = dict(kind=kind, dtype=torch.bfloat16, L=3, NB=16, BS=4, H=2, D=8, T=8, n_chunks=3, hole_p=0.0,
+              variant=variant)
+    a, b = Case(seed=5, **kw), Case(seed=5, **kw)
+    blocks = torch.randperm(a.NB, generator=torch.Generator().manual_seed(6))[:a.n // a.BS]
+    m = (blocks.view(-1, 1) * a.BS + torch.arange(a.BS)).reshape(-1)
+    m[a.T:2 * a.T] = m[a.T:2 * a.T].flip(0).clone()
+    scatter(a.paged, m, a.chunks, 0, layers=lrange)
+    naive_scatter(b.layers, kind, b.BS, m, b.chunks4, 0, lrange)
+    assert all(torch.equal(x, y) for x, y in zip(a.storages(), b.storages()))
+    outs = [torch.zeros_like(c) for c in a.chunks]
+    refs = [torch.zeros_like(c) for c in a.chunks4]
+    gather(a.paged, m, outs, 0, layers=lrange)
+    naive_gather(b.layers, kind, b.BS, m, refs, 0, lrange)
+    assert all(_eq_bytes(x, y) for x, y in zip(outs, refs))

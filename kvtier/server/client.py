@@ -35,6 +35,7 @@ import torch
 import zmq
 
 from kvtier.config import KVTierConfig
+from kvtier.hostcopy import copy_bytes
 from kvtier.layout import ChunkLayout, payload_bytes
 from kvtier.metrics import Metrics
 from kvtier.server import protocol as P
@@ -355,7 +356,7 @@ class RemoteStore:
         m.lookups.inc()
         m.hit_tokens.inc(n * self.chunk_size)
         m.miss_tokens.inc((len(keys) - n) * self.chunk_size)
-        m.latency.labels("server", "lookup").observe(time.perf_counter() - t0)
+        m.observe_latency("server", "lookup", time.perf_counter() - t0)
         return n
 
     def contains(self, keys: Sequence[bytes]) -> list[bool]:
@@ -380,7 +381,7 @@ class RemoteStore:
                     out += [None if s < 0 else self._ref(s, g, epoch) for s, g in zip(rep.slots, rep.gens)]
                 else:
                     out += [None] * len(part)
-        self.metrics.latency.labels("server", "get").observe(time.perf_counter() - t0)
+        self.metrics.observe_latency("server", "get", time.perf_counter() - t0)
         return out
 
     def allocate_many(self, n: int) -> list[RemoteRef]:
@@ -452,7 +453,7 @@ class RemoteStore:
         ref = self.allocate()
         if ref is None:
             return False
-        np.copyto(ref.data.numpy()[:src.size], src)
+        copy_bytes(ref.data, src)
         return self.commit_many([key], [ref], wait=True) == 1
 
     def lease(self, keys: Sequence[bytes]) -> RemoteLease:

@@ -15,8 +15,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 
-import numpy as np
-
+from kvtier.hostcopy import copy_bytes
 from kvtier.memory import ChunkRef, HostPool
 from kvtier.tiers.base import Buffer, Protected, StoredChunk, Tier, TierStats, lru_victim, never_protected
 
@@ -89,7 +88,7 @@ class CpuTier(Tier):
                 out.append(False)
                 continue
             with ref:
-                np.copyto(np.frombuffer(dest, dtype=np.uint8), ref.data.numpy())
+                copy_bytes(dest, ref.data)
             out.append(True)
         return out
 
@@ -100,7 +99,7 @@ class CpuTier(Tier):
             if ref is None:
                 out.append(False)
                 continue
-            np.copyto(ref.data.numpy(), np.frombuffer(payload, dtype=np.uint8))
+            copy_bytes(ref.data, payload)
             self.insert(key, ref)
             out.append(True)
         return out

@@ -1,11 +1,22 @@
-"""The redis tier: chunks in Redis / Valkey, one string value per chunk.
+"""The redis tier: chunks in Redis / Valkey, in string values of at most 4 MiB.
 
 Key: ``prefix + hex(chunk key)``; value: the 256-byte header of :mod:`kvtier.layout`
 followed by the payload, so a reader checks layout, key and checksum of what it got.
 Namespaces (model, dtype, TP rank...) are folded into the chunk keys themselves.
 
-Every call is one pipelined round trip per server (EXISTS / GET / SET / UNLINK per key,
-no transaction), with connect and socket timeouts.
+A chunk larger than ``piece_bytes`` (4 MiB) is stored as several values: the first holds the
+header and the first 4 MiB, ``NAME:{NAME}:1``, ``:2``... the rest (the ``{NAME}`` hash tag puts
+them in the first value's cluster slot). On 2 cores puts of 32 MiB chunks ran 2-3x faster in
+4 MiB values than in one (docs/config.md, "Large chunks in Redis"). A reader needs
+every piece and the checksum over all of them: a piece evicted or expired on its own is a miss,
+and the chunk's other pieces are removed. A writer sets the first piece last, so a reader that
+sees it sees the others.
+
+Every call is one pipelined round trip per server (EXISTS / GET / SET / UNLINK per value,
+no transaction), with connect and socket timeouts. The socket timeout is ``op_timeout_s``,
+or for a pipeline moving more bytes than that covers at ``slow_bytes_per_s`` (50 MB/s), their
+time at that rate, rounded up to ``op_timeout_s * 2**k``: a big batch is not cut off by a
+timeout sized for small ones, and a hung server still costs a small call one ``op_timeout_s``.
 
 Cluster mode (``cluster=True`` or several URLs): the tier reads the slot map with
 ``CLUSTER SLOTS`` from any reachable node, hashes each key to its slot
@@ -24,6 +35,7 @@ the network. After that, one caller probes the server; success closes the breake
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -34,6 +46,7 @@ from redis.connection import parse_url
 from redis.crc import key_slot
 from redis.retry import Retry
 
+from kvtier.hostcopy import copy_bytes
 from kvtier.layout import HEADER_SIZE, ChunkLayout, CorruptChunk, decode_header, encode_header, verify
 from kvtier.tiers.base import Buffer, StoredChunk, Tier, TierStats
 from kvtier.tiers.disk import as_bytes
@@ -41,6 +54,8 @@ from kvtier.tiers.disk import as_bytes
 log = logging.getLogger(__name__)
 
 SLOTS = 16384
+PIECE_BYTES = 4 << 20  # largest value of a chunk's payload (docs/config.md: measured)
+SLOW_BYTES_PER_S = 50e6  # a pipeline's bytes get their time at this rate before a timeout
 
 
 class _Breaker:
@@ -98,10 +113,32 @@ class _QuickRetry(Retry):
 
 
 class _Node:
-    def __init__(self, name: str, client: redis.Redis, retry_after_s: float) -> None:
+    """One server: a client (connection pool) per socket timeout in use, and one breaker."""
+
+    def __init__(self, name: str, kwargs: dict, timeout_s: float, retry_after_s: float) -> None:
         self.name = name
-        self.client = client
+        self._kwargs = kwargs
+        self._clients: dict[float, redis.Redis] = {}
+        self._lock = threading.Lock()
+        self.client = self.client_for(timeout_s)
         self.breaker = _Breaker(retry_after_s)
+
+    def client_for(self, timeout_s: float) -> redis.Redis:
+        client = self._clients.get(timeout_s)
+        if client is None:
+            with self._lock:
+                client = self._clients.get(timeout_s)
+                if client is None:
+                    client = self._clients[timeout_s] = redis.Redis(**self._kwargs, socket_timeout=timeout_s)
+        return client
+
+    def disconnect(self) -> None:
+        for client in list(self._clients.values()):
+            client.connection_pool.disconnect()
+
+    def close(self) -> None:
+        for client in list(self._clients.values()):
+            client.close()
 
 
 class RedisTier(Tier):
@@ -109,7 +146,9 @@ class RedisTier(Tier):
 
     def __init__(self, urls: Sequence[str], layout: ChunkLayout, label: str = "", cluster: bool = False,
                  prefix: str = "kvtier:", ttl_s: int = 0, connect_timeout_s: float = 1.0,
-                 op_timeout_s: float = 2.0, retry_after_s: float = 2.0) -> None:
+                 op_timeout_s: float = 2.0, retry_after_s: float = 2.0, piece_bytes: int = PIECE_BYTES,
+                 slow_bytes_per_s: float = SLOW_BYTES_PER_S) -> None:
+        """``piece_bytes``: largest value of a chunk (a format setting: readers must use the writer's)."""
         urls = [urls] if isinstance(urls, str) else list(urls)
         if not urls:
             raise ValueError("RedisTier needs at least one redis:// URL")
@@ -120,8 +159,14 @@ class RedisTier(Tier):
         self.prefix = prefix.encode()
         self.ttl_s = int(ttl_s)
         self.retry_after_s = retry_after_s
+        self.op_timeout_s = op_timeout_s
+        self.slow_bytes_per_s = slow_bytes_per_s
+        if piece_bytes <= 0:
+            raise ValueError(f"piece_bytes must be > 0, got {piece_bytes}")
+        self.piece_bytes = piece_bytes
+        self._pieces = -(-layout.nbytes // piece_bytes)
         self._conn_kwargs = dict(
-            socket_connect_timeout=connect_timeout_s, socket_timeout=op_timeout_s,
+            socket_connect_timeout=connect_timeout_s,
             # One immediate retry on a broken connection (a server restarted since the last
             # call); none after a wait, so a hung server costs one op_timeout, then the breaker.
             retry=_QuickRetry(min(0.25, op_timeout_s / 4)),
@@ -130,7 +175,7 @@ class RedisTier(Tier):
         self._lock = threading.Lock()
         self._nodes: dict[str, _Node] = {}
         self._stats = TierStats("redis")
-        self._stats.extra.update(skipped=0, breaker_open=0)
+        self._stats.extra.update(skipped=0, breaker_open=0, partial=0)
         if self.cluster:
             self._seeds = [self._node_for_url(u) for u in urls]
             self._slots: list[_Node] | None = None
@@ -147,8 +192,7 @@ class RedisTier(Tier):
             name = f"unix:{kw['unix_socket_path']}"
         else:
             name = f"{kw.get('host', '127.0.0.1')}:{kw.get('port', 6379)}"
-        client = redis.Redis(**kw, **self._conn_kwargs)
-        node = _Node(name, client, self.retry_after_s)
+        node = _Node(name, {**kw, **self._conn_kwargs}, self.op_timeout_s, self.retry_after_s)
         self._nodes[name] = node
         return node
 
@@ -162,7 +206,7 @@ class RedisTier(Tier):
                     kw = parse_url(self.urls[0])
                     kw.pop("db", None)
                     kw.update(host=host, port=port)
-                    node = _Node(name, redis.Redis(**kw, **self._conn_kwargs), self.retry_after_s)
+                    node = _Node(name, {**kw, **self._conn_kwargs}, self.op_timeout_s, self.retry_after_s)
                     self._nodes[name] = node
         return node
 
@@ -207,12 +251,20 @@ class RedisTier(Tier):
                 groups.setdefault(node, []).append(i)
         return groups
 
-    def _pipeline(self, node: _Node, build) -> list | None:
+    def _timeout(self, nbytes: int) -> float:
+        """Socket timeout of a pipeline moving ``nbytes``: ``op_timeout_s``, or their time at
+        ``slow_bytes_per_s`` rounded up to ``op_timeout_s * 2**k`` (few pools of connections)."""
+        need = nbytes / self.slow_bytes_per_s
+        if need <= self.op_timeout_s:
+            return self.op_timeout_s
+        return self.op_timeout_s * 2 ** math.ceil(math.log2(need / self.op_timeout_s))
+
+    def _pipeline(self, node: _Node, build, nbytes: int = 0) -> list | None:
         """Run one pipeline on ``node``; None (and the breaker opened) if the server failed."""
         if not node.breaker.allow():
             return None
         try:
-            pipe = node.client.pipeline(transaction=False)
+            pipe = node.client_for(self._timeout(nbytes)).pipeline(transaction=False)
             build(pipe)
             replies = pipe.execute(raise_on_error=False)
         except (redis.exceptions.RedisError, OSError) as e:
@@ -234,33 +286,42 @@ class RedisTier(Tier):
         with self._lock:
             self._stats.errors += 1
         try:
-            node.client.connection_pool.disconnect()
+            node.disconnect()
         except Exception:  # noqa: BLE001 - best effort cleanup of broken sockets
             pass
         if self.cluster:
             self._slots = None  # a replica may have taken over its slots
 
-    def _run(self, names: Sequence[bytes], build_one, default) -> list:
-        """Per key, the reply of the command ``build_one(pipe, i)`` adds, or ``default``."""
+    def _run(self, names: Sequence[bytes], build_one, default, per: int = 1, nbytes: int = 0) -> list:
+        """Per key, the replies of the ``per`` commands ``build_one(pipe, i)`` adds (a list), or
+        ``default``. ``nbytes``: bytes each key moves (they lengthen the socket timeout)."""
         out = [default] * len(names)
         for node, idx in self._route(names).items():
-            replies = self._pipeline(node, lambda pipe: [build_one(pipe, i) for i in idx])
+            replies = self._pipeline(node, lambda pipe: [build_one(pipe, i) for i in idx], len(idx) * nbytes)
             if replies is None:
                 with self._lock:
                     self._stats.extra["skipped"] += len(idx)
                 continue
-            for i, r in zip(idx, replies):
-                out[i] = r
+            for j, i in enumerate(idx):
+                out[i] = replies[j * per:(j + 1) * per]
         return out  # keys of slots no node serves keep ``default``
 
     def _name(self, key: bytes) -> bytes:
         return self.prefix + key.hex().encode()
 
+    def _piece_names(self, name: bytes) -> list[bytes]:
+        """The values of one chunk: ``name`` (header + first piece), then ``name:{name}:i``."""
+        return [name] + [b"%s:{%s}:%d" % (name, name, i) for i in range(1, self._pieces)]
+
+    def _piece(self, data: memoryview, i: int) -> memoryview:
+        return data[i * self.piece_bytes:(i + 1) * self.piece_bytes]
+
     # ---- Tier -----------------------------------------------------------------------------
     def contains(self, keys: Sequence[bytes]) -> list[bool]:
         names = [self._name(k) for k in keys]
-        replies = self._run(names, lambda pipe, i: pipe.exists(names[i]), None)
-        return [isinstance(r, int) and r > 0 for r in replies]
+        replies = self._run(names, lambda pipe, i: [pipe.exists(n) for n in self._piece_names(names[i])], None,
+                            per=self._pieces)
+        return [r is not None and all(isinstance(x, int) and x > 0 for x in r) for r in replies]
 
     def get_into(self, keys: Sequence[bytes], dests: Sequence[Buffer]) -> list[bool]:
         outs = [as_bytes(d) for d in dests]
@@ -270,42 +331,58 @@ class RedisTier(Tier):
             if len(o) != self.layout.nbytes:
                 raise ValueError(f"destination of {len(o)} bytes, the layout needs {self.layout.nbytes}")
         names = [self._name(k) for k in keys]
-        replies = self._run(names, lambda pipe, i: pipe.get(names[i]), None)
+        replies = self._run(names, lambda pipe, i: [pipe.get(n) for n in self._piece_names(names[i])], None,
+                            per=self._pieces, nbytes=self.layout.nbytes)
         result = []
         bad = []
-        hits = misses = corrupt = errors = nread = 0
-        for key, name, out, value in zip(keys, names, outs, replies):
-            if not isinstance(value, bytes):
-                misses += 1
-                errors += isinstance(value, Exception)
-                result.append(False)
-                continue
-            try:
-                if len(value) < HEADER_SIZE:
-                    raise CorruptChunk(f"value of {len(value)} bytes is shorter than a header")
-                mv = memoryview(value)
-                header = decode_header(mv[:HEADER_SIZE])
-                verify(header, key, self.layout, mv[HEADER_SIZE:])
-            except CorruptChunk:
-                misses += 1
-                corrupt += 1
+        counts = dict.fromkeys(("hit", "miss", "error", "corrupt", "partial"), 0)
+        nread = 0
+        for key, name, out, values in zip(keys, names, outs, replies):
+            status = self._read(key, values, out)
+            counts[status] += 1
+            result.append(status == "hit")
+            if status == "hit":
+                nread += HEADER_SIZE + len(out)
+            elif status in ("corrupt", "partial"):
                 bad.append(name)
-                result.append(False)
-                continue
-            out[:] = mv[HEADER_SIZE:]
-            hits += 1
-            nread += len(value)
-            result.append(True)
         with self._lock:
             s = self._stats
-            s.hits += hits
-            s.misses += misses
-            s.corrupt += corrupt
-            s.errors += errors
+            s.hits += counts["hit"]
+            s.misses += len(keys) - counts["hit"]
+            s.corrupt += counts["corrupt"]
+            s.errors += counts["error"]
+            s.extra["partial"] += counts["partial"]
             s.bytes_read += nread
-        if bad:  # a corrupt value would fail every later read too
-            self._run(bad, lambda pipe, i: pipe.unlink(bad[i]), None)
+        if bad:  # a corrupt or incomplete chunk would fail every later read too
+            self._delete_names(bad)
         return result
+
+    def _read(self, key: bytes, values: list | None, out: memoryview) -> str:
+        """Copy one chunk's values into ``out`` and check it all: "hit", "miss", "error" (the
+        server's), "corrupt" or "partial" (a piece is gone: evicted or expired on its own)."""
+        if values is None:  # its server failed (counted there) or no node serves its slot
+            return "miss"
+        if any(isinstance(v, Exception) for v in values):
+            return "error"
+        if values[0] is None:
+            return "miss"  # not stored, or a put that has not set its first value yet
+        if any(v is None for v in values):
+            return "partial"
+        try:
+            first = memoryview(values[0])
+            if len(first) < HEADER_SIZE:
+                raise CorruptChunk(f"value of {len(first)} bytes is shorter than a header")
+            header = decode_header(first[:HEADER_SIZE])
+            parts = [first[HEADER_SIZE:]] + values[1:]
+            sizes = [len(self._piece(out, i)) for i in range(self._pieces)]
+            if [len(p) for p in parts] != sizes:
+                raise CorruptChunk(f"pieces of {[len(p) for p in parts]} bytes, expected {sizes}")
+            for i, part in enumerate(parts):
+                copy_bytes(self._piece(out, i), part)  # GIL released: other threads keep reading
+            verify(header, key, self.layout, out)  # one pass over what landed in out
+        except CorruptChunk:
+            return "corrupt"
+        return "hit"
 
     def put(self, keys: Sequence[bytes], payloads: Sequence[Buffer]) -> list[bool]:
         datas = [as_bytes(p) for p in payloads]
@@ -318,22 +395,29 @@ class RedisTier(Tier):
         ex = self.ttl_s or None
 
         def build(pipe, i):
-            # One copy (header + payload in one value), the same count as bytes(payload).
-            value = b"".join((encode_header(keys[i], self.layout, datas[i], self.label), datas[i]))
-            pipe.set(names[i], value, ex=ex)
+            data, pieces = datas[i], self._piece_names(names[i])
+            for j in range(len(pieces) - 1, 0, -1):  # the first value last: once it is visible, so are these
+                pipe.set(pieces[j], self._piece(data, j), ex=ex)
+            # One copy: the header joined with the first piece.
+            value = b"".join((encode_header(keys[i], self.layout, data, self.label), self._piece(data, 0)))
+            pipe.set(pieces[0], value, ex=ex)
 
-        replies = self._run(names, build, None)
-        ok = [r is True for r in replies]
+        replies = self._run(names, build, None, per=self._pieces, nbytes=self.layout.nbytes)
+        ok = [r is not None and all(x is True for x in r) for r in replies]
         with self._lock:
             n = sum(ok)
             self._stats.puts += n
             self._stats.bytes_written += n * (HEADER_SIZE + self.layout.nbytes)
-            self._stats.errors += sum(isinstance(r, Exception) for r in replies)
+            self._stats.errors += sum(r is not None and any(isinstance(x, Exception) for x in r) for r in replies)
         return ok
 
     def delete(self, keys: Sequence[bytes]) -> None:
-        names = [self._name(k) for k in keys]
-        self._run(names, lambda pipe, i: pipe.unlink(names[i]), None)
+        self._delete_names([self._name(k) for k in keys])
+
+    def _delete_names(self, names: Sequence[bytes]) -> None:
+        """Remove the chunks stored under ``names`` (first values), every piece of each."""
+        self._run(names, lambda pipe, i: [pipe.unlink(n) for n in self._piece_names(names[i])], None,
+                  per=self._pieces)
 
     def stats(self) -> TierStats:
         with self._lock:
@@ -353,6 +437,8 @@ class RedisTier(Tier):
             try:
                 batch: list[bytes] = []
                 for name in node.client.scan_iter(match=pattern, count=1000):
+                    if b":" in name[len(self.prefix):]:
+                        continue  # a chunk's second, third... value: the chunk is reported by its first
                     batch.append(name)
                     if len(batch) >= 256:
                         yield from self._describe(node, batch)
@@ -378,7 +464,7 @@ class RedisTier(Tier):
     def close(self) -> None:
         for node in list(self._nodes.values()):
             try:
-                node.client.close()
+                node.close()
             except Exception:  # noqa: BLE001
                 pass
 

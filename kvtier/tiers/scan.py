@@ -29,7 +29,9 @@ def scan_redis(url: str, cluster: bool = False, prefix: str = "kvtier:", batch: 
 
     client = RedisCluster.from_url(url) if cluster else redis.Redis.from_url(url)
     try:
-        keys = list(client.scan_iter(match=prefix + "*", count=batch))
+        skip = len(prefix.encode())
+        # A chunk's second, third... values (NAME:{NAME}:i, kvtier.tiers.redis) are not chunks.
+        keys = [k for k in client.scan_iter(match=prefix + "*", count=batch) if b":" not in k[skip:]]
         for i in range(0, len(keys), batch):
             part = keys[i:i + batch]
             pipe = client.pipeline(transaction=False) if not cluster else client.pipeline()

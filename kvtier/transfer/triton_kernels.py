@@ -53,7 +53,7 @@ from typing import Sequence
 
 import torch
 
-from .paged import LayoutError, PagedKV, Transfer, check_args, check_slots_host, chunk_tokens, layer_range
+from .paged import LayoutError, PagedKV, Transfer, check_args, check_slots_host, layer_range
 
 try:  # pragma: no cover - depends on the installation
     import triton

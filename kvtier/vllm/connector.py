@@ -47,7 +47,7 @@ from kvtier.trace import record, span
 from kvtier.transfer import LayoutError, PagedKV
 from kvtier.vllm.compat import HOST_HIT_SOURCE
 from kvtier.vllm.scheduler import PrefixLedger, ScheduledRequest, StepPlan
-from kvtier.vllm.stats import Deltas, KVTierPromMetrics, KVTierStats, scheduler_counters, worker_counters
+from kvtier.vllm.stats import LATENCY, Deltas, KVTierPromMetrics, KVTierStats, scheduler_counters, worker_counters
 from kvtier.vllm.worker import KVWorker
 
 if TYPE_CHECKING:
@@ -336,6 +336,7 @@ class KVTierConnector(KVConnectorBase_V1):
             raise ConfigError(f"kvtier: the engine registered {paged.num_layers} KV cache tensors, "
                               f"its config lists {self.layout.num_layers} layers")
         self.worker = KVWorker(self.store, paged, self.config.chunk_size)
+        self.store.metrics.keep_recent_latency()  # forwarded to vLLM's metrics (get_kv_connector_stats)
         self._layer_index = paged.layer_index
         if getattr(self.store, "cpu", None) is not None:
             self.store.cpu.track_changes()  # reported to the scheduler (build_connector_worker_meta)
@@ -428,12 +429,14 @@ class KVTierConnector(KVConnectorBase_V1):
         """What changed since the last report: loads, saves and tiers (worker), lookups (scheduler).
         vLLM calls it every step on both sides, sums the reports, logs and exports them."""
         if self.worker is not None:
-            now = worker_counters(self.worker.stats, self.store.tiers)
+            changed: dict[str, Any] = self._deltas.take(worker_counters(self.worker.stats, self.store.tiers))
+            latency = self.store.metrics.take_recent_latency()
+            if latency:
+                changed[LATENCY] = [list(x) for x in latency]
         elif self.ledger is not None:
-            now = scheduler_counters(self.ledger.stats)
+            changed = self._deltas.take(scheduler_counters(self.ledger.stats))
         else:
             return None
-        changed = self._deltas.take(now)
         return KVTierStats(data=changed) if changed else None
 
     @classmethod

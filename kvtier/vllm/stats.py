@@ -4,9 +4,10 @@ Prometheus ``/metrics`` (``vllm:kvtier_*``), through the connector stats API (vL
 Each connector reports what changed since its last report, every step: the scheduler's one its
 lookups and the prompt tokens it took from kvtier, the worker's one its loads, saves, load errors and
 each tier's counters of that process (hits, misses, puts, evictions, errors, corrupt chunks,
-bytes read and written). vLLM sums the reports of every worker and the scheduler, logs the sums
+bytes read and written) and the latency of each tier operation since (``LATENCY``: a list of
+``[tier, op, seconds]``). vLLM sums the reports of every worker and the scheduler, logs the sums
 of each interval and passes each report to :class:`KVTierPromMetrics`, which adds it to counters
-labelled by engine (and tier).
+labelled by engine (and tier) and the latencies to a histogram labelled by tier and operation.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ COUNTERS = {
     "lookups": "Prefix lookups the scheduler asked kvtier (a waiting request is asked about again)",
     "hit_tokens": "Prompt tokens the scheduler took from kvtier (admitted hits)",
 }
+LATENCY = "latency"  # report key of the latency observations
+LATENCY_BUCKETS = (1e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
 TIER_COUNTERS = {
     "hits": "Chunks a tier found", "misses": "Chunks a tier did not find", "puts": "Chunks stored in a tier",
     "evictions": "Chunks a tier evicted", "errors": "Failed tier operations", "corrupt": "Corrupt chunks dropped",
@@ -70,11 +73,17 @@ class KVTierStats(KVConnectorStats):
     def aggregate(self, other: KVConnectorStats) -> "KVTierStats":
         total = dict(self.data)
         for k, v in other.data.items():
-            total[k] = total.get(k, 0.0) + v
+            total[k] = total.get(k, [] if k == LATENCY else 0.0) + v
         return KVTierStats(data=total)
 
     def reduce(self) -> dict[str, int | float]:
-        return {k: int(v) if float(v).is_integer() else round(v, 3) for k, v in sorted(self.data.items())}
+        out = {k: int(v) if float(v).is_integer() else round(v, 3) for k, v in sorted(self.data.items())
+               if k != LATENCY}
+        lat = self.data.get(LATENCY)
+        if lat:  # the log line gets the count and mean of the interval's tier operations
+            out["tier_ops"] = len(lat)
+            out["tier_op_mean_ms"] = round(1e3 * sum(s for *_, s in lat) / len(lat), 3)
+        return out
 
     def is_empty(self) -> bool:
         return not any(self.data.values())
@@ -91,11 +100,16 @@ class KVTierPromMetrics(KVConnectorPromMetrics):
         self._tier_counters = {k: self._counter_cls(name=f"vllm:kvtier_tier_{k}", documentation=doc,
                                                     labelnames=[*labelnames, "tier"])
                                for k, doc in TIER_COUNTERS.items()}
+        self._latency = self._histogram_cls(name="vllm:kvtier_op_seconds", documentation="Latency of kvtier's "
+                                            "tier and store operations in the workers", buckets=list(LATENCY_BUCKETS),
+                                            labelnames=[*labelnames, "tier", "op"])
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         labels = self.per_engine_labelvalues.get(engine_idx, [])
+        for tier, op, seconds in transfer_stats_data.get(LATENCY, ()):
+            self._latency.labels(*labels, tier, op).observe(seconds)
         for key, amount in transfer_stats_data.items():
-            if amount <= 0:
+            if key == LATENCY or amount <= 0:
                 continue
             tier, _, field = key.rpartition(".")
             if tier and field in self._tier_counters:

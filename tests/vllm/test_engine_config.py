@@ -24,7 +24,7 @@ def test_bad_config_fails_at_start(tiny_model, engines, extra, message):
 def test_bad_config_multiprocess_engine(tiny_model, engines, tmp_path):
     """vLLM's default multi-process engine: start fails, kvtier's message is in the log."""
     with pytest.raises(EngineError):
-        p = engines(tiny_model, ENGINE, {"chunk_size": 48}, multiprocess=True)
+        engines(tiny_model, ENGINE, {"chunk_size": 48}, multiprocess=True)
     log = open(sorted((tmp_path.parent).glob("engine-logs*/test_engine_config-*.log"))[-1]).read()
     assert "must be a multiple of the engine's block size (32)" in log
 

@@ -125,6 +125,7 @@ def test_vllm_serve_over_http_as_the_readme_says(tmp_path):
     with Server(here(serve), port, tmp_path / "kvtier-2.log", model) as s:  # a new process: only the disk tier
         out.append(s.complete(prompts[2]))
         assert s.metric("vllm:kvtier_tier_hits_total", tier="disk") >= DOC_WORDS // 256
+        assert s.metric("vllm:kvtier_op_seconds_count", tier="disk", op="get_into") >= 1
     assert out[0][1] == 0, "the first request found a prefix nobody computed"
     assert out[1][1] >= DOC_WORDS, f"after vLLM's cache reset: {out[1][1]} cached tokens, not kvtier's cpu tier"
     assert out[2][1] >= DOC_WORDS, f"after a restart: {out[2][1]} cached tokens, not kvtier's disk tier"

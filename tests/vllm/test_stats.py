@@ -29,6 +29,28 @@ def test_reports_are_increments_and_add_up(tmp_path):
     total = KVTierStats(data=first).aggregate(KVTierStats(data={"disk.hits": 2, "saved_chunks": 4}))
     assert total.reduce()["disk.hits"] == 3 and total.reduce()["saved_chunks"] == 4
     assert not total.is_empty() and KVTierStats(data={"cpu.hits": 0}).is_empty()
+    lat = KVTierStats(data={"latency": [["disk", "get_into", 0.002]]}).aggregate(
+        KVTierStats(data={"latency": [["disk", "get_into", 0.004]], "disk.hits": 1}))
+    assert lat.data["latency"] == [["disk", "get_into", 0.002], ["disk", "get_into", 0.004]]
+    assert lat.reduce() == {"disk.hits": 1, "tier_ops": 2, "tier_op_mean_ms": 3.0}
+
+
+def test_store_latency_is_kept_for_vllm_only_when_asked(tmp_path):
+    from kvtier.config import KVTierConfig
+    from kvtier.store import Store
+
+    layout = ChunkLayout(1, 16, 8, torch.float16)
+    store = Store(KVTierConfig(tiers=("cpu",), cpu_bytes=64 * layout.nbytes), layout, pin=False)
+    store.lookup([b"k" * 16])
+    assert store.metrics.take_recent_latency() == []  # nobody asked: nothing piles up
+    store.metrics.keep_recent_latency()
+    store.lookup([b"k" * 16])
+    store.get([b"k" * 16])
+    got = store.metrics.take_recent_latency()
+    assert {("cpu", "contains"), ("store", "lookup"), ("store", "get")} <= {(t, op) for t, op, _ in got}
+    assert all(s >= 0 for *_, s in got)
+    assert store.metrics.take_recent_latency() == []
+    store.close(10)
 
 
 def test_prometheus_counters_per_engine_and_tier():
@@ -37,13 +59,19 @@ def test_prometheus_counters_per_engine_and_tier():
     def counter(**kw):
         return Counter(registry=registry, **kw)
 
+    def histogram(**kw):
+        return Histogram(registry=registry, **kw)
+
     prom = KVTierPromMetrics(type("Cfg", (), {"kv_transfer_config": None})(),
-                             {Counter: counter, Gauge: Gauge, Histogram: Histogram}, ["model_name", "engine"],
+                             {Counter: counter, Gauge: Gauge, Histogram: histogram}, ["model_name", "engine"],
                              {0: ["m", "0"], 1: ["m", "1"]})
     prom.observe({"loaded_tokens": 256, "disk.hits": 1, "disk.bytes_read": 4096}, engine_idx=1)
-    prom.observe({"loaded_tokens": 256}, engine_idx=1)
+    prom.observe({"loaded_tokens": 256, "latency": [["disk", "get_into", 0.003]]}, engine_idx=1)
     value = registry.get_sample_value
     assert value("vllm:kvtier_loaded_tokens_total", {"model_name": "m", "engine": "1"}) == 512
     assert value("vllm:kvtier_tier_hits_total", {"model_name": "m", "engine": "1", "tier": "disk"}) == 1
     assert value("vllm:kvtier_tier_bytes_read_total", {"model_name": "m", "engine": "1", "tier": "disk"}) == 4096
     assert value("vllm:kvtier_loaded_tokens_total", {"model_name": "m", "engine": "0"}) is None
+    hist = {"model_name": "m", "engine": "1", "tier": "disk", "op": "get_into"}
+    assert value("vllm:kvtier_op_seconds_count", hist) == 1
+    assert value("vllm:kvtier_op_seconds_bucket", {**hist, "le": "0.005"}) == 1
