@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_vllm import STATE, _setup  # noqa: E402
 
 from kvtier.models import kv_bytes_per_token  # noqa: E402
-from kvtier.vllm.arrivals import bench_arrivals  # noqa: E402
+from kvtier.vllm.arrivals import CPU_SCENARIO, ENGINE_CPU_SCENARIO, bench_arrivals  # noqa: E402
 
 
 def main() -> int:
@@ -43,9 +43,8 @@ def main() -> int:
     STATE.mkdir(parents=True, exist_ok=True)
     model, engine, _, vocab, _ = _setup(args.cpu)
     if args.cpu:
-        sizes = dict(running=8, context=128, prefix=1024, new_tokens=64, arrivals=3, interval_s=0.3, settle_s=2.0,
-                     disk_settle_s=0.5)
-        engine = {**engine, "max_model_len": 2048, "max_num_batched_tokens": 1024}
+        sizes = CPU_SCENARIO
+        engine = engine | ENGINE_CPU_SCENARIO
         modes = [m for m in args.modes.split(",") if m != "native"]
     else:
         sizes = dict(running=32, context=1024, prefix=32768, new_tokens=256, arrivals=4, interval_s=0.5, settle_s=15.0,

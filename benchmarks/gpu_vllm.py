@@ -119,7 +119,7 @@ def part2(model, engine, kv, prompts, reps, native_gib: float | None) -> dict:
     return {"restart": restart, "native": native, "page_cache_dropped": dropped}
 
 
-def link_and_disk(kv_bytes_per_token: int, disk_path: str) -> dict:
+def link_and_disk(per_token: int, disk_path: str) -> dict:
     """Pinned host->device copy bandwidth and kvtier chunk-file read bandwidth (bytes/s)."""
     import torch
 
@@ -147,7 +147,7 @@ def link_and_disk(kv_bytes_per_token: int, disk_path: str) -> dict:
     dt = time.perf_counter() - t
     out["disk_read_bytes"] = total
     out["disk_bytes_per_s"] = total / dt if dt > 0 and total else None
-    out["kv_bytes_per_token"] = kv_bytes_per_token
+    out["kv_bytes_per_token"] = per_token
     return out
 
 

@@ -9,7 +9,6 @@ Per-tier counts live in each tier's :class:`~kvtier.tiers.base.TierStats`
 from __future__ import annotations
 
 from collections import deque
-
 from collections.abc import Callable, Iterable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server

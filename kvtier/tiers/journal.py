@@ -115,9 +115,13 @@ class Journal:
         self.close()
         try:
             fd = os.open(self.path, os.O_RDONLY)
-            self._fd, self._ino, self._pos, self._gen = fd, os.fstat(fd).st_ino, 0, _generation(fd)
         except OSError:
             return
+        try:
+            self._fd, self._ino, self._pos, self._gen = fd, os.fstat(fd).st_ino, 0, _generation(fd)
+        except OSError:  # never leak the descriptor
+            os.close(fd)
+            self._fd = None
 
     def _drain(self) -> Iterator[tuple[bytes, int]]:
         try:

@@ -25,6 +25,11 @@ from typing import Any
 from kvtier.vllm.phases import drop_page_cache_now, run_engine_child, shutdown_engine, start_llm
 
 MARK = "@@KVTIER-ARRIVALS@@"
+# The scenario scaled down to vLLM's CPU engine (kvtier bench vllm --arrivals, gpu_async.py --cpu):
+# 8 requests decode 64 tokens of 128-token prompts while 3 with a 1K-token cached prefix arrive.
+CPU_SCENARIO = dict(running=8, context=128, prefix=1024, new_tokens=64, arrivals=3, interval_s=0.3, settle_s=2.0,
+                    disk_settle_s=0.5)
+ENGINE_CPU_SCENARIO = dict(max_model_len=2048, max_num_batched_tokens=1024)
 
 
 def bench_arrivals(model: str, engine: dict[str, Any], kv_bytes_per_token: int, vocab: int, modes: list[str],

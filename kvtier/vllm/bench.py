@@ -111,16 +111,14 @@ def bench_arrivals_cpu(size: str = "demo", out: Callable[[str], None] = print) -
     """8 requests decode (128-token prompts, 64 new tokens) while 3 requests with a 1K-token cached
     prefix arrive 0.3 s apart, per ``load_mode``; see :mod:`kvtier.vllm.arrivals`."""
     from kvtier.models import SIZES, kv_bytes_per_token, make_random_llama
-    from kvtier.vllm.arrivals import bench_arrivals
+    from kvtier.vllm.arrivals import CPU_SCENARIO, ENGINE_CPU_SCENARIO, bench_arrivals
 
     model = make_random_llama(model_dir(size), size)
-    engine = {k: v for k, v in DEMO_ENGINE.items() if k != "skip_tokenizer_init"}
-    engine.update(max_model_len=2048, max_num_batched_tokens=1024)
+    engine = {k: v for k, v in DEMO_ENGINE.items() if k != "skip_tokenizer_init"} | ENGINE_CPU_SCENARIO
     disk = tempfile.mkdtemp(prefix="kvtier-bench-arrivals-")
     try:
         result = bench_arrivals(model, engine, kv_bytes_per_token(model, 4), SIZES[size]["vocab_size"],
-                                ["sync", "async", "auto"], disk, running=8, context=128, prefix=1024,
-                                new_tokens=64, arrivals=3, interval_s=0.3, settle_s=2.0, disk_settle_s=0.5, out=out)
+                                ["sync", "async", "auto"], disk, out=out, **CPU_SCENARIO)
     finally:
         shutil.rmtree(disk, ignore_errors=True)
     out(f"{'mode':>12} {'ITL p50 ms':>10} {'ITL p99 ms':>10} {'TTFT p50 s':>10}")
