@@ -124,6 +124,7 @@ def main() -> None:
         w_all.start_save([SaveSpec("r", list(range(n // C)), save_keys, block_ids)])
         forward()
         w_all.finish_save()
+        w_all.drain_saves()
 
     def save_layer_wise(wk):
         wk.start_save([SaveSpec("r", list(range(n // C)), save_keys, block_ids)])
@@ -131,6 +132,7 @@ def main() -> None:
             layer_compute(per_layer)
             wk.save_layer(layer)
         wk.finish_save()
+        wk.drain_saves()
 
     results = {"command": "python3 " + " ".join(shlex.quote(x) for x in sys.argv), "device":
                torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": n, "bytes": nbytes,

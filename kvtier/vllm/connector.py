@@ -65,10 +65,13 @@ INSTANCES: "weakref.WeakSet[KVTierConnector]" = weakref.WeakSet()
 class KVTierMetadata(KVConnectorMetadata):
     """What the scheduler side sends to the workers for one step (picklable)."""
 
-    def __init__(self, plan: StepPlan) -> None:
+    def __init__(self, plan: StepPlan, kept: frozenset[str] | None = None) -> None:
         self.loads = plan.loads
         self.saves = plan.saves
         self.parked_loads = plan.parked_loads
+        # Requests of this step that keep their blocks (scheduled, not resumed): saves of other
+        # requests still copying are waited for before the step writes (KVWorker.fence_saves).
+        self.kept = kept
 
 
 class KVTierWorkerMetadata(KVConnectorWorkerMetadata):
@@ -297,7 +300,8 @@ class KVTierConnector(KVConnectorBase_V1):
         for spec in plan.parked_loads:  # off the batch: every load, or a large one beside running requests
             large = spec.end - spec.start >= self.large_load_tokens
             spec.background = self.config.load_mode == "async" or (busy and large)
-        return KVTierMetadata(plan)
+        kept = frozenset(r for r in cached.req_ids if r not in cached.resumed_req_ids)
+        return KVTierMetadata(plan, kept)
 
     def update_connector_output(self, connector_output) -> None:
         meta = getattr(connector_output, "kv_connector_worker_meta", None)
@@ -343,6 +347,17 @@ class KVTierConnector(KVConnectorBase_V1):
         self.worker.warm_up()  # Triton: compile the kernels now, not in the first request's step
         log.info("kvtier: KV cache layout %s, transfer backend %s", paged.describe(),
                  self.worker.backend.__name__.rsplit(".", 1)[-1])
+
+    def handle_preemptions(self, kv_connector_metadata: KVTierMetadata) -> None:
+        """First thing of a step, before vLLM writes any block: saves still copying out of
+        blocks that may have been freed and reused are waited for (KVWorker.fence_saves)."""
+        if self.worker is not None:
+            self.worker.fence_saves(getattr(kv_connector_metadata, "kept", None))
+
+    def bind_connector_metadata(self, connector_metadata: KVTierMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        if self.worker is not None:  # again, for an engine that does not call handle_preemptions
+            self.worker.fence_saves(getattr(connector_metadata, "kept", None))
 
     def _begin_step(self) -> None:
         """Plan the bound step's loads and saves, once (from whichever hook runs first).
@@ -454,6 +469,8 @@ class KVTierConnector(KVConnectorBase_V1):
 
     def shutdown(self) -> None:
         try:
+            if self.worker is not None:
+                self.worker.drain_saves()
             self.store.flush(timeout=10.0)
         except Exception:
             log.exception("kvtier: flush at shutdown failed")

@@ -34,17 +34,21 @@ so 8 layers per copy). Measured in ``benchmarks/bench_layerwise.py``.
 - **Saves.** ``save_layer(l)`` copies layer ``l`` of every planned chunk out of the
   paged cache into host slots as soon as its attention has written it (on a GPU,
   enqueued behind the forward's work so far, overlapping the later layers).
-  ``finish_save`` copies layers whose hook did not run, waits for every copy (the
-  engine may reuse the blocks once the step returns) and commits the chunks;
-  requests whose load failed commit nothing. Writing to lower tiers happens later,
-  from host memory only.
+  ``finish_save`` copies layers whose hook did not run and decides which chunks to
+  commit (requests whose load failed commit nothing). On CPU the copies are done and
+  the chunks are committed at once. On a GPU the step does not wait for its copies: the
+  save thread commits the chunks once they are done, and :meth:`KVWorker.fence_saves`,
+  called before the next step writes anything, waits for every save still copying
+  that reads blocks of a request the engine may have freed since (see there). Writing
+  to lower tiers happens later, from host memory only.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -89,6 +93,7 @@ class _Saves:
     mapping: torch.Tensor
     bufs: list[torch.Tensor]
     items: list[tuple[SaveSpec, int, bytes, object]]  # (spec, chunk index, key, host ref), in buffer order
+    reqs: set[str] = field(default_factory=set)  # requests whose blocks the copies read
     copies: list[Transfer] = field(default_factory=list)
     written: list[bool] = field(default_factory=list)  # per layer: its attention is done (hook ran)
     copied: list[bool] = field(default_factory=list)  # per layer group
@@ -126,6 +131,10 @@ class KVWorker:
         self._load_thread: ThreadPoolExecutor | None = None
         self._load_stream = None
         self._saves: _Saves | None = None
+        # GPU saves whose copies may still run, each committed by the save thread (its future).
+        self._saving: list[tuple[_Saves, Future]] = []
+        self._save_thread: ThreadPoolExecutor | None = None
+        self._stats_lock = threading.Lock()  # the save thread counts too
         self.stats = {"loaded_tokens": 0, "failed_chunks": 0, "saved_chunks": 0, "skipped_saves": 0,
                       "unready_layer_loads": 0}
 
@@ -357,6 +366,10 @@ class KVWorker:
                 log.exception("kvtier: store.get raised; treating the load as failed")
                 got = [None] * len(spec.keys)
             slots, covered = self._chunk_slots(spec.block_ids, spec.first_chunk, len(got))
+            # Slots of tokens outside [start, end) are -1: below start the blocks may be shared.
+            tok = torch.arange(spec.first_chunk * c, (spec.first_chunk + len(got)) * c).view(len(got), c)
+            slots[(tok < spec.start) | (tok >= spec.end)] = -1
+            rows: list[int] = []
             for i, ref in enumerate(got):
                 base = (spec.first_chunk + i) * c
                 lo, hi = max(spec.start, base), min(spec.end, base + c)
@@ -373,15 +386,13 @@ class KVWorker:
                     ref.release()
                     fail(spec, [(lo, hi)])
                     continue
-                # Slots of tokens [lo, hi); -1 elsewhere (below start: shared blocks, never written).
-                m = slots[i]
-                m[:lo - base] = -1
-                m[hi - base:] = -1
                 refs.append(ref)
-                parts.append(m)
+                rows.append(i)
                 blocks |= self._blocks_of(spec.block_ids, lo, hi)
                 reqs.add(spec.req_id)
                 tokens += hi - lo
+            if rows:
+                parts.append(slots[rows].view(-1))
         if refs:
             n = len(self.groups)
             try:
@@ -476,19 +487,25 @@ class KVWorker:
     def _plan_saves(self, specs: Iterable[SaveSpec]) -> None:
         items, parts = [], []
         for spec in specs:
+            if not spec.chunk_indices:
+                continue
+            lo_ci = min(spec.chunk_indices)
+            slots, covered = self._chunk_slots(spec.block_ids, lo_ci, max(spec.chunk_indices) + 1 - lo_ci)
+            rows: list[int] = []
             for ci, key in zip(spec.chunk_indices, spec.keys):
-                slots, covered = self._chunk_slots(spec.block_ids, ci, 1)
-                if not covered:  # block table too short: a planning bug, never a crash
+                if ci - lo_ci >= covered:  # block table too short: a planning bug, never a crash
                     log.error("kvtier: no slots for chunk %d of %s (%d blocks); not saved",
                               ci, spec.req_id, len(spec.block_ids))
-                    self.stats["skipped_saves"] += 1
+                    self._count("skipped_saves", 1)
                     continue
                 ref = self.store.allocate()
                 if ref is None:
-                    self.stats["skipped_saves"] += 1
+                    self._count("skipped_saves", 1)
                     continue
                 items.append((spec, ci, key, ref))
-                parts.append(slots[0])
+                rows.append(ci - lo_ci)
+            if rows:
+                parts.append(slots[rows].view(-1))
         if items:
             try:
                 mapping = self._mapping(parts)
@@ -496,9 +513,10 @@ class KVWorker:
                 log.exception("kvtier: the step's saves have no valid slot mapping; not saved")
                 for *_, ref in items:
                     ref.release()
-                self.stats["skipped_saves"] += len(items)
+                self._count("skipped_saves", len(items))
                 return
             self._saves = _Saves(mapping, [self._buf(r) for *_, r in items], items,
+                                 reqs={spec.req_id for spec, *_ in items},
                                  written=[False] * self.num_layers, copied=[False] * len(self.groups))
 
     def save_layer(self, layer: int) -> None:
@@ -524,7 +542,7 @@ class KVWorker:
             sv.broken = True
 
     def finish_save(self, skip_reqs: set[str] = frozenset(), failed_blocks: set[int] = frozenset()) -> None:
-        """Copy layers not saved yet, wait for every copy, commit the chunks whose KV is right.
+        """Copy layers not saved yet and decide which chunks to commit; commit them once copied.
 
         Not committed: chunks of requests in ``skip_reqs`` (a load of theirs failed this
         step), and chunks whose prefix holds a block of ``failed_blocks`` (this step's failed
@@ -532,6 +550,9 @@ class KVWorker:
         prefix cache and have computed on them). Later steps are planned after the engine
         learned of the failure, as long as no step is in flight when a load fails: the
         connector parks loads under async scheduling (docs/vllm.md).
+
+        CPU: the copies are done; the chunks are committed now. GPU: the step does not wait;
+        the save thread commits them when their copies are done (:meth:`fence_saves`).
         """
         sv = self._saves
         if sv is None:
@@ -540,6 +561,27 @@ class KVWorker:
             if not done:  # a hook of its layers did not run; the blocks are still the request's
                 self._copy_out(g)
         self._saves = None
+        bs = self.block_size
+        keep = []
+        for item in sv.items:
+            spec, ci, _, ref = item
+            end = (ci + 1) * self.chunk_size
+            if (sv.broken or spec.req_id in skip_reqs
+                    or (failed_blocks and not failed_blocks.isdisjoint(spec.block_ids[:end // bs]))):
+                ref.release()
+                self._count("skipped_saves", 1)
+            else:
+                keep.append(item)
+        sv.items = keep
+        if not self.cuda:
+            self._commit(sv)
+            return
+        if self._save_thread is None:
+            self._save_thread = ThreadPoolExecutor(1, thread_name_prefix="kvtier-save")
+        self._saving.append((sv, self._save_thread.submit(self._commit, sv)))
+
+    def _commit(self, sv: _Saves) -> None:
+        """Wait for a step's save copies (the save thread, on a GPU), then commit its chunks."""
         try:
             with span("worker.wait_saves", chunks=len(sv.items)):
                 for t in sv.copies:
@@ -547,16 +589,46 @@ class KVWorker:
         except Exception:
             log.exception("kvtier: waiting for a save failed; the step saves nothing")
             sv.broken = True
-        bs = self.block_size
-        for spec, ci, key, ref in sv.items:
-            end = (ci + 1) * self.chunk_size
-            if (sv.broken or spec.req_id in skip_reqs
-                    or (failed_blocks and not failed_blocks.isdisjoint(spec.block_ids[:end // bs]))):
+        for _, _, key, ref in sv.items:
+            if sv.broken:
                 ref.release()
-                self.stats["skipped_saves"] += 1
             else:
                 self.store.commit(key, ref)
-                self.stats["saved_chunks"] += 1
+        self._count("skipped_saves" if sv.broken else "saved_chunks", len(sv.items))
+
+    def _count(self, name: str, n: int) -> None:
+        with self._stats_lock:
+            self.stats[name] += n
+
+    def fence_saves(self, kept: Container[str] | None = None) -> None:
+        """Before a step writes the cache: wait for the saves that may read reused blocks.
+
+        A save's copies read blocks of its requests. Those blocks stay theirs while the
+        engine keeps the requests scheduled; a request finished, preempted or resumed
+        (with new blocks) may have had its blocks freed and handed to another request,
+        which this step may write (vLLM zeroes or copies new blocks, loads them, then the
+        forward). So every save still copying that reads a request not in ``kept`` (the
+        step's requests that keep their blocks; None: none do) is waited for, on the host,
+        before this returns. The connector calls this from vLLM's ``handle_preemptions``,
+        the first thing of a step, and again when the step's metadata is bound.
+        """
+        if not self._saving:
+            return
+        still = []
+        for sv, fut in self._saving:
+            if not fut.done() and (kept is None or not sv.reqs <= kept):
+                with span("worker.fence_saves", chunks=len(sv.items)):
+                    try:
+                        fut.result()
+                    except Exception:  # _commit catches its own errors; never crash the engine
+                        log.exception("kvtier: a save's commit raised")
+            if not fut.done():
+                still.append((sv, fut))
+        self._saving = still
+
+    def drain_saves(self) -> None:
+        """Wait until every save is committed (tools, tests, shutdown)."""
+        self.fence_saves(None)
 
     def _drop_saves(self) -> None:
         sv, self._saves = self._saves, None
@@ -566,6 +638,8 @@ class KVWorker:
             ref.release()
 
     def save(self, specs: Iterable[SaveSpec], skip_reqs: set[str] = frozenset()) -> None:
-        """All layers at once (tools, tests): :meth:`start_save` then :meth:`finish_save`."""
+        """All layers at once, committed on return (tools, tests): :meth:`start_save`,
+        :meth:`finish_save`, :meth:`drain_saves`."""
         self.start_save(specs)
         self.finish_save(skip_reqs)
+        self.drain_saves()

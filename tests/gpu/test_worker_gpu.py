@@ -152,11 +152,46 @@ def test_layer_wise_step_on_the_forward_stream(store):
             cache.fill_(float(layer + 1))
             w.save_layer(layer)
     w.finish_save()
+    w.drain_saves()  # on a GPU the save thread commits once the copies are done
     ref = store.get(save_keys)[0]
     saved = ref.data[:w.chunk_nbytes].view(torch.float32).view(2, L, C, H * D)
     for layer in range(L):
         assert bool((saved[:, layer] == float(layer + 1)).all())
     ref.release()
+
+
+def test_saves_commit_after_the_step_and_fence_on_released_requests(store):
+    """finish_save does not wait for the copies (queued behind 0.2 s of work on the forward's
+    stream); fence_saves waits for them only when their request is not kept. After the fence
+    the blocks may be reused: an overwrite queued on another stream never reaches the chunk."""
+    caches = _caches()
+    w = KVWorker(store, PagedKV.from_vllm(caches, block_size=BS), C)
+    w.warm_up()
+    block_ids = list(range(3, 3 + C // BS))
+    for layer, cache in enumerate(caches.values()):
+        cache.fill_(float(layer + 1))
+    keys = [b"fence-save-0".ljust(16, b"\0")]
+    w.start_save([SaveSpec("r", [0], keys, block_ids)])
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        torch.cuda._sleep(200_000_000)  # the forward, still running when the step returns
+        for layer in range(L):
+            w.save_layer(layer)
+    w.finish_save()
+    assert store.get(keys) == [None], "committed before its copies could have run"
+    w.fence_saves(kept={"r", "other"})  # "r" keeps its blocks: no wait
+    assert len(w._saving) == 1 and store.get(keys) == [None]
+    w.fence_saves(kept={"other"})  # "r" finished or was preempted: its blocks may be handed out
+    assert not w._saving
+    for cache in caches.values():  # the next owner writes them, on a stream of its own
+        cache.fill_(99.0)
+    torch.cuda.synchronize()
+    ref = store.get(keys)[0]
+    saved = ref.data[:w.chunk_nbytes].view(torch.float32).view(2, L, C, H * D)
+    for layer in range(L):
+        assert bool((saved[:, layer] == float(layer + 1)).all())
+    ref.release()
+    assert w.stats["saved_chunks"] == 1
 
 
 def test_gpu_layer_groups_follow_min_run_bytes():

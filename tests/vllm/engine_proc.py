@@ -17,6 +17,9 @@ multi-process mode, and then instruments it:
   ``lose_chunks`` turns chunks the worker's ``Store.get`` returns into misses, at random
   (``p``, ``seed``) or by chunk index (``index``, ``times``), and writes noise into the
   blocks of a failed load (a torn load: what the cache holds there is never right);
+  ``slow_saves`` (GPU) starts every save copy ``cycles`` GPU clock cycles after the forward
+  that wrote its KV, on a stream of its own, so the engine runs ahead of its saves;
+  ``no_fence`` turns ``KVWorker.fence_saves`` off (the bug it prevents, to show it is caught);
 - runs vLLM's async scheduler on CPU when the engine config asks for
   ``async_scheduling=True`` (vLLM's CPU platform turns it off; its engine runs it fine).
 
@@ -162,7 +165,7 @@ def _child(cfg: dict) -> None:
     from vllm.v1.core.sched.scheduler import Scheduler
 
     counters = {"preemptions": 0, "overlap_checks": 0, "overlap_violations": 0, "faults_injected": 0,
-                "mid_chunk_loads": 0, "slowed_loads": 0}
+                "mid_chunk_loads": 0, "slowed_loads": 0, "slowed_saves": 0, "save_fences": 0}
     faults: set[str] = set()
     fault_args: dict = {}
     loss: dict = {"rnd": None}  # lose_chunks' random generator, seeded at the first load
@@ -375,6 +378,31 @@ def _child(cfg: dict) -> None:
                           f"{kw.get('layers')})", file=sys.stderr, flush=True)
                 kv_scatter(paged, guarded, [snap]).wait()
 
+        orig_gather = kv_worker.gather
+        orig_fence = kv_worker.KVWorker.fence_saves
+        delay_streams: dict = {}
+
+        def slow_gather(paged, mapping, chunks, skip=0, **kw):
+            if "slow_saves" not in faults or paged.device.type != "cuda":
+                return orig_gather(paged, mapping, chunks, skip, **kw)
+            s = delay_streams.get(str(paged.device))
+            if s is None:
+                s = delay_streams[str(paged.device)] = torch.cuda.Stream(paged.device)
+            s.wait_stream(torch.cuda.current_stream(paged.device))
+            with torch.cuda.stream(s):  # the copy waits for this stream: the forward is not slowed
+                torch.cuda._sleep(int(fault_args.get("cycles", 50_000_000)))
+                counters["slowed_saves"] += 1
+                return orig_gather(paged, mapping, chunks, skip, **kw)
+
+        def counted_fence(self, kept=None):
+            if "no_fence" in faults and kept is not None:
+                return None
+            counters["save_fences"] += sum(1 for sv, fut in self._saving
+                                           if not fut.done() and (kept is None or not sv.reqs <= kept))
+            return orig_fence(self, kept)
+
+        kv_worker.gather = slow_gather
+        kv_worker.KVWorker.fence_saves = counted_fence
         kv_worker.KVWorker.start_load = checked_start_load
         kv_worker.KVWorker._run_parked = checked_run_parked
         kv_worker.KVWorker._plan_loads_now = checked_plan

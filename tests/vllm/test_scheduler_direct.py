@@ -59,6 +59,10 @@ class Harness:
         self.preempted: list[tuple[str, int]] = []
         self.step_no = 0
         self.check_answers = check_answers
+        # Blocks read by the saves of recent steps, which on a GPU may still be copying:
+        # (request, blocks). Any of them handed to a request in a later step must be fenced.
+        self.recent_saves: list[list[tuple[str, set[int]]]] = []
+        self.fences = 0  # steps that reused a block of a recent save (and were fenced)
         self._wrap()
 
     def _wrap(self) -> None:
@@ -123,6 +127,7 @@ class Harness:
             req = sched.requests[save.req_id]
             done = req.num_computed_tokens  # already advanced past this step
             assert all((ci + 1) * CHUNK <= done for ci in save.chunk_indices)
+        self._check_save_fence(so)
         ids = list(so.num_scheduled_tokens)
         sampled = []
         for req_id in ids:
@@ -132,6 +137,35 @@ class Harness:
                                 sampled_token_ids=sampled, kv_connector_output=KVConnectorOutput())
         sched.update_from_output(so, out)
         del before
+
+    def _check_save_fence(self, so) -> None:
+        """A block that a recent step's save reads and that this step hands to a request (its
+        KV is written by this step) belongs to a saving request the step does not keep, so
+        the worker waits for that save before the step writes (KVWorker.fence_saves)."""
+        meta = so.kv_connector_metadata
+        # Blocks this step may write: a table's blocks from the first token not held already (a
+        # prefix-cache hit's blocks are shared and only read; a kvtier load writes from its start).
+        load_start = {ld.req_id: ld.start for ld in meta.loads}
+        given: set[int] = set()
+        for new in so.scheduled_new_reqs:
+            given.update(new.block_ids[0][load_start.get(new.req_id, new.num_computed_tokens) // BLOCK:])
+        cached = so.scheduled_cached_reqs
+        for i, ids in enumerate(cached.new_block_ids):
+            if ids is None:
+                continue
+            req_id = cached.req_ids[i]
+            first = load_start.get(req_id, cached.num_computed_tokens[i]) if req_id in cached.resumed_req_ids else 0
+            given.update(ids[0][first // BLOCK:])
+        for step in self.recent_saves:
+            for req_id, blocks in step:
+                if not blocks.isdisjoint(given):
+                    assert req_id not in meta.kept, (self.step_no, req_id, sorted(blocks & given))
+                    self.fences += 1
+        bs_per_chunk = CHUNK // BLOCK
+        self.recent_saves.append([(s.req_id, {b for ci in s.chunk_indices
+                                               for b in s.block_ids[ci * bs_per_chunk:(ci + 1) * bs_per_chunk]})
+                                  for s in meta.saves])
+        del self.recent_saves[:-8]
 
     def run(self, max_steps: int = 3000) -> None:
         while self.scheduler.has_requests() and self.step_no < max_steps:
@@ -168,6 +202,34 @@ def test_preemption_after_chunked_prefill_beyond_store(tiny_model):
     assert len(after) >= 3, "A was not asked about several times after its preemption"
     # Whatever the local prefix cache kept, the answer is hit - computed of THAT call (asserted in match).
     assert any(n > 256 and ans == 0 for n, ans in after), "A was never asked with more local tokens than stored"
+
+
+@pytest.mark.parametrize("keep_all", [False, True])
+def test_saved_blocks_reused_only_behind_a_fence(tiny_model, keep_all):
+    """A finishes in the step that saves its last chunk; B, admitted next, needs A's freed
+    blocks. The step that hands them to B keeps A out of its ``kept`` set, so the worker
+    waits for A's save copies before B's KV is written there. ``keep_all``: a connector
+    that kept every request (the bug the fence prevents) is caught."""
+    h = Harness(tiny_model, num_blocks=20, budget=256, reserve_full_isl=False)
+    if keep_all:
+        orig = h.connector.build_connector_meta
+
+        def keep_everyone(so):
+            meta = orig(so)
+            meta.kept = frozenset(h.scheduler.requests) | {"A", "B"}
+            return meta
+
+        h.scheduler.connector.build_connector_meta = keep_everyone
+    h.add("A", _prompt(11, 520), max_tokens=1)
+    while h.scheduler.has_requests():
+        h.step()
+    h.add("B", _prompt(12, 540), max_tokens=2)
+    if keep_all:
+        with pytest.raises(AssertionError, match="'A'"):
+            h.run()
+        return
+    h.run()
+    assert h.fences >= 1, "B was never given a block of A's save: the scenario does not test the fence"
 
 
 def test_buggy_ledger_is_caught(tiny_model):
@@ -221,5 +283,5 @@ def test_random_direct(tiny_model, seed):
                 h.step()
                 t += 1
     h.run()
-    print("seed", seed, "preempted", len(h.preempted), "loads", h.loads)
+    print("seed", seed, "preempted", len(h.preempted), "loads", h.loads, "fences", h.fences)
     assert len(h.calls) >= 8 and h.step_no > 8  # every request was asked about and ran to its end
