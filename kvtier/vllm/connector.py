@@ -65,13 +65,16 @@ INSTANCES: "weakref.WeakSet[KVTierConnector]" = weakref.WeakSet()
 class KVTierMetadata(KVConnectorMetadata):
     """What the scheduler side sends to the workers for one step (picklable)."""
 
-    def __init__(self, plan: StepPlan, kept: frozenset[str] | None = None) -> None:
+    def __init__(self, plan: StepPlan, kept: frozenset[str] | None = None,
+                 fresh: frozenset[int] | None = None) -> None:
         self.loads = plan.loads
         self.saves = plan.saves
         self.parked_loads = plan.parked_loads
-        # Requests of this step that keep their blocks (scheduled, not resumed): saves of other
-        # requests still copying are waited for before the step writes (KVWorker.fence_saves).
+        # What KVWorker.fence_saves needs to know which saves still copying to wait for before
+        # the step writes: the requests that keep their blocks (scheduled, not resumed), and the
+        # blocks handed to requests in this step (None: not known, under MultiConnector).
         self.kept = kept
+        self.fresh = fresh
 
 
 class KVTierWorkerMetadata(KVConnectorWorkerMetadata):
@@ -220,11 +223,15 @@ class KVTierConnector(KVConnectorBase_V1):
         self.large_load_tokens = max(1, BUSY_INLINE_MAX_BYTES // per_token)
         self._parks: dict[str, bool] = {}  # request -> parked, as answered by its latest lookup
         self._deltas = Deltas()  # counters reported to vLLM's metrics so far
+        self._sees_all_allocations = True  # no other connector allocates blocks unseen by us
         if role == KVConnectorRole.SCHEDULER:
             self.ledger = PrefixLedger(self.store, self.namespace, self.config.chunk_size, block_size,
                                        self.config.hash)
+            configs = _transfer_configs(vllm_config, self)
+            # Under MultiConnector another connector's loads get blocks kvtier is not told of.
+            self._sees_all_allocations = len(configs) == 1
             # A kvtier miss (evicted, corrupt, tier down) must be recomputed, never fail a request.
-            for tc in _transfer_configs(vllm_config, self):
+            for tc in configs:
                 if getattr(tc, "kv_load_failure_policy", "recompute") != "recompute":
                     log.warning("kvtier: setting kv_load_failure_policy='recompute' (was %r) for %s: a chunk "
                                 "that cannot be loaded is recomputed by the engine",
@@ -301,7 +308,16 @@ class KVTierConnector(KVConnectorBase_V1):
             large = spec.end - spec.start >= self.large_load_tokens
             spec.background = self.config.load_mode == "async" or (busy and large)
         kept = frozenset(r for r in cached.req_ids if r not in cached.resumed_req_ids)
-        return KVTierMetadata(plan, kept)
+        fresh = None
+        if self._sees_all_allocations:
+            fresh = set(b for new in scheduler_output.scheduled_new_reqs for b in new.block_ids[0])
+            for ids in cached.new_block_ids:
+                if ids is not None:
+                    fresh.update(ids[0])
+            for spec in plan.parked_loads:  # allocated for loads off the batch: not scheduled
+                fresh.update(spec.block_ids)
+            fresh = frozenset(fresh)
+        return KVTierMetadata(plan, kept, fresh)
 
     def update_connector_output(self, connector_output) -> None:
         meta = getattr(connector_output, "kv_connector_worker_meta", None)
@@ -352,12 +368,14 @@ class KVTierConnector(KVConnectorBase_V1):
         """First thing of a step, before vLLM writes any block: saves still copying out of
         blocks that may have been freed and reused are waited for (KVWorker.fence_saves)."""
         if self.worker is not None:
-            self.worker.fence_saves(getattr(kv_connector_metadata, "kept", None))
+            self.worker.fence_saves(getattr(kv_connector_metadata, "kept", None),
+                                    getattr(kv_connector_metadata, "fresh", None))
 
     def bind_connector_metadata(self, connector_metadata: KVTierMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)
         if self.worker is not None:  # again, for an engine that does not call handle_preemptions
-            self.worker.fence_saves(getattr(connector_metadata, "kept", None))
+            self.worker.fence_saves(getattr(connector_metadata, "kept", None),
+                                    getattr(connector_metadata, "fresh", None))
 
     def _begin_step(self) -> None:
         """Plan the bound step's loads and saves, once (from whichever hook runs first).

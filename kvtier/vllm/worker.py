@@ -38,8 +38,8 @@ so 8 layers per copy). Measured in ``benchmarks/bench_layerwise.py``.
   commit (requests whose load failed commit nothing). On CPU the copies are done and
   the chunks are committed at once. On a GPU the step does not wait for its copies: the
   save thread commits the chunks once they are done, and :meth:`KVWorker.fence_saves`,
-  called before the next step writes anything, waits for every save still copying
-  that reads blocks of a request the engine may have freed since (see there). Writing
+  called before a later step writes anything, waits for every save still copying that
+  reads blocks the engine may have handed to another request since (see there). Writing
   to lower tiers happens later, from host memory only.
 """
 
@@ -94,6 +94,7 @@ class _Saves:
     bufs: list[torch.Tensor]
     items: list[tuple[SaveSpec, int, bytes, object]]  # (spec, chunk index, key, host ref), in buffer order
     reqs: set[str] = field(default_factory=set)  # requests whose blocks the copies read
+    blocks: set[int] = field(default_factory=set)  # the blocks the copies read
     copies: list[Transfer] = field(default_factory=list)
     written: list[bool] = field(default_factory=list)  # per layer: its attention is done (hook ran)
     copied: list[bool] = field(default_factory=list)  # per layer group
@@ -486,6 +487,7 @@ class KVWorker:
 
     def _plan_saves(self, specs: Iterable[SaveSpec]) -> None:
         items, parts = [], []
+        per = self.chunk_size // self.block_size
         for spec in specs:
             if not spec.chunk_indices:
                 continue
@@ -517,6 +519,7 @@ class KVWorker:
                 return
             self._saves = _Saves(mapping, [self._buf(r) for *_, r in items], items,
                                  reqs={spec.req_id for spec, *_ in items},
+                                 blocks={b for spec, ci, *_ in items for b in spec.block_ids[ci * per:(ci + 1) * per]},
                                  written=[False] * self.num_layers, copied=[False] * len(self.groups))
 
     def save_layer(self, layer: int) -> None:
@@ -600,35 +603,46 @@ class KVWorker:
         with self._stats_lock:
             self.stats[name] += n
 
-    def fence_saves(self, kept: Container[str] | None = None) -> None:
-        """Before a step writes the cache: wait for the saves that may read reused blocks.
+    def fence_saves(self, kept: Container[str] | None = None, fresh: Container[int] | None = None) -> None:
+        """Before a step writes the cache: wait for the saves whose blocks it may write.
 
-        A save's copies read blocks of its requests. Those blocks stay theirs while the
-        engine keeps the requests scheduled; a request finished, preempted or resumed
-        (with new blocks) may have had its blocks freed and handed to another request,
-        which this step may write (vLLM zeroes or copies new blocks, loads them, then the
-        forward). So every save still copying that reads a request not in ``kept`` (the
-        step's requests that keep their blocks; None: none do) is waited for, on the host,
-        before this returns. The connector calls this from vLLM's ``handle_preemptions``,
-        the first thing of a step, and again when the step's metadata is bound.
+        A save's copies read blocks of its requests, which stay theirs while the engine keeps
+        the requests; a request finished, preempted or resumed (with new blocks) may have had
+        its blocks freed and handed to another request, which this step may write (vLLM
+        zeroes or copies new blocks, kvtier or another connector loads them, the forward).
+        So a save still copying is waited for, on the host, before this returns when:
+
+        - ``fresh`` (the blocks handed to requests in this step) holds one of its blocks; or,
+          where ``fresh`` is None (not known: another connector may allocate unseen),
+        - one of its requests is not in ``kept`` (the step's requests that keep their blocks;
+          None: none do).
+
+        The connector calls this from vLLM's ``handle_preemptions``, the first thing of a step,
+        and again when the step's metadata is bound.
         """
         if not self._saving:
             return
         still = []
         for sv, fut in self._saving:
-            if not fut.done() and (kept is None or not sv.reqs <= kept):
+            if fut.done():
+                continue
+            if fresh is not None:
+                reused = not sv.blocks.isdisjoint(fresh)
+            else:
+                reused = kept is None or not sv.reqs <= kept
+            if reused:
                 with span("worker.fence_saves", chunks=len(sv.items)):
                     try:
                         fut.result()
                     except Exception:  # _commit catches its own errors; never crash the engine
                         log.exception("kvtier: a save's commit raised")
-            if not fut.done():
+            else:
                 still.append((sv, fut))
         self._saving = still
 
     def drain_saves(self) -> None:
         """Wait until every save is committed (tools, tests, shutdown)."""
-        self.fence_saves(None)
+        self.fence_saves(None, None)
 
     def _drop_saves(self) -> None:
         sv, self._saves = self._saves, None

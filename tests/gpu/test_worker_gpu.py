@@ -162,8 +162,9 @@ def test_layer_wise_step_on_the_forward_stream(store):
 
 def test_saves_commit_after_the_step_and_fence_on_released_requests(store):
     """finish_save does not wait for the copies (queued behind 0.2 s of work on the forward's
-    stream); fence_saves waits for them only when their request is not kept. After the fence
-    the blocks may be reused: an overwrite queued on another stream never reaches the chunk."""
+    stream); fence_saves waits for them only when a block they read is handed out (or, where
+    that is not known, their request is not kept). After the fence the blocks may be reused:
+    an overwrite queued on another stream never reaches the chunk."""
     caches = _caches()
     w = KVWorker(store, PagedKV.from_vllm(caches, block_size=BS), C)
     w.warm_up()
@@ -180,8 +181,9 @@ def test_saves_commit_after_the_step_and_fence_on_released_requests(store):
     w.finish_save()
     assert store.get(keys) == [None], "committed before its copies could have run"
     w.fence_saves(kept={"r", "other"})  # "r" keeps its blocks: no wait
+    w.fence_saves(kept=set(), fresh=frozenset({0, 1}))  # only blocks 0 and 1 are handed out
     assert len(w._saving) == 1 and store.get(keys) == [None]
-    w.fence_saves(kept={"other"})  # "r" finished or was preempted: its blocks may be handed out
+    w.fence_saves(kept={"r"}, fresh=frozenset({block_ids[5]}))  # one of its blocks is handed out
     assert not w._saving
     for cache in caches.values():  # the next owner writes them, on a stream of its own
         cache.fill_(99.0)

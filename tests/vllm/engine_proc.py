@@ -394,12 +394,13 @@ def _child(cfg: dict) -> None:
                 counters["slowed_saves"] += 1
                 return orig_gather(paged, mapping, chunks, skip, **kw)
 
-        def counted_fence(self, kept=None):
-            if "no_fence" in faults and kept is not None:
+        def counted_fence(self, kept=None, fresh=None):
+            if "no_fence" in faults and (kept, fresh) != (None, None):  # drain_saves still drains
                 return None
-            counters["save_fences"] += sum(1 for sv, fut in self._saving
-                                           if not fut.done() and (kept is None or not sv.reqs <= kept))
-            return orig_fence(self, kept)
+            pending = [fut for _, fut in self._saving if not fut.done()]
+            orig_fence(self, kept, fresh)
+            left = {id(fut) for _, fut in self._saving}
+            counters["save_fences"] += sum(1 for fut in pending if id(fut) not in left)
 
         kv_worker.gather = slow_gather
         kv_worker.KVWorker.fence_saves = counted_fence
@@ -467,6 +468,8 @@ def _child(cfg: dict) -> None:
                 from kvtier.vllm.connector import INSTANCES
 
                 for c in INSTANCES:
+                    if c.worker is not None:
+                        c.worker.drain_saves()
                     c.store.flush(30)
                 _reply({"ok": True})
             else:

@@ -156,6 +156,7 @@ class Harness:
             req_id = cached.req_ids[i]
             first = load_start.get(req_id, cached.num_computed_tokens[i]) if req_id in cached.resumed_req_ids else 0
             given.update(ids[0][first // BLOCK:])
+        assert given <= meta.fresh, (self.step_no, sorted(given - meta.fresh))
         for step in self.recent_saves:
             for req_id, blocks in step:
                 if not blocks.isdisjoint(given):
@@ -204,31 +205,39 @@ def test_preemption_after_chunked_prefill_beyond_store(tiny_model):
     assert any(n > 256 and ans == 0 for n, ans in after), "A was never asked with more local tokens than stored"
 
 
-@pytest.mark.parametrize("keep_all", [False, True])
-def test_saved_blocks_reused_only_behind_a_fence(tiny_model, keep_all):
+@pytest.mark.parametrize("bug", [None, "keep_all", "fresh_without_new_requests"])
+def test_saved_blocks_reused_only_behind_a_fence(tiny_model, bug):
     """A finishes in the step that saves its last chunk; B, admitted next, needs A's freed
-    blocks. The step that hands them to B keeps A out of its ``kept`` set, so the worker
-    waits for A's save copies before B's KV is written there. ``keep_all``: a connector
-    that kept every request (the bug the fence prevents) is caught."""
+    blocks. The step that hands them to B lists them in ``fresh`` and keeps A out of ``kept``,
+    so the worker waits for A's save copies before B's KV is written there (either rule
+    alone suffices: ``fresh`` where kvtier sees every allocation, ``kept`` under
+    MultiConnector). A connector with either rule broken is caught."""
     h = Harness(tiny_model, num_blocks=20, budget=256, reserve_full_isl=False)
-    if keep_all:
+    if bug:
         orig = h.connector.build_connector_meta
 
-        def keep_everyone(so):
+        def broken(so):
             meta = orig(so)
-            meta.kept = frozenset(h.scheduler.requests) | {"A", "B"}
+            if bug == "keep_all":
+                meta.kept = frozenset(h.scheduler.requests) | {"A", "B"}
+            else:
+                meta.fresh = frozenset(b for ids in so.scheduled_cached_reqs.new_block_ids if ids for b in ids[0])
             return meta
 
-        h.scheduler.connector.build_connector_meta = keep_everyone
-    h.add("A", _prompt(11, 520), max_tokens=1)
-    while h.scheduler.has_requests():
-        h.step()
-    h.add("B", _prompt(12, 540), max_tokens=2)
-    if keep_all:
-        with pytest.raises(AssertionError, match="'A'"):
-            h.run()
+        h.scheduler.connector.build_connector_meta = broken
+
+    def run() -> None:
+        h.add("A", _prompt(11, 520), max_tokens=1)
+        while h.scheduler.has_requests():
+            h.step()
+        h.add("B", _prompt(12, 540), max_tokens=2)
+        h.run()
+
+    if bug:
+        with pytest.raises(AssertionError, match="'A'" if bug == "keep_all" else r"^\(\d+, \["):
+            run()
         return
-    h.run()
+    run()
     assert h.fences >= 1, "B was never given a block of A's save: the scenario does not test the fence"
 
 
