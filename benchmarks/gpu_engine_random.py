@@ -45,6 +45,8 @@ def fence_check(base, kv, seed: int, fence: bool) -> dict:
     before = kv.stats()["counters"]
     out = {"fence": fence, "steps": []}
     for name, prompts, mt, reset in (("A", [a], 1, True), ("B", [b], 1, False), ("C", [c], 16, True)):
+        if name == "C":  # A's saves committed (after B wrote A's freed blocks), so that C loads them
+            kv.call("flush")
         base.send("generate", prompts=prompts, max_tokens=mt, reset=reset)
         got = kv.generate(prompts, mt, reset=reset)
         want = base.recv()["outputs"]
