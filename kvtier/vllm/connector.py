@@ -14,7 +14,9 @@ the first layer hook, whichever comes first); ``wait_for_layer_load(layer)``
 puts that layer's loaded KV in place before its attention (GPU: the forward's
 stream waits for that layer's copy, enqueued at the start; CPU: copied then);
 ``save_kv_layer(layer)`` copies that layer out right after its attention;
-``wait_for_save`` finishes both before the step returns. The copies are
+``wait_for_save`` finishes the loads before the step returns, and the saves on CPU (on a
+GPU they finish in kvtier's save thread; ``handle_preemptions`` of a later step waits for
+those whose blocks it hands out). The copies are
 :mod:`kvtier.transfer`'s gather/scatter (Triton kernels on a GPU, torch on CPU).
 See docs/vllm.md and :mod:`kvtier.vllm.worker`.
 """

@@ -441,6 +441,8 @@ def _child(cfg: dict) -> None:
                 for c in INSTANCES:
                     if c.ledger is not None:
                         st["ledger"] = dict(c.ledger.stats)
+                        # What the worker's save fence goes by (KVWorker.fence_saves).
+                        st["fence_rule"] = "fresh blocks" if c._sees_all_allocations else "kept requests"
                     if c.worker is not None:
                         st["worker"] = dict(c.worker.stats)
                     m = c.store.metrics

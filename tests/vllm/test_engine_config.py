@@ -60,6 +60,8 @@ def test_multiconnector_recomputes_lost_chunks(tiny_model, engines, tmp_path):
     got = kv.generate([prompt], 8, reset=True)
     assert kv.stats()["counters"]["faults_injected"] == 1, "no chunk was lost: the test proved nothing"
     assert got["outputs"] == want, "the lost chunk failed the request instead of being recomputed"
+    # The example connector's loads get blocks kvtier is not told of: saves are fenced by request.
+    assert kv.stats()["fence_rule"] == "kept requests"
 
 
 def test_connector_by_name_through_the_plugin(tiny_model, engines):
@@ -73,4 +75,5 @@ def test_connector_by_name_through_the_plugin(tiny_model, engines):
     first = kv.generate([prompt], 4, reset=True)
     again = kv.generate([prompt], 4, reset=True)
     assert again["outputs"] == first["outputs"]
+    assert kv.stats()["fence_rule"] == "fresh blocks"  # the only connector: it sees every allocation
     assert again["cached"][0] >= 256, again["cached"]
