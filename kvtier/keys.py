@@ -9,6 +9,8 @@ a partial chunk is never stored.
 
 from __future__ import annotations
 
+import array
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -65,8 +67,18 @@ def _hash(hash_name: str, prev: bytes, data: bytes | memoryview) -> bytes:
     raise ValueError(f"unknown hash {hash_name!r}; allowed: blake3, xxh3_128")
 
 
+# array("I") holds the same bytes as "<u4" here, and converts a list of Python ints about
+# twice as fast as numpy (0.75 vs 1.3 ms for 32K tokens on a 2-core box), range-checked.
+_ARRAY_U4 = sys.byteorder == "little" and array.array("I").itemsize == 4
+
+
 def as_token_array(token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
     """Token ids as a contiguous little-endian uint32 array (the bytes that get hashed)."""
+    if _ARRAY_U4 and isinstance(token_ids, list):  # what vLLM's scheduler hands over
+        try:
+            return np.frombuffer(array.array("I", token_ids), dtype="<u4")
+        except (OverflowError, TypeError) as e:
+            raise ValueError("token ids must be integers in [0, 2**32)") from e
     if hasattr(token_ids, "numpy"):  # torch tensor, without importing torch here
         token_ids = token_ids.cpu().numpy()
     arr = np.asarray(token_ids)

@@ -59,10 +59,11 @@ def test_input_types_agree_and_bad_tokens_fail():
     assert chunk_keys(NS, np.array(toks, dtype=np.int64), CS) == ref
     assert chunk_keys(NS, torch.tensor(toks), CS) == ref
     assert chunk_keys(NS, np.array(toks, dtype=np.int32), CS, max_chunks=1) == ref[:1]
-    with pytest.raises(ValueError):
-        chunk_keys(NS, [-1] * CS, CS)
-    with pytest.raises(ValueError):
-        chunk_keys(NS, [[1, 2]] * CS, CS)
+    assert chunk_keys(NS, tuple(toks), CS) == ref
+    assert chunk_keys(NS, [2**32 - 1] * CS, CS) == chunk_keys(NS, np.full(CS, 2**32 - 1, dtype=np.uint32), CS)
+    for bad in ([-1] * CS, [2**32] * CS, [1.5] * CS, [[1, 2]] * CS):
+        with pytest.raises(ValueError):
+            chunk_keys(NS, bad, CS)
 
 
 def test_keychain_extends_incrementally():
