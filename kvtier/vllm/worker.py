@@ -625,19 +625,19 @@ class KVWorker:
         still = []
         for sv, fut in self._saving:
             if fut.done():
-                continue
-            if fresh is not None:
+                reused = True
+            elif fresh is not None:
                 reused = not sv.blocks.isdisjoint(fresh)
             else:
                 reused = kept is None or not sv.reqs <= kept
-            if reused:
-                with span("worker.fence_saves", chunks=len(sv.items)):
-                    try:
-                        fut.result()
-                    except Exception:  # _commit catches its own errors; never crash the engine
-                        log.exception("kvtier: a save's commit raised")
-            else:
+            if not reused:
                 still.append((sv, fut))
+                continue
+            with span("worker.fence_saves", chunks=len(sv.items)) if not fut.done() else nullcontext():
+                try:
+                    fut.result()
+                except Exception:  # _commit catches the copies' errors; a commit raising is a bug
+                    log.exception("kvtier: committing a step's saves raised")
         self._saving = still
 
     def drain_saves(self) -> None:
