@@ -310,16 +310,33 @@ class KVTierConnector(KVConnectorBase_V1):
             large = spec.end - spec.start >= self.large_load_tokens
             spec.background = self.config.load_mode == "async" or (busy and large)
         kept = frozenset(r for r in cached.req_ids if r not in cached.resumed_req_ids)
-        fresh = None
-        if self._sees_all_allocations:
-            fresh = set(b for new in scheduler_output.scheduled_new_reqs for b in new.block_ids[0])
-            for ids in cached.new_block_ids:
-                if ids is not None:
-                    fresh.update(ids[0])
-            for spec in plan.parked_loads:  # allocated for loads off the batch: not scheduled
-                fresh.update(spec.block_ids)
-            fresh = frozenset(fresh)
+        fresh = frozenset(self._fresh_blocks(scheduler_output, plan)) if self._sees_all_allocations else None
         return KVTierMetadata(plan, kept, fresh)
+
+    def _fresh_blocks(self, scheduler_output: "SchedulerOutput", plan: StepPlan) -> set[int]:
+        """Blocks handed to requests in this step that the step may write: a new or resumed
+        request's table from its first block not already computed (the blocks below are
+        prefix-cache hits, full and only read; a kvtier load writes from its start), a running
+        request's new blocks, a parked load's blocks from its start."""
+        bs = self.block_size
+        load_start = {ld.req_id: ld.start for ld in plan.loads}
+        fresh: set[int] = set()
+        for new in scheduler_output.scheduled_new_reqs:
+            first = min(load_start.get(new.req_id, new.num_computed_tokens), new.num_computed_tokens)
+            fresh.update(new.block_ids[0][first // bs:])
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, ids in enumerate(cached.new_block_ids):
+            if ids is None:
+                continue
+            req_id = cached.req_ids[i]
+            first = 0
+            if req_id in cached.resumed_req_ids:  # its whole table, prefix-cache hits first
+                computed = cached.num_computed_tokens[i]
+                first = min(load_start.get(req_id, computed), computed)
+            fresh.update(ids[0][first // bs:])
+        for spec in plan.parked_loads:  # allocated for loads off the batch: not scheduled
+            fresh.update(spec.block_ids[spec.start // bs:])
+        return fresh
 
     def update_connector_output(self, connector_output) -> None:
         meta = getattr(connector_output, "kv_connector_worker_meta", None)

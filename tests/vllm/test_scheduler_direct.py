@@ -241,6 +241,26 @@ def test_saved_blocks_reused_only_behind_a_fence(tiny_model, bug):
     assert h.fences >= 1, "B was never given a block of A's save: the scenario does not test the fence"
 
 
+def test_prefix_cache_hits_are_not_fenced(tiny_model):
+    """B arrives while A runs, sharing A's first 512 tokens through vLLM's prefix cache. B's
+    first step reads those blocks but does not write them: they are not in its ``fresh`` set,
+    so B does not wait for A's saves of them (only the blocks B will write are)."""
+    h = Harness(tiny_model, num_blocks=60, budget=256, reserve_full_isl=False)
+    a = _prompt(21, 540)
+    h.add("A", a, max_tokens=30)
+    while h.step_no < 4:  # A's prefill (540 tokens, 256 a step), then decoding
+        h.step()
+    (a_blocks,) = h.scheduler.kv_cache_manager.get_block_ids("A")
+    h.add("B", a[:512] + _prompt(22, 100), max_tokens=2)
+    so = h.scheduler.schedule()
+    new = [r for r in so.scheduled_new_reqs if r.req_id == "B"]
+    assert new and new[0].num_computed_tokens == 512, "B did not hit A's blocks in vLLM's prefix cache"
+    shared = set(a_blocks[:512 // BLOCK])
+    assert set(new[0].block_ids[0][:512 // BLOCK]) == shared
+    assert shared.isdisjoint(so.kv_connector_metadata.fresh)
+    assert set(new[0].block_ids[0][512 // BLOCK:]) <= so.kv_connector_metadata.fresh
+
+
 def test_buggy_ledger_is_caught(tiny_model):
     """A ledger that reuses its first answer (the known bug) crashes vLLM's own scheduler.
 
