@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -21,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from _common import merge_json
+from _common import median_s, merge_json
 
 from kvtier.config import KVTierConfig
 from kvtier.layout import ChunkLayout
@@ -46,15 +45,6 @@ def fill(root: str, n: int) -> int:
     return tier.file_bytes
 
 
-def median_us(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e6
-
-
 def lookup_miss(root: str, chunks: int, file_bytes: int, reps: int) -> dict:
     config = KVTierConfig(tiers=("cpu",), cpu_bytes=64 * LAYOUT.nbytes)
     miss = [key(10**9 + i) for i in range(PROMPT_CHUNKS)]
@@ -63,8 +53,8 @@ def lookup_miss(root: str, chunks: int, file_bytes: int, reps: int) -> dict:
     both = Store(config, LAYOUT, pin=False, tiers=[disk])
     assert cpu_only.lookup(miss) == 0 and both.lookup(miss) == 0
     row = {"prompt_chunks": PROMPT_CHUNKS, "disk_chunks": chunks,
-           "cpu_only_us": median_us(lambda: cpu_only.lookup(miss), reps),
-           "cpu_disk_us": median_us(lambda: both.lookup(miss), reps)}
+           "cpu_only_us": median_s(lambda: cpu_only.lookup(miss), reps) * 1e6,
+           "cpu_disk_us": median_s(lambda: both.lookup(miss), reps) * 1e6}
     row["goal_us"] = 100.0
     cpu_only.close(10)
     both.close(10)

@@ -12,24 +12,12 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
-import time
 
 import numpy as np
 
-from _common import merge_json
+from _common import median_s, merge_json
 
 from kvtier.keys import KeyChain, Namespace, _hash
-
-
-def best_of(fn, reps: int) -> float:
-    """Median seconds of ``reps`` calls."""
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -46,8 +34,8 @@ def main() -> None:
     rows = []
     for n in args.tokens:
         toks = [rnd.randrange(0, 128256) for _ in range(n)]
-        keychain = best_of(lambda: KeyChain(ns, args.chunk, args.hash).extend(toks), args.reps)
-        numpy_way = best_of(lambda: np.ascontiguousarray(np.asarray(toks), dtype="<u4"), args.reps)
+        keychain = median_s(lambda: KeyChain(ns, args.chunk, args.hash).extend(toks), args.reps)
+        numpy_way = median_s(lambda: np.ascontiguousarray(np.asarray(toks), dtype="<u4"), args.reps)
         raw = memoryview(np.asarray(toks, dtype="<u4")).cast("B")
         step = args.chunk * 4
 
@@ -56,7 +44,7 @@ def main() -> None:
             for i in range(n // args.chunk):
                 prev = _hash(args.hash, prev, raw[i * step:(i + 1) * step])
 
-        hashing = best_of(hash_only, args.reps)
+        hashing = median_s(hash_only, args.reps)
         rows.append({"tokens": n, "keychain_ms": keychain * 1e3, "numpy_conversion_ms": numpy_way * 1e3,
                      "hash_only_ms": hashing * 1e3})
         print(f"{n:>7} tokens: keys {keychain * 1e3:.3f} ms (hashing alone {hashing * 1e3:.3f} ms, "
