@@ -320,20 +320,22 @@ class KVTierConnector(KVConnectorBase_V1):
         request's new blocks, a parked load's blocks from its start."""
         bs = self.block_size
         load_start = {ld.req_id: ld.start for ld in plan.loads}
+
+        def first_written(req_id: str, computed: int) -> int:
+            """Index of a whole table's first block this step may write."""
+            return min(load_start.get(req_id, computed), computed) // bs
+
         fresh: set[int] = set()
         for new in scheduler_output.scheduled_new_reqs:
-            first = min(load_start.get(new.req_id, new.num_computed_tokens), new.num_computed_tokens)
-            fresh.update(new.block_ids[0][first // bs:])
+            fresh.update(new.block_ids[0][first_written(new.req_id, new.num_computed_tokens):])
         cached = scheduler_output.scheduled_cached_reqs
         for i, ids in enumerate(cached.new_block_ids):
             if ids is None:
                 continue
             req_id = cached.req_ids[i]
-            first = 0
-            if req_id in cached.resumed_req_ids:  # its whole table, prefix-cache hits first
-                computed = cached.num_computed_tokens[i]
-                first = min(load_start.get(req_id, computed), computed)
-            fresh.update(ids[0][first // bs:])
+            # A resumed request's ids are its whole table, prefix-cache hits first; others' are new.
+            first = first_written(req_id, cached.num_computed_tokens[i]) if req_id in cached.resumed_req_ids else 0
+            fresh.update(ids[0][first:])
         for spec in plan.parked_loads:  # allocated for loads off the batch: not scheduled
             fresh.update(spec.block_ids[spec.start // bs:])
         return fresh
@@ -386,15 +388,15 @@ class KVTierConnector(KVConnectorBase_V1):
     def handle_preemptions(self, kv_connector_metadata: KVTierMetadata) -> None:
         """First thing of a step, before vLLM writes any block: saves still copying out of
         blocks that may have been freed and reused are waited for (KVWorker.fence_saves)."""
-        if self.worker is not None:
-            self.worker.fence_saves(getattr(kv_connector_metadata, "kept", None),
-                                    getattr(kv_connector_metadata, "fresh", None))
+        self._fence_saves(kv_connector_metadata)
 
     def bind_connector_metadata(self, connector_metadata: KVTierMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)
-        if self.worker is not None:  # again, for an engine that does not call handle_preemptions
-            self.worker.fence_saves(getattr(connector_metadata, "kept", None),
-                                    getattr(connector_metadata, "fresh", None))
+        self._fence_saves(connector_metadata)  # again, for an engine that does not call handle_preemptions
+
+    def _fence_saves(self, meta: KVTierMetadata) -> None:
+        if self.worker is not None:
+            self.worker.fence_saves(getattr(meta, "kept", None), getattr(meta, "fresh", None))
 
     def _begin_step(self) -> None:
         """Plan the bound step's loads and saves, once (from whichever hook runs first).

@@ -487,7 +487,6 @@ class KVWorker:
 
     def _plan_saves(self, specs: Iterable[SaveSpec]) -> None:
         items, parts = [], []
-        per = self.chunk_size // self.block_size
         for spec in specs:
             if not spec.chunk_indices:
                 continue
@@ -519,7 +518,9 @@ class KVWorker:
                 return
             self._saves = _Saves(mapping, [self._buf(r) for *_, r in items], items,
                                  reqs={spec.req_id for spec, *_ in items},
-                                 blocks={b for spec, ci, *_ in items for b in spec.block_ids[ci * per:(ci + 1) * per]},
+                                 blocks=set().union(*(self._blocks_of(spec.block_ids, ci * self.chunk_size,
+                                                                      (ci + 1) * self.chunk_size)
+                                                      for spec, ci, *_ in items)),
                                  written=[False] * self.num_layers, copied=[False] * len(self.groups))
 
     def save_layer(self, layer: int) -> None:
