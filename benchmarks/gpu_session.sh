@@ -3,7 +3,7 @@
 # on the machine staged with ../shared/gpu-vllm/prepare.sh. From the repo root:
 #   source .gpu-vllm/bin/env.sh && bash benchmarks/gpu_session.sh STEP
 # STEP: tests (tests/gpu), async1 (gpu_async auto,async), async2 (sync,native),
-# vllm1 / vllm2 (gpu_vllm parts), random (gpu_engine_random, with the save-fence check and its control). Results land in $OUT (default /tmp/kvtier-gpu).
+# vllm1 / vllm2 (gpu_vllm parts), writer (bench_writer_gil: the disk tier's writers vs the engine thread), random (gpu_engine_random, with the save-fence check and its control). Results land in $OUT (default /tmp/kvtier-gpu).
 set -uo pipefail
 OUT=${OUT:-/tmp/kvtier-gpu}
 mkdir -p "$OUT"
@@ -21,6 +21,7 @@ case "$1" in
   async2) python3 benchmarks/gpu_async.py --modes sync,native --out "$OUT/gpu_async_h200_part2.json" ;;
   random)
     python3 benchmarks/gpu_engine_random.py --scenarios 24 --out "$OUT/gpu_engine_random_h200.json" ;;
+  writer) python3 benchmarks/bench_writer_gil.py --chunks 32 --reps 5 --out "$OUT/writer_gil_h200.json" ;;
   vllm1) python3 benchmarks/gpu_vllm.py --part 1 --out "$OUT/gpu_vllm_h200.json" ;;
   vllm2) python3 benchmarks/gpu_vllm.py --part 2 --out "$OUT/gpu_vllm_h200.json" ;;
   *) echo "unknown step $1"; exit 2 ;;

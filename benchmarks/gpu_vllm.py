@@ -13,7 +13,9 @@ runs, each on a prompt vLLM's prefix cache does not hold (``reset_prefix_cache``
 - ``native_offload_hit_s``: vLLM's own CPU offload (``kv_offloading_size``), after a reset;
 - ``link_limit_s``: KV bytes / pinned host->device ``copy_`` bandwidth, measured here;
   ``disk_limit_s``: KV bytes / sequential read bandwidth of kvtier's chunk files, measured here;
-- ``outputs_match``: 16 greedy tokens of the first prompt, equal in every configuration.
+- ``outputs_match``: 16 greedy tokens of the first prompt, equal in every configuration;
+- ``cold_kvtier_cpu_only_s``, ``kvtier_cpu_hit_cpu_only_s``: the kvtier figures again in an engine
+  with the cpu tier only, where no disk tier writes chunks behind the requests.
 
     python3 benchmarks/gpu_vllm.py --part 1 && python3 benchmarks/gpu_vllm.py --part 2
     (--part all: both in one call; --cpu: dry run with the tiny model on vLLM's CPU engine)
@@ -91,7 +93,13 @@ def part1(model, engine, kv, prompts, reps) -> dict:
     t = time.time()
     kvr = run_phase(model, kv_steps, kv, engine)
     print(f"kvtier: {time.time() - t:.0f} s (start-up {kvr['startup_s']:.0f} s)", flush=True)
-    return {"base": base, "kvtier": kvr}
+    # The same with the cpu tier only: no disk tier writing chunks behind the requests (its
+    # threads share the engine process's GIL), to measure what that costs the engine.
+    t = time.time()
+    cpu_only = run_phase(model, kv_steps, {k: v for k, v in kv.items() if not k.startswith("disk")} |
+                         {"tiers": ["cpu"]}, engine)
+    print(f"kvtier, cpu tier only: {time.time() - t:.0f} s", flush=True)
+    return {"base": base, "kvtier": kvr, "kvtier_cpu_only": cpu_only}
 
 
 def part2(model, engine, kv, prompts, reps, native_gib: float | None) -> dict:
@@ -155,16 +163,19 @@ def rows(p1: dict, p2: dict, limits: dict, prompts: dict, reps: int) -> list[dic
     med = lambda xs: statistics.median(xs) if xs else None  # noqa: E731
     base = _ttfts(p1["base"], 1)
     kvr = _ttfts(p1["kvtier"], 1)
+    cpu_only = _ttfts(p1["kvtier_cpu_only"], 1) if p1.get("kvtier_cpu_only") else []
     restart = _ttfts(p2["restart"], 1)
     native = _ttfts(p2["native"], 1) if p2["native"] else []
     gens = {name: [s for s in r["steps"] if s["op"] == "generate"]
             for name, r in (("vllm", p1["base"]), ("kvtier_cpu", p1["kvtier"]), ("kvtier_disk", p2["restart"]),
-                            ("native", p2["native"])) if r is not None}
+                            ("native", p2["native"]), ("kvtier_cpu_only", p1.get("kvtier_cpu_only")))
+            if r is not None}
     out = []
     for i, n in enumerate(prompts):
         b = base[i * 2 * reps:(i + 1) * 2 * reps]
         k = kvr[i * 2 * reps:(i + 1) * 2 * reps]
         nat = native[i * 2 * reps:(i + 1) * 2 * reps]
+        c = cpu_only[i * 2 * reps:(i + 1) * 2 * reps]
         d = restart[i * reps:(i + 1) * reps]
         kv_bytes = n * limits["kv_bytes_per_token"]
         outs = {name: g[i]["outputs"][0] for name, g in gens.items()}
@@ -174,6 +185,8 @@ def rows(p1: dict, p2: dict, limits: dict, prompts: dict, reps: int) -> list[dic
                "kvtier_cpu_hit_s": med([s["s"] for s in k[reps:]]),
                "kvtier_disk_hit_s": med([s["s"] for s in d]),
                "native_offload_hit_s": med([s["s"] for s in nat[reps:]]),
+               "cold_kvtier_cpu_only_s": med([s["s"] for s in c[:reps]]),
+               "kvtier_cpu_hit_cpu_only_s": med([s["s"] for s in c[reps:]]),
                "link_limit_s": kv_bytes / limits["h2d_bytes_per_s"] if limits.get("h2d_bytes_per_s") else None,
                "disk_limit_s": kv_bytes / limits["disk_bytes_per_s"] if limits.get("disk_bytes_per_s") else None,
                "cached_tokens": {"apc": [s["cached"] for s in b[1::2]], "kvtier_cpu": [s["cached"] for s in k[reps:]],
@@ -181,7 +194,9 @@ def rows(p1: dict, p2: dict, limits: dict, prompts: dict, reps: int) -> list[dic
                                  "native": [s["cached"] for s in nat[reps:]]},
                "runs_s": {"cold": [s["s"] for s in b[0::2]], "apc": [s["s"] for s in b[1::2]],
                           "cold_kvtier": [s["s"] for s in k[:reps]], "kvtier_cpu": [s["s"] for s in k[reps:]],
-                          "kvtier_disk": [s["s"] for s in d], "native": [s["s"] for s in nat[reps:]]},
+                          "kvtier_disk": [s["s"] for s in d], "native": [s["s"] for s in nat[reps:]],
+                          "cold_kvtier_cpu_only": [s["s"] for s in c[:reps]],
+                          "kvtier_cpu_cpu_only": [s["s"] for s in c[reps:]]},
                "outputs": outs,
                "outputs_match": all(o == outs["vllm"] for o in outs.values())}
         out.append(row)
@@ -222,7 +237,8 @@ def main() -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))
         keys = ["tokens", "cold_s", "cold_kvtier_s", "apc_hit_s", "kvtier_cpu_hit_s", "kvtier_disk_hit_s",
-                "native_offload_hit_s", "link_limit_s", "disk_limit_s", "outputs_match"]
+                "native_offload_hit_s", "link_limit_s", "disk_limit_s", "cold_kvtier_cpu_only_s",
+                "kvtier_cpu_hit_cpu_only_s", "outputs_match"]
         print(" ".join(f"{k:>20}" for k in keys))
         for r in result["rows"]:
             print(" ".join(f"{r[k]:>20.4f}" if isinstance(r[k], float) else f"{str(r[k]):>20}" for k in keys))

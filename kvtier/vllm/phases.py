@@ -8,6 +8,8 @@ Steps:
 - ``{"op": "ttft", "prompt": [ids]}``: time of one request generating one token (its TTFT).
 - ``{"op": "generate", "prompts": [[ids]], "max_tokens": n}``: greedy outputs and wall time.
 - ``{"op": "reset_prefix_cache"}``: empty vLLM's own prefix cache (kvtier keeps its copy).
+- ``{"op": "profile_start", "prefix": name}`` / ``{"op": "profile_stop"}``: vLLM's torch profiler
+  around the steps between them (the engine needs ``profiler_config``).
 """
 
 from __future__ import annotations
@@ -145,6 +147,10 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         elif op == "reset_prefix_cache":
             llm.reset_prefix_cache()
             results["steps"].append({"op": op})
+        elif op == "profile_start":
+            llm.start_profile(step.get("prefix"))
+        elif op == "profile_stop":
+            llm.stop_profile()
         else:
             raise ValueError(f"unknown step {op!r}")
     shutdown_engine(llm)
