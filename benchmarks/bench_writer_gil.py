@@ -13,7 +13,7 @@ Llama-3.1-8B geometry (32 layers, 8 KV heads x 128, bf16, block 16, chunk 256: 3
 Ratios are printed against the idle figures measured in the same run.
 
     python3 benchmarks/bench_writer_gil.py --out benchmarks/results/writer_gil_h200.json
-    python3 benchmarks/bench_writer_gil.py --cpu      # dry run (torch ops on CPU, small chunks)
+    python3 benchmarks/bench_writer_gil.py --cpu [--small]   # the cache on CPU [small chunks: a dry run]
 """
 
 from __future__ import annotations
@@ -45,10 +45,11 @@ def main() -> int:
     ap.add_argument("--chunks", type=int, default=64, help="chunks written behind in the 'writing' runs")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--write-threads", type=int, default=2)
-    ap.add_argument("--cpu", action="store_true")
+    ap.add_argument("--cpu", action="store_true", help="the cache on CPU (no GPU needed)")
+    ap.add_argument("--small", action="store_true", help="a small geometry (512 KiB chunks): a quick dry run")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    L, H, D = (32, 8, 128) if not args.cpu else (4, 2, 64)
+    L, H, D = (32, 8, 128) if not args.small else (4, 2, 64)
     dev = torch.device("cpu" if args.cpu else "cuda")
     n = args.tokens
     nb = 2 * n // BS + 64
@@ -94,11 +95,12 @@ def main() -> int:
         w._drop_saves()
         return dt
 
-    def write_behind() -> None:
+    def write_behind() -> list[bytes]:
         """Commit ``--chunks`` new chunks: the writer threads write them to disk from now on."""
-        for _ in range(args.chunks):
-            ref = store.allocate()
-            store.commit(f"wb-{next(fresh)}".encode().ljust(16, b"\0"), ref)
+        keys = [f"wb-{next(fresh)}".encode().ljust(16, b"\0") for _ in range(args.chunks)]
+        for k in keys:
+            store.commit(k, store.allocate())
+        return keys
 
     result: dict = {"command": "python3 benchmarks/bench_writer_gil.py " + " ".join(sys.argv[1:]),
                     "python": sys.version.split()[0], "device": str(dev), "chunk_bytes": layout.nbytes,
@@ -111,11 +113,12 @@ def main() -> int:
             if not args.cpu:
                 torch.cuda.synchronize()
             idle.append(fn() * 1e3)
-            write_behind()
+            written = write_behind()
             time.sleep(0.005)  # the writers are under way
             busy.append(fn() * 1e3)
             left = store._queue.qsize()
             store.flush()
+            store.cpu.delete(written)  # keep the cpu tier for the chunks the loads read
             if not args.cpu:
                 torch.cuda.synchronize()
         result["runs"][name] = {"idle": idle, "writing": busy, "queue_left_after": left}

@@ -1,7 +1,9 @@
 """The disk tier on real files: restart, LRU, corruption, full and read-only disks, threads."""
 
 import os
+import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -219,6 +221,37 @@ def test_streaming_checksum_matches_layout_checksum():
     for i in range(0, N, 1000):
         h.update(memoryview(x)[i:i + 1000])
     assert h.intdigest() == checksum(memoryview(x))
+    assert checksum(memoryview(x)) == xxhash.xxh3_64_intdigest(memoryview(x))  # files written before stay valid
+
+
+def test_checksum_lets_other_threads_run():
+    """The disk tier's writer threads checksum every 32 MiB chunk in the engine's process; the
+    engine's thread must be able to run meanwhile. xxhash 3.x's one-shot functions hold the GIL
+    for the whole hash (the hasher's update releases it): on the H200 host that made planning a
+    load 4.4x slower while chunks were written behind (benchmarks/bench_writer_gil.py).
+
+    With a long switch interval a thread holding the GIL in C keeps it until the hash is done and
+    it has recorded its end, so the main thread can wake up before that end only if the GIL was free.
+    """
+    big = bytearray(256 << 20)
+    started, times = threading.Event(), {}
+
+    def hash_it() -> None:
+        started.set()
+        checksum(memoryview(big))
+        times["hash_end"] = time.perf_counter()
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1.0)
+    try:
+        t = threading.Thread(target=hash_it)
+        t.start()
+        started.wait()
+        times["main_ran"] = time.perf_counter()
+        t.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert times["main_ran"] < times["hash_end"]
 
 
 def test_full_disk_put_fails_cleanly_and_recovers(tmpfs):
