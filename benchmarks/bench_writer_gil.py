@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+import xxhash
 
 from kvtier.config import KVTierConfig
 from kvtier.layout import ChunkLayout
@@ -103,7 +104,8 @@ def main() -> int:
         return keys
 
     result: dict = {"command": "python3 benchmarks/bench_writer_gil.py " + " ".join(sys.argv[1:]),
-                    "python": sys.version.split()[0], "device": str(dev), "chunk_bytes": layout.nbytes,
+                    "python": sys.version.split()[0], "xxhash": xxhash.VERSION, "device": str(dev),
+                    "chunk_bytes": layout.nbytes,
                     "tokens": n, "ops": args.ops, "chunks_written": args.chunks,
                     "write_threads": args.write_threads, "runs": {}}
     for name, fn in (("launch_ms", launch), ("plan_loads_ms", plan_loads), ("plan_saves_ms", plan_saves)):
