@@ -135,7 +135,7 @@ class KVWorker:
         # GPU saves whose copies may still run, each committed by the save thread (its future).
         self._saving: list[tuple[_Saves, Future]] = []
         self._save_thread: ThreadPoolExecutor | None = None
-        self._stats_lock = threading.Lock()  # the save thread counts too
+        self._stats_lock = threading.Lock()  # the save and load threads count too
         self.stats = {"loaded_tokens": 0, "failed_chunks": 0, "saved_chunks": 0, "skipped_saves": 0,
                       "unready_layer_loads": 0}
 
@@ -286,7 +286,7 @@ class KVWorker:
             elif ld.broken:
                 failed |= self._release(ld, ok=False)
             else:
-                self.stats["loaded_tokens"] += ld.tokens
+                self._count("loaded_tokens", ld.tokens)
                 self._pending.append(ld)  # its chunks are released once its copies are done
         self._release_copied()
         return done, failed
@@ -296,9 +296,9 @@ class KVWorker:
         for ref in ld.refs:
             ref.release()
         if ok:
-            self.stats["loaded_tokens"] += ld.tokens
+            self._count("loaded_tokens", ld.tokens)
             return set()
-        self.stats["failed_chunks"] += len(ld.refs)
+        self._count("failed_chunks", len(ld.refs))
         self.store.metrics.load_errors.inc()
         return set(ld.blocks)
 
@@ -349,7 +349,7 @@ class KVWorker:
             for lo, hi in ranges:
                 failed_blocks.update(self._blocks_of(spec.block_ids, lo, hi))
             failed_reqs.add(spec.req_id)
-            self.stats["failed_chunks"] += chunks
+            self._count("failed_chunks", chunks)
             self.store.metrics.load_errors.inc()
 
         refs: list = []
@@ -402,7 +402,7 @@ class KVWorker:
                 log.exception("kvtier: the step's loads have no valid slot mapping; reporting them failed")
                 for ref in refs:
                     ref.release()
-                self.stats["failed_chunks"] += len(refs)
+                self._count("failed_chunks", len(refs))
                 self.store.metrics.load_errors.inc()
                 return failed_blocks | blocks, failed_reqs | reqs, None
             return failed_blocks, failed_reqs, _Loads(mapping, [self._buf(r) for r in refs], refs, blocks, reqs,
@@ -461,7 +461,7 @@ class KVWorker:
                     t.wait()
         unready = [self.groups[i] for i, ok in enumerate(ld.ready) if not ok]
         if unready:
-            self.stats["unready_layer_loads"] += 1
+            self._count("unready_layer_loads", 1)
             log.warning("kvtier: layer groups %s were not waited for before their attention (no "
                         "wait_for_layer_load); reporting the step's loads failed so they are recomputed",
                         unready[:8])
