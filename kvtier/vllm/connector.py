@@ -506,6 +506,16 @@ class KVTierConnector(KVConnectorBase_V1):
         failed, self._failed_blocks = self._failed_blocks, set()
         return failed
 
+    def unregister_kv_caches(self) -> None:
+        """vLLM 0.33+ sleep mode, before it unmaps the KV cache: no kvtier copy may touch the cache
+        after this returns. vLLM has synchronized the device, but the load thread may still fetch
+        a parked load and copy it in, and the save thread may still be committing. After wake-up
+        the cache keeps its addresses (its contents are gone, and so is vLLM's prefix cache), so
+        ``restore_kv_caches`` has nothing to redo."""
+        if self.worker is not None:
+            self.worker.drain_parked()
+            self.worker.drain_saves()
+
     def shutdown(self) -> None:
         try:
             if self.worker is not None:

@@ -12,6 +12,8 @@ moves data with kvtier.transfer (one scatter/gather per request).
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -397,3 +399,34 @@ def test_block_ids_past_the_cache_fail_the_load_and_skip_the_save(store):
     assert all((c == SENTINEL).all() for c in caches.values())
     w.start_save([SaveSpec("s", [0], [b"never".ljust(16, b"\0")], bad)])
     assert w._saves is None and w.stats["skipped_saves"] == 1 and store.pool.free_slots == free
+
+
+def test_sleep_mode_unregister_waits_for_a_background_load(store, monkeypatch):
+    """vLLM 0.33's sleep mode calls ``unregister_kv_caches`` before it unmaps the KV cache (it
+    synchronizes the device first, but kvtier's load thread may still be fetching a parked
+    load and then copy it into the cache). The hook returns only once that copy is done."""
+    from kvtier.vllm.connector import KVTierConnector
+
+    keys, chunks = _setup(store)
+    caches = _cpu_cache()
+    w = KVWorker(store, PagedKV.from_vllm(caches, block_size=BS), C)
+    gate = threading.Event()
+    get = store.get
+    monkeypatch.setattr(store, "get", lambda ks: (gate.wait(10), get(ks))[1])  # a slow lower tier
+    block_ids = list(range(3, 3 + 19))
+    w.park_load([LoadSpec("r", 0, 500, 0, keys[:2], block_ids, background=True)])
+    connector = KVTierConnector.__new__(KVTierConnector)  # only its worker half: the hook under test
+    connector.worker = w
+    hook = threading.Thread(target=connector.unregister_kv_caches)
+    hook.start()
+    hook.join(0.2)
+    waited = hook.is_alive()
+    gate.set()
+    hook.join(10)
+    assert waited, "unregister_kv_caches returned while a parked load was still to be copied"
+    cache = next(iter(caches.values()))
+    for t in (0, 255, 256, 499):
+        k, _ = _kv_of(cache, block_ids[t // BS] * BS + t % BS)
+        assert torch.equal(k, chunks[t // C][0, 0, t % C])
+    done, failed = w.finished_parked()
+    assert done == {"r"} and not failed
