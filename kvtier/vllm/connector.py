@@ -123,6 +123,9 @@ def schedules_ahead(vllm_config: "VllmConfig") -> bool:
         return False
 
 
+# How long vLLM's sleep (unregister_kv_caches) waits for parked loads still fetching.
+SLEEP_DRAIN_TIMEOUT_S = 30.0
+
 # A parked load of more bytes than this waits off the batch (a background load) when other
 # requests run in its step: inline, its copy would hold their next forward for longer than
 # ~1 ms at PCIe Gen5 speed (55 GB/s). Smaller ones, and any load into an idle engine, go inline.
@@ -509,12 +512,23 @@ class KVTierConnector(KVConnectorBase_V1):
     def unregister_kv_caches(self) -> None:
         """vLLM 0.33+ sleep mode, before it unmaps the KV cache: no kvtier copy may touch the cache
         after this returns. vLLM has synchronized the device, but the load thread may still fetch
-        a parked load and copy it in, and the save thread may still be committing. After wake-up
-        the cache keeps its addresses (its contents are gone, and so is vLLM's prefix cache), so
-        ``restore_kv_caches`` has nothing to redo."""
+        a parked load and copy it in, and the save thread may still be committing. A fetch stuck
+        past :data:`SLEEP_DRAIN_TIMEOUT_S` in a lower tier copies nothing when it ends: its load
+        is reported failed (recomputed)."""
+        if self.worker is None:
+            return
+        self.worker.cache_mapped = False
+        try:
+            self.worker.drain_parked(SLEEP_DRAIN_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - a stuck or failed fetch must not fail vLLM's sleep
+            log.warning("kvtier: a parked load still fetching at sleep; it will be reported failed")
+        self.worker.drain_saves()
+
+    def restore_kv_caches(self) -> None:
+        """After wake-up: the cache is mapped again at the same addresses (its contents are gone,
+        and so is vLLM's prefix cache); parked loads copy again."""
         if self.worker is not None:
-            self.worker.drain_parked()
-            self.worker.drain_saves()
+            self.worker.cache_mapped = True
 
     def shutdown(self) -> None:
         try:

@@ -131,6 +131,9 @@ class KVWorker:
         self._pending: list[_Loads] = []
         self._load_thread: ThreadPoolExecutor | None = None
         self._load_stream = None
+        # False while the engine has unmapped the cache (vLLM's sleep mode): a parked load whose
+        # fetch ends then copies nothing and is reported failed.
+        self.cache_mapped = True
         self._saves: _Saves | None = None
         # GPU saves whose copies may still run, each committed by the save thread (its future).
         self._saving: list[tuple[_Saves, Future]] = []
@@ -246,6 +249,9 @@ class KVWorker:
         with (torch.cuda.device(self.paged.device) if self.cuda else nullcontext()), \
                 (torch.cuda.stream(self._side_stream(after)) if after is not None else nullcontext()):
             failed_blocks, _, ld = self._plan_loads(specs)
+            if ld is not None and not self.cache_mapped:
+                failed_blocks |= self._release(ld, ok=False)
+                ld = None
             if ld is not None:
                 with span("worker.enqueue_loads", chunks=len(ld.refs)):
                     self._copy_in(ld, None)

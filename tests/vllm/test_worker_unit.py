@@ -401,20 +401,26 @@ def test_block_ids_past_the_cache_fail_the_load_and_skip_the_save(store):
     assert w._saves is None and w.stats["skipped_saves"] == 1 and store.pool.free_slots == free
 
 
-def test_sleep_mode_unregister_waits_for_a_background_load(store, monkeypatch):
+def test_sleep_mode_unregister_waits_for_a_load_copying(store, monkeypatch):
     """vLLM 0.33's sleep mode calls ``unregister_kv_caches`` before it unmaps the KV cache (it
-    synchronizes the device first, but kvtier's load thread may still be fetching a parked
-    load and then copy it into the cache). The hook returns only once that copy is done."""
+    synchronizes the device first, but kvtier's load thread may be copying a parked load into the
+    cache right then). The hook returns only once that copy is done."""
     from kvtier.vllm.connector import KVTierConnector
 
     keys, chunks = _setup(store)
     caches = _cpu_cache()
     w = KVWorker(store, PagedKV.from_vllm(caches, block_size=BS), C)
-    gate = threading.Event()
-    get = store.get
-    monkeypatch.setattr(store, "get", lambda ks: (gate.wait(10), get(ks))[1])  # a slow lower tier
+    copying, gate = threading.Event(), threading.Event()
+
+    def slow_copy(ld, group):
+        copying.set()
+        gate.wait(10)
+        KVWorker._copy_in(w, ld, group)
+
+    monkeypatch.setattr(w, "_copy_in", slow_copy)
     block_ids = list(range(3, 3 + 19))
     w.park_load([LoadSpec("r", 0, 500, 0, keys[:2], block_ids, background=True)])
+    assert copying.wait(10)
     connector = KVTierConnector.__new__(KVTierConnector)  # only its worker half: the hook under test
     connector.worker = w
     hook = threading.Thread(target=connector.unregister_kv_caches)
@@ -423,10 +429,41 @@ def test_sleep_mode_unregister_waits_for_a_background_load(store, monkeypatch):
     waited = hook.is_alive()
     gate.set()
     hook.join(10)
-    assert waited, "unregister_kv_caches returned while a parked load was still to be copied"
+    assert waited, "unregister_kv_caches returned while a parked load was copying into the cache"
     cache = next(iter(caches.values()))
     for t in (0, 255, 256, 499):
         k, _ = _kv_of(cache, block_ids[t // BS] * BS + t % BS)
         assert torch.equal(k, chunks[t // C][0, 0, t % C])
     done, failed = w.finished_parked()
     assert done == {"r"} and not failed
+
+
+def test_sleep_mode_fetch_stuck_past_the_wait_copies_nothing(store, monkeypatch):
+    """A parked load whose fetch outlasts the hook's wait is reported failed when it ends and
+    writes nothing into the (unmapped) cache; after ``restore_kv_caches`` loads copy again."""
+    from kvtier.vllm import connector as conn
+
+    keys, _ = _setup(store)
+    caches = _cpu_cache()
+    w = KVWorker(store, PagedKV.from_vllm(caches, block_size=BS), C)
+    gate = threading.Event()
+    get = store.get
+    monkeypatch.setattr(store, "get", lambda ks: (gate.wait(10), get(ks))[1])
+    monkeypatch.setattr(conn, "SLEEP_DRAIN_TIMEOUT_S", 0.2)
+    block_ids = list(range(3, 3 + 19))
+    w.park_load([LoadSpec("r", 0, 500, 0, keys[:2], block_ids, background=True)])
+    connector = conn.KVTierConnector.__new__(conn.KVTierConnector)
+    connector.worker = w
+    connector.unregister_kv_caches()  # returns after 0.2 s with the fetch still stuck
+    gate.set()
+    w.drain_parked()
+    done, failed = w.finished_parked()
+    assert done == {"r"} and failed == set(block_ids[:(500 - 1) // BS + 1])
+    assert all((c == SENTINEL).all() for c in caches.values())
+    assert w.stats["failed_chunks"] == 2
+    connector.restore_kv_caches()
+    w.park_load([LoadSpec("q", 0, 500, 0, keys[:2], block_ids, background=True)])
+    w.drain_parked()
+    done, failed = w.finished_parked()
+    assert done == {"q"} and not failed
+    assert not (next(iter(caches.values()))[block_ids[0]] == SENTINEL).all()
