@@ -520,8 +520,9 @@ class KVTierConnector(KVConnectorBase_V1):
         self.worker.cache_mapped = False
         try:
             self.worker.drain_parked(SLEEP_DRAIN_TIMEOUT_S)
-        except Exception:  # noqa: BLE001 - a stuck or failed fetch must not fail vLLM's sleep
-            log.warning("kvtier: a parked load still fetching at sleep; it will be reported failed")
+        except Exception as e:  # noqa: BLE001 - a stuck or failed fetch must not fail vLLM's sleep
+            log.warning("kvtier: parked loads unfinished at sleep (%r); they copy nothing and are "
+                        "reported failed", e)
         self.worker.drain_saves()
 
     def restore_kv_caches(self) -> None:

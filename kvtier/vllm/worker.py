@@ -331,7 +331,7 @@ class KVWorker:
                     t.wait_on(stream)
 
     def drain_parked(self, timeout: float = 60.0) -> None:
-        """Wait for background loads (tests, shutdown); they are reported by :meth:`finished_parked`."""
+        """Wait for background loads (tests, vLLM's sleep); they are reported by :meth:`finished_parked`."""
         deadline = time.monotonic() + timeout
         for fut, _ in list(self._jobs):
             fut.result(timeout=max(0.0, deadline - time.monotonic()))
