@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU runs of one device session, one step per device call (each under its 10-minute limit),
 # on the machine staged with ../shared/gpu-vllm/prepare.sh. From the repo root:
-#   source .gpu-vllm/bin/env.sh && bash benchmarks/gpu_session.sh STEP
+#   source .gpu-vllm/bin/env.sh && bash benchmarks/gpu_session.sh STEP [STEP...]
 # STEP: tests (tests/gpu), async1 (gpu_async auto,async), async2 (sync,native),
 # vllm1 / vllm2 (gpu_vllm parts), writer (bench_writer_gil: the disk tier's writers vs the engine thread), random (gpu_engine_random, with the save-fence check and its control). Results land in $OUT (default /tmp/kvtier-gpu).
 set -uo pipefail
@@ -9,8 +9,10 @@ OUT=${OUT:-/tmp/kvtier-gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 rm -rf /tmp/kvtier-gpu-vllm/async-disk  # what a killed run left (the disk holds 64 GiB)
-[ "$1" = vllm1 ] && rm -rf /tmp/kvtier-gpu-vllm/disk
-case "$1" in
+for step in "$@"; do
+[ "$step" = vllm1 ] && rm -rf /tmp/kvtier-gpu-vllm/disk
+echo "== $step ($(date -u +%T))"
+case "$step" in
   tests)
     nvidia-smi --query-gpu=name,driver_version,pcie.link.gen.current,pcie.link.width.current --format=csv
     python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/gpu_tests_h200_vllm024.txt" | tail -6 ;;
@@ -24,5 +26,6 @@ case "$1" in
   writer) python3 benchmarks/bench_writer_gil.py --chunks 32 --reps 5 --out "$OUT/writer_gil_h200.json" ;;
   vllm1) python3 benchmarks/gpu_vllm.py --part 1 --out "$OUT/gpu_vllm_h200.json" ;;
   vllm2) python3 benchmarks/gpu_vllm.py --part 2 --out "$OUT/gpu_vllm_h200.json" ;;
-  *) echo "unknown step $1"; exit 2 ;;
+  *) echo "unknown step $step"; exit 2 ;;
 esac
+done
