@@ -3,7 +3,7 @@
 # on the machine staged with ../shared/gpu-vllm/prepare.sh. From the repo root:
 #   source .gpu-vllm/bin/env.sh && bash benchmarks/gpu_session.sh STEP [STEP...]
 # STEP: tests (tests/gpu), async1 (gpu_async auto,async), async2 (sync,native),
-# vllm1 / vllm2 (gpu_vllm parts), writer (bench_writer_gil: the disk tier's writers vs the engine thread), random (gpu_engine_random, with the save-fence check and its control). Results land in $OUT (default /tmp/kvtier-gpu).
+# vllm1 / vllm2 (gpu_vllm parts), writer (bench_writer_gil: the disk tier's writers vs the engine thread), writer_ab (its variants), random (gpu_engine_random, with the save-fence check and its control). Results land in $OUT (default /tmp/kvtier-gpu).
 set -uo pipefail
 OUT=${OUT:-/tmp/kvtier-gpu}
 mkdir -p "$OUT"
@@ -23,7 +23,12 @@ case "$step" in
   async2) python3 benchmarks/gpu_async.py --modes sync,native --out "$OUT/gpu_async_h200_part2.json" ;;
   random)
     python3 benchmarks/gpu_engine_random.py --scenarios 24 --out "$OUT/gpu_engine_random_h200.json" ;;
-  writer) python3 benchmarks/bench_writer_gil.py --chunks 32 --reps 5 --out "$OUT/writer_gil_h200.json" ;;
+  writer) python3 benchmarks/bench_writer_gil.py --chunks ${CHUNKS:-32} --reps ${REPS:-5} --out "$OUT/writer_gil_h200.json" ;;
+  writer_ab)  # which writer setup leaves the engine's thread alone: one thread, a short GIL interval, a process
+    for v in "threads1 --write-threads 1" "interval05 --switch-interval 0.0005" "process --writer process"; do
+      read -r name flags <<< "$v"
+      python3 benchmarks/bench_writer_gil.py --chunks ${CHUNKS:-32} --reps ${REPS:-5} $flags --out "$OUT/writer_gil_h200_$name.json"
+    done ;;
   vllm1) python3 benchmarks/gpu_vllm.py --part 1 --out "$OUT/gpu_vllm_h200.json" ;;
   vllm2) python3 benchmarks/gpu_vllm.py --part 2 --out "$OUT/gpu_vllm_h200.json" ;;
   *) echo "unknown step $step"; exit 2 ;;
