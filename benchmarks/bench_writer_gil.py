@@ -15,9 +15,8 @@ Ratios are printed against the idle figures measured in the same run.
     python3 benchmarks/bench_writer_gil.py --out benchmarks/results/writer_gil_h200.json
     python3 benchmarks/bench_writer_gil.py --cpu [--small]   # the cache on CPU [small chunks: a dry run]
 
-``--writer process`` writes the same chunks from another process (its own store on its own
-directory): what is left then is not the GIL but the machine (cores, memory bandwidth, the
-kernel's page cache). ``--switch-interval`` sets ``sys.setswitchinterval`` (default 5 ms).
+``--writer``: the store's ``writer`` setting; "process" writes from a child process (its own
+GIL), "threads" from threads of this one. ``--switch-interval`` sets ``sys.setswitchinterval``.
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -54,15 +52,12 @@ def main() -> int:
     ap.add_argument("--cpu", action="store_true", help="the cache on CPU (no GPU needed)")
     ap.add_argument("--small", action="store_true", help="a small geometry (512 KiB chunks): a quick dry run")
     ap.add_argument("--writer", choices=("threads", "process"), default="threads",
-                    help="who writes behind: this process's writer threads, or another process")
+                    help="the store's writer setting: threads of this process, or a child process")
     ap.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval, seconds")
-    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
-    if args.child:
-        return write_on_request(args)
     L, H, D = (32, 8, 128) if not args.small else (4, 2, 64)
     dev = torch.device("cpu" if args.cpu else "cuda")
     n = args.tokens
@@ -75,7 +70,7 @@ def main() -> int:
     per = n // C
     cfg = KVTierConfig(chunk_size=C, tiers=("cpu", "disk"), cpu_bytes=(4 * per + 2 * args.chunks + 8) * layout.nbytes,
                        disk_path=disk, disk_bytes=(4 * args.chunks + 8) * layout.nbytes,
-                       write_threads=args.write_threads)
+                       write_threads=args.write_threads, writer=args.writer)
     store = Store(cfg, layout)
     w = KVWorker(store, paged, C)
     w.warm_up()
@@ -111,10 +106,6 @@ def main() -> int:
 
     def write_behind() -> list[bytes]:
         """Commit ``--chunks`` new chunks: the writer threads write them to disk from now on."""
-        if child is not None:  # the other process writes them
-            child.stdin.write("go\n")
-            child.stdin.flush()
-            return []
         keys = [f"wb-{next(fresh)}".encode().ljust(16, b"\0") for _ in range(args.chunks)]
         for k in keys:
             store.commit(k, store.allocate())
@@ -122,18 +113,12 @@ def main() -> int:
 
     def flush() -> int:
         """Wait for the writes behind; how many chunks were still queued when called."""
-        if child is None:
-            left = store._queue.qsize()
-            store.flush()
-            return left
-        return int(child.stdout.readline())
+        left = store.pending_writes()
+        store.flush()
+        return left
 
-    child = None
-    if args.writer == "process":
-        argv = [a for a in sys.argv[1:] if a != "--out" and not a.endswith(".json")]
-        child = subprocess.Popen([sys.executable, __file__, "--child", *argv], stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, text=True)
-        assert child.stdout.readline().strip() == "ready"
+    store.commit(b"warm".ljust(16, b"\0"), store.allocate())
+    store.flush()  # the writers (a writer process: started) are up
 
     result: dict = {"command": "python3 benchmarks/bench_writer_gil.py " + " ".join(sys.argv[1:]),
                     "python": sys.version.split()[0], "xxhash": xxhash.VERSION, "device": str(dev),
@@ -161,39 +146,9 @@ def main() -> int:
         print(f"{name:>14}: idle {result[name]['idle']:8.3f}  writing behind {result[name]['writing']:8.3f}  "
               f"({result[name]['ratio']:.2f}x; {left} chunks still queued after)", flush=True)
     store.close()
-    if child is not None:
-        child.stdin.close()
-        child.wait(timeout=60)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))
-    return 0
-
-
-def write_on_request(args: argparse.Namespace) -> int:
-    """The ``--writer process`` child: its own store (cpu + disk); per "go" on stdin, commit
-    ``--chunks`` chunks (its writer threads write them to disk); answers how many were still
-    queued when the parent's measurement ended (the next "go" or end of input)."""
-    L, H, D = (32, 8, 128) if not args.small else (4, 2, 64)
-    layout = ChunkLayout(L, C, H * D, torch.bfloat16)
-    cfg = KVTierConfig(chunk_size=C, tiers=("cpu", "disk"), cpu_bytes=(2 * args.chunks + 8) * layout.nbytes,
-                       disk_path=tempfile.mkdtemp(prefix="kvtier-writer-gil-child-"),
-                       disk_bytes=(4 * args.chunks + 8) * layout.nbytes, write_threads=args.write_threads)
-    store = Store(cfg, layout)
-    print("ready", flush=True)
-    fresh = iter(range(1 << 30))
-    for line in sys.stdin:
-        if line.strip() != "go":
-            continue
-        keys = [f"wb-{next(fresh)}".encode().ljust(16, b"\0") for _ in range(args.chunks)]
-        for k in keys:
-            store.commit(k, store.allocate())
-        time.sleep(0.05)  # the parent measures meanwhile
-        left = store._queue.qsize()
-        store.flush()
-        store.cpu.delete(keys)
-        print(left, flush=True)
-    store.close()
     return 0
 
 

@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 TIER_NAMES = ("cpu", "disk", "redis")
 HASH_NAMES = ("blake3", "xxh3_128")
 LOAD_MODES = ("auto", "sync", "async")
+WRITERS = ("auto", "threads", "process")
 ENV_PREFIX = "KVTIER_"
 # KVTIER_* variables that are not settings: the config file, and kvtier.trace's output file.
 ENV_NOT_SETTINGS = (ENV_PREFIX + "CONFIG_FILE", ENV_PREFIX + "TRACE")
@@ -81,6 +82,9 @@ class KVTierConfig:
     """Chunks waiting to be written to lower tiers; when full, new writes are dropped and counted."""
     write_threads: int = 2
     """Background threads writing chunks down to lower tiers."""
+    writer: str = "auto"
+    """Where those threads run: "process" (a child process, so they never hold the engine
+    process's GIL), "threads" (this process), "auto" (process when CUDA is present)."""
     connect_timeout_s: float = 1.0
     """Timeout to connect to a remote tier."""
     op_timeout_s: float = 2.0
@@ -268,6 +272,8 @@ def _validate(c: KVTierConfig) -> None:
         raise bad("hash", f"allowed: {', '.join(HASH_NAMES)}")
     if c.load_mode not in LOAD_MODES:
         raise bad("load_mode", f"allowed: {', '.join(LOAD_MODES)}")
+    if c.writer not in WRITERS:
+        raise bad("writer", f"allowed: {', '.join(WRITERS)}")
     for key in ("write_queue_depth", "write_threads"):
         v = getattr(c, key)
         if not isinstance(v, int) or v < 1:

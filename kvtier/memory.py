@@ -35,7 +35,9 @@ class HostPool:
         elif buffer.dtype != torch.uint8 or buffer.numel() < slot_bytes * num_slots:
             raise ValueError(f"HostPool buffer must be uint8 of at least {slot_bytes * num_slots} bytes")
         elif pin and not buffer.is_pinned():
-            torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0)
+            rc = torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0)
+            if int(getattr(rc, "value", rc)) != 0:  # unpinned, copies would be slow and synchronous
+                raise RuntimeError(f"cudaHostRegister of the {buffer.numel()}-byte pool failed (error {rc})")
         self.pinned = pin
         self.buffer = buffer
         self._views = [self.buffer[i * slot_bytes:(i + 1) * slot_bytes] for i in range(num_slots)]

@@ -18,6 +18,7 @@ treated as a miss, so the serving process never dies because a tier did.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -39,6 +40,14 @@ log = logging.getLogger(__name__)
 _STAGING_SLOTS = 64
 # At most 1/_QUEUE_SHARE of the host slots wait in the write-behind queue (see Store.__init__).
 _QUEUE_SHARE = 2
+
+
+def resolve_writer(config: KVTierConfig) -> str:
+    """``config.writer`` with "auto" decided: a child process when CUDA is present (an engine
+    on a GPU, whose thread must not wait for the GIL behind disk writes), threads otherwise."""
+    if config.writer != "auto":
+        return config.writer
+    return "process" if torch.cuda.is_available() else "threads"
 
 
 def make_tier(name: str, config: KVTierConfig, layout: ChunkLayout, label: str, protected: Protected) -> Tier:
@@ -104,6 +113,26 @@ class Store:
         self._leases: dict[Lease, None] = {}  # open leases, oldest (= soonest to expire) first
         if pool is not None and pool.slot_bytes != layout.nbytes:
             raise ValueError(f"pool slots of {pool.slot_bytes} bytes cannot hold chunks of {layout.nbytes}")
+        lower_names = [n for n in config.tiers if n != "cpu"]
+        # Writes from a child process need the slots in memory it can map: only for the tiers
+        # built here from config, into a pool allocated here.
+        use_process = (bool(lower_names) and tiers is None and pool is None
+                       and resolve_writer(config) == "process")
+        num_slots = (config.cpu_bytes // layout.nbytes if "cpu" in config.tiers else _STAGING_SLOTS)
+        pool_fd = -1
+        if use_process and num_slots >= 1:
+            from kvtier.writer import shared_buffer
+
+            try:
+                pool_fd, self._pool_map = shared_buffer(num_slots * layout.nbytes)
+                pool = HostPool(layout.nbytes, num_slots, pin,
+                                buffer=torch.frombuffer(self._pool_map, dtype=torch.uint8))
+            except (OSError, RuntimeError) as e:
+                log.warning("kvtier: no shared host memory for a writer process (%s); writing from this "
+                            "process's threads (writer: threads)", e)
+                if pool_fd >= 0:
+                    os.close(pool_fd)
+                pool_fd, pool = -1, None
         if "cpu" in config.tiers:
             self.pool = pool or HostPool.for_bytes(config.cpu_bytes, layout.nbytes, pin)
             self.cpu: CpuTier | None = CpuTier(self.pool, protected=self.is_leased)
@@ -111,7 +140,7 @@ class Store:
             self.pool = pool or HostPool(layout.nbytes, _STAGING_SLOTS, pin)
             self.cpu = None
         if tiers is None:
-            tiers = [make_tier(n, config, layout, label, self.is_leased) for n in config.tiers if n != "cpu"]
+            tiers = [make_tier(n, config, layout, label, self.is_leased) for n in lower_names]
         self.lower: list[Tier] = list(tiers)
         self.tiers: list[Tier] = ([self.cpu] if self.cpu else []) + self.lower
         self.metrics.watch_tiers(lambda: self.tiers)
@@ -123,12 +152,19 @@ class Store:
         self._queue: queue.Queue[tuple[bytes, ChunkRef, tuple[Tier, ...]] | None] = queue.Queue(
             self.queue_depth
         )
-        self._writers = [
-            threading.Thread(target=self._write_behind, name=f"kvtier-writer-{i}", daemon=True)
-            for i in range(config.write_threads if self.lower else 0)
-        ]
-        for t in self._writers:
-            t.start()
+        self._writers: list[threading.Thread] = []
+        # Chunks the writer process has (seq -> slot reference and target tiers), under _sent_lock.
+        self._sent: dict[int, tuple[ChunkRef, tuple[Tier, ...]]] = {}
+        self._sent_lock = threading.Lock()
+        self._seq = 0
+        self._process = None
+        if pool_fd >= 0:
+            try:
+                self._process = self._start_process(pool_fd, lower_names)
+            finally:
+                os.close(pool_fd)  # the child has its own copy; the mapping stays
+        elif self.lower:
+            self._start_threads()
         self._closed = False
 
     # ---------------------------------------------------------------- lookup
@@ -244,11 +280,92 @@ class Store:
         return True
 
     def _enqueue(self, key: bytes, ref: ChunkRef, targets: tuple[Tier, ...]) -> None:
+        if self._process is not None and self._send(key, ref, targets):
+            return
         try:
             self._queue.put_nowait((key, ref, targets))
         except queue.Full:
             self.metrics.dropped_writes.inc()
             ref.release()
+
+    # ------------------------------------------------ write-behind in a child process
+    def _start_process(self, pool_fd: int, names: list[str]):
+        from kvtier.layout import dtype_name
+        from kvtier.writer import WriterProcess
+
+        lay = self.layout
+        spec = {"config": self.config.to_dict(), "label": self.label, "tiers": names,
+                "layout": {"num_layers": lay.num_layers, "tokens": lay.tokens, "width": lay.width,
+                           "dtype": dtype_name(lay.dtype), "mla": lay.mla},
+                "slot_bytes": self.pool.slot_bytes, "num_slots": self.pool.num_slots}
+        try:
+            return WriterProcess(spec, pool_fd, self._written, self._process_lost)
+        except OSError as e:
+            log.warning("kvtier: cannot start the writer process (%s); writing from this process", e)
+            self._start_threads()
+            return None
+
+    def _send(self, key: bytes, ref: ChunkRef, targets: tuple[Tier, ...]) -> bool:
+        """Hand the chunk to the writer process; False when it is gone (the caller writes it here)."""
+        mask = sum(1 << self.lower.index(t) for t in targets)
+        with self._sent_lock:
+            if len(self._sent) >= self.queue_depth:  # as with a full queue: dropped, counted
+                self.metrics.dropped_writes.inc()
+                ref.release()
+                return True
+            self._seq += 1
+            seq = self._seq
+            self._sent[seq] = (ref, targets)
+        if self._process.submit(seq, ref.slot, mask, key):
+            return True
+        with self._sent_lock:
+            self._sent.pop(seq, None)
+        return False
+
+    def _written(self, seq: int, stored: int) -> None:
+        """The writer process finished chunk ``seq``; ``stored``: mask of the tiers that hold it."""
+        with self._sent_lock:
+            item = self._sent.pop(seq, None)
+        if item is None:
+            return
+        ref, targets = item
+        ref.release()
+        for tier in targets:  # the child's tier counted it there; count it where metrics look
+            stats = tier.stats()
+            if stored >> self.lower.index(tier) & 1:
+                stats.puts += 1
+                stats.bytes_written += self.layout.nbytes
+            else:
+                stats.errors += 1
+
+    def _process_lost(self, reason: str) -> None:
+        """The writer process is gone: release what it held, write from this process from now on."""
+        if not self._closed:
+            log.warning("kvtier: the writer process ended (%s); %d chunks it held are not written; "
+                        "writing from this process from now on", reason, len(self._sent))
+            self._start_threads()
+        with self._sent_lock:
+            held, self._sent = list(self._sent.values()), {}
+        for ref, _ in held:
+            ref.release()
+
+    def _start_threads(self) -> None:
+        threads = [threading.Thread(target=self._write_behind, name=f"kvtier-writer-{i}", daemon=True)
+                   for i in range(self.config.write_threads)]
+        self._writers += threads
+        for t in threads:
+            t.start()
+
+    @property
+    def writer(self) -> str:
+        """Who writes to the lower tiers now: "process", "threads", or "none" (no lower tier)."""
+        if self._process is not None and self._process.alive:
+            return "process"
+        return "threads" if self._writers else "none"
+
+    def pending_writes(self) -> int:
+        """Chunks queued for the lower tiers and not yet written."""
+        return self._queue.unfinished_tasks + len(self._sent)
 
     def _write_behind(self) -> None:
         while True:
@@ -266,7 +383,7 @@ class Store:
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until queued writes reached the lower tiers; False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self._queue.unfinished_tasks:
+        while self._queue.unfinished_tasks or self._sent:
             if deadline is not None and time.monotonic() > deadline:
                 return False
             time.sleep(0.001)
@@ -330,6 +447,8 @@ class Store:
             return
         self._closed = True
         self.flush(timeout)
+        if self._process is not None:
+            self._process.close(timeout)
         for _ in self._writers:
             self._queue.put(None)
         for t in self._writers:

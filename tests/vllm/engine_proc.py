@@ -447,13 +447,15 @@ def _child(cfg: dict) -> None:
                         st["worker"] = dict(c.worker.stats)
                     m = c.store.metrics
                     st["store"] = {"load_errors": m.value("kvtier_load_errors_total"),
-                                   "saved_chunks": m.value("kvtier_saved_chunks_total")}
+                                   "saved_chunks": m.value("kvtier_saved_chunks_total"),
+                                   "writer": getattr(c.store, "writer", None)}
                     for tier in c.store.tiers:
                         s = tier.stats()
                         st["store"][f"{s.name}_corrupt"] = s.corrupt
                         st["store"][f"{s.name}_errors"] = s.errors
                         st["store"][f"{s.name}_evictions"] = s.evictions
                         st["store"][f"{s.name}_chunks"] = s.chunks
+                        st["store"][f"{s.name}_puts"] = s.puts
                 _reply(st)
             elif cmd == "fault":
                 loss["rnd"] = None

@@ -27,7 +27,9 @@ GROUPS = {
                  {"chunk_size": 128, "tiers": ["cpu"], "cpu_bytes": "64MiB"}, 8, 4),
     # 64-token chunks of the tiny model are 128 KiB: 1 MiB holds 8 of them, so the tier evicts.
     "evict": (engine_kwargs(), {"chunk_size": 64, "tiers": ["cpu"], "cpu_bytes": "1MiB"}, 8, 4),
-    "shared": (engine_kwargs(), {"chunk_size": 64, "tiers": ["cpu", "disk"], "cpu_bytes": "64MiB"}, 8, 3),
+    # Two engines sharing a disk directory; each writes it from its writer process, as on a GPU.
+    "shared": (engine_kwargs(), {"chunk_size": 64, "tiers": ["cpu", "disk"], "cpu_bytes": "64MiB",
+                                 "writer": "process"}, 8, 3),
     # 20 % of the chunks loads fetch are lost (noise left in their blocks); later scenarios
     # reuse whatever was stored meanwhile. Synchronous scheduling, then vLLM's async scheduler.
     "faults": (engine_kwargs(num_gpu_blocks_override=33, scheduler_reserve_full_isl=False),
@@ -108,6 +110,9 @@ def test_random_equality(group, tiny_model, engines, tmp_path):
     assert not mismatches, f"outputs differ with kvtier: {mismatches[:2]}"
     assert hits > 0, "no token was loaded from kvtier: the test proved nothing"
     assert violations == 0, "a load wrote a slot below its start"
+    if kvtier.get("writer") == "process":
+        assert [s["store"]["writer"] for s in stats] == ["process"] * len(kv), "the writer process is gone"
+        assert stats[0]["store"]["disk_puts"] > 0, "no chunk reached the disk from the writer process"
     if group == "preempt":
         assert pre > 0, "no preemption happened in the preemption group"
     if group == "shared":
