@@ -24,8 +24,8 @@ case "$step" in
   random)
     python3 benchmarks/gpu_engine_random.py --scenarios 24 --out "$OUT/gpu_engine_random_h200.json" ;;
   writer) python3 benchmarks/bench_writer_gil.py --chunks ${CHUNKS:-32} --reps ${REPS:-5} --out "$OUT/writer_gil_h200.json" ;;
-  writer_ab)  # which writer setup leaves the engine's thread alone: one thread, a short GIL interval, a process
-    for v in "threads1 --write-threads 1" "interval05 --switch-interval 0.0005" "process --writer process"; do
+  writer_ab)  # which writer setup leaves the engine's thread alone: one thread, or a child process
+    for v in "threads1 --write-threads 1" "process --writer process"; do
       read -r name flags <<< "$v"
       python3 benchmarks/bench_writer_gil.py --chunks ${CHUNKS:-32} --reps ${REPS:-5} $flags --out "$OUT/writer_gil_h200_$name.json"
     done ;;
