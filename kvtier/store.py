@@ -330,7 +330,7 @@ class Store:
             return
         ref, targets = item
         ref.release()
-        for tier in targets:  # the child's tier counted it there; count it where metrics look
+        for tier in targets:  # the child's tier counted it there; count it where metrics look (cheap: no I/O)
             stats = tier.stats()
             if stored >> self.lower.index(tier) & 1:
                 stats.puts += 1

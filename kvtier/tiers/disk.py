@@ -427,7 +427,6 @@ class DiskTier(Tier):
                     self._remove(k)
 
     def stats(self) -> TierStats:
-        self._catch_up(())  # chunks another process (e.g. the writer process) added or removed
         with self._lock:
             self._stats.chunks = len(self._index)
             self._stats.bytes = self._stored
