@@ -127,7 +127,7 @@ class Store:
                 pool_fd, self._pool_map = shared_buffer(num_slots * layout.nbytes)
                 pool = HostPool(layout.nbytes, num_slots, pin,
                                 buffer=torch.frombuffer(self._pool_map, dtype=torch.uint8))
-            except (OSError, RuntimeError) as e:
+            except (OSError, RuntimeError, AttributeError) as e:  # AttributeError: no memfd (not Linux)
                 log.warning("kvtier: no shared host memory for a writer process (%s); writing from this "
                             "process's threads (writer: threads)", e)
                 if pool_fd >= 0:

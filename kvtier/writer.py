@@ -70,6 +70,10 @@ class WriterProcess:
         try:
             self.proc = subprocess.Popen([sys.executable, "-m", "kvtier.writer", json.dumps(spec)],
                                          pass_fds=(pool_fd, cmd_r, ack_w), stdin=subprocess.DEVNULL, env=env)
+        except OSError:
+            os.close(self._cmd_w)
+            os.close(ack_r)
+            raise
         finally:
             os.close(cmd_r)
             os.close(ack_w)
