@@ -3,14 +3,14 @@
 # on the machine staged with ../shared/gpu-vllm/prepare.sh. From the repo root:
 #   source .gpu-vllm/bin/env.sh && bash benchmarks/gpu_session.sh STEP [STEP...]
 # STEP: tests (tests/gpu), async1 (gpu_async auto,async), async2 (sync,native),
-# vllm1 / vllm2 (gpu_vllm parts), writer (bench_writer_gil: the disk tier's writers vs the engine thread), writer_ab (its variants: one thread, a writer process), writer_process (that one only), random (gpu_engine_random, with the save-fence check and its control). Results land in $OUT (default /tmp/kvtier-gpu).
+# vllm1 / vllm2 (gpu_vllm parts; vllm1_short: part 1 without the cpu-tier-only engine), writer (bench_writer_gil: the disk tier's writers vs the engine thread), writer_ab (its variants: one thread, a writer process), writer_process (that one only), random (gpu_engine_random, with the save-fence check and its control). Results land in $OUT (default /tmp/kvtier-gpu).
 set -uo pipefail
 OUT=${OUT:-/tmp/kvtier-gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 rm -rf /tmp/kvtier-gpu-vllm/async-disk  # what a killed run left (the disk holds 64 GiB)
 for step in "$@"; do
-[ "$step" = vllm1 ] && rm -rf /tmp/kvtier-gpu-vllm/disk
+[[ "$step" = vllm1* ]] && rm -rf /tmp/kvtier-gpu-vllm/disk
 echo "== $step ($(date -u +%T))"
 case "$step" in
   tests)
@@ -32,6 +32,7 @@ case "$step" in
       python3 benchmarks/bench_writer_gil.py --chunks ${CHUNKS:-32} --reps ${REPS:-5} $flags --out "$OUT/writer_gil_h200_$name.json"
     done ;;
   vllm1) python3 benchmarks/gpu_vllm.py --part 1 --out "$OUT/gpu_vllm_h200.json" ;;
+  vllm1_short) python3 benchmarks/gpu_vllm.py --part 1 --no-cpu-only --out "$OUT/gpu_vllm_h200.json" ;;
   vllm2) python3 benchmarks/gpu_vllm.py --part 2 --out "$OUT/gpu_vllm_h200.json" ;;
   *) echo "unknown step $step"; exit 2 ;;
 esac

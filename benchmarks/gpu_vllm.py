@@ -72,7 +72,7 @@ def _ttfts(result: dict, skip: int = 0) -> list[dict]:
     return [s for s in result["steps"] if s["op"] == "ttft"][skip:]
 
 
-def part1(model, engine, kv, prompts, reps) -> dict:
+def part1(model, engine, kv, prompts, reps, cpu_only: bool = True) -> dict:
     """vLLM alone (cold, APC hit) and kvtier (cold with saves, cpu-tier hit)."""
     reset = {"op": "reset_prefix_cache"}
     warm = {"op": "ttft", "prompt": prompts[min(prompts)][0][:64]}
@@ -93,8 +93,10 @@ def part1(model, engine, kv, prompts, reps) -> dict:
     t = time.time()
     kvr = run_phase(model, kv_steps, kv, engine)
     print(f"kvtier: {time.time() - t:.0f} s (start-up {kvr['startup_s']:.0f} s)", flush=True)
-    # The same with the cpu tier only: no disk tier writing chunks behind the requests (its
-    # threads share the engine process's GIL), to measure what that costs the engine.
+    if not cpu_only:
+        return {"base": base, "kvtier": kvr, "kvtier_cpu_only": None}
+    # The same with the cpu tier only: no disk tier writing chunks behind the requests, to
+    # measure what that costs the engine.
     t = time.time()
     cpu_only = run_phase(model, kv_steps, {k: v for k, v in kv.items() if not k.startswith("disk")} |
                          {"tiers": ["cpu"]}, engine)
@@ -208,15 +210,16 @@ def main() -> int:
     ap.add_argument("--part", choices=["1", "2", "all"], default="all")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--cpu", action="store_true", help="dry run: tiny model, vLLM's CPU engine")
+    ap.add_argument("--no-cpu-only", action="store_true", help="part 1 without the cpu-tier-only engine")
     ap.add_argument("--out", default="benchmarks/results/gpu_vllm_h200.json")
     args = ap.parse_args()
     STATE.mkdir(parents=True, exist_ok=True)
     model, engine, kv_sizes, vocab, lengths = _setup(args.cpu)
-    kv = {"tiers": ["cpu", "disk"], "disk_path": str(STATE / "disk"), **kv_sizes}
+    kv = {"tiers": ["cpu", "disk"], "writer": "auto", "disk_path": str(STATE / "disk"), **kv_sizes}
     prompts = _prompts(vocab, lengths, args.reps)
     per_token = kv_bytes_per_token(model, 4 if args.cpu else 2)  # float32 on the CPU dry run, bf16 on the GPU
     if args.part in ("1", "all"):
-        (STATE / "part1.json").write_text(json.dumps(part1(model, engine, kv, prompts, args.reps)))
+        (STATE / "part1.json").write_text(json.dumps(part1(model, engine, kv, prompts, args.reps, not args.no_cpu_only)))
     if args.part in ("2", "all"):
         p2 = part2(model, engine, kv, prompts, args.reps, None if args.cpu else 24.0)
         limits = link_and_disk(per_token, kv["disk_path"])
