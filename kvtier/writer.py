@@ -2,9 +2,10 @@
 
 Why: writer threads in the engine's process share its GIL. Each chunk a thread writes takes
 ~16 system calls, each giving the GIL up and taking it back, and the engine's thread, which
-gives the GIL up on every torch call, queues behind them: on the H200's host, planning an 8K
-load took 1.39 -> 6.54 ms while 32 chunks were written behind, and 1.09x with the same writes
-from another process (benchmarks/bench_writer_gil.py, results/writer_gil_h200*.json).
+gives the GIL up on every torch call, queues behind them. On the H200's host, enqueueing 3,000
+CUDA ops while 32 chunks were written behind took 1.19x as long with threads, 0.95x with this
+process; in a GPU vLLM engine the 8K cpu-tier hit went from 0.054-0.067 s to 0.040 s
+(benchmarks/bench_writer_gil.py, gpu_vllm.py; docs/vllm.md "Benchmark (GPU engine)").
 
 How: the store's host slots live in a ``memfd`` that both processes map. For each chunk the
 parent sends (seq, slot, tiers, key) down a pipe and keeps its slot referenced; the child
