@@ -41,7 +41,8 @@ LLAMA_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidde
             "rope_theta": 500000.0, "max_position_embeddings": 131072, "torch_dtype": "bfloat16",
             "tie_word_embeddings": False, "hidden_act": "silu", "bos_token_id": 128000,
             "eos_token_id": 128001}
-STATE = Path(os.environ.get("KVTIER_BENCH_STATE", "/tmp/kvtier-gpu-vllm"))
+# Not KVTIER_*: the engine reads those as kvtier settings.
+STATE = Path(os.environ.get("GPU_VLLM_STATE", "/tmp/kvtier-gpu-vllm"))
 
 
 def _setup(cpu: bool) -> tuple[str, dict, dict, int, list[int]]:
@@ -219,7 +220,8 @@ def main() -> int:
     prompts = _prompts(vocab, lengths, args.reps)
     per_token = kv_bytes_per_token(model, 4 if args.cpu else 2)  # float32 on the CPU dry run, bf16 on the GPU
     if args.part in ("1", "all"):
-        (STATE / "part1.json").write_text(json.dumps(part1(model, engine, kv, prompts, args.reps, not args.no_cpu_only)))
+        p1 = part1(model, engine, kv, prompts, args.reps, not args.no_cpu_only)
+        (STATE / "part1.json").write_text(json.dumps(p1))
     if args.part in ("2", "all"):
         p2 = part2(model, engine, kv, prompts, args.reps, None if args.cpu else 24.0)
         limits = link_and_disk(per_token, kv["disk_path"])
