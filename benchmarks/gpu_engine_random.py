@@ -15,6 +15,9 @@ kvtier. With ``KVWorker.fence_saves`` turned off (the control) C must diverge, w
 check catches the bug; with it on, C must match.
 
     python3 benchmarks/gpu_engine_random.py --scenarios 24 --out benchmarks/results/gpu_engine_random_h200.json
+
+``--disk``: kvtier with a 4 MiB cpu tier over a disk tier written by its writer process, so
+loads also come from files the child wrote while the engine ran.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import argparse
 import json
 import random
 import sys
+import tempfile
 from pathlib import Path
 
 from _common import ROOT, tiny_engine_pair
@@ -66,17 +70,21 @@ def main() -> int:
     ap.add_argument("--scenarios", type=int, default=24)
     ap.add_argument("--out", default="benchmarks/results/gpu_engine_random_h200.json")
     ap.add_argument("--cpu", action="store_true", help="dry run on vLLM's CPU engine (async scheduling forced)")
+    ap.add_argument("--disk", action="store_true", help="a small cpu tier over a disk tier (writer process)")
     args = ap.parse_args()
     import torch
     import vllm
 
-    engine, base, kv, logs = tiny_engine_pair(ENGINE, {"chunk_size": 64, "tiers": ["cpu"], "cpu_bytes": "256MiB"},
-                                              args.cpu)
+    kvtier = {"chunk_size": 64, "tiers": ["cpu"], "cpu_bytes": "256MiB"}
+    if args.disk:
+        kvtier = {"chunk_size": 64, "tiers": ["cpu", "disk"], "cpu_bytes": "4MiB", "writer": "process",
+                  "disk_path": tempfile.mkdtemp(prefix="kvtier-random-disk-"), "disk_bytes": "1GiB"}
+    engine, base, kv, logs = tiny_engine_pair(ENGINE, kvtier, args.cpu)
     faults_from = args.scenarios - args.scenarios // 3
     slow_from = args.scenarios // 3
     result = {"command": "python3 " + " ".join(sys.argv), "vllm_version": vllm.__version__,
               "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
-              "engine": engine, "scenarios": []}
+              "engine": engine, "kvtier_config": kvtier, "scenarios": []}
     divergent = 0
     control_caught = False
     try:

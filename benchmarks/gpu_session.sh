@@ -3,7 +3,7 @@
 # on the machine staged with ../shared/gpu-vllm/prepare.sh. From the repo root:
 #   source .gpu-vllm/bin/env.sh && bash benchmarks/gpu_session.sh STEP [STEP...]
 # STEP: tests (tests/gpu), async1 (gpu_async auto,async), async2 (sync,native),
-# vllm1 / vllm2 (gpu_vllm parts; vllm1_short: part 1 without the cpu-tier-only engine), writer (bench_writer_gil: the disk tier's writers vs the engine thread), writer_ab (its variants: one thread, a writer process), writer_process (that one only), random (gpu_engine_random, with the save-fence check and its control). Results land in $OUT (default /tmp/kvtier-gpu).
+# vllm1 / vllm2 (gpu_vllm parts; vllm1_short: part 1 without the cpu-tier-only engine), writer (bench_writer_gil: the disk tier's writers vs the engine thread), writer_ab (its variants: one thread, a writer process), writer_process (that one only), random (gpu_engine_random, with the save-fence check and its control), random_disk (the same over a disk tier). Results land in $OUT (default /tmp/kvtier-gpu).
 set -uo pipefail
 OUT=${OUT:-/tmp/kvtier-gpu}
 mkdir -p "$OUT"
@@ -23,6 +23,8 @@ case "$step" in
   async2) python3 benchmarks/gpu_async.py --modes sync,native --out "$OUT/gpu_async_h200_part2.json" ;;
   random)
     python3 benchmarks/gpu_engine_random.py --scenarios 24 --out "$OUT/gpu_engine_random_h200.json" ;;
+  random_disk)  # the same over a disk tier written by the writer process
+    python3 benchmarks/gpu_engine_random.py --scenarios 24 --disk --out "$OUT/gpu_engine_random_disk_h200.json" ;;
   writer) python3 benchmarks/bench_writer_gil.py --chunks ${CHUNKS:-32} --reps ${REPS:-5} --out "$OUT/writer_gil_h200.json" ;;
   writer_ab|writer_process)  # which writer setup leaves the engine's thread alone: one thread, or a child process
     variants=("threads1 --write-threads 1" "process --writer process")
