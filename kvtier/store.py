@@ -290,13 +290,13 @@ class Store:
 
     # ------------------------------------------------ write-behind in a child process
     def _start_process(self, pool_fd: int, names: list[str]):
-        from kvtier.layout import dtype_name
+        import msgspec
+
+        from kvtier.server.protocol import layout_to_msg
         from kvtier.writer import WriterProcess
 
-        lay = self.layout
         spec = {"config": self.config.to_dict(), "label": self.label, "tiers": names,
-                "layout": {"num_layers": lay.num_layers, "tokens": lay.tokens, "width": lay.width,
-                           "dtype": dtype_name(lay.dtype), "mla": lay.mla},
+                "layout": msgspec.to_builtins(layout_to_msg(self.layout)),
                 "slot_bytes": self.pool.slot_bytes, "num_slots": self.pool.num_slots}
         try:
             return WriterProcess(spec, pool_fd, self._written, self._process_lost)

@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 
 _CMD = struct.Struct("<IIBH")  # seq, slot, tier mask, key length; the key follows
 _ACK = struct.Struct("<IB")  # seq, mask of the tiers that stored it
-MAX_TIERS = 8
 
 
 def shared_buffer(nbytes: int) -> tuple[int, mmap.mmap]:
@@ -133,14 +132,15 @@ class WriterProcess:
 
 def _child(spec: dict) -> int:
     """The child: write each requested slot to the lower tiers, answer which stored it."""
+    import msgspec
+
     from kvtier.config import KVTierConfig
-    from kvtier.layout import ChunkLayout, dtype_from_name
+    from kvtier.server.protocol import LayoutMsg, layout_from_msg
     from kvtier.store import make_tier
     from kvtier.tiers.base import never_protected
 
     config = KVTierConfig.from_dict(spec["config"])
-    lay = spec["layout"]
-    layout = ChunkLayout(lay["num_layers"], lay["tokens"], lay["width"], dtype_from_name(lay["dtype"]), lay["mla"])
+    layout = layout_from_msg(msgspec.convert(spec["layout"], LayoutMsg))
     tiers = [make_tier(name, config, layout, spec["label"], never_protected) for name in spec["tiers"]]
     slot_bytes = spec["slot_bytes"]
     pool = memoryview(mmap.mmap(spec["pool_fd"], slot_bytes * spec["num_slots"]))
