@@ -43,6 +43,8 @@ class Metrics:
         self.load_errors = Counter("kvtier_load_errors", "Chunks an engine asked for that could not be loaded",
                                    registry=r)
         self.saved_chunks = Counter("kvtier_saved_chunks", "Chunks an engine saved", registry=r)
+        self.promoted_chunks = Counter("kvtier_promoted_chunks", "Chunks copied up to the cpu tier in the "
+                                       "background (hits not worth loading from a slower tier)", registry=r)
         # Latency observations kept for a reader that forwards them (vLLM's metrics), when it asks.
         self.recent_latency: deque[tuple[str, str, float]] | None = None
 

@@ -41,6 +41,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from kvtier.config import ConfigError, KVTierConfig
+from kvtier.costs import CostModel, StepClock
 from kvtier.keys import Namespace
 from kvtier.layout import ChunkLayout, dtype_name
 from kvtier.server.client import get_remote_store
@@ -72,6 +73,8 @@ class KVTierMetadata(KVConnectorMetadata):
         self.loads = plan.loads
         self.saves = plan.saves
         self.parked_loads = plan.parked_loads
+        self.work = (plan.work_tokens, plan.work_attention)  # timed by the worker (kvtier.costs)
+        self.promote = plan.promote  # copied up to the worker's cpu tier in the background
         # What KVWorker.fence_saves needs to know which saves still copying to wait for before
         # the step writes: the requests that keep their blocks (scheduled, not resumed), and the
         # blocks handed to requests in this step (None: not known, under MultiConnector).
@@ -80,18 +83,21 @@ class KVTierMetadata(KVConnectorMetadata):
 
 
 class KVTierWorkerMetadata(KVConnectorWorkerMetadata):
-    """What a worker tells the scheduler after a step: its cpu tier's changes (picklable).
+    """What a worker tells the scheduler after a step: its cpu tier's changes and its cost
+    observations (reads, step times; :mod:`kvtier.costs`), picklable.
 
     Only acted on when the worker runs in another process (``pid``): in one process
-    the scheduler shares the worker's store and sees its cpu tier directly.
+    the scheduler shares the worker's store and sees its cpu tier and cost model directly.
     """
 
-    def __init__(self, pid: int, added: list[bytes], removed: list[bytes]) -> None:
+    def __init__(self, pid: int, added: list[bytes], removed: list[bytes], costs: list | None = None) -> None:
         self.pid, self.added, self.removed = pid, added, removed
+        self.costs = costs or []
 
     def aggregate(self, other: "KVTierWorkerMetadata") -> "KVTierWorkerMetadata":
         # Tensor-parallel ranks: the union (the scheduler looks up rank 0's keys).
-        return KVTierWorkerMetadata(self.pid, self.added + other.added, self.removed + other.removed)
+        return KVTierWorkerMetadata(self.pid, self.added + other.added, self.removed + other.removed,
+                                    self.costs + other.costs)
 
 
 def _engine_facts(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig | None"):
@@ -221,6 +227,7 @@ class KVTierConnector(KVConnectorBase_V1):
         self._step_failed_reqs: set[str] = set()
         self._step_failed_blocks: set[int] = set()
         self._parked_meta: KVTierMetadata | None = None  # the step whose parked loads started
+        self._clock = StepClock(None, None)  # times the engine's steps for the cost model (worker side)
         self.park = parks_loads(self.config, vllm_config)
         # auto: a load of at least this many tokens is parked too, and goes to the background
         # when other requests run in its step (load_mode async: every parked load does).
@@ -230,8 +237,13 @@ class KVTierConnector(KVConnectorBase_V1):
         self._deltas = Deltas()  # counters reported to vLLM's metrics so far
         self._sees_all_allocations = True  # no other connector allocates blocks unseen by us
         if role == KVConnectorRole.SCHEDULER:
+            costs = getattr(self.store, "costs", None)
+            if costs is None:  # a `kvtier serve` store: its reads are not seen here, seeds only
+                costs = CostModel(self.config.chunk_size, self.layout.nbytes, vllm_config.device_config.device_type,
+                                  self.config.prefill_gbps)
+            costs.max_step_tokens = max(1, int(vllm_config.scheduler_config.max_num_batched_tokens or 8192))
             self.ledger = PrefixLedger(self.store, self.namespace, self.config.chunk_size, block_size,
-                                       self.config.hash)
+                                       self.config.hash, costs, self.config.load_policy)
             configs = _transfer_configs(vllm_config, self)
             # Under MultiConnector another connector's loads get blocks kvtier is not told of.
             self._sees_all_allocations = len(configs) == 1
@@ -347,6 +359,8 @@ class KVTierConnector(KVConnectorBase_V1):
         meta = getattr(connector_output, "kv_connector_worker_meta", None)
         if isinstance(meta, KVTierWorkerMetadata) and meta.pid != os.getpid():
             self.ledger.note_worker_chunks(meta.added, meta.removed)
+            if self.ledger.costs is not None:
+                self.ledger.costs.absorb(meta.costs)
         invalid = getattr(connector_output, "invalid_block_ids", None)
         if invalid:
             self.ledger.note_failed_blocks(set(invalid))
@@ -380,6 +394,8 @@ class KVTierConnector(KVConnectorBase_V1):
             raise ConfigError(f"kvtier: the engine registered {paged.num_layers} KV cache tensors, "
                               f"its config lists {self.layout.num_layers} layers")
         self.worker = KVWorker(self.store, paged, self.config.chunk_size)
+        costs = getattr(self.store, "costs", None)
+        self._clock = StepClock(paged.device, costs.observe_step if costs is not None else None)
         self.store.metrics.keep_recent_latency()  # forwarded to vLLM's metrics (get_kv_connector_stats)
         self._layer_index = paged.layer_index
         if getattr(self.store, "cpu", None) is not None:
@@ -413,6 +429,10 @@ class KVTierConnector(KVConnectorBase_V1):
             return
         self._step_meta = meta
         self.worker.before_forward()  # reported parked loads still copying: this forward waits for them
+        self._clock.start(*getattr(meta, "work", (0, 0.0)))
+        promote = getattr(self.store, "promote_later", None)
+        if getattr(meta, "promote", None) and promote is not None:
+            promote(meta.promote)
         with span("worker.begin_step", loads=len(meta.loads), saves=len(meta.saves)):
             blocks, reqs = self.worker.start_load(meta.loads) if meta.loads else (set(), set())
             self._failed_blocks |= blocks
@@ -453,6 +473,7 @@ class KVTierConnector(KVConnectorBase_V1):
     def wait_for_save(self) -> None:
         self._begin_step()
         if self.worker is not None:
+            self._clock.stop()  # the forward is issued; what follows is kvtier's own work
             with span("worker.wait_for_save"):
                 blocks, reqs = self.worker.finish_load()
                 self._failed_blocks |= blocks
@@ -475,18 +496,21 @@ class KVTierConnector(KVConnectorBase_V1):
         return None, done or None
 
     def build_connector_worker_meta(self) -> KVTierWorkerMetadata | None:
-        cpu = getattr(self.store, "cpu", None)
-        if self.worker is None or cpu is None:
+        if self.worker is None:
             return None
-        added, removed = cpu.take_changes()
-        return KVTierWorkerMetadata(os.getpid(), added, removed) if added or removed else None
+        cpu = getattr(self.store, "cpu", None)
+        added, removed = cpu.take_changes() if cpu is not None else ([], [])
+        costs = self.store.costs.take_observations() if hasattr(self.store, "costs") else []
+        return KVTierWorkerMetadata(os.getpid(), added, removed, costs) if added or removed or costs else None
 
     # ================================================================ vLLM's metrics (kvtier.vllm.stats)
     def get_kv_connector_stats(self) -> KVTierStats | None:
         """What changed since the last report: loads, saves and tiers (worker), lookups (scheduler).
         vLLM calls it every step on both sides, sums the reports, logs and exports them."""
         if self.worker is not None:
-            changed: dict[str, Any] = self._deltas.take(worker_counters(self.worker.stats, self.store.tiers))
+            metrics = getattr(self.store, "metrics", None)
+            promoted = metrics.value("kvtier_promoted_chunks_total") if metrics is not None else None
+            changed: dict[str, Any] = self._deltas.take(worker_counters(self.worker.stats, self.store.tiers, promoted))
             latency = self.store.metrics.take_recent_latency()
             if latency:
                 changed[LATENCY] = [list(x) for x in latency]

@@ -21,6 +21,10 @@ The rules (each is a test in tests/vllm/):
   load. A request whose load failed answers 0 at its next lookups (it recomputes).
 - Block ids are replaced, not appended, when a request is (re)admitted — a
   resumed request gets all-new blocks.
+- **A hit must be a win** (``load_policy: auto``): of the chunks found, only the leading ones
+  that are faster to read than to compute are claimed (:meth:`kvtier.costs.CostModel.chunks_to_load`);
+  the rest are computed by the engine and copied up to the cpu tier in the background. The
+  decision only shortens the answer of this call, so it cannot break the rules above.
 - Saves: only full chunks whose every token is computed by the end of the step,
   and only those no tier holds yet (one batched ``contains``), each once per step.
 - Chunks held in a worker process's cpu tier, which this process cannot see (vLLM's
@@ -36,9 +40,12 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from kvtier.costs import CostModel
 from kvtier.keys import KeyChain, Namespace, chunk_keys
 
 log = logging.getLogger(__name__)
+
+_PROMOTE_MAX = 4096  # keys waiting for the next plan's promotions
 
 
 @dataclass
@@ -75,6 +82,11 @@ class StepPlan:
     loads: list[LoadSpec] = field(default_factory=list)  # read by this step's forward
     saves: list[SaveSpec] = field(default_factory=list)
     parked_loads: list[LoadSpec] = field(default_factory=list)  # requests waiting off the batch
+    # What the engine computes in this step: new tokens, and the sum over requests of new tokens x
+    # their mean context (the attention term of kvtier.costs); the worker times the step against it.
+    work_tokens: int = 0
+    work_attention: float = 0.0
+    promote: list[bytes] = field(default_factory=list)  # chunks to copy up to the cpu tier (background)
 
 
 @dataclass
@@ -96,6 +108,17 @@ class ScheduledRequest:
 
 
 @dataclass
+class _Decision:
+    """What a lookup decided for cost (kvtier.costs): tokens found but not claimed, the predicted
+    load time of the claim and the compute time it saves, and the tiers of the claimed chunks."""
+
+    skipped_tokens: int
+    load_s: float
+    saved_s: float
+    tiers: list[str]
+
+
+@dataclass
 class _Req:
     block_ids: list[int] = field(default_factory=list)
     external: int = 0            # num_external_tokens of this step's allocation (0: no load)
@@ -108,7 +131,8 @@ class PrefixLedger:
     """Per-request bookkeeping of one engine's scheduler."""
 
     def __init__(self, store, namespace: Namespace, chunk_size: int, block_size: int,
-                 hash_name: str = "blake3") -> None:
+                 hash_name: str = "blake3", costs: CostModel | None = None, load_policy: str = "always") -> None:
+        """``costs`` with ``load_policy="auto"``: claim only the chunks worth loading (module docstring)."""
         if chunk_size % block_size:
             raise ValueError(f"chunk_size {chunk_size} is not a multiple of block_size {block_size}")
         self.store = store
@@ -122,9 +146,16 @@ class PrefixLedger:
         # Keys per request, hashed once: vLLM's request ids are unique for the engine's life and a
         # request's tokens only grow (KeyChain starts over if they do not continue what it hashed).
         self._chains: dict[str, KeyChain] = {}
+        self.costs = costs
+        self.load_policy = load_policy if costs is not None else "always"
+        # The latest lookup's cost decision per request, for counters and the tiers' backlog when the
+        # engine allocates (never for the hit: every lookup decides afresh).
+        self._decisions: dict[str, _Decision] = {}
+        self._to_promote: dict[bytes, None] = {}  # keys for the next step's plan, in order
         # Counters for tests and logs.
         self.stats = {"queries": 0, "lookups": 0, "load_tokens": 0, "loads": 0,
-                      "save_chunks": 0, "skipped_stored": 0}
+                      "save_chunks": 0, "skipped_stored": 0, "cost_skipped_tokens": 0,
+                      "predicted_load_us": 0, "predicted_saved_us": 0}
 
     def keys(self, token_ids: Sequence[int], max_chunks: int | None = None, req_id: str | None = None) -> list[bytes]:
         """Keys of the full chunks of ``token_ids``; with ``req_id``, from that request's chain."""
@@ -140,20 +171,23 @@ class PrefixLedger:
         self.worker_keys.difference_update(removed)
         self.worker_keys.update(added)
 
-    def _lookup(self, keys: Sequence[bytes]) -> int:
-        """Leading ``keys`` some tier of this store or a worker's cpu tier holds."""
+    def _locate(self, keys: Sequence[bytes]) -> list[str]:
+        """Tier of each leading key some tier of this store or a worker's cpu tier holds."""
+        locate = getattr(self.store, "locate", None)
+        if locate is None:  # a `kvtier serve` store answers only how many
+            return ["server"] * self.store.lookup(keys)
         if not self.worker_keys:
-            return self.store.lookup(keys)
-        i = 0
-        while i < len(keys):
-            if keys[i] in self.worker_keys:
-                i += 1
+            return locate(keys)
+        out: list[str] = []
+        while len(out) < len(keys):
+            if keys[len(out)] in self.worker_keys:
+                out.append("cpu")
                 continue
-            found = self.store.lookup(keys[i:])
+            found = locate(keys[len(out):])
             if not found:
                 break
-            i += found
-        return i
+            out += found
+        return out
 
     def _contains(self, keys: Sequence[bytes]) -> list[bool]:
         stored = self.store.contains(keys)
@@ -176,14 +210,30 @@ class PrefixLedger:
         keys = self.keys(token_ids, req_id=req_id)
         if first >= len(keys):
             return 0
-        found = self._lookup(keys[first:])
+        tiers = self._locate(keys[first:])
         self.stats["lookups"] += 1
         # Whole blocks only, which also leaves the engine >= 1 token to compute. A claim that
         # ends inside a block (n - 1 for a prompt of whole chunks) gave wrong greedy outputs
         # on vLLM 0.32 (tests/vllm/test_engine_random.py::test_whole_chunk_prompts); vLLM's
         # own prefix cache and example connector stop at the last whole block too.
-        hit = min((first + found) * c, (n - 1) // self.block_size * self.block_size)
-        return max(0, hit - num_computed_tokens)
+        limit = (n - 1) // self.block_size * self.block_size
+        hit = min((first + len(tiers)) * c, limit)
+        if hit <= num_computed_tokens or self.load_policy != "auto":
+            return max(0, hit - num_computed_tokens)
+        take, load_s, saved_s = self.costs.chunks_to_load(num_computed_tokens, tiers, n, limit)
+        claim = max(num_computed_tokens, min((first + take) * c, limit))
+        if req_id is not None:
+            self._decisions[req_id] = _Decision(hit - claim, load_s, saved_s, tiers[:take])
+        if take < len(tiers):  # not worth loading now: have the slower tiers' chunks closer next time
+            self._promote_below(keys[first + take:first + len(tiers)], tiers[take:])
+        return claim - num_computed_tokens
+
+    def _promote_below(self, keys: Sequence[bytes], tiers: Sequence[str]) -> None:
+        """Have the worker copy the chunks of ``keys`` held below the cpu tier up to it, in the
+        background (sent with the next step's plan: the worker's store is the one that loads)."""
+        for key, tier in zip(keys, tiers):
+            if tier != "cpu" and len(self._to_promote) < _PROMOTE_MAX:
+                self._to_promote[key] = None
 
     # ------------------------------------------------------------ allocation
     def on_alloc(self, req_id: str, block_ids: Sequence[int], num_external_tokens: int,
@@ -195,6 +245,16 @@ class PrefixLedger:
         r.block_ids = list(block_ids)
         r.external = max(0, int(num_external_tokens))
         r.parked = parked and r.external > 0
+        d = self._decisions.pop(req_id, None)
+        if d is not None and self.costs is not None:
+            self.stats["cost_skipped_tokens"] += d.skipped_tokens
+            if r.external:
+                self.stats["predicted_load_us"] += int(d.load_s * 1e6)
+                self.stats["predicted_saved_us"] += int(d.saved_s * 1e6)
+                counts: dict[str, int] = {}
+                for t in d.tiers:
+                    counts[t] = counts.get(t, 0) + 1
+                self.costs.promise(counts)
 
     def note_failed_blocks(self, block_ids: set[int]) -> None:
         """The engine was told these blocks failed to load: their requests recompute.
@@ -253,6 +313,8 @@ class PrefixLedger:
                 plan.parked_loads.append(self._plan_load(p.req_id, r, p.token_ids, p.num_computed_tokens,
                                                          step_leases))
         for s in scheduled:
+            plan.work_tokens += s.num_new_tokens
+            plan.work_attention += s.num_new_tokens * (s.num_computed_tokens + s.num_new_tokens / 2)
             r = self.reqs.setdefault(s.req_id, _Req())
             if s.replace_blocks:
                 r.block_ids = list(s.block_ids or ())
@@ -280,6 +342,8 @@ class PrefixLedger:
         for r in self.reqs.values():
             r.external = 0
             r.parked = False
+        if self._to_promote:
+            plan.promote, self._to_promote = list(self._to_promote), {}
         self._step_leases.append(step_leases)
         while len(self._step_leases) > 64:  # output of old steps never reported: do not hold forever
             self.on_step_done()
@@ -293,6 +357,7 @@ class PrefixLedger:
 
     def on_finished(self, req_id: str) -> None:
         self.reqs.pop(req_id, None)
+        self._decisions.pop(req_id, None)
         self._chains.pop(req_id, None)
 
     def block_ids(self, req_id: str) -> list[int] | None:

@@ -25,6 +25,11 @@ COUNTERS = {
     "skipped_saves": "Chunks not saved (no host slot, or their request's load failed)",
     "lookups": "Prefix lookups the scheduler asked kvtier (a waiting request is asked about again)",
     "hit_tokens": "Prompt tokens the scheduler took from kvtier (admitted hits)",
+    "promoted_chunks": "Chunks copied up to the cpu tier in the background (hits not worth loading from below)",
+    "fetch_seconds": "Seconds the worker spent reading loaded chunks from the tiers into host memory",
+    "cost_skipped_tokens": "Prompt tokens kvtier held but did not load: computing them was expected to be faster",
+    "predicted_load_seconds": "Load time the scheduler predicted for the hits it took (kvtier.costs)",
+    "predicted_saved_seconds": "Compute time the scheduler predicted those hits save (kvtier.costs)",
 }
 LATENCY = "latency"  # report key of the latency observations
 LATENCY_BUCKETS = (1e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
@@ -35,10 +40,13 @@ TIER_COUNTERS = {
 }
 
 
-def worker_counters(worker_stats: dict[str, int], tiers) -> dict[str, float]:
+def worker_counters(worker_stats: dict[str, int], tiers, promoted: float | None = None) -> dict[str, float]:
     """The worker's cumulative counters: its loads and saves, and each tier of its store."""
     out = {"loaded_tokens": worker_stats.get("loaded_tokens", 0), "load_errors": worker_stats.get("failed_chunks", 0),
-           "saved_chunks": worker_stats.get("saved_chunks", 0), "skipped_saves": worker_stats.get("skipped_saves", 0)}
+           "saved_chunks": worker_stats.get("saved_chunks", 0), "skipped_saves": worker_stats.get("skipped_saves", 0),
+           "fetch_seconds": worker_stats.get("fetch_us", 0) / 1e6}
+    if promoted is not None:
+        out["promoted_chunks"] = promoted
     for tier in tiers:
         s = tier.stats()
         for field in TIER_COUNTERS:
@@ -48,7 +56,10 @@ def worker_counters(worker_stats: dict[str, int], tiers) -> dict[str, float]:
 
 def scheduler_counters(ledger_stats: dict[str, int]) -> dict[str, float]:
     """The scheduler's cumulative counters (its :class:`~kvtier.vllm.scheduler.PrefixLedger`'s)."""
-    return {"lookups": float(ledger_stats.get("queries", 0)), "hit_tokens": float(ledger_stats.get("load_tokens", 0))}
+    return {"lookups": float(ledger_stats.get("queries", 0)), "hit_tokens": float(ledger_stats.get("load_tokens", 0)),
+            "cost_skipped_tokens": float(ledger_stats.get("cost_skipped_tokens", 0)),
+            "predicted_load_seconds": ledger_stats.get("predicted_load_us", 0) / 1e6,
+            "predicted_saved_seconds": ledger_stats.get("predicted_saved_us", 0) / 1e6}
 
 
 class Deltas:

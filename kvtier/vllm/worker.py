@@ -140,7 +140,7 @@ class KVWorker:
         self._save_thread: ThreadPoolExecutor | None = None
         self._stats_lock = threading.Lock()  # the save and load threads count too
         self.stats = {"loaded_tokens": 0, "failed_chunks": 0, "saved_chunks": 0, "skipped_saves": 0,
-                      "unready_layer_loads": 0}
+                      "unready_layer_loads": 0, "fetch_us": 0}
 
     # ------------------------------------------------------------------ helpers
     def _chunk_slots(self, block_ids: list[int], first: int, count: int) -> tuple[torch.Tensor, int]:
@@ -367,11 +367,13 @@ class KVWorker:
             if not spec.keys:
                 fail(spec, [(spec.start, spec.end)])
                 continue
+            t_fetch = time.perf_counter()
             try:
                 got = self.store.get(spec.keys)
             except Exception:  # the store should not raise; if it does, it is a miss
                 log.exception("kvtier: store.get raised; treating the load as failed")
                 got = [None] * len(spec.keys)
+            self._count("fetch_us", int((time.perf_counter() - t_fetch) * 1e6))
             slots, covered = self._chunk_slots(spec.block_ids, spec.first_chunk, len(got))
             # Slots of tokens outside [start, end) are -1: below start the blocks may be shared.
             tok = torch.arange(spec.first_chunk * c, (spec.first_chunk + len(got)) * c).view(len(got), c)

@@ -1,0 +1,252 @@
+"""What a hit costs: reading its chunks from the tiers against computing its tokens.
+
+A hit is a win only when loading it is faster than recomputing it on this engine: an
+H200 prefills Llama-8B at ~5 GB/s of KV, faster than a disk without its page cache
+(~1.7 GB/s) or Redis (~0.5 GB/s). :class:`CostModel` keeps both sides, measured online:
+
+- **Reads**: seconds per chunk of each tier, an exponential average over the store's
+  real batched reads (``observe_read``), plus a fixed copy cost per chunk into the
+  engine's cache. Before a tier was read, a conservative seed (:data:`SEED_READ_GBPS`);
+  background promotions read the slow tiers too, so the seed is soon replaced.
+- **Compute**: step time = ``c + a * tokens + b * attention``, fitted by least squares
+  over the engine's recent steps (``observe_step``; attention = sum over the step's
+  requests of new tokens x their mean context). Before enough prefill steps were seen,
+  a seed rate in GB/s of KV (config ``prefill_gbps``).
+- **Backlog**: reads already promised to a tier delay the next load from it.
+
+:meth:`CostModel.chunks_to_load` picks how many leading chunks of a hit to load so that
+load + compute of the rest is least. It only ever shortens a hit: whatever it answers,
+the engine computes the tokens not loaded, so a wrong estimate costs time, never tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+# Read speeds assumed before a tier was measured (GB/s of chunk payload). Low on purpose:
+# loading from a slow tier makes serving slower, a missed win only leaves it as fast.
+SEED_READ_GBPS = {"cpu": 1000.0, "disk": 2.0, "redis": 0.5, "server": 10.0}
+# Host -> engine cache copy (GB/s): PCIe on a GPU, a memory copy on CPU.
+COPY_GBPS = {"cuda": 25.0, "cpu": 5.0}
+# Default prefill speed (GB/s of KV computed) until measured.
+SEED_PREFILL_GBPS = {"cuda": 5.0, "cpu": 0.05}
+_READ_WEIGHT = 0.25  # weight of a new read in the running average
+_STEPS_KEPT = 256  # engine steps the compute fit uses
+_MIN_PREFILL_STEPS = 4  # steps with at least a chunk of new tokens before the fit is trusted
+_REFIT_EVERY = 8
+
+
+class CostModel:
+    """Online estimates of read and compute times for one store's chunks (thread-safe)."""
+
+    def __init__(self, chunk_size: int, chunk_bytes: int, device: str = "cpu", prefill_gbps: float = 0.0,
+                 max_step_tokens: int = 8192) -> None:
+        self.chunk_size = chunk_size
+        self.chunk_bytes = chunk_bytes
+        self.max_step_tokens = max(1, max_step_tokens)
+        self.copy_s = chunk_bytes / (COPY_GBPS.get(device, 5.0) * 1e9)
+        rate = prefill_gbps or SEED_PREFILL_GBPS.get(device, 0.05)
+        self._seed_token_s = chunk_bytes / chunk_size / (rate * 1e9)
+        self._lock = threading.Lock()
+        self._read_s: dict[str, float] = {}
+        self._busy_until: dict[str, float] = {}
+        self._steps: deque[tuple[int, float, float]] = deque(maxlen=_STEPS_KEPT)
+        self._new_steps = 0
+        self._fit: tuple[float, float, float] | None = None  # (c, a, b) once trusted
+        # Observations for the scheduler's model when it lives in another process (take_observations);
+        # bounded: an engine that never asks for them (or shares this model) loses only old ones.
+        self._outbox: deque[tuple] = deque(maxlen=1024)
+
+    # ------------------------------------------------------------ observations
+    def observe_read(self, tier: str, chunks: int, seconds: float) -> None:
+        """A batched read of ``chunks`` chunks from ``tier`` took ``seconds``."""
+        if chunks <= 0 or seconds <= 0:
+            return
+        per = seconds / chunks
+        with self._lock:
+            old = self._read_s.get(tier)
+            self._read_s[tier] = per if old is None else old + _READ_WEIGHT * (per - old)
+            self._outbox.append(("read", tier, chunks, seconds))
+
+    def observe_step(self, tokens: int, attention: float, seconds: float) -> None:
+        """An engine step computed ``tokens`` new tokens with ``attention`` token-context products."""
+        if tokens <= 0 or seconds <= 0:
+            return
+        with self._lock:
+            self._steps.append((tokens, attention, seconds))
+            self._new_steps += 1
+            self._outbox.append(("step", tokens, attention, seconds))
+
+    def take_observations(self) -> list[tuple]:
+        """Observations since the last call, for a model in another process (:meth:`absorb`)."""
+        with self._lock:
+            out = list(self._outbox)
+            self._outbox.clear()
+        return out
+
+    def absorb(self, observations: Iterable[Sequence]) -> None:
+        """Add another process's observations (a worker's reads and steps, seen by the scheduler)."""
+        for kind, *args in observations:
+            if kind == "read":
+                self.observe_read(*args)
+            elif kind == "step":
+                self.observe_step(*args)
+
+    # ------------------------------------------------------------ estimates
+    def read_s(self, tier: str) -> float:
+        """Seconds to have one chunk of ``tier`` in the engine's cache (read + copy)."""
+        per = self._read_s.get(tier)
+        if per is None:
+            per = self.chunk_bytes / (SEED_READ_GBPS.get(tier, 0.5) * 1e9)
+        return per + self.copy_s
+
+    def _coefficients(self) -> tuple[float, float, float]:
+        with self._lock:
+            if self._new_steps >= _REFIT_EVERY or (self._fit is None and self._new_steps):
+                self._new_steps = 0
+                fit = _fit_steps(list(self._steps), self.chunk_size)
+                if fit is not None:
+                    self._fit = fit
+            if self._fit is not None:
+                return self._fit
+        return 0.0, self._seed_token_s, 0.0
+
+    def compute_s(self, start: int, end: int) -> float:
+        """Seconds the engine needs to compute tokens ``[start, end)`` with ``start`` already cached."""
+        if end <= start:
+            return 0.0
+        c, a, b = self._coefficients()
+        steps = math.ceil((end - start) / self.max_step_tokens)
+        return steps * c + a * (end - start) + b * (end * end - start * start) / 2
+
+    def backlog_s(self, tier: str, now: float | None = None) -> float:
+        """Seconds of reads already promised to ``tier``."""
+        now = time.monotonic() if now is None else now
+        return max(0.0, self._busy_until.get(tier, 0.0) - now)
+
+    def chunks_to_load(self, start: int, chunk_tiers: Sequence[str], end: int, limit: int) -> tuple[int, float, float]:
+        """How many of the hit's chunks to load: (chunks, predicted load s, predicted compute s saved).
+
+        The request has ``start`` tokens computed; chunk ``i`` of the hit (tokens from
+        ``(start // chunk_size + i) * chunk_size``) is in tier ``chunk_tiers[i]``; the prompt
+        ends at ``end``; a load ends at ``limit`` tokens at most. Loading ``k`` chunks costs
+        their reads (after each tier's backlog) and saves computing the tokens they cover.
+        """
+        c = self.chunk_size
+        first = start // c
+        now = time.monotonic()
+        best, best_gain, best_load, best_saved = 0, 0.0, 0.0, 0.0
+        load = 0.0
+        wait = 0.0
+        full = self.compute_s(start, end)
+        for i, tier in enumerate(chunk_tiers):
+            stop = min((first + i + 1) * c, limit)
+            if stop <= start:
+                continue
+            wait = max(wait, self.backlog_s(tier, now))
+            load += self.read_s(tier)
+            saved = full - self.compute_s(stop, end)
+            gain = saved - (load + wait)
+            if gain >= best_gain:  # ties load: the same time, less work for the engine
+                best, best_gain, best_load, best_saved = i + 1, gain, load + wait, saved
+            if stop >= limit:
+                break
+        return best, best_load, best_saved
+
+    def promise(self, tier_chunks: dict[str, int]) -> None:
+        """Loads were decided: count their reads as each tier's backlog."""
+        now = time.monotonic()
+        with self._lock:
+            for tier, n in tier_chunks.items():
+                if tier == "cpu" or n <= 0:
+                    continue
+                start = max(now, self._busy_until.get(tier, 0.0))
+                self._busy_until[tier] = start + n * self.read_s(tier)
+
+    def snapshot(self) -> dict[str, float]:
+        """The current estimates (for logs, metrics and benchmarks)."""
+        c, a, b = self._coefficients()
+        out = {"compute_step_s": c, "compute_token_s": a, "compute_attention_s": b,
+               "measured_compute": float(self._fit is not None), "copy_chunk_s": self.copy_s}
+        for tier, per in list(self._read_s.items()):
+            out[f"read_chunk_s.{tier}"] = per
+        return out
+
+
+def _fit_steps(steps: list[tuple[int, float, float]], chunk_size: int) -> tuple[float, float, float] | None:
+    """Least-squares (c, a, b) of seconds = c + a * tokens + b * attention, all >= 0; None when
+    too few steps computed a chunk or more (decode steps alone do not tell the per-token cost)."""
+    if sum(1 for t, _, _ in steps if t >= chunk_size) < _MIN_PREFILL_STEPS:
+        return None
+    x = np.array([(1.0, t, att) for t, att, _ in steps])
+    y = np.array([s for _, _, s in steps])
+    cols = [0, 1, 2]
+    while cols:  # drop a term fitted negative, then fit again without it
+        coef, *_ = np.linalg.lstsq(x[:, cols], y, rcond=None)
+        neg = [cols[i] for i, v in enumerate(coef) if v < 0]
+        if not neg:
+            out = [0.0, 0.0, 0.0]
+            for i, v in zip(cols, coef):
+                out[i] = float(v)
+            return (out[0], out[1], out[2]) if out[1] > 0 or out[2] > 0 else None
+        cols = [i for i in cols if i not in neg]
+    return None
+
+
+class StepClock:
+    """Times the engine's steps for :meth:`CostModel.observe_step`: on a GPU with events on the
+    forward's stream, read back steps later without waiting; on CPU with the host clock."""
+
+    _MAX_PENDING = 64  # steps not yet finished on the device; older ones are given up
+
+    def __init__(self, device, observe) -> None:
+        """``device``: the engine's cache device (None: time nothing); ``observe(tokens, attention, s)``."""
+        self._observe = observe if device is not None else None
+        self._device = device
+        self._cuda = device is not None and device.type == "cuda"
+        self._open: tuple | None = None
+        self._pending: deque[tuple] = deque()
+        self._spare: list = []
+
+    def start(self, tokens: int, attention: float) -> None:
+        """A forward that computes ``tokens`` new tokens begins (called before its first layer)."""
+        self._open = None
+        if self._observe is None or tokens <= 0:
+            return
+        self._poll()
+        self._open = (tokens, attention, self._mark())
+
+    def stop(self) -> None:
+        """The forward's work is issued (after its last layer)."""
+        if self._open is None:
+            return
+        tokens, attention, begin = self._open
+        self._open = None
+        if not self._cuda:
+            self._observe(tokens, attention, time.perf_counter() - begin)
+            return
+        self._pending.append((tokens, attention, begin, self._mark()))
+        if len(self._pending) > self._MAX_PENDING:
+            *_, a, b = self._pending.popleft()
+            self._spare += [a, b]
+
+    def _mark(self):
+        if not self._cuda:
+            return time.perf_counter()
+        import torch
+
+        event = self._spare.pop() if self._spare else torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self._device))
+        return event
+
+    def _poll(self) -> None:
+        while self._pending and self._pending[0][3].query():
+            tokens, attention, begin, end = self._pending.popleft()
+            self._observe(tokens, attention, begin.elapsed_time(end) / 1e3)
+            self._spare += [begin, end]

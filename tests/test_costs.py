@@ -1,0 +1,190 @@
+"""Cost-aware loading (kvtier.costs): a hit is loaded only where reading beats computing.
+
+The model's arithmetic on its own, then the scheduler's ledger over a real store whose disk
+tier is made slow on purpose (real files, real reads, a sleep in each read): its chunks are
+not claimed, they are promoted to the cpu tier in the background, and the next lookup claims
+them from there. The CPU vLLM engine, whose prefill is slow, keeps loading from disk: the
+engine tests (tests/vllm/) run with the default ``load_policy: auto`` and assert their loads.
+"""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from kvtier.config import ConfigError, KVTierConfig
+from kvtier.costs import CostModel, _fit_steps
+from kvtier.keys import Namespace
+from kvtier.layout import ChunkLayout
+from kvtier.store import Store
+from kvtier.tiers.disk import DiskTier
+from kvtier.vllm.scheduler import PrefixLedger, ScheduledRequest
+
+CHUNK = 16
+LAYOUT = ChunkLayout(2, CHUNK, 64, torch.float16)  # 8 KiB chunks
+NS = Namespace("m", "float16", 2, 1, 64)
+
+
+def model(token_s: float = 1e-4, **kw) -> CostModel:
+    """A model whose compute is measured at ``token_s`` seconds per token (steps observed)."""
+    m = CostModel(CHUNK, LAYOUT.nbytes, "cpu", **kw)
+    for _ in range(8):
+        m.observe_step(4 * CHUNK, 0.0, 4 * CHUNK * token_s)
+        m.observe_step(CHUNK, 0.0, CHUNK * token_s)
+    return m
+
+
+def test_fit_recovers_step_costs():
+    rng = np.random.default_rng(0)
+    steps = []
+    for _ in range(200):
+        tokens = int(rng.integers(1, 4096))
+        ctx = int(rng.integers(0, 32768))
+        att = tokens * (ctx + tokens / 2)
+        steps.append((tokens, att, 0.004 + 2e-5 * tokens + 3e-10 * att))
+    c, a, b = _fit_steps(steps, 256)
+    assert c == pytest.approx(0.004, rel=1e-3) and a == pytest.approx(2e-5, rel=1e-3)
+    assert b == pytest.approx(3e-10, rel=1e-3)
+    decode_only = [(8, 8 * 1000.0, 0.01)] * 50  # no step computed a chunk: per-token cost unknown
+    assert _fit_steps(decode_only, 256) is None
+
+
+def test_decisions_follow_measured_speeds():
+    m = model(token_s=1e-4)  # a chunk computes in 1.6 ms
+    m.observe_read("disk", 4, 4 * 0.010)  # 10 ms a chunk: slower than computing it
+    m.observe_read("redis", 4, 4 * 0.0001)  # 0.1 ms: faster
+    n = 10 * CHUNK + 5
+    assert m.chunks_to_load(0, ["disk"] * 8, n, n - 1)[0] == 0
+    take, load_s, saved_s = m.chunks_to_load(0, ["redis"] * 8, n, n - 1)
+    assert take == 8 and load_s < saved_s
+    # cpu chunks first, then slow ones: the cpu part only
+    assert m.chunks_to_load(0, ["cpu", "cpu", "cpu", "disk", "disk"], n, n - 1)[0] == 3
+    # a disk slow only per read of the whole batch, but fast per chunk: loads
+    m.observe_read("disk", 64, 64 * 0.0001)
+    for _ in range(20):
+        m.observe_read("disk", 64, 64 * 0.0001)
+    assert m.chunks_to_load(0, ["disk"] * 8, n, n - 1)[0] == 8
+
+
+def test_backlog_delays_a_tier():
+    m = model(token_s=1e-4)
+    m.observe_read("disk", 1, 0.0005)  # 0.5 ms a chunk: a win on its own (1.6 ms to compute)
+    n = 9 * CHUNK
+    assert m.chunks_to_load(0, ["disk"] * 8, n, n - 1)[0] == 8
+    m.promise({"disk": 400})  # 0.2 s of reads promised to other requests
+    assert m.chunks_to_load(0, ["disk"] * 8, n, n - 1)[0] == 0
+    assert m.chunks_to_load(0, ["cpu"] * 8, n, n - 1)[0] == 8  # the cpu tier has no backlog
+
+
+def test_observations_cross_processes():
+    worker, sched = model(), CostModel(CHUNK, LAYOUT.nbytes, "cpu")
+    worker.take_observations()
+    worker.observe_read("disk", 2, 0.02)
+    for _ in range(6):
+        worker.observe_step(2 * CHUNK, 0.0, 0.5)
+    sched.absorb(worker.take_observations())
+    assert sched.read_s("disk") == pytest.approx(worker.read_s("disk"))
+    assert sched.compute_s(0, 2 * CHUNK) == pytest.approx(0.5, rel=0.01)
+    assert worker.take_observations() == []
+
+
+def test_config_settings():
+    assert KVTierConfig().load_policy == "auto"
+    with pytest.raises(ConfigError, match="load_policy"):
+        KVTierConfig(load_policy="sometimes")
+    with pytest.raises(ConfigError, match="prefill_gbps"):
+        KVTierConfig(prefill_gbps=-1)
+
+
+class SlowDisk(DiskTier):
+    """A real disk tier whose reads take ``delay`` seconds more per chunk."""
+
+    delay = 0.0
+
+    def get_into(self, keys, dests):
+        time.sleep(self.delay * len(keys))
+        return super().get_into(keys, dests)
+
+
+def payload(i: int) -> np.ndarray:
+    return np.random.default_rng(i).integers(0, 256, LAYOUT.nbytes, dtype=np.uint8)
+
+
+@pytest.fixture
+def slow_store(tmp_path):
+    disk = SlowDisk(tmp_path / "disk", 1 << 30, LAYOUT)
+    config = KVTierConfig(tiers=("cpu", "disk"), cpu_bytes=64 * LAYOUT.nbytes, disk_path=str(tmp_path / "disk"))
+    store = Store(config, LAYOUT, pin=False, tiers=[disk])
+    yield store, disk
+    store.close()
+
+
+def prompt_and_keys(ledger, chunks: int):
+    tokens = list(range(1000, 1000 + chunks * CHUNK + 3))
+    return tokens, ledger.keys(tokens)
+
+
+def test_slow_disk_is_not_loaded_but_promoted(slow_store):
+    store, disk = slow_store
+    store.costs = model(token_s=1e-4)  # this "engine" computes a chunk in 1.6 ms
+    ledger = PrefixLedger(store, NS, CHUNK, CHUNK, costs=store.costs, load_policy="auto")
+    tokens, keys = prompt_and_keys(ledger, 6)
+    for i, k in enumerate(keys):
+        assert disk.put([k], [payload(i)]) == [True]  # on disk only
+    disk.delay = 0.02  # 20 ms a chunk: measured by a real read below
+    (ref,) = store.get([keys[5]])  # one read, timed by the store (and promoted: the cpu tier has it now)
+    ref.release()
+    assert store.costs.read_s("disk") > 0.015
+    assert ledger.num_new_matched_tokens(tokens, 0, "r1") == 0  # found, not worth loading
+    assert store.locate(keys) == ["disk"] * 5 + ["cpu"]
+    ledger.on_alloc("r1", list(range(7)), 0)
+    assert ledger.stats["cost_skipped_tokens"] == 6 * CHUNK
+    plan = ledger.on_step([ScheduledRequest("r1", tokens, 0, len(tokens), None, False)])
+    assert plan.promote == keys[:5]  # the worker copies them up in the background
+    assert plan.work_tokens == len(tokens)
+    disk.delay = 0.0
+    store.promote_later(plan.promote)
+    deadline = time.monotonic() + 10
+    while store.pending_promotions() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert store.locate(keys) == ["cpu"] * 6
+    assert store.metrics.value("kvtier_promoted_chunks_total") == 5
+    # From the cpu tier it is a win: every whole block up to the last token is claimed.
+    assert ledger.num_new_matched_tokens(tokens, 0, "r2") == 6 * CHUNK
+    with store.get(keys[:1])[0] as ref:
+        assert np.array_equal(ref.data.numpy(), payload(0))
+
+
+def test_fast_disk_is_loaded_and_policy_always_loads_slow_one(slow_store):
+    store, disk = slow_store
+    store.costs = model(token_s=1e-3)  # a slow engine: 16 ms a chunk (a CPU engine's prefill)
+    auto = PrefixLedger(store, NS, CHUNK, CHUNK, costs=store.costs, load_policy="auto")
+    always = PrefixLedger(store, NS, CHUNK, CHUNK, costs=store.costs, load_policy="always")
+    tokens, keys = prompt_and_keys(auto, 4)
+    for i, k in enumerate(keys):
+        disk.put([k], [payload(i)])
+    refs = store.get(keys[3:])  # measured: a plain read of a small file, well under a millisecond
+    for r in refs:
+        r.release()
+    assert auto.num_new_matched_tokens(tokens, 0, "a") == 4 * CHUNK
+    store.costs.observe_read("disk", 1, 1.0)
+    for _ in range(30):
+        store.costs.observe_read("disk", 1, 1.0)  # now a second a chunk
+    store.cpu.delete(keys)
+    assert auto.num_new_matched_tokens(tokens, 0, "a") == 0
+    assert always.num_new_matched_tokens(tokens, 0, "b") == 4 * CHUNK
+
+
+def test_decision_uses_the_engines_count_of_each_call(slow_store):
+    """Invariant 1 under the cost policy: after a preemption the engine's count moves and the
+    answer is derived from it, never from an earlier call's decision."""
+    store, disk = slow_store
+    store.costs = model(token_s=1e-3)
+    ledger = PrefixLedger(store, NS, CHUNK, CHUNK, costs=store.costs, load_policy="auto")
+    tokens, keys = prompt_and_keys(ledger, 8)
+    for i, k in enumerate(keys):
+        store.put(k, payload(i))
+    assert ledger.num_new_matched_tokens(tokens, 0, "r") == 8 * CHUNK
+    assert ledger.num_new_matched_tokens(tokens, 3 * CHUNK + 5, "r") == 8 * CHUNK - (3 * CHUNK + 5)
+    assert ledger.num_new_matched_tokens(tokens, 8 * CHUNK, "r") == 0
