@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 TIER_NAMES = ("cpu", "disk", "redis")
 HASH_NAMES = ("blake3", "xxh3_128")
 LOAD_MODES = ("auto", "sync", "async")
+LOAD_POLICIES = ("auto", "always")
 WRITERS = ("auto", "threads", "process")
 ENV_PREFIX = "KVTIER_"
 # KVTIER_* variables that are not settings: the config file, and kvtier.trace's output file.
@@ -93,6 +94,11 @@ class KVTierConfig:
     """After a remote tier failed, how long to answer misses before trying it again."""
     load_mode: str = "auto"
     """How loads reach the engine: auto, sync or async (see docs/config.md)."""
+    load_policy: str = "auto"
+    """Which hits to load: "auto" loads a chunk only when reading it is expected to be faster than
+    computing it (both measured online, kvtier/costs.py); "always" loads every hit."""
+    prefill_gbps: float = 0.0
+    """The engine's prefill speed in GB/s of KV computed, until measured (0: 5 on a GPU, 0.05 on CPU)."""
     lease_ttl_s: float = 60.0
     """A leased chunk (found by a lookup, not yet loaded) is kept from eviction this long at most."""
     server: str = ""
@@ -272,6 +278,10 @@ def _validate(c: KVTierConfig) -> None:
         raise bad("hash", f"allowed: {', '.join(HASH_NAMES)}")
     if c.load_mode not in LOAD_MODES:
         raise bad("load_mode", f"allowed: {', '.join(LOAD_MODES)}")
+    if c.load_policy not in LOAD_POLICIES:
+        raise bad("load_policy", f"allowed: {', '.join(LOAD_POLICIES)}")
+    if not isinstance(c.prefill_gbps, (int, float)) or not math.isfinite(c.prefill_gbps) or c.prefill_gbps < 0:
+        raise bad("prefill_gbps", "must be a number >= 0 (GB/s of KV; 0 = a default by device)")
     if c.writer not in WRITERS:
         raise bad("writer", f"allowed: {', '.join(WRITERS)}")
     for key in ("write_queue_depth", "write_threads"):

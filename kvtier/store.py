@@ -17,6 +17,7 @@ treated as a miss, so the serving process never dies because a tier did.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import queue
@@ -27,6 +28,7 @@ from collections.abc import Sequence
 import torch
 
 from kvtier.config import KVTierConfig
+from kvtier.costs import CostModel
 from kvtier.hostcopy import copy_bytes
 from kvtier.layout import ChunkLayout, payload_bytes
 from kvtier.memory import ChunkRef, HostPool
@@ -38,6 +40,9 @@ log = logging.getLogger(__name__)
 
 # Without a cpu tier the pool only stages chunks on their way to or from a lower tier.
 _STAGING_SLOTS = 64
+# Chunks a background promotion reads per batch, and at most this many keys wait for one.
+_PROMOTE_BATCH = 8
+_PROMOTE_QUEUE = 4096
 # At most 1/_QUEUE_SHARE of the host slots wait in the write-behind queue (see Store.__init__).
 _QUEUE_SHARE = 2
 
@@ -108,6 +113,13 @@ class Store:
         self.chunk_size = layout.tokens
         self.label = label
         self.metrics = metrics or Metrics()
+        self.costs = CostModel(layout.tokens, layout.nbytes, "cuda" if torch.cuda.is_available() else "cpu",
+                               config.prefill_gbps)
+        # Background promotion (promote_later): keys in order, and the loads it yields to.
+        self._promote_lock = threading.Condition()
+        self._promote_queue: dict[bytes, None] = {}
+        self._promoter: threading.Thread | None = None
+        self._loads_running = 0
         self._lease_lock = threading.Lock()
         self._leased: dict[bytes, int] = {}
         self._leases: dict[Lease, None] = {}  # open leases, oldest (= soonest to expire) first
@@ -170,9 +182,13 @@ class Store:
     # ---------------------------------------------------------------- lookup
     def lookup(self, keys: Sequence[bytes]) -> int:
         """Number of leading ``keys`` held by some tier (a hint: ``get`` may still miss)."""
+        return len(self.locate(keys))
+
+    def locate(self, keys: Sequence[bytes]) -> list[str]:
+        """The name of the fastest tier holding each leading key, up to the first key none holds."""
         t0 = time.perf_counter()
         n = len(keys)
-        found = [False] * n
+        where: list[str | None] = [None] * n
         first = 0
         for tier in self.tiers:
             if first >= n:
@@ -181,16 +197,16 @@ class Store:
             if answer is None:
                 continue
             for i, present in enumerate(answer):
-                if present:
-                    found[first + i] = True
-            while first < n and found[first]:
+                if present and where[first + i] is None:
+                    where[first + i] = tier.name
+            while first < n and where[first] is not None:
                 first += 1
         m = self.metrics
         m.lookups.inc()
         m.hit_tokens.inc(first * self.chunk_size)
         m.miss_tokens.inc((n - first) * self.chunk_size)
         m.observe_latency("store", "lookup", time.perf_counter() - t0)
-        return first
+        return where[:first]  # type: ignore[return-value]
 
     def contains(self, keys: Sequence[bytes]) -> list[bool]:
         """Per key: whether some tier holds it (used to skip saving what is stored)."""
@@ -210,6 +226,16 @@ class Store:
 
         The caller releases every reference it gets. A hit below ``cpu`` is promoted.
         """
+        with self._promote_lock:
+            self._loads_running += 1
+        try:
+            return self._get(keys)
+        finally:
+            with self._promote_lock:
+                self._loads_running -= 1
+                self._promote_lock.notify_all()
+
+    def _get(self, keys: Sequence[bytes]) -> list[ChunkRef | None]:
         t0 = time.perf_counter()
         refs: list[ChunkRef | None] = [None] * len(keys)
         missing = list(range(len(keys)))
@@ -228,8 +254,10 @@ class Store:
                 if ref is None:
                     break  # host memory full of chunks in use: the rest are misses
                 slots.append((i, ref))
+            t_read = time.perf_counter()
             answer = self._call(tier, "get_into", [keys[i] for i, _ in slots],
                                 [ref.data.numpy() for _, ref in slots]) or [False] * len(slots)
+            self.costs.observe_read(tier.name, sum(answer), time.perf_counter() - t_read)
             still = []
             for (i, ref), ok in zip(slots, answer):
                 if ok:
@@ -247,6 +275,50 @@ class Store:
             self.cpu.insert(key, ref.share())
         if upper:
             self._enqueue(key, ref.share(), tuple(upper))
+
+    # ---------------------------------------------------------------- promotion
+    def promote_later(self, keys: Sequence[bytes]) -> int:
+        """Copy ``keys`` up to the cpu tier in the background, in order, reading only while no load
+        reads: a hit that was not worth loading from a slow tier is a fast one next time. Bounded
+        (keys past :data:`_PROMOTE_QUEUE` waiting are not queued); returns how many were queued."""
+        if self.cpu is None or not self.lower or self._closed:
+            return 0
+        with self._promote_lock:
+            added = 0
+            for key in keys:
+                if key not in self._promote_queue and len(self._promote_queue) < _PROMOTE_QUEUE:
+                    self._promote_queue[key] = None
+                    added += 1
+            if added and self._promoter is None:
+                self._promoter = threading.Thread(target=self._promote_loop, name="kvtier-promote", daemon=True)
+                self._promoter.start()
+            self._promote_lock.notify_all()
+        return added
+
+    def pending_promotions(self) -> int:
+        return len(self._promote_queue)
+
+    def _promote_loop(self) -> None:
+        while True:
+            with self._promote_lock:
+                while not self._closed and (not self._promote_queue or self._loads_running):
+                    self._promote_lock.wait(0.5)
+                if self._closed:
+                    return
+                batch = list(itertools.islice(self._promote_queue, _PROMOTE_BATCH))
+            todo = [k for k, held in zip(batch, self.cpu.contains(batch)) if not held]
+            try:
+                refs = self._get(todo) if todo else []
+            except Exception:  # never let the promoter die on a bug: drop the batch
+                log.exception("kvtier: a background promotion failed")
+                refs = []
+            for ref in refs:
+                if ref is not None:
+                    ref.release()
+            self.metrics.promoted_chunks.inc(sum(r is not None for r in refs))
+            with self._promote_lock:
+                for key in batch:
+                    self._promote_queue.pop(key, None)
 
     # ---------------------------------------------------------------- save
     def allocate(self) -> ChunkRef | None:
@@ -446,7 +518,11 @@ class Store:
         if self._closed:
             return
         self._closed = True
+        with self._promote_lock:
+            self._promote_lock.notify_all()
         self.flush(timeout)
+        if self._promoter is not None:
+            self._promoter.join(timeout)
         if self._process is not None:
             self._process.close(timeout)
         for _ in self._writers:
