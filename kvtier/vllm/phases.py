@@ -8,6 +8,10 @@ Steps:
 - ``{"op": "ttft", "prompt": [ids]}``: time of one request generating one token (its TTFT).
 - ``{"op": "generate", "prompts": [[ids]], "max_tokens": n}``: greedy outputs and wall time.
 - ``{"op": "reset_prefix_cache"}``: empty vLLM's own prefix cache (kvtier keeps its copy).
+- ``{"op": "metrics"}``: kvtier's counters in vLLM's metrics so far (``vllm:kvtier_*``, summed over
+  labels; the engine needs ``disable_log_stats=False``).
+- ``{"op": "drop_page_cache", "path": dir}``: wait until kvtier stopped writing under ``dir``, then
+  drop the page cache (all of it as root, else the files under ``dir``), so reads come from the disk.
 - ``{"op": "profile_start", "prefix": name}`` / ``{"op": "profile_stop"}``: vLLM's torch profiler
   around the steps between them (the engine needs ``profiler_config``).
 """
@@ -38,6 +42,44 @@ def drop_page_cache_now() -> bool:
         return True
     except OSError:
         return False
+
+
+def drop_page_cache_of(path: str, quiet_s: float = 2.0, wait_s: float = 120.0) -> dict[str, Any]:
+    """Wait until the bytes under ``path`` stop changing (writes behind done), then drop them from
+    the page cache: all of it when root may (:func:`drop_page_cache_now`), else file by file
+    (``POSIX_FADV_DONTNEED``, which needs no privilege)."""
+    def size() -> int:
+        return sum(p.stat().st_size for p in Path(path).rglob("*.kvc") if p.is_file())
+
+    t0 = time.monotonic()
+    last, since = size(), time.monotonic()
+    while time.monotonic() - since < quiet_s and time.monotonic() - t0 < wait_s:
+        time.sleep(0.25)
+        now = size()
+        if now != last:
+            last, since = now, time.monotonic()
+    if drop_page_cache_now():
+        return {"method": "drop_caches", "bytes": last, "waited_s": time.monotonic() - t0}
+    for p in Path(path).rglob("*.kvc"):
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return {"method": "fadvise", "bytes": last, "waited_s": time.monotonic() - t0}
+
+
+def kvtier_metrics(llm: Any) -> dict[str, float]:
+    """kvtier's counters in an ``LLM``'s metrics (``vllm:kvtier_*``), summed over labels."""
+    out: dict[str, float] = {}
+    for m in llm.get_metrics():
+        if "kvtier" in m.name and hasattr(m, "value"):
+            out[m.name] = out.get(m.name, 0.0) + float(m.value)
+    return out
 
 
 def run_phase(model: str, steps: list[dict[str, Any]], kvtier: dict[str, Any] | None,
@@ -144,6 +186,10 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
                                      "cached": sum(o.num_cached_tokens or 0 for o in outs),
                                      "prompt_tokens": sum(len(p) for p in step["prompts"]),
                                      "outputs": [list(o.outputs[0].token_ids) for o in outs]})
+        elif op == "metrics":
+            results["steps"].append({"op": op, "values": kvtier_metrics(llm)})
+        elif op == "drop_page_cache":
+            results["steps"].append({"op": op, **drop_page_cache_of(step["path"])})
         elif op == "reset_prefix_cache":
             llm.reset_prefix_cache()
             results["steps"].append({"op": op})
@@ -153,6 +199,8 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
             llm.stop_profile()
         else:
             raise ValueError(f"unknown step {op!r}")
+        if "pass" in step:  # a caller's label, kept with the step's result
+            results["steps"][-1]["pass"] = step["pass"]
     shutdown_engine(llm)
     return results
 

@@ -1,0 +1,188 @@
+"""A long-document workload on a GPU vLLM: is every kvtier hit a win against recomputing? (issue 25)
+
+16 documents of 8,192 tokens (Llama-3.1-8B shape, dummy bf16 weights: 1 GiB of KV each, 16 GiB in
+all); vLLM's GPU KV cache capped at 40,960 tokens (``num_gpu_blocks_override``), so its own prefix
+cache must evict. Each configuration runs in its own engine process (kvtier.vllm.phases):
+
+1. every document with question 1, one at a time (cold: kvtier saves);
+2. every document with question 2, one at a time: TTFT of each;
+3. all documents with question 3 at once: wall time, 16 greedy tokens each.
+
+Configurations (``--configs``): ``vllm_alone``; ``kvtier_cpu`` (cpu tier of 24 GiB); ``kvtier_default``
+(no settings but ``disk_path``: cpu + disk, cpu size from the host's memory); ``kvtier_default_dropped``
+(the same, page cache dropped before pass 2); ``kvtier_cpu4g_disk`` and ``..._dropped`` (a 4 GiB cpu tier:
+most documents come from the disk); ``vllm_offloading`` (vLLM's OffloadingConnector, 24 GiB).
+
+The JSON's ``rows``: one per configuration and pass, with ``config``, ``pass``, ``ttft_mean_s``,
+``wall_s``, ``tokens_from_kvtier`` (kvtier's loaded tokens in that pass), ``outputs_match`` (first tokens
+of passes 1-2, all 16 tokens of pass 3, against ``vllm_alone``), and kvtier's cost model's view
+(``predicted_load_s``, ``predicted_saved_s``, ``cost_skipped_tokens``, ``promoted_chunks``, ``fetch_s``).
+Results of earlier calls are kept in ``$GPU_VLLM_STATE/docs.json`` so that configurations can run in
+several device calls (``--configs a,b``) and the last call writes them all.
+
+    python3 benchmarks/gpu_docs.py --configs vllm_alone,kvtier_cpu,kvtier_default
+    python3 benchmarks/gpu_docs.py --cpu     # dry run: tiny model on vLLM's CPU engine
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from kvtier.vllm.phases import run_phase
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_vllm import LLAMA_8B  # noqa: E402
+
+STATE = Path(os.environ.get("GPU_VLLM_STATE", "/tmp/kvtier-gpu-vllm"))
+ALL = ["vllm_alone", "kvtier_cpu", "kvtier_default", "kvtier_default_dropped", "kvtier_cpu4g_disk",
+       "kvtier_cpu4g_disk_dropped", "vllm_offloading"]
+COUNTERS = {"tokens_from_kvtier": "loaded_tokens", "predicted_load_s": "predicted_load_seconds",
+            "predicted_saved_s": "predicted_saved_seconds", "cost_skipped_tokens": "cost_skipped_tokens",
+            "promoted_chunks": "promoted_chunks", "fetch_s": "fetch_seconds"}
+
+
+def setup(cpu: bool) -> dict:
+    if cpu:
+        from kvtier.models import SIZES, make_random_llama
+
+        model = make_random_llama(STATE / "tiny", "tiny")
+        return dict(model=model, vocab=SIZES["tiny"]["vocab_size"], docs=16, doc_tokens=512, question=16,
+                    engine=dict(max_model_len=1024, max_num_batched_tokens=1024, block_size=32,
+                                num_gpu_blocks_override=80, disable_log_stats=False),
+                    big="256MiB", small="4MiB", native=None)
+    model = STATE / "llama-8b-dummy"
+    model.mkdir(parents=True, exist_ok=True)
+    (model / "config.json").write_text(json.dumps(LLAMA_8B))
+    return dict(model=str(model), vocab=LLAMA_8B["vocab_size"], docs=16, doc_tokens=8192, question=32,
+                engine=dict(load_format="dummy", dtype="bfloat16", enforce_eager=False, block_size=16,
+                            max_model_len=8192 + 256, max_num_batched_tokens=8192, gpu_memory_utilization=0.85,
+                            num_gpu_blocks_override=40960 // 16, disable_log_stats=False),
+                big="24GiB", small="4GiB", native=24.0)
+
+
+def kvtier_config(name: str, s: dict, disk: Path) -> dict | None:
+    if name == "kvtier_cpu":
+        return {"tiers": ["cpu"], "cpu_bytes": s["big"]}
+    if name.startswith("kvtier_default"):
+        return {"disk_path": str(disk)}
+    if name.startswith("kvtier_cpu4g_disk"):
+        return {"tiers": ["cpu", "disk"], "cpu_bytes": s["small"], "disk_path": str(disk)}
+    return None
+
+
+def steps_for(name: str, s: dict, docs: list[list[int]], questions: list[list[list[int]]], disk: Path) -> list:
+    warm = {"op": "ttft", "prompt": docs[0][:64]}
+    out: list[dict] = [warm, {"op": "metrics"}]
+    for p, q in enumerate(questions[:2]):
+        if p == 1 and name.endswith("_dropped"):
+            out.append({"op": "drop_page_cache", "path": str(disk)})
+        out += [{"op": "ttft", "prompt": d + q[i], "pass": p + 1} for i, d in enumerate(docs)]
+        out.append({"op": "metrics"})
+    out.append({"op": "generate", "prompts": [d + questions[2][i] for i, d in enumerate(docs)], "max_tokens": 16,
+                "pass": 3})
+    out.append({"op": "metrics"})
+    return out
+
+
+def run_config(name: str, s: dict, docs, questions) -> dict:
+    disk = STATE / "docs-disk"
+    shutil.rmtree(disk, ignore_errors=True)
+    engine = dict(s["engine"])
+    if name == "vllm_offloading":
+        if s["native"] is None:
+            return {"skipped": "vLLM's offloading runs on GPUs only"}
+        engine |= {"kv_offloading_size": s["native"], "kv_offloading_backend": "native"}
+    t = time.time()
+    result = run_phase(s["model"], steps_for(name, s, docs, questions, disk), kvtier_config(name, s, disk), engine)
+    print(f"{name}: {time.time() - t:.0f} s (start-up {result['startup_s']:.0f} s)", flush=True)
+    shutil.rmtree(disk, ignore_errors=True)
+    return result
+
+
+def summarize(name: str, result: dict, base: dict | None) -> list[dict]:
+    if "skipped" in result:
+        return [{"config": name, "pass": None, "skipped": result["skipped"]}]
+    steps = result["steps"]
+    metrics = [x["values"] for x in steps if x["op"] == "metrics"]
+    dropped = [x for x in steps if x["op"] == "drop_page_cache"]
+
+    def tokens_of(r: dict, p: int) -> list:
+        if p == 3:
+            return [x["outputs"] for x in r["steps"] if x.get("op") == "generate"][0]
+        return [x["tokens"] for x in r["steps"] if x.get("pass") == p]
+
+    rows = []
+    for p in (1, 2, 3):
+        mine = [x for x in steps if x.get("pass") == p]
+        row = {"config": name, "pass": p,
+               "ttft_mean_s": statistics.mean(x["s"] for x in mine) if p < 3 else None,
+               "ttft_max_s": max(x["s"] for x in mine) if p < 3 else None,
+               "wall_s": sum(x["s"] for x in mine),
+               "cached_tokens": sum(x["cached"] or 0 for x in mine)}
+        before, after = metrics[p - 1], metrics[p]
+        for key, counter in COUNTERS.items():
+            full = next((k for k in after if k.startswith(f"vllm:kvtier_{counter}")), None)
+            row[key] = (after[full] - before.get(full, 0.0)) if full else (0 if name.startswith("kvtier") else None)
+        row["outputs_match"] = None if base is None else tokens_of(result, p) == tokens_of(base, p)
+        if p == 2 and dropped:
+            row["page_cache"] = {k: v for k, v in dropped[0].items() if k != "op"}
+        rows.append(row)
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--configs", default=",".join(ALL))
+    ap.add_argument("--cpu", action="store_true", help="dry run: tiny model, vLLM's CPU engine")
+    ap.add_argument("--fresh", action="store_true", help="forget results of earlier calls")
+    ap.add_argument("--out", default="benchmarks/results/gpu_docs_h200.json")
+    args = ap.parse_args()
+    STATE.mkdir(parents=True, exist_ok=True)
+    s = setup(args.cpu)
+    rnd = random.Random(25)
+    docs = [[rnd.randrange(10, s["vocab"] - 10) for _ in range(s["doc_tokens"])] for _ in range(s["docs"])]
+    questions = [[[rnd.randrange(10, s["vocab"] - 10) for _ in range(s["question"])] for _ in docs]
+                 for _ in range(3)]
+    saved = STATE / ("docs_cpu.json" if args.cpu else "docs.json")
+    results = {} if args.fresh or not saved.exists() else json.loads(saved.read_text())
+    for name in args.configs.split(","):
+        if name not in ALL:
+            ap.error(f"unknown configuration {name!r}; choose from {', '.join(ALL)}")
+        try:
+            results[name] = run_config(name, s, docs, questions)
+        except RuntimeError as e:  # one engine failing must not lose the others' figures
+            print(f"{name} failed: {e}", flush=True)
+            results[name] = {"skipped": f"failed: {str(e)[-2000:]}"}
+        saved.write_text(json.dumps(results))
+    base = results.get("vllm_alone")
+    rows = [r for name in ALL if name in results for r in summarize(name, results[name], base)]
+    import torch
+    import vllm
+
+    out = {"command": "python3 benchmarks/gpu_docs.py " + " ".join(sys.argv[1:]),
+           "vllm_version": vllm.__version__,
+           "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU dry run)",
+           "host": {"cpus": os.cpu_count(), "mem_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")},
+           "workload": {k: s[k] for k in ("docs", "doc_tokens", "question")}, "engine": s["engine"],
+           "configs": {n: kvtier_config(n, s, STATE / "docs-disk") for n in ALL},
+           "startup_s": {n: r.get("startup_s") for n, r in results.items()}, "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    keys = ["config", "pass", "ttft_mean_s", "wall_s", "tokens_from_kvtier", "cost_skipped_tokens",
+            "predicted_load_s", "predicted_saved_s", "outputs_match"]
+    print(" ".join(f"{k:>18}" for k in keys))
+    for r in rows:
+        print(" ".join(f"{r.get(k):>18.4f}" if isinstance(r.get(k), float) else f"{str(r.get(k)):>18}" for k in keys))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
