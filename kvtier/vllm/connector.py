@@ -395,7 +395,15 @@ class KVTierConnector(KVConnectorBase_V1):
                               f"its config lists {self.layout.num_layers} layers")
         self.worker = KVWorker(self.store, paged, self.config.chunk_size)
         costs = getattr(self.store, "costs", None)
-        self._clock = StepClock(paged.device, costs.observe_step if costs is not None else None)
+        worker = self.worker
+
+        def observe(tokens: int, attention: float, seconds: float) -> None:  # measured compute, beside predictions
+            worker._count("step_us", int(seconds * 1e6))
+            worker._count("step_tokens", tokens)
+            if costs is not None:
+                costs.observe_step(tokens, attention, seconds)
+
+        self._clock = StepClock(paged.device, observe)
         self.store.metrics.keep_recent_latency()  # forwarded to vLLM's metrics (get_kv_connector_stats)
         self._layer_index = paged.layer_index
         if getattr(self.store, "cpu", None) is not None:

@@ -27,6 +27,8 @@ COUNTERS = {
     "hit_tokens": "Prompt tokens the scheduler took from kvtier (admitted hits)",
     "promoted_chunks": "Chunks copied up to the cpu tier in the background (hits not worth loading from below)",
     "fetch_seconds": "Seconds the worker spent reading loaded chunks from the tiers into host memory",
+    "step_seconds": "Seconds the engine's forwards took, as kvtier timed them (the compute side of its cost model)",
+    "step_tokens": "Tokens those forwards computed",
     "cost_skipped_tokens": "Prompt tokens kvtier held but did not load: computing them was expected to be faster",
     "predicted_load_seconds": "Load time the scheduler predicted for the hits it took (kvtier.costs)",
     "predicted_saved_seconds": "Compute time the scheduler predicted those hits save (kvtier.costs)",
@@ -44,7 +46,8 @@ def worker_counters(worker_stats: dict[str, int], tiers, promoted: float | None 
     """The worker's cumulative counters: its loads and saves, and each tier of its store."""
     out = {"loaded_tokens": worker_stats.get("loaded_tokens", 0), "load_errors": worker_stats.get("failed_chunks", 0),
            "saved_chunks": worker_stats.get("saved_chunks", 0), "skipped_saves": worker_stats.get("skipped_saves", 0),
-           "fetch_seconds": worker_stats.get("fetch_us", 0) / 1e6}
+           "fetch_seconds": worker_stats.get("fetch_us", 0) / 1e6,
+           "step_seconds": worker_stats.get("step_us", 0) / 1e6, "step_tokens": worker_stats.get("step_tokens", 0)}
     if promoted is not None:
         out["promoted_chunks"] = promoted
     for tier in tiers:
@@ -57,7 +60,9 @@ def worker_counters(worker_stats: dict[str, int], tiers, promoted: float | None 
 def scheduler_counters(ledger_stats: dict[str, int]) -> dict[str, float]:
     """The scheduler's cumulative counters (its :class:`~kvtier.vllm.scheduler.PrefixLedger`'s)."""
     return {"lookups": float(ledger_stats.get("queries", 0)), "hit_tokens": float(ledger_stats.get("load_tokens", 0)),
-            "cost_skipped_tokens": float(ledger_stats.get("cost_skipped_tokens", 0)),
+            "step_seconds": "Seconds the engine's forwards took, as kvtier timed them (the compute side of its cost model)",
+    "step_tokens": "Tokens those forwards computed",
+    "cost_skipped_tokens": float(ledger_stats.get("cost_skipped_tokens", 0)),
             "predicted_load_seconds": ledger_stats.get("predicted_load_us", 0) / 1e6,
             "predicted_saved_seconds": ledger_stats.get("predicted_saved_us", 0) / 1e6}
 

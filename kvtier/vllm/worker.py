@@ -140,7 +140,8 @@ class KVWorker:
         self._save_thread: ThreadPoolExecutor | None = None
         self._stats_lock = threading.Lock()  # the save and load threads count too
         self.stats = {"loaded_tokens": 0, "failed_chunks": 0, "saved_chunks": 0, "skipped_saves": 0,
-                      "unready_layer_loads": 0, "fetch_us": 0}
+                      "unready_layer_loads": 0, "fetch_us": 0,
+                      "step_us": 0, "step_tokens": 0}
 
     # ------------------------------------------------------------------ helpers
     def _chunk_slots(self, block_ids: list[int], first: int, count: int) -> tuple[torch.Tensor, int]:
