@@ -145,16 +145,17 @@ class KVWorker:
 
     # ------------------------------------------------------------------ helpers
     def _chunk_slots(self, block_ids: list[int], first: int, count: int) -> tuple[torch.Tensor, int]:
-        """Slots of every token of chunks ``[first, first + count)`` (one row per chunk), computed
-        at once, and how many leading chunks the block table covers (rows past it are garbage)."""
-        per = self.chunk_size // self.block_size
-        covered = max(0, min(count, len(block_ids) // per - first))
-        blocks = torch.as_tensor(block_ids[first * per:(first + covered) * per], dtype=torch.int64)
-        slots = torch.full((count, self.chunk_size), -1, dtype=torch.int64)
+        """Slots of every token of chunks ``[first, first + count)`` (one row per chunk), -1 past
+        the block table, and the token where the table's coverage ends (a parked load's table
+        ends at the load's end, which may be inside its last chunk: that chunk's covered part loads)."""
+        c, bs = self.chunk_size, self.block_size
+        begin = first * c
+        covered = max(0, min(count * c, len(block_ids) * bs - begin))  # a multiple of bs: c is one
+        slots = torch.full((count * c,), -1, dtype=torch.int64)
         if covered:
-            offs = torch.arange(self.block_size, dtype=torch.int64)
-            slots[:covered] = (blocks.view(covered, per, 1) * self.block_size + offs).view(covered, -1)
-        return slots, covered
+            blocks = torch.as_tensor(block_ids[begin // bs:(begin + covered) // bs], dtype=torch.int64)
+            slots[:covered] = (blocks.view(-1, 1) * bs + torch.arange(bs, dtype=torch.int64)).view(-1)
+        return slots.view(count, c), begin + covered
 
     def _blocks_of(self, block_ids: list[int], lo: int, hi: int) -> set[int]:
         if hi <= lo:
@@ -375,7 +376,7 @@ class KVWorker:
                 log.exception("kvtier: store.get raised; treating the load as failed")
                 got = [None] * len(spec.keys)
             self._count("fetch_us", int((time.perf_counter() - t_fetch) * 1e6))
-            slots, covered = self._chunk_slots(spec.block_ids, spec.first_chunk, len(got))
+            slots, covered_end = self._chunk_slots(spec.block_ids, spec.first_chunk, len(got))
             # Slots of tokens outside [start, end) are -1: below start the blocks may be shared.
             tok = torch.arange(spec.first_chunk * c, (spec.first_chunk + len(got)) * c).view(len(got), c)
             slots[(tok < spec.start) | (tok >= spec.end)] = -1
@@ -390,11 +391,11 @@ class KVWorker:
                 if ref is None:
                     fail(spec, [(lo, hi)], chunks=1)
                     continue
-                if i >= covered:  # block table too short: a planning bug, never a crash
+                if hi > covered_end:  # block table too short: a planning bug, never a crash
                     log.error("kvtier: no slots for %s tokens [%d, %d) (%d blocks); reporting them failed",
                               spec.req_id, lo, hi, len(spec.block_ids))
                     ref.release()
-                    fail(spec, [(lo, hi)])
+                    fail(spec, [(lo, hi)], chunks=1)
                     continue
                 refs.append(ref)
                 rows.append(i)
@@ -500,10 +501,10 @@ class KVWorker:
             if not spec.chunk_indices:
                 continue
             lo_ci = min(spec.chunk_indices)
-            slots, covered = self._chunk_slots(spec.block_ids, lo_ci, max(spec.chunk_indices) + 1 - lo_ci)
+            slots, covered_end = self._chunk_slots(spec.block_ids, lo_ci, max(spec.chunk_indices) + 1 - lo_ci)
             rows: list[int] = []
             for ci, key in zip(spec.chunk_indices, spec.keys):
-                if ci - lo_ci >= covered:  # block table too short: a planning bug, never a crash
+                if (ci + 1) * self.chunk_size > covered_end:  # table too short (a planning bug): never a crash
                     log.error("kvtier: no slots for chunk %d of %s (%d blocks); not saved",
                               ci, spec.req_id, len(spec.block_ids))
                     self._count("skipped_saves", 1)

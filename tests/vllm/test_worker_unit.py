@@ -467,3 +467,49 @@ def test_sleep_mode_fetch_stuck_past_the_wait_copies_nothing(store, monkeypatch)
     done, failed = w.finished_parked()
     assert done == {"q"} and not failed
     assert not (next(iter(caches.values()))[block_ids[0]] == SENTINEL).all()
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_parked_load_of_a_partly_covered_chunk_loads_its_covered_part(store, background):
+    """Issue 28.4: vLLM allocates a parked load's blocks only up to the load's end. When that end is
+    inside a chunk (the rule when a whole prompt is cached: vLLM keeps its last block to compute),
+    the last chunk is only partly covered by the block table. Its covered part is loaded, not
+    reported failed (and a chunk that truly lacks slots counts as a failed chunk)."""
+    keys, chunks = _setup(store)
+    caches = _cpu_cache()
+    w = KVWorker(store, PagedKV.from_vllm(caches, block_size=BS), C)
+    end = 448  # 14 blocks: chunk 1 is covered up to token 448 of its 512
+    block_ids = list(range(3, 3 + end // BS))
+    w.park_load([LoadSpec("r", 0, end, 0, keys[:2], block_ids, background=background)])
+    w.drain_parked(10)
+    done, failed = w.finished_parked()
+    assert done == {"r"} and not failed, f"blocks reported failed: {sorted(failed)}"
+    assert w.stats["loaded_tokens"] == end and w.stats["failed_chunks"] == 0
+    cache = next(iter(caches.values()))
+    for t in (0, 255, 256, 447):
+        k, v = _kv_of(cache, block_ids[t // BS] * BS + t % BS)
+        assert torch.equal(k, chunks[t // C][0, 0, t % C]) and torch.equal(v, chunks[t // C][1, 0, t % C])
+    # A table shorter than the load itself (a planning bug): those tokens fail, counted as a chunk.
+    w.park_load([LoadSpec("q", 256, end, 1, keys[1:2], block_ids[:10])])
+    done, failed = w.finished_parked()
+    assert done == {"q"} and failed and w.stats["failed_chunks"] == 1
+
+
+def test_chunk_slots_match_the_block_table_over_random_tables(store):
+    """Every token's slot is its block's id * block size + its offset, -1 where the table ends."""
+    import random
+
+    w = KVWorker(store, PagedKV.from_vllm(_cpu_cache(), block_size=BS), C)
+    rnd = random.Random(3)
+    per = C // BS
+    for _ in range(200):
+        n_blocks = rnd.randrange(0, 40)
+        table = rnd.sample(range(NB * 4), n_blocks)
+        first, count = rnd.randrange(0, 5), rnd.randrange(1, 5)
+        slots, covered_end = w._chunk_slots(table, first, count)
+        assert slots.shape == (count, C)
+        for t in range(first * C, (first + count) * C):
+            want = table[t // BS] * BS + t % BS if t // BS < n_blocks else -1
+            assert int(slots.view(-1)[t - first * C]) == want
+        assert covered_end == max(first * C, min((first + count) * C, n_blocks * BS))
+        assert per * BS == C
