@@ -80,7 +80,8 @@ class KVTierConfig:
     hash: str = "blake3"
     """Hash of chunk keys: blake3 or xxh3_128."""
     write_queue_depth: int = 256
-    """Chunks waiting to be written to lower tiers; when full, new writes are dropped and counted."""
+    """Chunks whose host slots writes to lower tiers may hold (at most half the cpu tier's slots);
+    past it chunks wait in the cpu tier unwritten, and one evicted before its turn is dropped (counted)."""
     write_threads: int = 2
     """Background threads writing chunks down to lower tiers."""
     writer: str = "auto"

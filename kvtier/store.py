@@ -6,9 +6,10 @@
   lower tier is read into a fresh slot and promoted to ``cpu`` (and written back to
   the tiers between, so the next reader finds it closer).
 - ``allocate`` + ``commit`` is the save path: the engine fills a slot, the store
-  indexes it in ``cpu`` and queues it for the lower tiers. Background threads drain
-  that bounded queue; when it is full a write is dropped and counted, never blocking
-  the engine.
+  indexes it in ``cpu`` and queues it for the lower tiers. Background threads (or a
+  writer process) drain that bounded queue; a chunk that finds it full stays in ``cpu``
+  marked unwritten and is written when there is room. Only a chunk the cpu tier must
+  evict before then is dropped (counted, with its reason); the engine never waits.
 - ``lease`` keeps chunks found by a lookup from eviction until their load is done.
 
 A tier that raises (a bug: tiers are meant to answer misses) is counted and
@@ -20,12 +21,14 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
+from types import SimpleNamespace
 
 import torch
+from prometheus_client import Counter
 
 from kvtier.config import KVTierConfig
 from kvtier.costs import CostModel
@@ -45,6 +48,12 @@ _PROMOTE_BATCH = 8
 _PROMOTE_QUEUE = 4096
 # At most 1/_QUEUE_SHARE of the host slots wait in the write-behind queue (see Store.__init__).
 _QUEUE_SHARE = 2
+
+# Why a write to the lower tiers was dropped: the ``reason`` of kvtier_dropped_writes_by_reason_total.
+DROP_EVICTED_UNWRITTEN = "evicted_unwritten"  # the cpu tier evicted it before a writer had room
+DROP_NO_CPU_TIER = "no_cpu_tier_queue_full"  # the queue was full and no cpu tier could keep it meanwhile
+DROP_WRITER_LOST = "writer_lost"  # the writer process died while it held the chunk
+DROP_CLOSED = "closed"  # still unwritten when close() stopped waiting
 
 
 def resolve_writer(config: KVTierConfig) -> str:
@@ -70,6 +79,26 @@ def make_tier(name: str, config: KVTierConfig, layout: ChunkLayout, label: str, 
             op_timeout_s=config.op_timeout_s, retry_after_s=config.retry_after_s,
         )
     raise ValueError(f"no tier named {name!r}")
+
+
+def _drop_counter(metrics: Metrics) -> Counter:
+    """Dropped writes by reason; ``kvtier_dropped_writes_total`` stays their sum. One per registry,
+    kept on the Metrics object (a Metrics may serve more than one store)."""
+    counter = getattr(metrics, "dropped_writes_by_reason", None)
+    if counter is None:
+        counter = Counter("kvtier_dropped_writes_by_reason", "Write-behind chunks dropped, by reason",
+                          ["reason"], registry=metrics.registry)
+        metrics.dropped_writes_by_reason = counter
+    return counter
+
+
+class _Write:
+    """A chunk on its way to lower tiers, holding one reference to its host slot."""
+
+    __slots__ = ("seq", "key", "ref", "targets")
+
+    def __init__(self, seq: int, key: bytes, ref: ChunkRef, targets: tuple[Tier, ...]) -> None:
+        self.seq, self.key, self.ref, self.targets = seq, key, ref, targets
 
 
 class Lease:
@@ -147,7 +176,7 @@ class Store:
                 pool_fd, pool = -1, None
         if "cpu" in config.tiers:
             self.pool = pool or HostPool.for_bytes(config.cpu_bytes, layout.nbytes, pin)
-            self.cpu: CpuTier | None = CpuTier(self.pool, protected=self.is_leased)
+            self.cpu: CpuTier | None = CpuTier(self.pool, protected=self.is_leased, spill=self._spill)
         else:
             self.pool = pool or HostPool(layout.nbytes, _STAGING_SLOTS, pin)
             self.cpu = None
@@ -156,19 +185,20 @@ class Store:
         self.lower: list[Tier] = list(tiers)
         self.tiers: list[Tier] = ([self.cpu] if self.cpu else []) + self.lower
         self.metrics.watch_tiers(lambda: self.tiers)
-        # Each queued write pins its host slot until a writer is done with it. Bounded by a share
+        # Each write waiting for a writer or being written pins its host slot. Bounded by a share
         # of the pool, not by write_queue_depth alone: a lower tier slower than the puts must
         # never pin the slots the cpu tier needs for new chunks and for reads from lower tiers
-        # (with 32 MiB chunks, 4 GiB holds only 128). Past the bound, writes are dropped (counted).
+        # (with 32 MiB chunks, 4 GiB holds only 128). Past the bound a chunk stays in the cpu
+        # tier marked unwritten, pinning nothing, until there is room (CpuTier.take_unwritten).
         self.queue_depth = max(1, min(config.write_queue_depth, self.pool.num_slots // _QUEUE_SHARE))
-        self._queue: queue.Queue[tuple[bytes, ChunkRef, tuple[Tier, ...]] | None] = queue.Queue(
-            self.queue_depth
-        )
-        self._writers: list[threading.Thread] = []
-        # Chunks the writer process has (seq -> slot reference and target tiers), under _sent_lock.
-        self._sent: dict[int, tuple[ChunkRef, tuple[Tier, ...]]] = {}
-        self._sent_lock = threading.Lock()
+        self._wlock = threading.Condition()  # guards the three below; taken before the cpu tier's lock
+        self._ready: deque[_Write] = deque()  # pinned, waiting for a writer thread
+        self._inflight: dict[int, _Write] = {}  # seq -> pinned, with a writer thread or the process
+        self._held_writes: dict[bytes, _Write] = {}  # key -> its latest pinned write (see _held)
         self._seq = 0
+        self._stop_writers = False
+        self._drops = _drop_counter(self.metrics)
+        self._writers: list[threading.Thread] = []
         self._process = None
         if pool_fd >= 0:
             try:
@@ -218,7 +248,8 @@ class Store:
             answer = self._call(tier, "contains", [keys[i] for i in todo])
             for i, present in zip(todo, answer or ()):
                 found[i] = found[i] or present
-        return found
+        held = self._held_writes  # on its way down, maybe evicted from cpu's index: still here
+        return [f or k in held for f, k in zip(found, keys)]
 
     # ---------------------------------------------------------------- load
     def get(self, keys: Sequence[bytes]) -> list[ChunkRef | None]:
@@ -352,13 +383,103 @@ class Store:
         return True
 
     def _enqueue(self, key: bytes, ref: ChunkRef, targets: tuple[Tier, ...]) -> None:
-        if self._process is not None and self._send(key, ref, targets):
+        """Write the chunk in ``ref`` to ``targets`` in the background; takes ownership of ``ref``.
+
+        With room, and no older chunk waiting, its slot is pinned for a writer now. Otherwise the
+        cpu tier, which indexes it, keeps it marked unwritten (the writers take such chunks in
+        order as room frees up); only without a cpu tier is it dropped.
+        """
+        with self._wlock:
+            if self._has_room() and not (self.cpu is not None and self.cpu.unwritten()):
+                self._pin(self._new_write(key, ref, targets))
+                return
+            marked = self.cpu is not None and self.cpu.mark_unwritten(key, targets)
+            if marked:
+                self._feed()
+        ref.release()
+        if not marked:  # no cpu tier, or the chunk was already evicted from it (another thread's alloc)
+            self._drop(DROP_NO_CPU_TIER if self.cpu is None else DROP_EVICTED_UNWRITTEN)
+
+    def _new_write(self, key: bytes, ref: ChunkRef, targets: tuple[Tier, ...]) -> _Write:
+        self._seq += 1  # under _wlock
+        return _Write(self._seq, key, ref, tuple(targets))
+
+    def _has_room(self) -> bool:
+        """Whether one more write may pin a slot (under _wlock)."""
+        return len(self._ready) + len(self._inflight) < self.queue_depth
+
+    def _pin(self, w: _Write) -> None:
+        """Hand ``w`` to the writer process, or queue it for the writer threads (under _wlock)."""
+        self._held_writes[w.key] = w
+        if self._process is not None and self._process.alive and self._submit(w):
             return
-        try:
-            self._queue.put_nowait((key, ref, targets))
-        except queue.Full:
-            self.metrics.dropped_writes.inc()
-            ref.release()
+        self._ready.append(w)
+        self._wlock.notify()
+
+    def _feed(self) -> None:
+        """Pin the oldest unwritten chunks of the cpu tier while there is room (under _wlock)."""
+        while self.cpu is not None and self._has_room():
+            item = self.cpu.take_unwritten()
+            if item is None:
+                return
+            key, ref, targets = item
+            self._pin(self._new_write(key, ref, targets))
+
+    def _spill(self, key: bytes, ref: ChunkRef, targets: tuple[Tier, ...]) -> bool:
+        """The cpu tier is evicting ``key`` before it was written down: queue it with its slot
+        when there is room (True: ``ref`` taken), else count it lost (False: the tier frees it)."""
+        with self._wlock:
+            if self._has_room():
+                self._pin(self._new_write(key, ref, targets))
+                return True
+        self._drop(DROP_EVICTED_UNWRITTEN)
+        return False
+
+    def _finish(self, w: _Write) -> None:
+        """``w`` is written (or given up): free its slot, let the next waiting chunk in."""
+        with self._wlock:
+            self._inflight.pop(w.seq, None)
+            if self._held_writes.get(w.key) is w:
+                del self._held_writes[w.key]
+            w.ref.release()
+            self._feed()
+
+    def _drop(self, reason: str, n: int = 1) -> None:
+        if n:
+            self.metrics.dropped_writes.inc(n)
+            self._drops.labels(reason).inc(n)
+
+    def _held(self, key: bytes) -> ChunkRef | None:
+        """A new reference to ``key``'s chunk while a write holds its slot (waiting or being
+        written), also after the cpu tier evicted it from its index; None otherwise. The caller
+        releases it. Lets a read serve a chunk still on its way down instead of missing it."""
+        with self._wlock:
+            w = self._held_writes.get(key)
+            return None if w is None else w.ref.share()
+
+    def pending_writes(self) -> int:
+        """Chunks not yet written to the lower tiers: pinned for a writer, or unwritten in ``cpu``."""
+        with self._wlock:
+            return self.pinned_writes() + (self.cpu.unwritten() if self.cpu is not None else 0)
+
+    def pinned_writes(self) -> int:
+        """Host slots held by writes now (never more than ``queue_depth``)."""
+        return len(self._ready) + len(self._inflight)
+
+    @property
+    def _queue(self) -> SimpleNamespace:
+        """The old queue's ``unfinished_tasks``, for kvtier/server/server.py's stats until it
+        reads :meth:`pending_writes` instead."""
+        return SimpleNamespace(unfinished_tasks=self.pending_writes())
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every chunk saved so far reached the lower tiers; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.pending_writes():
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.001)
+        return True
 
     # ------------------------------------------------ write-behind in a child process
     def _start_process(self, pool_fd: int, names: list[str]):
@@ -377,32 +498,23 @@ class Store:
             self._start_threads()
             return None
 
-    def _send(self, key: bytes, ref: ChunkRef, targets: tuple[Tier, ...]) -> bool:
-        """Hand the chunk to the writer process; False when it is gone (the caller writes it here)."""
-        mask = sum(1 << self.lower.index(t) for t in targets)
-        with self._sent_lock:
-            if len(self._sent) >= self.queue_depth:  # as with a full queue: dropped, counted
-                self.metrics.dropped_writes.inc()
-                ref.release()
-                return True
-            self._seq += 1
-            seq = self._seq
-            self._sent[seq] = (ref, targets)
-        if self._process.submit(seq, ref.slot, mask, key):
+    def _submit(self, w: _Write) -> bool:
+        """Send ``w`` to the writer process (under _wlock); False when it is gone."""
+        self._inflight[w.seq] = w
+        mask = sum(1 << self.lower.index(t) for t in w.targets)
+        if self._process.submit(w.seq, w.ref.slot, mask, w.key):
             return True
-        with self._sent_lock:
-            self._sent.pop(seq, None)
+        del self._inflight[w.seq]
         return False
 
     def _written(self, seq: int, stored: int) -> None:
         """The writer process finished chunk ``seq``; ``stored``: mask of the tiers that hold it."""
-        with self._sent_lock:
-            item = self._sent.pop(seq, None)
-        if item is None:
+        with self._wlock:
+            w = self._inflight.get(seq)
+        if w is None:
             return
-        ref, targets = item
-        ref.release()
-        for tier in targets:  # the child's tier counted it there; count it where metrics look (cheap: no I/O)
+        self._finish(w)
+        for tier in w.targets:  # the child's tier counted it there; count it where metrics look (cheap: no I/O)
             stats = tier.stats()
             if stored >> self.lower.index(tier) & 1:
                 stats.puts += 1
@@ -411,22 +523,42 @@ class Store:
                 stats.errors += 1
 
     def _process_lost(self, reason: str) -> None:
-        """The writer process is gone: release what it held, write from this process from now on."""
+        """The writer process is gone: release what it held (counted lost), write from this
+        process from now on."""
+        with self._wlock:
+            held = list(self._inflight.values())  # threads start below: all of these are the child's
         if not self._closed:
             log.warning("kvtier: the writer process ended (%s); %d chunks it held are not written; "
-                        "writing from this process from now on", reason, len(self._sent))
+                        "writing from this process from now on", reason, len(held))
             self._start_threads()
-        with self._sent_lock:
-            held, self._sent = list(self._sent.values()), {}
-        for ref, _ in held:
-            ref.release()
+        for w in held:
+            self._finish(w)
+        self._drop(DROP_WRITER_LOST, len(held))
 
+    # ------------------------------------------------ write-behind in threads
     def _start_threads(self) -> None:
         threads = [threading.Thread(target=self._write_behind, name=f"kvtier-writer-{i}", daemon=True)
                    for i in range(self.config.write_threads)]
         self._writers += threads
         for t in threads:
             t.start()
+
+    def _stop_threads(self, timeout: float) -> None:
+        """Stop the writer threads once the queue is empty (up to ``timeout``); what is left
+        unwritten then is counted lost."""
+        with self._wlock:
+            self._stop_writers = True
+            self._wlock.notify_all()
+        for t in self._writers:
+            t.join(timeout)
+        with self._wlock:
+            left, self._ready = list(self._ready), deque()
+            for w in left:
+                if self._held_writes.get(w.key) is w:
+                    del self._held_writes[w.key]
+                w.ref.release()
+            unwritten = self.cpu.unwritten() if self.cpu is not None else 0
+        self._drop(DROP_CLOSED, len(left) + unwritten)
 
     @property
     def writer(self) -> str:
@@ -435,31 +567,24 @@ class Store:
             return "process"
         return "threads" if self._writers else "none"
 
-    def pending_writes(self) -> int:
-        """Chunks queued for the lower tiers and not yet written."""
-        return self._queue.unfinished_tasks + len(self._sent)
+    def _next_write(self) -> _Write | None:
+        """The oldest write waiting for a thread, now in flight; None when the threads stop."""
+        with self._wlock:
+            while not self._ready:
+                if self._stop_writers:
+                    return None
+                self._wlock.wait()
+            w = self._ready.popleft()
+            self._inflight[w.seq] = w
+            return w
 
     def _write_behind(self) -> None:
-        while True:
-            item = self._queue.get()
+        while (w := self._next_write()) is not None:
             try:
-                if item is None:
-                    return
-                key, ref, targets = item
-                with ref:
-                    for tier in targets:
-                        self._call(tier, "put", [key], [ref.data.numpy()])
+                for tier in w.targets:
+                    self._call(tier, "put", [w.key], [w.ref.data.numpy()])
             finally:
-                self._queue.task_done()
-
-    def flush(self, timeout: float | None = None) -> bool:
-        """Wait until queued writes reached the lower tiers; False on timeout."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self._queue.unfinished_tasks or self._sent:
-            if deadline is not None and time.monotonic() > deadline:
-                return False
-            time.sleep(0.001)
-        return True
+                self._finish(w)
 
     # ---------------------------------------------------------------- leases
     def lease(self, keys: Sequence[bytes]) -> Lease:
@@ -525,10 +650,7 @@ class Store:
             self._promoter.join(timeout)
         if self._process is not None:
             self._process.close(timeout)
-        for _ in self._writers:
-            self._queue.put(None)
-        for t in self._writers:
-            t.join(timeout)
+        self._stop_threads(timeout)
         for tier in self.tiers:
             tier.close()
 

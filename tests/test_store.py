@@ -1,5 +1,8 @@
 """The store against a plain dict model, and its failure handling."""
 
+import threading
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +15,7 @@ from kvtier.memory import HostPool
 from kvtier.store import Store
 from kvtier.tiers.base import Tier, TierStats
 from kvtier.tiers.cpu import CpuTier
+from kvtier.tiers.disk import DiskTier
 
 LAYOUT = ChunkLayout(2, 16, 8, torch.float16)  # 1 KiB chunks
 
@@ -88,32 +92,117 @@ def test_lookup_asks_lower_tier_only_for_what_cpu_lacks():
         assert calls == [[key(2), key(3)]]
 
 
-def test_full_write_queue_drops_and_counts_without_blocking():
-    class Slow(CpuTier):
-        name = "slow"
+class Gated(CpuTier):
+    """An in-memory lower tier whose puts wait until ``gate`` is set."""
 
-        def __init__(self, *a, **kw):
-            import threading
+    name = "gated"
 
-            super().__init__(*a, **kw)
-            self.gate = threading.Event()
+    def __init__(self, chunks: int) -> None:
+        super().__init__(HostPool(LAYOUT.nbytes, chunks, pin=False))
+        self.gate = threading.Event()
 
-        def put(self, keys, payloads):
-            self.gate.wait(10)
-            return super().put(keys, payloads)
+    def put(self, keys, payloads):
+        self.gate.wait(10)
+        return super().put(keys, payloads)
 
-    low = Slow(HostPool(LAYOUT.nbytes, 32, pin=False))
+
+def drops(s: Store, reason: str) -> float:
+    return s.metrics.value("kvtier_dropped_writes_by_reason_total", {"reason": reason})
+
+
+def test_a_full_write_queue_keeps_chunks_unwritten_without_blocking():
+    low = Gated(32)
     with make_store(cpu_chunks=32, lower=[low], write_queue_depth=2, write_threads=1) as s:
         for i in range(8):
             assert s.put(key(i), payload(i))  # returns at once although the tier is stuck
-        dropped = s.metrics.value("kvtier_dropped_writes_total")
-        assert dropped >= 8 - 2 - 1
+        assert s.pinned_writes() == 2  # the queue's bound; the other 6 wait in cpu, pinning nothing
+        assert s.pending_writes() == 8 and s.cpu.unwritten() == 6
+        assert s.metrics.value("kvtier_dropped_writes_total") == 0
         low.gate.set()
         assert s.flush(5)
-        assert sum(low.contains([key(i) for i in range(8)])) == 8 - dropped
-        # dropped writes released their slots: all 8 are still readable from cpu, nothing leaked
+        assert low.contains([key(i) for i in range(8)]) == [True] * 8
         assert all(np.array_equal(read(s, key(i)), payload(i)) for i in range(8))
     assert s.pool.free_slots == s.pool.num_slots
+
+
+def test_a_chunk_evicted_while_queued_is_still_found_and_a_real_loss_is_counted():
+    """cpu tier of 4, queue of 2, lower tier stuck: chunks 0 and 1 are pinned by their writes,
+    2 and 3 wait unwritten. Saving 4 evicts 0 and 1 from cpu's index (their slots stay with their
+    writes, so they are still served) and then 2, which cannot be queued: lost, counted."""
+    low = Gated(16)
+    with make_store(cpu_chunks=4, lower=[low], write_queue_depth=2, write_threads=1) as s:
+        for i in range(5):
+            assert s.put(key(i), payload(i))
+        assert s.cpu.contains([key(i) for i in range(5)]) == [False, False, False, True, True]
+        for i in (0, 1):
+            ref = s._held(key(i))
+            assert ref is not None and np.array_equal(ref.data.numpy(), payload(i))
+            ref.release()
+        assert s._held(key(3)) is None  # not pinned: in the cpu tier, unwritten
+        assert s.contains([key(i) for i in range(5)]) == [True, True, False, True, True]
+        assert drops(s, "evicted_unwritten") == 1 and s.metrics.value("kvtier_dropped_writes_total") == 1
+        assert s.pinned_writes() == 2
+        low.gate.set()
+        assert s.flush(5)
+        assert low.contains([key(i) for i in range(5)]) == [True, True, False, True, True]
+        assert s._held(key(0)) is None
+    assert s.pool.free_slots == s.pool.num_slots
+
+
+def test_without_a_cpu_tier_a_full_queue_drops_with_its_reason():
+    low = Gated(64)
+    config = KVTierConfig(tiers=("disk",), write_threads=1, write_queue_depth=4)
+    with Store(config, LAYOUT, pin=False, tiers=[low]) as s:
+        for i in range(10):
+            assert s.put(key(i), payload(i))
+        assert s.pinned_writes() == 4
+        assert drops(s, "no_cpu_tier_queue_full") == 6
+        low.gate.set()
+        assert s.flush(5)
+        assert sum(low.contains([key(i) for i in range(10)])) == 4
+    assert s.pool.free_slots == s.pool.num_slots
+
+
+def test_cpu_tier_offers_unwritten_chunks_to_spill_before_evicting_them():
+    spilled = []
+
+    def spill(k, ref, targets):
+        spilled.append((k, targets))
+        if len(spilled) == 1:
+            taken.append(ref)  # the first is kept (its slot stays in use), the second refused
+            return True
+        return False
+
+    taken: list = []
+    pool = HostPool(LAYOUT.nbytes, 2, pin=False)
+    tier = CpuTier(pool, spill=spill)
+    for i in range(2):
+        ref = tier.alloc()
+        tier.insert(key(i), ref)
+        assert tier.mark_unwritten(key(i), ("t", i))
+    assert tier.mark_unwritten(key(7), "t") is False  # not indexed
+    assert tier.unwritten() == 2
+    ref = tier.alloc()  # evicts 0 (kept by spill: no slot freed), then 1 (refused: freed)
+    assert ref is not None and spilled == [(key(0), ("t", 0)), (key(1), ("t", 1))]
+    assert tier.unwritten() == 0 and tier.take_unwritten() is None
+    ref.release()
+    taken[0].release()
+    assert pool.free_slots == 2
+
+
+def test_take_unwritten_hands_chunks_over_in_marking_order():
+    tier = CpuTier(HostPool(LAYOUT.nbytes, 4, pin=False))
+    for i in (2, 0, 1):
+        ref = tier.alloc()
+        tier.insert(key(i), ref)
+        tier.mark_unwritten(key(i), i)
+    tier.delete([key(0)])  # deleted on purpose: not written either
+    got = []
+    while (item := tier.take_unwritten()) is not None:
+        k, ref, targets = item
+        got.append((k, targets))
+        ref.release()
+    assert got == [(key(2), 2), (key(1), 1)]
 
 
 def test_lease_keeps_chunks_from_eviction():
@@ -304,6 +393,58 @@ def test_write_behind_never_starves_the_cpu_tier(tmp_path):
             if ref is not None:
                 ref.release()
     assert refused == 0 and hit_then_miss == 0, (refused, hit_then_miss)
-    assert s.metrics.value("kvtier_dropped_writes_total") > 0  # lag shows as dropped writes, counted
+    # 400 puts at once into 32 slots, the disk far behind: evicting unwritten chunks is the only way
+    assert drops(s, "evicted_unwritten") > 0  # and each shows as a dropped write, with its reason
+    assert s.metrics.value("kvtier_dropped_writes_total") == drops(s, "evicted_unwritten")
     assert s.queue_depth <= s.pool.num_slots // 2
     s.close(30)
+
+
+class PacedDisk(DiskTier):
+    """A real disk tier whose puts wait for permits: the test sets how far the disk lags behind."""
+
+    def __init__(self, path, layout: ChunkLayout = LAYOUT) -> None:
+        super().__init__(path, 1 << 30, layout)
+        self.permits = threading.Semaphore(0)
+        self.taken = 0
+        self._taken_lock = threading.Lock()
+
+    def put(self, keys, payloads):
+        for _ in keys:
+            self.permits.acquire()
+            with self._taken_lock:
+                self.taken += 1
+        return super().put(keys, payloads)
+
+    def let_write(self, n: int = 1, timeout: float = 10.0) -> None:
+        """Let ``n`` more chunks be written; wait (up to ``timeout``) until writers have taken them."""
+        with self._taken_lock:
+            want = self.taken + n
+        for _ in range(n):
+            self.permits.release()
+        deadline = time.monotonic() + timeout
+        while self.taken < want and time.monotonic() < deadline:
+            time.sleep(0.0005)
+
+
+def test_a_disk_behind_the_puts_loses_nothing(tmp_path):
+    """Issue 25.4: a working set of 4N chunks saved into an N-slot cpu tier while the disk stays 3N/4
+    chunks behind (more than the N/2 writes that may pin slots) all reaches the disk. Before, the
+    write queue (N/2) filled and every chunk past it was dropped."""
+    n = 16
+    disk = PacedDisk(tmp_path)
+    s = Store(KVTierConfig(cpu_bytes=n * LAYOUT.nbytes, tiers=("cpu",), write_threads=2), LAYOUT, pin=False,
+              tiers=[disk])
+    keys = [key(i) for i in range(4 * n)]
+    lag = 3 * n // 4
+    for i, k in enumerate(keys):
+        assert s.put(k, payload(i))
+        assert s.pinned_writes() <= s.queue_depth
+        if i >= lag:
+            disk.let_write()
+    disk.let_write(lag, timeout=0)
+    assert s.flush(30)
+    assert s.metrics.value("kvtier_dropped_writes_total") == 0
+    assert disk.contains(keys) == [True] * len(keys)
+    s.close()
+    assert s.pool.free_slots == s.pool.num_slots

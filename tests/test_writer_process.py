@@ -71,6 +71,7 @@ def test_a_killed_child_releases_its_slots_and_writing_goes_on_in_process(tmp_pa
             while s.pending_writes() and time.monotonic() < deadline:
                 time.sleep(0.01)
         assert s.pending_writes() == 0, "the chunks a dead child held are never released"
+        assert drops(s, "writer_lost") == 5
         assert "writer process ended" in caplog.text
         s.cpu.delete(keys[:10])  # the cpu tier lets go too: every slot must be free again
         assert s.pool.free_slots == s.pool.num_slots, "the dead child's slots were never released"
@@ -84,9 +85,13 @@ def test_a_killed_child_releases_its_slots_and_writing_goes_on_in_process(tmp_pa
         assert np.array_equal(got[i], make_payload(i))
 
 
-def test_a_stalled_child_bounds_the_slots_it_holds(tmp_path):
-    """A child that stops answering pins at most queue_depth slots; later writes are dropped and
-    counted, and the cpu tier keeps slots for new chunks."""
+def drops(s: Store, reason: str) -> float:
+    return s.metrics.value("kvtier_dropped_writes_by_reason_total", {"reason": reason})
+
+
+def test_a_stalled_child_bounds_the_slots_it_holds_and_loses_nothing(tmp_path):
+    """A child that stops answering pins at most queue_depth slots; the later chunks wait in the
+    cpu tier, unwritten, and reach the disk once the child goes on."""
     keys = make_keys(40)
     with process_store(tmp_path, write_queue_depth=8) as s:
         s.put(keys[0], make_payload(0))
@@ -94,12 +99,52 @@ def test_a_stalled_child_bounds_the_slots_it_holds(tmp_path):
         os.kill(s._process.proc.pid, signal.SIGSTOP)
         for i, k in enumerate(keys[1:], 1):
             assert s.put(k, make_payload(i))
-        assert s.pending_writes() == 8
-        assert s.metrics.value("kvtier_dropped_writes_total") == 39 - 8
+        assert s.pinned_writes() == 8
+        assert s.pending_writes() == 39
+        assert s.metrics.value("kvtier_dropped_writes_total") == 0
         os.kill(s._process.proc.pid, signal.SIGCONT)
         assert s.flush(60)
     got = read_back(tmp_path / "disk", keys)
-    assert sum(g is not None for g in got) == 1 + 8
+    assert all(g is not None and np.array_equal(g, make_payload(i)) for i, g in enumerate(got))
+
+
+def test_bursts_into_a_stopped_child_all_reach_the_disk(tmp_path):
+    """Issue 25.4 with a writer process: five bursts of 3N/4 chunks (about 4N in all) into an
+    N-slot cpu tier, each saved while the child is stopped, so the disk is behind by more than the
+    N/2 writes that may pin slots. Before, every chunk past N/2 of a burst was dropped."""
+    n = 16
+    keys = make_keys(5 * (3 * n // 4))
+    with process_store(tmp_path, cpu_bytes=n * SMALL_LAYOUT.nbytes) as s:
+        assert s.queue_depth == n // 2
+        child = s._process.proc.pid
+        for burst in range(5):
+            os.kill(child, signal.SIGSTOP)
+            for i in range(burst * 3 * n // 4, (burst + 1) * 3 * n // 4):
+                assert s.put(keys[i], make_payload(i))
+                assert s.pinned_writes() <= s.queue_depth
+            os.kill(child, signal.SIGCONT)
+            assert s.flush(60)
+        assert s.metrics.value("kvtier_dropped_writes_total") == 0
+    got = read_back(tmp_path / "disk", keys)
+    assert all(g is not None and np.array_equal(g, make_payload(i)) for i, g in enumerate(got))
+
+
+def test_a_stalled_child_and_a_full_cpu_tier_lose_chunks_counted(tmp_path):
+    """Past what the cpu tier holds, a chunk that is still unwritten when evicted is lost: counted
+    with its reason; the rest reach the disk; puts never fail."""
+    keys = make_keys(40)
+    with process_store(tmp_path, cpu_bytes=16 * SMALL_LAYOUT.nbytes) as s:
+        child = s._process.proc.pid
+        os.kill(child, signal.SIGSTOP)
+        for i, k in enumerate(keys):
+            assert s.put(k, make_payload(i))
+        assert s.pinned_writes() == 8
+        lost = drops(s, "evicted_unwritten")
+        assert lost == 40 - 16 and s.metrics.value("kvtier_dropped_writes_total") == lost
+        os.kill(child, signal.SIGCONT)
+        assert s.flush(60)
+    got = read_back(tmp_path / "disk", keys)
+    assert sum(g is not None for g in got) == 40 - lost
 
 
 def test_the_child_writes_to_redis(tmp_path, redis_server):

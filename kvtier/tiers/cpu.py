@@ -4,6 +4,12 @@ The tier owns one reference to each slot it indexes. Readers take their own
 reference (:meth:`CpuTier.acquire`), so evicting a chunk that is being loaded
 removes it from the index at once but frees its memory only after the load.
 
+:meth:`CpuTier.mark_unwritten` notes that a chunk is not yet written to the lower tiers (the
+store's write queue was full): :meth:`CpuTier.take_unwritten` hands such chunks to the store's
+writers in the order they were marked, and evicting one first offers it to ``spill`` (the store
+moves it to its write queue, slot and all, when there is room), so a chunk is never dropped
+unnoticed.
+
 :meth:`CpuTier.track_changes` starts a journal of keys indexed and dropped, which
 :meth:`CpuTier.take_changes` hands over: a vLLM worker process reports it to its
 scheduler, which lives in another process and cannot see this tier.
@@ -13,20 +19,26 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from kvtier.hostcopy import copy_bytes
 from kvtier.memory import ChunkRef, HostPool
 from kvtier.tiers.base import Buffer, Protected, StoredChunk, Tier, TierStats, lru_victim, never_protected
 
+# spill(key, ref, targets) -> whether it took ``ref``: called for an unwritten chunk being evicted.
+Spill = Callable[[bytes, ChunkRef, object], bool]
+
 
 class CpuTier(Tier):
     name = "cpu"
 
-    def __init__(self, pool: HostPool, protected: Protected = never_protected) -> None:
+    def __init__(self, pool: HostPool, protected: Protected = never_protected, spill: Spill | None = None) -> None:
         self.pool = pool
         self.protected = protected
+        self.spill = spill
         self._index: OrderedDict[bytes, ChunkRef] = OrderedDict()
+        # Indexed chunks not yet written to the lower tiers: key -> their targets, oldest mark first.
+        self._unwritten: OrderedDict[bytes, object] = OrderedDict()
         self._lock = threading.Lock()
         self._journal: dict[bytes, bool] | None = None  # key -> now indexed?, since the last take
         self._stats = TierStats("cpu", capacity_bytes=pool.slot_bytes * pool.num_slots)
@@ -65,15 +77,43 @@ class CpuTier(Tier):
                 return None
 
     def _evict_one(self) -> bool:
+        """Drop the least recently used chunk from the index. Its slot is freed unless ``spill``
+        keeps it for a write (then the caller's loop evicts another; writes pin a bounded number)."""
         with self._lock:
             victim = lru_victim(self._index, self.protected)
             if victim is None:
                 return False
             ref = self._index.pop(victim)
+            targets = self._unwritten.pop(victim, None)
             self._note(victim, False)
             self._stats.evictions += 1
+        # Outside the lock: spill takes the store's write lock, which is held while calling in here.
+        if targets is not None and self.spill is not None and self.spill(victim, ref, targets):
+            return True
         ref.release()
         return True
+
+    # Chunks not yet written down (see the module docstring).
+    def mark_unwritten(self, key: bytes, targets: object) -> bool:
+        """Note that the indexed chunk ``key`` still has to be written to ``targets``; False if
+        ``key`` is not indexed (evicted meanwhile: the caller counts it lost)."""
+        with self._lock:
+            if key not in self._index:
+                return False
+            self._unwritten.setdefault(key, targets)
+            return True
+
+    def take_unwritten(self) -> tuple[bytes, ChunkRef, object] | None:
+        """The oldest unwritten chunk, unmarked: its key, a new reference to its slot and its targets."""
+        with self._lock:
+            if not self._unwritten:
+                return None
+            key, targets = self._unwritten.popitem(last=False)
+            return key, self._index[key].share(), targets
+
+    def unwritten(self) -> int:
+        """How many indexed chunks are not yet written down."""
+        return len(self._unwritten)
 
     # The generic Tier interface.
     def contains(self, keys: Sequence[bytes]) -> list[bool]:
@@ -111,6 +151,7 @@ class CpuTier(Tier):
                 ref = self._index.pop(k, None)
                 if ref is not None:
                     refs.append(ref)
+                    self._unwritten.pop(k, None)  # deleted on purpose: not to be written either
                     self._note(k, False)
         for ref in refs:
             ref.release()
@@ -152,5 +193,6 @@ class CpuTier(Tier):
             for k in self._index:
                 self._note(k, False)
             self._index.clear()
+            self._unwritten.clear()
         for ref in refs:
             ref.release()
