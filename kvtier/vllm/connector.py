@@ -23,6 +23,7 @@ See docs/vllm.md and :mod:`kvtier.vllm.worker`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -50,7 +51,8 @@ from kvtier.trace import record, span
 from kvtier.transfer import LayoutError, PagedKV
 from kvtier.vllm.compat import HOST_HIT_SOURCE
 from kvtier.vllm.scheduler import PrefixLedger, ScheduledRequest, StepPlan
-from kvtier.vllm.stats import LATENCY, Deltas, KVTierPromMetrics, KVTierStats, scheduler_counters, worker_counters
+from kvtier.vllm.stats import (LATENCY, STEP_HOST, Deltas, KVTierPromMetrics, KVTierStats, StepHostTime,
+                               scheduler_counters, worker_counters)
 from kvtier.vllm.worker import KVWorker
 
 if TYPE_CHECKING:
@@ -63,6 +65,28 @@ log = logging.getLogger("kvtier.vllm")
 
 # Live connectors of this process (tests and the demo read their stats).
 INSTANCES: "weakref.WeakSet[KVTierConnector]" = weakref.WeakSet()
+
+
+def _engine_thread(boundary: str = ""):
+    """Time a connector hook into its step's host time (``self._host``). ``boundary``: "before"
+    closes the previous step before the hook runs, "after" closes the step once it ran."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def timed(self, *args, **kwargs):
+            host = self.__dict__.get("_host")
+            if host is None:  # not constructed by vLLM (a test drives one half)
+                return fn(self, *args, **kwargs)
+            if boundary == "before":
+                host.close()
+            t = time.perf_counter()
+            try:
+                return fn(self, *args, **kwargs)
+            finally:
+                host.add(time.perf_counter() - t)
+                if boundary == "after":
+                    host.close()
+        return timed
+    return wrap
 
 
 class KVTierMetadata(KVConnectorMetadata):
@@ -228,6 +252,7 @@ class KVTierConnector(KVConnectorBase_V1):
         self._step_failed_blocks: set[int] = set()
         self._parked_meta: KVTierMetadata | None = None  # the step whose parked loads started
         self._clock = StepClock(None, None)  # times the engine's steps for the cost model (worker side)
+        self._host = StepHostTime("scheduler" if role == KVConnectorRole.SCHEDULER else "worker")
         self.park = parks_loads(self.config, vllm_config)
         # auto: a load of at least this many tokens is parked too, and goes to the background
         # when other requests run in its step (load_mode async: every parked load does).
@@ -268,6 +293,7 @@ class KVTierConnector(KVConnectorBase_V1):
     def on_new_request(self, request: "Request") -> None:
         self._requests[request.request_id] = request
 
+    @_engine_thread()
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
         self._requests[request.request_id] = request
         if self.ledger.load_failed(request.request_id):
@@ -284,12 +310,14 @@ class KVTierConnector(KVConnectorBase_V1):
         self._parks[request.request_id] = park
         return n, park
 
+    @_engine_thread()
     def update_state_after_alloc(self, request: "Request", blocks, num_external_tokens: int) -> None:
         self._requests[request.request_id] = request
         (block_ids, *_) = blocks.get_block_ids()
         self.ledger.on_alloc(request.request_id, block_ids, num_external_tokens,
                              parked=self._parks.get(request.request_id, False))
 
+    @_engine_thread("after")
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVTierMetadata:
         with span("sched.build_meta") as f:
             meta = self._build_meta(scheduler_output)
@@ -355,6 +383,7 @@ class KVTierConnector(KVConnectorBase_V1):
             fresh.update(spec.block_ids[spec.start // bs:])
         return fresh
 
+    @_engine_thread()
     def update_connector_output(self, connector_output) -> None:
         meta = getattr(connector_output, "kv_connector_worker_meta", None)
         if isinstance(meta, KVTierWorkerMetadata) and meta.pid != os.getpid():
@@ -366,6 +395,7 @@ class KVTierConnector(KVConnectorBase_V1):
             self.ledger.note_failed_blocks(set(invalid))
         self.ledger.on_step_done()
 
+    @_engine_thread()
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._requests.pop(request.request_id, None)
         self._parks.pop(request.request_id, None)
@@ -412,11 +442,13 @@ class KVTierConnector(KVConnectorBase_V1):
         log.info("kvtier: KV cache layout %s, transfer backend %s", paged.describe(),
                  self.worker.backend.__name__.rsplit(".", 1)[-1])
 
+    @_engine_thread()
     def handle_preemptions(self, kv_connector_metadata: KVTierMetadata) -> None:
         """First thing of a step, before vLLM writes any block: saves still copying out of
         blocks that may have been freed and reused are waited for (KVWorker.fence_saves)."""
         self._fence_saves(kv_connector_metadata)
 
+    @_engine_thread("before")
     def bind_connector_metadata(self, connector_metadata: KVTierMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)
         self._fence_saves(connector_metadata)  # again, for an engine that does not call handle_preemptions
@@ -461,23 +493,27 @@ class KVTierConnector(KVConnectorBase_V1):
         with span("worker.start_parked", loads=len(meta.parked_loads)):
             self.worker.park_load(meta.parked_loads)
 
+    @_engine_thread()
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
         record("worker.step", time.perf_counter())
         self._begin_step()
         self._start_parked()
 
+    @_engine_thread()
     def wait_for_layer_load(self, layer_name: str) -> None:
         self._begin_step()
         index = self._layer_index.get(layer_name)
         if index is not None:
             self.worker.load_layer(index)
 
+    @_engine_thread()
     def save_kv_layer(self, layer_name: str, kv_layer, attn_metadata, **kwargs: Any) -> None:
         self._begin_step()
         index = self._layer_index.get(layer_name)
         if index is not None:
             self.worker.save_layer(index)
 
+    @_engine_thread()
     def wait_for_save(self) -> None:
         self._begin_step()
         if self.worker is not None:
@@ -491,6 +527,7 @@ class KVTierConnector(KVConnectorBase_V1):
         self._step_failed_reqs = set()
         self._step_failed_blocks = set()
 
+    @_engine_thread()
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         """Parked loads done (or failed: their blocks are reported with them in this step)."""
         if self.worker is None:
@@ -503,6 +540,7 @@ class KVTierConnector(KVConnectorBase_V1):
         self._failed_blocks |= blocks
         return None, done or None
 
+    @_engine_thread()
     def build_connector_worker_meta(self) -> KVTierWorkerMetadata | None:
         if self.worker is None:
             return None
@@ -515,6 +553,13 @@ class KVTierConnector(KVConnectorBase_V1):
     def get_kv_connector_stats(self) -> KVTierStats | None:
         """What changed since the last report: loads, saves and tiers (worker), lookups (scheduler).
         vLLM calls it every step on both sides, sums the reports, logs and exports them."""
+        try:
+            return self._stats_report()
+        except Exception:  # metrics must never take the engine down
+            log.exception("kvtier: building the metrics report failed; skipped")
+            return None
+
+    def _stats_report(self) -> KVTierStats | None:
         if self.worker is not None:
             metrics = getattr(self.store, "metrics", None)
             promoted = metrics.value("kvtier_promoted_chunks_total") if metrics is not None else None
@@ -526,6 +571,9 @@ class KVTierConnector(KVConnectorBase_V1):
             changed = self._deltas.take(scheduler_counters(self.ledger.stats))
         else:
             return None
+        host = self._host.take()
+        if host:
+            changed[STEP_HOST] = host
         return KVTierStats(data=changed) if changed else None
 
     @classmethod
@@ -537,6 +585,7 @@ class KVTierConnector(KVConnectorBase_V1):
                            per_engine_labelvalues: dict[int, list[object]]) -> KVTierPromMetrics:
         return KVTierPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
+    @_engine_thread()
     def get_block_ids_with_load_errors(self) -> set[int]:
         failed, self._failed_blocks = self._failed_blocks, set()
         return failed

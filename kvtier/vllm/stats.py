@@ -34,6 +34,8 @@ COUNTERS = {
     "predicted_saved_seconds": "Compute time the scheduler predicted those hits save (kvtier.costs)",
 }
 LATENCY = "latency"  # report key of the latency observations
+STEP_HOST = "step_host"  # report key of the per-step host time on the engine thread: [[side, seconds], ...]
+STEP_HOST_BUCKETS = (1e-5, 5e-5, 1e-4, 2e-4, 3e-4, 5e-4, 1e-3, 2e-3, 5e-3, 0.01, 0.05, 0.1)
 LATENCY_BUCKETS = (1e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
 TIER_COUNTERS = {
     "hits": "Chunks a tier found", "misses": "Chunks a tier did not find", "puts": "Chunks stored in a tier",
@@ -60,9 +62,7 @@ def worker_counters(worker_stats: dict[str, int], tiers, promoted: float | None 
 def scheduler_counters(ledger_stats: dict[str, int]) -> dict[str, float]:
     """The scheduler's cumulative counters (its :class:`~kvtier.vllm.scheduler.PrefixLedger`'s)."""
     return {"lookups": float(ledger_stats.get("queries", 0)), "hit_tokens": float(ledger_stats.get("load_tokens", 0)),
-            "step_seconds": "Seconds the engine's forwards took, as kvtier timed them (the compute side of its cost model)",
-    "step_tokens": "Tokens those forwards computed",
-    "cost_skipped_tokens": float(ledger_stats.get("cost_skipped_tokens", 0)),
+            "cost_skipped_tokens": float(ledger_stats.get("cost_skipped_tokens", 0)),
             "predicted_load_seconds": ledger_stats.get("predicted_load_us", 0) / 1e6,
             "predicted_saved_seconds": ledger_stats.get("predicted_saved_us", 0) / 1e6}
 
@@ -89,12 +89,12 @@ class KVTierStats(KVConnectorStats):
     def aggregate(self, other: KVConnectorStats) -> "KVTierStats":
         total = dict(self.data)
         for k, v in other.data.items():
-            total[k] = total.get(k, [] if k == LATENCY else 0.0) + v
+            total[k] = total.get(k, [] if isinstance(v, list) else 0.0) + v
         return KVTierStats(data=total)
 
     def reduce(self) -> dict[str, int | float]:
         out = {k: int(v) if float(v).is_integer() else round(v, 3) for k, v in sorted(self.data.items())
-               if k != LATENCY}
+               if not isinstance(v, list)}
         lat = self.data.get(LATENCY)
         if lat:  # the log line gets the count and mean of the interval's tier operations
             out["tier_ops"] = len(lat)
@@ -119,16 +119,46 @@ class KVTierPromMetrics(KVConnectorPromMetrics):
         self._latency = self._histogram_cls(name="vllm:kvtier_op_seconds", documentation="Latency of kvtier's "
                                             "tier and store operations in the workers", buckets=list(LATENCY_BUCKETS),
                                             labelnames=[*labelnames, "tier", "op"])
+        self._step_host = self._histogram_cls(
+            name="vllm:kvtier_step_host_seconds", documentation="Host time kvtier's hooks took on the engine's "
+            "thread per step (scheduler: lookups, allocations, planning; worker: loads, saves, reports)",
+            buckets=list(STEP_HOST_BUCKETS), labelnames=[*labelnames, "side"])
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         labels = self.per_engine_labelvalues.get(engine_idx, [])
         for tier, op, seconds in transfer_stats_data.get(LATENCY, ()):
             self._latency.labels(*labels, tier, op).observe(seconds)
+        for side, seconds in transfer_stats_data.get(STEP_HOST, ()):
+            self._step_host.labels(*labels, side).observe(seconds)
         for key, amount in transfer_stats_data.items():
-            if key == LATENCY or amount <= 0:
+            if isinstance(amount, list) or amount <= 0:
                 continue
             tier, _, field = key.rpartition(".")
             if tier and field in self._tier_counters:
                 self._tier_counters[field].labels(*labels, tier).inc(amount)
             elif key in self._counters:
                 self._counters[key].labels(*labels).inc(amount)
+
+
+class StepHostTime:
+    """Host time of kvtier's hooks on the engine's thread, summed per step (issue 28): every hook
+    adds its own time; the step closes at a hook that marks its boundary."""
+
+    def __init__(self, side: str, most: int = 4096) -> None:
+        self.side = side
+        self._now = 0.0
+        self._steps: list[float] = []
+        self._most = most
+
+    def add(self, seconds: float) -> None:
+        self._now += seconds
+
+    def close(self) -> None:
+        if self._now > 0 and len(self._steps) < self._most:
+            self._steps.append(self._now)
+        self._now = 0.0
+
+    def take(self) -> list[list]:
+        """[[side, seconds], ...] of the steps closed since the last call."""
+        steps, self._steps = self._steps, []
+        return [[self.side, s] for s in steps]

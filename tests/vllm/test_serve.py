@@ -122,6 +122,11 @@ def test_vllm_serve_over_http_as_the_readme_says(tmp_path):
         assert s.metric("vllm:kvtier_hit_tokens_total") >= DOC_WORDS
         assert s.metric("vllm:kvtier_lookups_total") >= 2
         assert s.metric("vllm:kvtier_load_errors_total") == 0
+        # kvtier's host time on the engine thread, per step and side (issue 28.1), and the measured
+        # compute of its cost model (issue 25)
+        assert s.metric("vllm:kvtier_step_host_seconds_count", side="scheduler") >= 2
+        assert s.metric("vllm:kvtier_step_host_seconds_count", side="worker") >= 2
+        assert s.metric("vllm:kvtier_step_tokens_total") >= DOC_WORDS
     with Server(here(serve), port, tmp_path / "kvtier-2.log", model) as s:  # a new process: only the disk tier
         out.append(s.complete(prompts[2]))
         assert s.metric("vllm:kvtier_tier_hits_total", tier="disk") >= DOC_WORDS // 256

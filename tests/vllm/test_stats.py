@@ -75,3 +75,45 @@ def test_prometheus_counters_per_engine_and_tier():
     hist = {"model_name": "m", "engine": "1", "tier": "disk", "op": "get_into"}
     assert value("vllm:kvtier_op_seconds_count", hist) == 1
     assert value("vllm:kvtier_op_seconds_bucket", {**hist, "le": "0.005"}) == 1
+
+
+def test_step_host_time_per_step_and_side():
+    """Issue 28.1: kvtier's hooks on the engine thread, summed per step, as a histogram per side."""
+    import time as _time
+
+    from kvtier.vllm.connector import _engine_thread
+    from kvtier.vllm.stats import StepHostTime
+
+    class Hooks:
+        def __init__(self):
+            self._host = StepHostTime("worker")
+
+        @_engine_thread("before")
+        def bind(self):
+            pass
+
+        @_engine_thread()
+        def work(self, s):
+            _time.sleep(s)
+
+    h = Hooks()
+    h.bind()
+    h.work(0.002)
+    h.work(0.003)
+    h.bind()  # closes the step: one observation of both hooks together
+    h.work(0.001)
+    (step,) = h._host.take()
+    assert step[0] == "worker" and 0.005 <= step[1] < 0.05
+    assert h._host.take() == []
+    registry = CollectorRegistry()
+    prom = KVTierPromMetrics(type("Cfg", (), {"kv_transfer_config": None})(),
+                             {Counter: lambda **kw: Counter(registry=registry, **kw), Gauge: Gauge,
+                              Histogram: lambda **kw: Histogram(registry=registry, **kw)},
+                             ["model_name", "engine"], {0: ["m", "0"]})
+    total = KVTierStats(data={"step_host": [step]}).aggregate(KVTierStats(data={"step_host": [["scheduler", 2e-4]]}))
+    prom.observe(total.data, engine_idx=0)
+    labels = {"model_name": "m", "engine": "0"}
+    assert registry.get_sample_value("vllm:kvtier_step_host_seconds_count", {**labels, "side": "worker"}) == 1
+    assert registry.get_sample_value("vllm:kvtier_step_host_seconds_bucket",
+                                     {**labels, "side": "scheduler", "le": "0.0003"}) == 1
+    assert "step_host" not in total.reduce()
