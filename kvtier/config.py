@@ -9,6 +9,8 @@ allowed, so a user fixes it before the first request rather than after.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 import math
 import os
 import re
@@ -25,6 +27,13 @@ WRITERS = ("auto", "threads", "process")
 ENV_PREFIX = "KVTIER_"
 # KVTIER_* variables that are not settings: the config file, and kvtier.trace's output file.
 ENV_NOT_SETTINGS = (ENV_PREFIX + "CONFIG_FILE", ENV_PREFIX + "TRACE")
+# cpu_bytes 0 or "auto": sized from the host (see auto_cpu_bytes; docs/config.md, cpu_bytes).
+AUTO_CPU_SHARE = 0.25  # of the host's memory (the container's limit when lower)
+AUTO_CPU_RESERVE = 4 * 2**30  # of the memory available now, left to everything else
+AUTO_CPU_MIN = 2**30
+_GiB = 2**30
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -37,9 +46,12 @@ _SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
 
 
 def parse_size(key: str, value: Any) -> int:
-    """Bytes from an int or a string such as ``"4GiB"``, ``"512MB"``, ``"1g"``."""
+    """Bytes from an int or a string such as ``"4GiB"``, ``"512MB"``, ``"1g"``; ``"auto"`` is 0
+    for ``cpu_bytes`` (sized from the host)."""
     if isinstance(value, bool):
         raise ConfigError(f"{key}={value!r}: expected a byte size such as 4GiB or 1073741824")
+    if key == "cpu_bytes" and isinstance(value, str) and value.strip().lower() == "auto":
+        return 0
     if isinstance(value, int):
         n = value
     else:
@@ -56,6 +68,91 @@ def parse_size(key: str, value: Any) -> int:
 
 
 @dataclass(frozen=True)
+class HostMemory:
+    """What the automatic ``cpu_bytes`` is computed from, in bytes."""
+
+    total: int
+    """Physical memory, or the container's (cgroup) limit when lower."""
+    available: int
+    """Memory available now (MemAvailable), or what the cgroup limit leaves when less."""
+    gpus: int
+    """NVIDIA GPUs of the host: each may run an engine process with a cpu tier of its own."""
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # "max" (cgroup v2: no limit) reads as None
+
+
+def _meminfo(root: str) -> dict[str, int]:
+    out = {}
+    try:
+        with open(os.path.join(root, "proc/meminfo")) as f:
+            for line in f:
+                name, _, rest = line.partition(":")
+                parts = rest.split()
+                if parts and parts[0].isdigit():
+                    out[name] = int(parts[0]) * (1024 if parts[1:] == ["kB"] else 1)
+    except OSError:
+        pass
+    return out
+
+
+def read_host_memory(root: str = "/") -> HostMemory:
+    """This host's :class:`HostMemory` (``root``: where /proc and /sys are, for tests)."""
+    info = _meminfo(root)
+    page = os.sysconf("SC_PAGE_SIZE")
+    total = info.get("MemTotal") or os.sysconf("SC_PHYS_PAGES") * page
+    available = info.get("MemAvailable") or os.sysconf("SC_AVPHYS_PAGES") * page
+    cg = os.path.join(root, "sys/fs/cgroup")
+    for limit_file, usage_file in (("memory.max", "memory.current"),  # cgroup v2, then v1
+                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        limit = _read_int(os.path.join(cg, limit_file))
+        if limit is not None and limit < total:  # v1 writes "no limit" as a huge number
+            total = limit
+            available = min(available, limit - (_read_int(os.path.join(cg, usage_file)) or 0))
+            break
+    try:
+        gpus = len(os.listdir(os.path.join(root, "proc/driver/nvidia/gpus")))
+    except OSError:
+        gpus = 0
+    return HostMemory(total, max(0, available), gpus)
+
+
+def auto_cpu_bytes(mem: HostMemory) -> tuple[int, str]:
+    """The automatic ``cpu_bytes`` for ``mem`` and why, in words: min(25 % of the memory, what is
+    available minus 4 GiB), shared among the GPUs, rounded down to GiB, at least 1 GiB."""
+    share = int(mem.total * AUTO_CPU_SHARE)
+    spare = mem.available - AUTO_CPU_RESERVE
+    per_gpu = max(1, mem.gpus)
+    size = max(AUTO_CPU_MIN, min(share, spare) // per_gpu // _GiB * _GiB)
+    why = (f"min({AUTO_CPU_SHARE:.0%} of {mem.total / _GiB:.1f} GiB memory = {share / _GiB:.1f} GiB, "
+           f"{mem.available / _GiB:.1f} GiB available - {AUTO_CPU_RESERVE // _GiB} GiB reserve = "
+           f"{spare / _GiB:.1f} GiB)")
+    if mem.gpus > 1:
+        why += f" / {mem.gpus} GPUs (an engine process with its own cpu tier on each)"
+    why += f", rounded down to GiB, at least {AUTO_CPU_MIN // _GiB} GiB"
+    return size, why
+
+
+@functools.cache
+def _host_cpu_bytes() -> int:
+    """:func:`auto_cpu_bytes` of this host, decided once per process (every config made here then
+    agrees, e.g. the two halves of an engine sharing a store) and logged once."""
+    mem = read_host_memory()
+    size, why = auto_cpu_bytes(mem)
+    short = size > min(mem.total * AUTO_CPU_SHARE, mem.available - AUTO_CPU_RESERVE) / max(1, mem.gpus)
+    (log.warning if short else log.info)(
+        "kvtier: cpu tier of %d GiB (cpu_bytes: auto): %s%s; set cpu_bytes to choose another size",
+        size // _GiB, why, " -- this host is short of memory" if short else "")
+    return size
+
+
+@dataclass(frozen=True)
 class KVTierConfig:
     """All settings of kvtier, with their defaults. See docs/config.md."""
 
@@ -63,8 +160,9 @@ class KVTierConfig:
     """Tokens per chunk; a multiple of the engine's block size."""
     tiers: tuple[str, ...] = ("cpu", "disk")
     """Tiers in lookup order, fastest first; any of cpu, disk, redis ("cpu" always first when present)."""
-    cpu_bytes: int = 4 * 2**30
-    """Host memory for the cpu tier (one allocation, cut into chunk slots)."""
+    cpu_bytes: int = 0
+    """Host memory for the cpu tier (one allocation, cut into chunk slots); 0 or "auto": sized from
+    the host when the config is made (:func:`auto_cpu_bytes`), so the field always holds bytes."""
     disk_path: str = "./kvtier-data"
     """Directory of the disk tier (one file per chunk)."""
     disk_bytes: int = 64 * 2**30
@@ -114,6 +212,8 @@ class KVTierConfig:
     def __post_init__(self) -> None:
         for key in ("cpu_bytes", "disk_bytes"):  # "4GiB" in Python too, as in YAML and env
             object.__setattr__(self, key, parse_size(key, getattr(self, key)))
+        if self.cpu_bytes == 0 and "cpu" in self.tiers:
+            object.__setattr__(self, "cpu_bytes", _host_cpu_bytes())
         _validate(self)
 
     @classmethod

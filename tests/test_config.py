@@ -86,3 +86,66 @@ def test_sizes_as_strings_in_python_too():
         KVTierConfig(cpu_bytes=[1])
     with pytest.raises(ConfigError, match="disk_bytes"):
         KVTierConfig(disk_bytes="lots")
+
+
+GiB = 2**30
+
+
+@pytest.mark.parametrize("total, available, gpus, expected", [
+    (64 * GiB, 60 * GiB, 1, 16 * GiB),           # a quarter of the memory
+    (64 * GiB, 12 * GiB, 0, 8 * GiB),            # what is available, less the 4 GiB reserve
+    (1024 * GiB, 900 * GiB, 8, 32 * GiB),        # shared among the engine processes of 8 GPUs
+    (int(23.5 * GiB), 20 * GiB, 0, 5 * GiB),     # rounded down to GiB
+    (4 * GiB, 3 * GiB, 0, 1 * GiB),              # a short host still gets 1 GiB
+])
+def test_auto_cpu_bytes_rule(total, available, gpus, expected):
+    from kvtier.config import HostMemory, auto_cpu_bytes
+
+    size, why = auto_cpu_bytes(HostMemory(total, available, gpus))
+    assert size == expected
+    assert "25%" in why and "available" in why and ("GPUs" in why) == (gpus > 1)
+
+
+def test_default_cpu_bytes_is_sized_from_this_host_and_logged_once(caplog):
+    from kvtier import config as cfgmod
+
+    cfgmod._host_cpu_bytes.cache_clear()
+    with caplog.at_level("INFO", logger="kvtier.config"):
+        a, b = KVTierConfig(), KVTierConfig.from_sources({}, env={"KVTIER_CPU_BYTES": "auto"})
+    expected, _ = cfgmod.auto_cpu_bytes(cfgmod.read_host_memory())
+    assert a.cpu_bytes == b.cpu_bytes == expected and expected % GiB == 0 and expected >= GiB
+    lines = [r.getMessage() for r in caplog.records if "cpu_bytes: auto" in r.getMessage()]
+    assert len(lines) == 1 and f"cpu tier of {expected // GiB} GiB" in lines[0] and "25%" in lines[0]
+    assert KVTierConfig.from_dict(a.to_dict()) == a  # resolved to bytes: round-trips, as the writer child reads it
+    assert KVTierConfig(cpu_bytes=0).cpu_bytes == expected
+
+
+def test_an_explicit_cpu_bytes_wins_and_no_cpu_tier_needs_none():
+    assert KVTierConfig(cpu_bytes="3GiB").cpu_bytes == 3 * GiB
+    assert KVTierConfig.from_sources({}, env={"KVTIER_CPU_BYTES": "100MiB"}).cpu_bytes == 100 * 2**20
+    assert KVTierConfig(tiers=("disk",)).cpu_bytes == 0
+    with pytest.raises(ConfigError, match="cpu_bytes"):
+        KVTierConfig(cpu_bytes="lots")
+
+
+def test_host_memory_reads_meminfo_cgroups_and_gpus(tmp_path):
+    from kvtier.config import read_host_memory
+
+    (tmp_path / "proc/driver/nvidia/gpus/0000:01:00.0").mkdir(parents=True)
+    (tmp_path / "proc/driver/nvidia/gpus/0000:02:00.0").mkdir(parents=True)
+    (tmp_path / "proc/meminfo").write_text("MemTotal:       67108864 kB\nMemFree: 1 kB\n"
+                                           "MemAvailable:   50331648 kB\n")
+    mem = read_host_memory(str(tmp_path))
+    assert (mem.total, mem.available, mem.gpus) == (64 * GiB, 48 * GiB, 2)
+    cg = tmp_path / "sys/fs/cgroup"
+    cg.mkdir(parents=True)
+    (cg / "memory.max").write_text("max\n")  # cgroup v2 without a limit: the host's numbers
+    assert read_host_memory(str(tmp_path)).total == 64 * GiB
+    (cg / "memory.max").write_text(f"{16 * GiB}\n")  # a container limited to 16 GiB, 10 in use
+    (cg / "memory.current").write_text(f"{10 * GiB}\n")
+    mem = read_host_memory(str(tmp_path))
+    assert (mem.total, mem.available) == (16 * GiB, 6 * GiB)
+    (cg / "memory.max").unlink()
+    (cg / "memory").mkdir()  # cgroup v1, "no limit" written as a huge number
+    (cg / "memory/memory.limit_in_bytes").write_text("9223372036854771712\n")
+    assert read_host_memory(str(tmp_path)).total == 64 * GiB
