@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
+import msgspec
 import numpy as np
+from msgspec import Meta
 
 import torch
 import xxhash
@@ -78,6 +80,26 @@ class ChunkLayout:
 
     def describe(self) -> str:
         return f"{'MLA ' if self.mla else ''}{list(self.shape)} {dtype_name(self.dtype)}"
+
+
+class LayoutMsg(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A :class:`ChunkLayout` on the wire (`kvtier serve`'s protocol, the writer process's spec),
+    bounded so a hostile peer cannot describe a huge chunk."""
+
+    num_layers: Annotated[int, Meta(ge=1, le=1 << 16)]
+    tokens: Annotated[int, Meta(ge=1, le=1 << 20)]
+    width: Annotated[int, Meta(ge=1, le=1 << 20)]
+    dtype: Annotated[str, Meta(max_length=32)]
+    mla: bool = False
+
+
+def layout_to_msg(layout: ChunkLayout) -> LayoutMsg:
+    return LayoutMsg(layout.num_layers, layout.tokens, layout.width, dtype_name(layout.dtype), layout.mla)
+
+
+def layout_from_msg(m: LayoutMsg) -> ChunkLayout:
+    """The layout ``m`` describes; ValueError for an unknown dtype."""
+    return ChunkLayout(m.num_layers, m.tokens, m.width, dtype_from_name(m.dtype), m.mla)
 
 
 def checksum(payload: memoryview | bytes) -> int:

@@ -36,7 +36,8 @@ from kvtier.hostcopy import copy_bytes
 from kvtier.layout import ChunkLayout, payload_bytes
 from kvtier.memory import ChunkRef, HostPool
 from kvtier.metrics import Metrics
-from kvtier.tiers.base import Buffer, Protected, Tier
+from kvtier.tiers import make_tier
+from kvtier.tiers.base import Buffer, Tier
 from kvtier.tiers.cpu import CpuTier
 
 log = logging.getLogger(__name__)
@@ -62,23 +63,6 @@ def resolve_writer(config: KVTierConfig) -> str:
     if config.writer != "auto":
         return config.writer
     return "process" if torch.cuda.is_available() else "threads"
-
-
-def make_tier(name: str, config: KVTierConfig, layout: ChunkLayout, label: str, protected: Protected) -> Tier:
-    """Build the lower tier ``name`` ("disk" or "redis") from ``config``."""
-    if name == "disk":
-        from kvtier.tiers.disk import DiskTier
-
-        return DiskTier(config.disk_path, config.disk_bytes, layout, label=label, protected=protected)
-    if name == "redis":
-        from kvtier.tiers.redis import RedisTier
-
-        return RedisTier(
-            config.redis_url, layout, label=label, cluster=config.redis_cluster, prefix=config.redis_prefix,
-            ttl_s=config.redis_ttl_s, connect_timeout_s=config.connect_timeout_s,
-            op_timeout_s=config.op_timeout_s, retry_after_s=config.retry_after_s,
-        )
-    raise ValueError(f"no tier named {name!r}")
 
 
 def _drop_counter(metrics: Metrics) -> Counter:
@@ -485,7 +469,7 @@ class Store:
     def _start_process(self, pool_fd: int, names: list[str]):
         import msgspec
 
-        from kvtier.server.protocol import layout_to_msg
+        from kvtier.layout import layout_to_msg
         from kvtier.writer import WriterProcess
 
         spec = {"config": self.config.to_dict(), "label": self.label, "tiers": names,

@@ -135,8 +135,8 @@ def _child(spec: dict) -> int:
     import msgspec
 
     from kvtier.config import KVTierConfig
-    from kvtier.server.protocol import LayoutMsg, layout_from_msg
-    from kvtier.store import make_tier
+    from kvtier.layout import LayoutMsg, layout_from_msg
+    from kvtier.tiers import make_tier
     from kvtier.tiers.base import never_protected
 
     config = KVTierConfig.from_dict(spec["config"])

@@ -448,3 +448,15 @@ def test_a_disk_behind_the_puts_loses_nothing(tmp_path):
     assert disk.contains(keys) == [True] * len(keys)
     s.close()
     assert s.pool.free_slots == s.pool.num_slots
+
+
+def test_the_store_and_its_writer_import_no_server_and_not_each_other_at_import():
+    """The import graph has no cycle: the writer child builds tiers from kvtier.tiers and reads the
+    layout's wire form from kvtier.layout, not from the store or kvtier.server."""
+    import subprocess
+    import sys
+
+    code = ("import sys, kvtier.writer; assert 'kvtier.store' not in sys.modules, 'writer imports store'; "
+            "import kvtier.store; bad = [m for m in sys.modules if m.startswith('kvtier.server')]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)

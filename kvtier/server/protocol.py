@@ -19,7 +19,7 @@ from typing import Annotated, Union
 import msgspec
 from msgspec import Meta, Struct
 
-from kvtier.layout import ChunkLayout, dtype_from_name, dtype_name
+from kvtier.layout import LayoutMsg, layout_from_msg, layout_to_msg  # noqa: F401 (part of the protocol)
 
 PROTOCOL_VERSION = 1
 
@@ -37,24 +37,6 @@ SlotId = Annotated[int, Meta(ge=0, lt=1 << 40)]
 SlotIds = Annotated[list[SlotId], Meta(max_length=MAX_KEYS)]
 U64 = Annotated[int, Meta(ge=0, le=(1 << 63) - 1)]
 ShortStr = Annotated[str, Meta(max_length=512)]
-
-
-class LayoutMsg(Struct, frozen=True, forbid_unknown_fields=True):
-    """A :class:`kvtier.layout.ChunkLayout` on the wire."""
-
-    num_layers: Annotated[int, Meta(ge=1, le=1 << 16)]
-    tokens: Annotated[int, Meta(ge=1, le=1 << 20)]
-    width: Annotated[int, Meta(ge=1, le=1 << 20)]
-    dtype: Annotated[str, Meta(max_length=32)]
-    mla: bool = False
-
-
-def layout_to_msg(layout: ChunkLayout) -> LayoutMsg:
-    return LayoutMsg(layout.num_layers, layout.tokens, layout.width, dtype_name(layout.dtype), layout.mla)
-
-
-def layout_from_msg(m: LayoutMsg) -> ChunkLayout:
-    return ChunkLayout(m.num_layers, m.tokens, m.width, dtype_from_name(m.dtype), m.mla)
 
 
 class _Req(Struct, tag_field="op", forbid_unknown_fields=True):
