@@ -202,7 +202,8 @@ class Store:
         """The name of the fastest tier holding each leading key, up to the first key none holds."""
         t0 = time.perf_counter()
         n = len(keys)
-        where: list[str | None] = [None] * n
+        held = self._held_writes  # on its way down, maybe evicted from cpu's index: still in host memory
+        where: list[str | None] = ["cpu" if held and k in held else None for k in keys]
         first = 0
         for tier in self.tiers:
             if first >= n:
@@ -260,6 +261,13 @@ class Store:
                 refs[i] = self.cpu.acquire(key)
                 if refs[i] is None:
                     missing.append(i)
+        if missing and self._held_writes:  # still being written down: served from its slot
+            still = []
+            for i in missing:
+                refs[i] = self._held(keys[i])
+                if refs[i] is None:
+                    still.append(i)
+            missing = still
         for depth, tier in enumerate(self.lower):
             if not missing:
                 break

@@ -188,3 +188,36 @@ def test_decision_uses_the_engines_count_of_each_call(slow_store):
     assert ledger.num_new_matched_tokens(tokens, 0, "r") == 8 * CHUNK
     assert ledger.num_new_matched_tokens(tokens, 3 * CHUNK + 5, "r") == 8 * CHUNK - (3 * CHUNK + 5)
     assert ledger.num_new_matched_tokens(tokens, 8 * CHUNK, "r") == 0
+
+
+def test_chunk_still_being_written_is_located_and_served_from_its_slot(tmp_path):
+    """Issue 25.4: a chunk whose write to disk holds its slot is a cpu-speed hit even after the cpu
+    tier's index evicted it (a stopped disk writer keeps it queued)."""
+    import threading
+
+    gate = threading.Event()
+
+    class StuckDisk(DiskTier):
+        def put(self, keys, payloads):
+            gate.wait(10)
+            return super().put(keys, payloads)
+
+    disk = StuckDisk(tmp_path / "d", 1 << 30, LAYOUT)
+    config = KVTierConfig(tiers=("cpu", "disk"), cpu_bytes=8 * LAYOUT.nbytes, disk_path=str(tmp_path / "d"),
+                          write_threads=1)
+    store = Store(config, LAYOUT, pin=False, tiers=[disk])
+    try:
+        k = b"q" * 16
+        assert store.put(k, payload(7))
+        deadline = time.monotonic() + 5
+        while not store.pinned_writes() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        store.cpu.delete([k])  # out of the cpu index; its write still holds the slot
+        assert not store.cpu.contains([k])[0]
+        assert store.locate([k]) == ["cpu"]
+        (ref,) = store.get([k])
+        assert ref is not None and np.array_equal(ref.data.numpy(), payload(7))
+        ref.release()
+    finally:
+        gate.set()
+        store.close()
