@@ -142,7 +142,6 @@ def test_a_chunk_evicted_while_queued_is_still_found_and_a_real_loss_is_counted(
         assert s.contains([key(i) for i in range(5)]) == [True, True, False, True, True]
         assert s.lookup([key(0), key(1)]) == 2 and s.locate([key(0)]) == ["cpu"]
         assert np.array_equal(read(s, key(0)), payload(0))  # get serves it from its write's slot
-        assert read(s, key(2)) is None
         assert drops(s, "evicted_unwritten") == 1 and s.metrics.value("kvtier_dropped_writes_total") == 1
         assert s.pinned_writes() == 2
         low.gate.set()
