@@ -3,7 +3,7 @@
 # on the machine staged with ../shared/gpu-vllm/prepare.sh. From the repo root:
 #   source .gpu-vllm/bin/env.sh && bash benchmarks/gpu_session.sh STEP [STEP...]
 # STEP: tests (tests/gpu), async1 (gpu_async auto,async), async2 (sync,native),
-# vllm1 / vllm2 (gpu_vllm parts; vllm1_short: part 1 without the cpu-tier-only engine), writer (bench_writer_gil: the disk tier's writers vs the engine thread), writer_ab (its variants: one thread, a writer process), writer_process (that one only), random (gpu_engine_random, with the save-fence check and its control), random_disk (the same over a disk tier). Results land in $OUT (default /tmp/kvtier-gpu).
+# vllm1 / vllm2 (gpu_vllm parts; vllm1_short: part 1 without the cpu-tier-only engine), writer (bench_writer_gil: the disk tier's writers vs the engine thread), writer_ab (its variants: one thread, a writer process), writer_process (that one only), random (gpu_engine_random, with the save-fence check and its control), random_disk (the same over a disk tier), docs_A+B (gpu_docs configurations A and B), disk_read (bench_disk_read). Results land in $OUT (default /tmp/kvtier-gpu).
 set -uo pipefail
 OUT=${OUT:-/tmp/kvtier-gpu}
 mkdir -p "$OUT"
@@ -33,6 +33,9 @@ case "$step" in
       read -r name flags <<< "$v"
       python3 benchmarks/bench_writer_gil.py --chunks ${CHUNKS:-32} --reps ${REPS:-5} $flags --out "$OUT/writer_gil_h200_$name.json"
     done ;;
+  docs_*)  # gpu_docs configurations, a few per call: docs_vllm_alone+kvtier_cpu runs those two
+    python3 benchmarks/gpu_docs.py --configs "$(echo "${step#docs_}" | tr + ,)" --out "$OUT/gpu_docs_h200.json" ;;
+  disk_read) python3 benchmarks/bench_disk_read.py --out "$OUT/disk_read_h200.json" ;;
   vllm1) python3 benchmarks/gpu_vllm.py --part 1 --out "$OUT/gpu_vllm_h200.json" ;;
   vllm1_short) python3 benchmarks/gpu_vllm.py --part 1 --no-cpu-only --out "$OUT/gpu_vllm_h200.json" ;;
   vllm2) python3 benchmarks/gpu_vllm.py --part 2 --out "$OUT/gpu_vllm_h200.json" ;;

@@ -76,7 +76,7 @@ class HostMemory:
     available: int
     """Memory available now (MemAvailable), or what the cgroup limit leaves when less."""
     gpus: int
-    """NVIDIA GPUs of the host: each may run an engine process with a cpu tier of its own."""
+    """NVIDIA GPUs this host (container) has: each may run an engine process with a cpu tier of its own."""
 
 
 def _read_int(path: str) -> int | None:
@@ -116,11 +116,22 @@ def read_host_memory(root: str = "/") -> HostMemory:
             total = limit
             available = min(available, limit - (_read_int(os.path.join(cg, usage_file)) or 0))
             break
+    return HostMemory(total, max(0, available), _gpus(root))
+
+
+def _gpus(root: str) -> int:
+    """NVIDIA GPUs this container sees (/dev/nvidiaN: a container given one GPU of an 8-GPU host has
+    one, and the memory limit of that one container), else those the driver lists."""
     try:
-        gpus = len(os.listdir(os.path.join(root, "proc/driver/nvidia/gpus")))
+        dev = [n for n in os.listdir(os.path.join(root, "dev")) if re.fullmatch(r"nvidia\d+", n)]
     except OSError:
-        gpus = 0
-    return HostMemory(total, max(0, available), gpus)
+        dev = []
+    if dev:
+        return len(dev)
+    try:
+        return len(os.listdir(os.path.join(root, "proc/driver/nvidia/gpus")))
+    except OSError:
+        return 0
 
 
 def auto_cpu_bytes(mem: HostMemory) -> tuple[int, str]:

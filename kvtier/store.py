@@ -25,7 +25,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from types import SimpleNamespace
 
 import torch
 from prometheus_client import Counter
@@ -457,12 +456,6 @@ class Store:
     def pinned_writes(self) -> int:
         """Host slots held by writes now (never more than ``queue_depth``)."""
         return len(self._ready) + len(self._inflight)
-
-    @property
-    def _queue(self) -> SimpleNamespace:
-        """The old queue's ``unfinished_tasks``, for kvtier/server/server.py's stats until it
-        reads :meth:`pending_writes` instead."""
-        return SimpleNamespace(unfinished_tasks=self.pending_writes())
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every chunk saved so far reached the lower tiers; False on timeout."""

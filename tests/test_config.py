@@ -137,6 +137,10 @@ def test_host_memory_reads_meminfo_cgroups_and_gpus(tmp_path):
                                            "MemAvailable:   50331648 kB\n")
     mem = read_host_memory(str(tmp_path))
     assert (mem.total, mem.available, mem.gpus) == (64 * GiB, 48 * GiB, 2)
+    (tmp_path / "dev").mkdir()  # a container given one GPU of the host: its own device only
+    for name in ("nvidia3", "nvidiactl", "nvidia-uvm"):
+        (tmp_path / "dev" / name).touch()
+    assert read_host_memory(str(tmp_path)).gpus == 1
     cg = tmp_path / "sys/fs/cgroup"
     cg.mkdir(parents=True)
     (cg / "memory.max").write_text("max\n")  # cgroup v2 without a limit: the host's numbers

@@ -536,7 +536,7 @@ class Server:
         store = self.store
         if store is not None:
             v.update(num_slots=store.pool.num_slots, free_slots=store.pool.free_slots,
-                     slot_bytes=store.pool.slot_bytes, write_queue=store._queue.unfinished_tasks,
+                     slot_bytes=store.pool.slot_bytes, write_queue=store.pending_writes(),
                      dropped_writes=store.metrics.value("kvtier_dropped_writes_total"))
             for t in store.tiers:
                 st = t.stats()

@@ -562,8 +562,11 @@ class KVTierConnector(KVConnectorBase_V1):
     def _stats_report(self) -> KVTierStats | None:
         if self.worker is not None:
             metrics = getattr(self.store, "metrics", None)
-            promoted = metrics.value("kvtier_promoted_chunks_total") if metrics is not None else None
-            changed: dict[str, Any] = self._deltas.take(worker_counters(self.worker.stats, self.store.tiers, promoted))
+            store_counts = {} if metrics is None else {
+                "promoted_chunks": metrics.value("kvtier_promoted_chunks_total"),
+                "dropped_writes": metrics.value("kvtier_dropped_writes_total")}
+            changed: dict[str, Any] = self._deltas.take(worker_counters(self.worker.stats, self.store.tiers,
+                                                                        store_counts))
             latency = self.store.metrics.take_recent_latency()
             if latency:
                 changed[LATENCY] = [list(x) for x in latency]

@@ -25,6 +25,7 @@ COUNTERS = {
     "skipped_saves": "Chunks not saved (no host slot, or their request's load failed)",
     "lookups": "Prefix lookups the scheduler asked kvtier (a waiting request is asked about again)",
     "hit_tokens": "Prompt tokens the scheduler took from kvtier (admitted hits)",
+    "dropped_writes": "Chunks that never reached the lower tiers (disk or Redis behind; by reason in kvtier's own metrics)",
     "promoted_chunks": "Chunks copied up to the cpu tier in the background (hits not worth loading from below)",
     "fetch_seconds": "Seconds the worker spent reading loaded chunks from the tiers into host memory",
     "step_seconds": "Seconds the engine's forwards took, as kvtier timed them (the compute side of its cost model)",
@@ -44,14 +45,13 @@ TIER_COUNTERS = {
 }
 
 
-def worker_counters(worker_stats: dict[str, int], tiers, promoted: float | None = None) -> dict[str, float]:
+def worker_counters(worker_stats: dict[str, int], tiers, store_counts: dict[str, float] | None = None) -> dict[str, float]:
     """The worker's cumulative counters: its loads and saves, and each tier of its store."""
     out = {"loaded_tokens": worker_stats.get("loaded_tokens", 0), "load_errors": worker_stats.get("failed_chunks", 0),
            "saved_chunks": worker_stats.get("saved_chunks", 0), "skipped_saves": worker_stats.get("skipped_saves", 0),
            "fetch_seconds": worker_stats.get("fetch_us", 0) / 1e6,
            "step_seconds": worker_stats.get("step_us", 0) / 1e6, "step_tokens": worker_stats.get("step_tokens", 0)}
-    if promoted is not None:
-        out["promoted_chunks"] = promoted
+    out.update(store_counts or {})
     for tier in tiers:
         s = tier.stats()
         for field in TIER_COUNTERS:
