@@ -532,3 +532,268 @@ def test_journal_carries_writes_and_removals_across_rotations(tmp_chunk_dir, mon
     assert reader._journal.gap
     assert os.path.getsize(tmp_chunk_dir / JOURNAL_FILE) < 6 * journal.RECORD
     assert reader.stats().errors == 0
+
+
+# ---- parallel reads, O_DIRECT (issue 25.3) ------------------------------------------------------
+
+BIG = ChunkLayout(2, 256, 1536, torch.float16)  # 3 MiB: three 1 MiB read pieces
+
+
+def aligned_dests(n: int, nbytes: int = N) -> list[np.ndarray]:
+    """``n`` page-aligned destinations (pinned host memory is; a plain numpy allocation is not)."""
+    import mmap
+
+    from kvtier.memory import HostPool
+
+    pool = HostPool(nbytes, n, pin=False, buffer=torch.frombuffer(mmap.mmap(-1, n * nbytes), dtype=torch.uint8))
+    return [pool.view(pool.alloc()).numpy() for _ in range(n)]
+
+
+def evict(path: str, start: int = 0, length: int = 0) -> None:
+    """Drop ``path``'s pages (``length`` bytes from ``start``, 0: all) from the page cache."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # dirty pages are not dropped
+        os.posix_fadvise(fd, start, length, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def page_cached(path: str, offset: int) -> bool:
+    """Whether the page at ``offset`` is in the page cache. When not, this reads it (only it:
+    without POSIX_FADV_RANDOM a read that may not wait starts the readahead of what follows)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        os.preadv(fd, [bytearray(4096)], offset, os.RWF_NOWAIT)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def direct_tier(root: Path, layout: ChunkLayout = SMALL_LAYOUT, n: int = 100) -> DiskTier:
+    """A tier on ``root``, or a skip where that file system can neither evict pages nor do O_DIRECT (tmpfs)."""
+    tier = DiskTier(root, n * (DATA_OFFSET + layout.nbytes), layout)
+    probe = root / "probe"
+    probe.write_bytes(bytes(2 * 4096))
+    evict(str(probe))
+    try:
+        os.close(os.open(probe, os.O_RDONLY | os.O_DIRECT))
+    except OSError:
+        pytest.skip("no O_DIRECT on this file system")
+    try:
+        if page_cached(str(probe), 4096):
+            pytest.skip("this file system keeps its pages in memory")
+    except OSError as e:  # tmpfs: EOPNOTSUPP
+        pytest.skip(f"RWF_NOWAIT reads fail here ({e.strerror})")
+    probe.unlink()
+    return tier
+
+
+def test_a_batch_is_read_by_the_tiers_threads_a_single_chunk_inline(tmp_chunk_dir, monkeypatch):
+    tier = DiskTier(tmp_chunk_dir, 100 * FILE, SMALL_LAYOUT, read_threads=4)
+    keys = make_keys(12)
+    tier.put(keys, [make_payload(i) for i in range(12)])
+    readers: set[str] = set()
+    real = tier._get_one
+    monkeypatch.setattr(tier, "_get_one", lambda k, o: readers.add(threading.current_thread().name) or real(k, o))
+    dests = [np.zeros(N, np.uint8) for _ in range(2)]
+    assert tier.get_into([keys[0], make_keys(1)[0]], dests) == [True, False]  # one chunk to read
+    assert tier._readers is None and readers == {threading.current_thread().name}
+    dests = [np.zeros(N, np.uint8) for _ in keys]
+    assert tier.get_into(keys, dests) == [True] * 12
+    assert all(np.array_equal(d, make_payload(i)) for i, d in enumerate(dests))
+    assert any(name.startswith("kvtier-disk-read") for name in readers)
+    s = tier.stats()
+    assert (s.hits, s.misses, s.bytes_read) == (13, 1, 13 * FILE)
+    pool = tier._readers
+    tier.close()
+    assert tier._readers is None and pool._shutdown
+
+
+def test_parallel_reads_account_like_sequential_ones(tmp_chunk_dir):
+    """A damaged chunk asked twice in one batch is one corrupt miss and one plain miss; LRU order
+    and counters come out as when chunks were read one after another."""
+    tier = DiskTier(tmp_chunk_dir, 6 * FILE, SMALL_LAYOUT)
+    keys = make_keys(5)
+    tier.put(keys, [make_payload(i) for i in range(5)])
+    _damage_flip(Path(tier._path(keys[1])))
+    order = [keys[0], keys[1], keys[2], keys[1], keys[4], keys[0]]
+    dests = [np.zeros(N, np.uint8) for _ in order]
+    assert tier.get_into(order, dests) == [True, False, True, False, True, True]
+    s = tier.stats()
+    assert (s.hits, s.misses, s.corrupt, s.errors) == (4, 2, 1, 0)
+    assert s.bytes_read == 4 * FILE and not Path(tier._path(keys[1])).exists()
+    assert np.array_equal(dests[5], make_payload(0))
+    tier.put(make_keys(3), [make_payload(i) for i in range(3)])  # 6 fit: keys[3], never read, goes first
+    assert tier.contains(keys) == [True, False, True, False, True]
+    with pytest.raises(ValueError, match="destination"):
+        tier.get_into(keys[:2], [np.zeros(N, np.uint8), np.zeros(N - 1, np.uint8)])
+
+
+def test_chunks_not_in_the_page_cache_are_read_with_o_direct(tmp_chunk_dir):
+    tier = direct_tier(tmp_chunk_dir)
+    keys = make_keys(6)
+    tier.put(keys, [make_payload(i) for i in range(6)])
+    for k in keys[:4]:
+        evict(tier._path(k))
+    dests = aligned_dests(6)
+    assert tier.get_into(keys, dests) == [True] * 6
+    assert all(np.array_equal(d, make_payload(i)) for i, d in enumerate(dests))
+    s = tier.stats()
+    assert s.extra["direct_reads"] == 4 and s.extra["direct_bytes"] == 4 * N  # the cached two: buffered
+    assert s.hits == 6 and s.bytes_read == 6 * FILE
+    assert not page_cached(tier._path(keys[0]), FILE - 4096)  # O_DIRECT left the page cache alone
+    # A destination off a page boundary reads through the page cache.
+    evict(tier._path(keys[0]))
+    off_page = aligned_dests(1, N + 4096)[0][64:64 + N]
+    assert tier.get_into(keys[:1], [off_page]) == [True]
+    assert np.array_equal(off_page, make_payload(0))
+    assert tier.stats().extra["direct_reads"] == 4
+
+
+def test_only_the_pieces_not_in_the_page_cache_are_read_with_o_direct(tmp_chunk_dir):
+    tier = direct_tier(tmp_chunk_dir, BIG, 4)
+    (k,) = make_keys(1)
+    data = make_payload(5, BIG)
+    tier.put([k], [data])
+    path = tier._path(k)
+    evict(path)  # all of it (a range would keep the large folios across its ends), then read back
+    fd = os.open(path, os.O_RDONLY)  # the header page, the first and the last MiB: not the middle one
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead
+    for offset, length in ((0, DATA_OFFSET + (1 << 20)), (DATA_OFFSET + (2 << 20), 1 << 20)):
+        assert len(os.pread(fd, length, offset)) == length
+    os.close(fd)
+    last_pages = [DATA_OFFSET + ((i + 1) << 20) - 4096 for i in range(3)]  # the tier asks about first pages
+    assert [page_cached(path, offset) for offset in last_pages] == [True, False, True]
+    (d,) = aligned_dests(1, BIG.nbytes)
+    assert tier.get_into([k], [d]) == [True]
+    assert np.array_equal(d, data)
+    assert tier.stats().extra["direct_bytes"] == 1 << 20
+
+
+def test_damaged_chunk_read_with_o_direct_is_a_counted_miss(tmp_chunk_dir):
+    tier = direct_tier(tmp_chunk_dir)
+    keys = make_keys(3)
+    tier.put(keys, [make_payload(i) for i in range(3)])
+    _damage_flip(Path(tier._path(keys[1])))
+    for k in keys:
+        evict(tier._path(k))
+    assert tier.get_into(keys, aligned_dests(3)) == [True, False, True]
+    s = tier.stats()
+    assert (s.hits, s.misses, s.corrupt, s.extra["direct_reads"]) == (2, 1, 1, 2)
+    assert not Path(tier._path(keys[1])).exists()
+
+
+def test_without_o_direct_reads_go_through_the_page_cache(tmp_chunk_dir):
+    tier = DiskTier(tmp_chunk_dir, 100 * FILE, SMALL_LAYOUT)
+    tier.direct_io = False
+    keys = make_keys(4)
+    tier.put(keys, [make_payload(i) for i in range(4)])
+    for k in keys:
+        evict(tier._path(k))
+    dests = aligned_dests(4)
+    assert tier.get_into(keys, dests) == [True] * 4
+    assert all(np.array_equal(d, make_payload(i)) for i, d in enumerate(dests))
+    assert tier.stats().extra["direct_reads"] == 0
+
+
+def test_a_file_system_refusing_o_direct_is_remembered(tmp_chunk_dir, monkeypatch):
+    tier = direct_tier(tmp_chunk_dir)
+    keys = make_keys(4)
+    tier.put(keys, [make_payload(i) for i in range(4)])
+    for k in keys:
+        evict(tier._path(k))
+    tries: list[int] = []
+    real = os.open
+
+    def no_direct(path, flags, *a, **kw):
+        if flags & os.O_DIRECT:
+            tries.append(flags)
+            raise OSError(22, "Invalid argument")  # what a file system without O_DIRECT answers
+        return real(path, flags, *a, **kw)
+
+    monkeypatch.setattr(os, "open", no_direct)
+    dests = aligned_dests(4)
+    assert tier.get_into(keys, dests) == [True] * 4
+    assert all(np.array_equal(d, make_payload(i)) for i, d in enumerate(dests))
+    assert not tier.direct_io and 1 <= len(tries) <= 4  # the batch's threads may all have tried once
+    s = tier.stats()
+    assert s.extra["direct_reads"] == 0 and s.errors == 0 and s.hits == 4
+    for k in keys:
+        evict(tier._path(k))
+    assert tier.get_into(keys, dests) == [True] * 4
+    assert len(tries) <= 4
+
+
+def test_without_rwf_nowait_reads_go_through_the_page_cache(tmp_chunk_dir, monkeypatch):
+    tier = direct_tier(tmp_chunk_dir)
+    keys = make_keys(3)
+    tier.put(keys, [make_payload(i) for i in range(3)])
+    for k in keys:
+        evict(tier._path(k))
+    real = os.preadv
+
+    def old_kernel(fd, bufs, offset, flags=0):
+        if flags & os.RWF_NOWAIT:
+            raise OSError(95, "Operation not supported")
+        return real(fd, bufs, offset, flags)
+
+    monkeypatch.setattr(os, "preadv", old_kernel)
+    dests = aligned_dests(3)
+    assert tier.get_into(keys, dests) == [True] * 3
+    assert all(np.array_equal(d, make_payload(i)) for i, d in enumerate(dests))
+    assert not tier.nowait_probe and tier.stats().extra["direct_reads"] == 0
+
+
+def test_hashing_a_read_piece_lets_other_threads_run():
+    """The reader threads hash each 1 MiB piece with xxh3_64().update, which must release the GIL
+    for the threads to read in parallel."""
+    piece = memoryview(bytearray(1 << 20))
+    started, times = threading.Event(), {}
+
+    def hash_it() -> None:
+        h = xxhash.xxh3_64()
+        started.set()
+        for _ in range(256):
+            h.update(piece)
+        times["hash_end"] = time.perf_counter()
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1.0)
+    try:
+        t = threading.Thread(target=hash_it)
+        t.start()
+        started.wait()
+        times["main_ran"] = time.perf_counter()
+        t.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert times["main_ran"] < times["hash_end"]
+
+
+def _read_batch_in_child(tier: DiskTier, keys: list[bytes], q) -> None:
+    dests = [np.zeros(N, np.uint8) for _ in keys]
+    ok = _bounded(lambda: tier.get_into(keys, dests))
+    q.put(ok == [True] * len(keys) and all(np.array_equal(d, make_payload(i)) for i, d in enumerate(dests)))
+
+
+def test_a_forked_child_reads_with_threads_of_its_own(tmp_chunk_dir):
+    """A child forked after the tier's reader threads started has the pool but not the threads."""
+    import multiprocessing as mp
+
+    tier = DiskTier(tmp_chunk_dir, 100 * FILE, SMALL_LAYOUT, read_threads=2)
+    keys = make_keys(4)
+    tier.put(keys, [make_payload(i) for i in range(4)])
+    assert tier.get_into(keys, [np.zeros(N, np.uint8) for _ in keys]) == [True] * 4
+    assert tier._readers is not None
+    time.sleep(0.2)  # both threads idle: the child's pool counts on them and starts none
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_read_batch_in_child, args=(tier, keys, q))
+    p.start()
+    assert q.get(timeout=30) is True
+    p.join(30)
+    assert p.exitcode == 0
