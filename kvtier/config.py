@@ -178,6 +178,8 @@ class KVTierConfig:
     """Directory of the disk tier (one file per chunk)."""
     disk_bytes: int = 64 * 2**30
     """Size cap of the disk tier; least recently used chunks are removed beyond it."""
+    disk_read_threads: int = 16
+    """Threads reading the chunks of one load from the disk tier at once (they hold no GIL while reading)."""
     redis_url: tuple[str, ...] = ()
     """redis://host:port[/db] URLs; several URLs (or redis_cluster) mean a Redis Cluster."""
     redis_cluster: bool = False
@@ -396,7 +398,7 @@ def _validate(c: KVTierConfig) -> None:
         raise bad("prefill_gbps", "must be a number >= 0 (GB/s of KV; 0 = a default by device)")
     if c.writer not in WRITERS:
         raise bad("writer", f"allowed: {', '.join(WRITERS)}")
-    for key in ("write_queue_depth", "write_threads"):
+    for key in ("write_queue_depth", "write_threads", "disk_read_threads"):
         v = getattr(c, key)
         if not isinstance(v, int) or v < 1:
             raise bad(key, "must be an integer >= 1")

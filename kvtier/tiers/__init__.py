@@ -19,7 +19,8 @@ def make_tier(name: str, config: KVTierConfig, layout: ChunkLayout, label: str, 
     if name == "disk":
         from kvtier.tiers.disk import DiskTier
 
-        return DiskTier(config.disk_path, config.disk_bytes, layout, label=label, protected=protected)
+        return DiskTier(config.disk_path, config.disk_bytes, layout, label=label, protected=protected,
+                        read_threads=config.disk_read_threads)
     if name == "redis":
         from kvtier.tiers.redis import RedisTier
 
