@@ -130,7 +130,7 @@ def summarize(name: str, result: dict, base: dict | None) -> list[dict]:
         before, after = metrics[p - 1], metrics[p]
         for key, counter in COUNTERS.items():
             full = next((k for k in after if k.startswith(f"vllm:kvtier_{counter}")), None)
-            row[key] = (after[full] - before.get(full, 0.0)) if full else (0 if name.startswith("kvtier") else None)
+            row[key] = (after[full] - before.get(full, 0.0)) if full else None
         row["outputs_match"] = None if base is None else tokens_of(result, p) == tokens_of(base, p)
         if p == 2 and dropped:
             row["page_cache"] = {k: v for k, v in dropped[0].items() if k != "op"}

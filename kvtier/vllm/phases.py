@@ -76,7 +76,11 @@ def drop_page_cache_of(path: str, quiet_s: float = 2.0, wait_s: float = 120.0) -
 def kvtier_metrics(llm: Any) -> dict[str, float]:
     """kvtier's counters in an ``LLM``'s metrics (``vllm:kvtier_*``), summed over labels."""
     out: dict[str, float] = {}
-    for m in llm.get_metrics():
+    try:
+        metrics = llm.get_metrics()
+    except Exception as e:  # noqa: BLE001 - an engine without metrics (disable_log_stats): say so
+        return {"error": repr(e)[:300]}
+    for m in metrics:
         if "kvtier" in m.name and hasattr(m, "value"):
             out[m.name] = out.get(m.name, 0.0) + float(m.value)
     return out
