@@ -797,3 +797,98 @@ def test_a_forked_child_reads_with_threads_of_its_own(tmp_chunk_dir):
     assert q.get(timeout=30) is True
     p.join(30)
     assert p.exitcode == 0
+
+
+# ---- issue 29: the journal, the shared cap and foreign edits --------------------------------------
+
+def test_a_torn_journal_record_hides_no_later_record(tmp_chunk_dir):
+    """Issue 29.2: a short write (a full file system) left a partial record; every later record
+    was misread by every reader until the journal rotated."""
+    writer = DiskTier(tmp_chunk_dir, 100 * FILE, SMALL_LAYOUT)
+    reader = DiskTier(tmp_chunk_dir, 100 * FILE, SMALL_LAYOUT)
+    keys = make_keys(6)
+    writer.put(keys[:2], [make_payload(0), make_payload(1)])
+    assert reader.contains(keys[:2]) == [True, True]
+    for torn in (b"\x05" * 17, bytes(3), b"\xc5\x4b\x10" + bytes(20)):  # torn, zeros, a forged magic
+        with open(tmp_chunk_dir / JOURNAL_FILE, "ab") as f:
+            f.write(torn)
+    writer.put(keys[2:], [make_payload(i) for i in range(2, 6)])
+    assert reader.contains(keys) == [True] * 6
+    assert read(reader, keys[5]) is not None
+    late = DiskTier(tmp_chunk_dir, 100 * FILE, SMALL_LAYOUT)  # a reader starting past the torn bytes
+    more = make_keys(9)[6:]
+    writer.put(more, [make_payload(i) for i in range(3)])
+    assert late.contains(more) == [True] * 3 and reader.contains(more) == [True] * 3
+
+
+def test_a_fifo_or_link_named_like_the_journal_or_usage_file(tmp_chunk_dir, tmp_path):
+    """Issue 29.1: a FIFO at .kvtier-journal blocked DiskTier() (and Store()) forever; both shared
+    files were opened through symbolic links, letting whoever writes the directory make kvtier
+    append to any file its user can write."""
+    tmp_chunk_dir.mkdir(parents=True)
+    os.mkfifo(tmp_chunk_dir / JOURNAL_FILE)
+    target = tmp_path / "victim"
+    target.write_bytes(b"precious")
+    os.symlink(target, tmp_chunk_dir / USAGE_FILE)
+    keys = make_keys(3)
+    tier = _bounded(lambda: DiskTier(tmp_chunk_dir, 100 * FILE, SMALL_LAYOUT))
+    assert _bounded(lambda: tier.put(keys, [make_payload(i) for i in range(3)])) == [True] * 3
+    assert _bounded(lambda: tier.contains(keys)) == [True] * 3
+    assert target.read_bytes() == b"precious"
+    os.unlink(tmp_chunk_dir / JOURNAL_FILE)
+    os.symlink(target, tmp_chunk_dir / JOURNAL_FILE)
+    assert _bounded(lambda: tier.put(keys, [make_payload(i) for i in range(3)])) == [True] * 3
+    other = _bounded(lambda: DiskTier(tmp_chunk_dir, 100 * FILE, SMALL_LAYOUT))
+    assert _bounded(lambda: other.contains(keys)) == [True] * 3
+    assert target.read_bytes() == b"precious"
+
+
+def test_chunk_files_removed_behind_its_back_leave_the_shared_count(tmp_chunk_dir):
+    """Issue 29.3: files removed outside kvtier stayed counted in .kvtier-usage: with the cap full
+    of them, no put succeeded until a restart."""
+    tier = DiskTier(tmp_chunk_dir, 50 * FILE, SMALL_LAYOUT)
+    keys = make_keys(100)
+    assert tier.put(keys[:50], [make_payload(i) for i in range(50)]) == [True] * 50
+    for p in chunk_files(tmp_chunk_dir):
+        p.unlink()
+    assert read(tier, keys[0]) is None  # one found gone by a read, the rest by eviction
+    assert tier.put(keys[50:], [make_payload(i) for i in range(50)]) == [True] * 50
+    assert len(chunk_files(tmp_chunk_dir)) == 50
+
+
+def test_after_lost_journal_records_a_repeated_miss_stats_once(tmp_chunk_dir, monkeypatch):
+    """Issue 29 (weak spot): after one missed rotation each lookup of unknown keys stat()ed every
+    one of them for the life of the process (a 512-key miss 3.4-4.1 ms instead of 0.15)."""
+    import kvtier.tiers.journal as journal
+
+    monkeypatch.setattr(journal, "MAX_BYTES", 5 * journal.RECORD)
+    writer = DiskTier(tmp_chunk_dir, 100 * FILE, SMALL_LAYOUT)
+    reader = DiskTier(tmp_chunk_dir, 100 * FILE, SMALL_LAYOUT)
+    keys = make_keys(30)
+    writer.put(keys[:20], [make_payload(i) for i in range(20)])
+    assert reader.contains(keys) == [True] * 20 + [False] * 10
+    assert reader._journal.gap
+    stats = []
+    real_stat = os.stat
+    monkeypatch.setattr(os, "stat", lambda *a, **k: stats.append(a[0]) or real_stat(*a, **k))
+    assert reader.contains(keys[20:]) == [False] * 10
+    assert [p for p in stats if str(p).endswith(".kvc")] == []
+    writer.put(keys[20:21], [make_payload(20)])  # written after the miss: learned from the journal
+    assert reader.contains(keys[20:22]) == [True, False]
+
+
+def test_a_huge_journal_is_skipped_not_read_on_every_lookup(tmp_chunk_dir):
+    """Issue 29 (weak spot): a huge or sparse journal made each lookup read 16 MiB under the lock."""
+    import kvtier.tiers.journal as journal
+
+    reader = DiskTier(tmp_chunk_dir, 100 * FILE, SMALL_LAYOUT)
+    with open(tmp_chunk_dir / JOURNAL_FILE, "ab") as f:
+        f.truncate(1 << 30)  # sparse: reads as zeros
+    keys = make_keys(5)
+    t0 = time.perf_counter()
+    for _ in range(10):
+        assert reader.contains(keys[1:]) == [False] * 4
+    assert time.perf_counter() - t0 < 0.5
+    writer = DiskTier(tmp_chunk_dir, 100 * FILE, SMALL_LAYOUT)
+    writer.put(keys[:1], [make_payload(0)])
+    assert reader.contains(keys[:1]) == [True]
