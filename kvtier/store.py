@@ -48,12 +48,23 @@ _PROMOTE_BATCH = 8
 _PROMOTE_QUEUE = 4096
 # At most 1/_QUEUE_SHARE of the host slots wait in the write-behind queue (see Store.__init__).
 _QUEUE_SHARE = 2
+# The longest chunk key (the writer process's command carries its length in 16 bits).
+_MAX_KEY = 65535
 
 # Why a write to the lower tiers was dropped: the ``reason`` of kvtier_dropped_writes_by_reason_total.
 DROP_EVICTED_UNWRITTEN = "evicted_unwritten"  # the cpu tier evicted it before a writer had room
 DROP_NO_CPU_TIER = "no_cpu_tier_queue_full"  # the queue was full and no cpu tier could keep it meanwhile
 DROP_WRITER_LOST = "writer_lost"  # the writer process died while it held the chunk
 DROP_CLOSED = "closed"  # still unwritten when close() stopped waiting
+
+
+def _check_key(key: object) -> None:
+    """Refuse a key the write path cannot carry, at the store's edge: a non-bytes key once raised
+    deep in the writer process's send, leaving a write nobody finishes (issue 29.8)."""
+    if not isinstance(key, bytes):
+        raise TypeError(f"chunk keys are bytes, got {type(key).__name__}")
+    if len(key) > _MAX_KEY:
+        raise ValueError(f"chunk key of {len(key)} bytes; at most {_MAX_KEY}")
 
 
 def resolve_writer(config: KVTierConfig) -> str:
@@ -351,7 +362,15 @@ class Store:
         return None if slot is None else ChunkRef(self.pool, slot)
 
     def commit(self, key: bytes, ref: ChunkRef) -> None:
-        """Publish the chunk the caller wrote into ``ref``; takes ownership of ``ref``."""
+        """Publish the chunk the caller wrote into ``ref``; takes ownership of ``ref``.
+
+        A key that is not bytes (or longer than 65,535 bytes) raises before anything is
+        published (``ref`` is released)."""
+        try:
+            _check_key(key)
+        except (TypeError, ValueError):
+            ref.release()
+            raise
         self.metrics.saved_chunks.inc()
         if self.cpu is not None:
             self.cpu.insert(key, ref.share())
@@ -363,8 +382,9 @@ class Store:
     def put(self, key: bytes, payload: torch.Tensor | Buffer) -> bool:
         """Copy ``payload`` (``layout.nbytes`` bytes) into a slot and commit it; False if no slot.
 
-        A payload of another size raises ValueError before any slot is taken.
+        A payload of another size, or a bad key (see ``commit``), raises before any slot is taken.
         """
+        _check_key(key)
         src = payload_bytes(payload, self.layout.nbytes)
         ref = self.allocate()
         if ref is None:
@@ -487,10 +507,13 @@ class Store:
         """Send ``w`` to the writer process (under _wlock); False when it is gone."""
         self._inflight[w.seq] = w
         mask = sum(1 << self.lower.index(t) for t in w.targets)
-        if self._process.submit(w.seq, w.ref.slot, mask, w.key):
-            return True
-        del self._inflight[w.seq]
-        return False
+        sent = False
+        try:
+            sent = self._process.submit(w.seq, w.ref.slot, mask, w.key)
+        finally:
+            if not sent:  # also when it raised: never a write nobody will finish (issue 29.8)
+                del self._inflight[w.seq]
+        return sent
 
     def _written(self, seq: int, stored: int) -> None:
         """The writer process finished chunk ``seq``; ``stored``: mask of the tiers that hold it."""
@@ -628,14 +651,19 @@ class Store:
         if self._closed:
             return
         self._closed = True
+        deadline = time.monotonic() + timeout
+
+        def left() -> float:  # ``timeout`` is for all of close (each step had it whole: 2x with a stopped child)
+            return max(0.1, deadline - time.monotonic())
+
         with self._promote_lock:
             self._promote_lock.notify_all()
         self.flush(timeout)
         if self._promoter is not None:
-            self._promoter.join(timeout)
+            self._promoter.join(left())
         if self._process is not None:
-            self._process.close(timeout)
-        self._stop_threads(timeout)
+            self._process.close(left())
+        self._stop_threads(left())
         for tier in self.tiers:
             tier.close()
 

@@ -18,6 +18,12 @@ load then misses and is recomputed.
 If the child dies, the parent's reader sees the pipe close, releases the slots it held and
 the store goes on writing from its own threads (logged once): a tier failing never stops
 the engine.
+
+The parent never blocks on the child: commands go down a non-blocking pipe, and what a
+stopped child leaves unread waits in a backlog the ack reader pushes on as the child goes
+on (issue 29.6: a blocking write into the full 64 KiB pipe stopped ``Store.put``). The
+child's spec (the config: Redis password, server token) comes through an inherited memfd,
+never its command line, which every local user can read in ``/proc``.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -64,12 +71,14 @@ class WriterProcess:
         cmd_r, self._cmd_w = os.pipe()
         ack_r, ack_w = os.pipe()
         spec = dict(spec, pool_fd=pool_fd, cmd_fd=cmd_r, ack_fd=ack_w)
+        spec_fd = _spec_file(spec)
         pkg_root = str(Path(__file__).resolve().parent.parent)
         env = dict(os.environ, CUDA_VISIBLE_DEVICES="",  # the child never touches a GPU
                    PYTHONPATH=os.pathsep.join([pkg_root, *filter(None, [os.environ.get("PYTHONPATH")])]))
         try:
-            self.proc = subprocess.Popen([sys.executable, "-m", "kvtier.writer", json.dumps(spec)],
-                                         pass_fds=(pool_fd, cmd_r, ack_w), stdin=subprocess.DEVNULL, env=env)
+            self.proc = subprocess.Popen([sys.executable, "-m", "kvtier.writer", str(spec_fd)],
+                                         pass_fds=(pool_fd, cmd_r, ack_w, spec_fd), stdin=subprocess.DEVNULL,
+                                         env=env)
         except OSError:
             os.close(self._cmd_w)
             os.close(ack_r)
@@ -77,6 +86,9 @@ class WriterProcess:
         finally:
             os.close(cmd_r)
             os.close(ack_w)
+            os.close(spec_fd)
+        os.set_blocking(self._cmd_w, False)
+        self._backlog = bytearray()  # commands the pipe had no room for (a stopped or slow child)
         self._on_done, self._on_lost = on_done, on_lost
         self._send_lock = threading.Lock()
         self.alive = True
@@ -87,17 +99,29 @@ class WriterProcess:
     def submit(self, seq: int, slot: int, mask: int, key: bytes) -> bool:
         """Ask the child to write ``slot`` under ``key`` to the tiers in ``mask``; False if it is gone.
 
-        Never blocks for long: the store keeps at most ``queue_depth`` chunks outstanding, far
-        fewer bytes than a pipe holds."""
+        Never blocks: what the pipe has no room for waits in a backlog (at most the store's
+        ``queue_depth`` commands). True also when the child dies before reading it: the
+        store then counts every chunk it sent as lost (``on_lost``)."""
         msg = _CMD.pack(seq, slot, mask, len(key)) + key
         with self._send_lock:
-            if not self.alive:
+            if not self.alive or self._cmd_w < 0:
                 return False
+            self._backlog += msg
+            self._push()
+            return True
+
+    def _push(self) -> bool:
+        """Write what the pipe takes of the backlog (send lock held); True when it is empty."""
+        while self._backlog:
             try:
-                os.write(self._cmd_w, msg)  # under PIPE_BUF bytes: written whole
-                return True
-            except OSError:
+                n = os.write(self._cmd_w, self._backlog)
+            except BlockingIOError:
                 return False
+            except OSError:  # the child is gone: the ack reader will see it and count the losses
+                self._backlog.clear()
+                return True
+            del self._backlog[:n]
+        return True
 
     def _read_acks(self, fd: int) -> None:
         with os.fdopen(fd, "rb") as f:
@@ -106,6 +130,10 @@ class WriterProcess:
                 if len(raw) < _ACK.size:
                     break
                 seq, mask = _ACK.unpack(raw)
+                if self._backlog:  # the child read some commands: room in the pipe again
+                    with self._send_lock:
+                        if self._cmd_w >= 0:
+                            self._push()
                 try:
                     self._on_done(seq, mask)
                 except Exception:  # a bug in the callback must not stop the acks
@@ -116,18 +144,39 @@ class WriterProcess:
         self._on_lost(f"exit code {code}")
 
     def close(self, timeout: float) -> None:
-        """End the child's input (it finishes what it has, then exits); kill it after ``timeout``."""
-        with self._send_lock:
-            if self._cmd_w >= 0:
-                os.close(self._cmd_w)
-                self._cmd_w = -1
+        """End the child's input (it finishes what it has, then exits); kill it after ``timeout``
+        (in all: a stopped child took twice ``timeout`` before)."""
+        deadline = time.monotonic() + timeout
+        while True:  # the backlog first, while there is time
+            with self._send_lock:
+                if self._cmd_w < 0 or self._push() or time.monotonic() >= deadline:
+                    if self._cmd_w >= 0:
+                        os.close(self._cmd_w)
+                        self._cmd_w = -1
+                    break
+            time.sleep(0.005)
         try:
-            self.proc.wait(timeout)
+            self.proc.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             log.warning("kvtier: the writer process did not finish within %.0f s; killing it", timeout)
             self.proc.kill()
             self.proc.wait()
-        self._reader.join(timeout)
+        self._reader.join(max(0.1, deadline - time.monotonic()))
+
+
+def _spec_file(spec: dict) -> int:
+    """A memfd holding ``spec`` as JSON, read from the start by the child."""
+    fd = os.memfd_create("kvtier-writer-spec", os.MFD_CLOEXEC)
+    try:
+        data = json.dumps(spec).encode()
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.lseek(fd, 0, os.SEEK_SET)
+        return fd
+    except OSError:
+        os.close(fd)
+        raise
 
 
 def _child(spec: dict) -> int:
@@ -184,4 +233,6 @@ def _child(spec: dict) -> int:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s kvtier-writer %(levelname)s %(message)s")
-    sys.exit(_child(json.loads(sys.argv[1])))
+    with os.fdopen(int(sys.argv[1]), "rb") as spec_file:
+        child_spec = json.loads(spec_file.read())
+    sys.exit(_child(child_spec))

@@ -181,3 +181,154 @@ def test_a_store_given_its_tiers_writes_from_threads(tmp_path):
         s.put(b"k" * 16, make_payload(1))
         assert s.flush(30)
         assert tier.contains([b"k" * 16]) == [True]
+
+
+# ---- issue 29: the writer child under faults ------------------------------------------------------
+
+def _bounded(fn, timeout: float = 20.0):
+    """Run ``fn`` in a thread; fail (instead of hanging the suite) if it blocks."""
+    import threading
+
+    out: list = []
+    t = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), f"{fn} blocked for {timeout} s"
+    return out[0]
+
+
+FILE_BYTES = 4096 + SMALL_LAYOUT.nbytes
+
+
+def on_disk(s: Store, keys) -> int:
+    return sum(s.lower[0].contains(keys))
+
+
+def test_the_child_evicts_chunks_another_process_wrote(tmp_path):
+    """Issue 29.4: the child never read the journal, so it could evict only what it wrote itself:
+    another process filling the shared cap left it storing nothing (0/100; threads: 100/100)."""
+    cap = 50
+    keys = make_keys(cap + 30)
+    with process_store(tmp_path, disk_bytes=cap * FILE_BYTES) as s:
+        assert s.put(b"w" * 16, make_payload(0)) and s.flush(60)  # the child is up: its scan is done
+        other = DiskTier(tmp_path / "disk", cap * FILE_BYTES, SMALL_LAYOUT)
+        assert all(other.put(keys[:cap], [make_payload(i) for i in range(cap)]))
+        other.close()
+        for i, k in enumerate(keys[cap:], cap):
+            assert s.put(k, make_payload(i))
+        assert s.flush(60)
+        assert s.lower[0].stats().errors == 0
+        assert on_disk(s, keys[cap:]) == 30
+    got = read_back(tmp_path / "disk", keys[cap:])
+    assert all(g is not None and np.array_equal(g, make_payload(i)) for i, g in enumerate(got, cap))
+
+
+def test_chunks_read_by_the_parent_survive_the_childs_evictions(tmp_path):
+    """Issue 29.5: reads happen in the parent, evictions in the child, which went by write order:
+    the disk tier was FIFO, not LRU (0/10 hot chunks kept; threads: 10/10)."""
+    cap = 100
+    keys = make_keys(cap + 50)
+    with process_store(tmp_path, tiers=("disk",), disk_bytes=cap * FILE_BYTES) as s:
+        for i, k in enumerate(keys[:cap]):
+            assert s.put(k, make_payload(i))
+            assert s.flush(60)  # no cpu tier: a full write queue would drop the chunk
+        time.sleep(0.05)  # file times move on (the kernel's clock ticks every few ms)
+        for _ in range(3):
+            for ref in s.get(keys[:10]):
+                assert ref is not None
+                ref.release()
+        for i, k in enumerate(keys[cap:], cap):
+            assert s.put(k, make_payload(i))
+            assert s.flush(60)
+        assert on_disk(s, keys[cap:]) == 50
+        assert on_disk(s, keys[:10]) == 10, "the chunks just read were evicted"
+        assert on_disk(s, keys[10:60]) == 0
+
+
+def test_put_never_blocks_on_a_stopped_child(tmp_path):
+    """Issue 29.6: with write_queue_depth >= 2,500 the commands filled the 64 KiB pipe to a stopped
+    child and Store.put blocked."""
+    n = 3000
+    keys = make_keys(n)
+    with process_store(tmp_path, cpu_bytes=2 * n * SMALL_LAYOUT.nbytes, write_queue_depth=n) as s:
+        assert s.queue_depth == n
+        child = s._process.proc.pid
+        os.kill(child, signal.SIGSTOP)
+        try:
+            _bounded(lambda: [s.put(k, make_payload(i % 7)) for i, k in enumerate(keys)])
+        finally:
+            os.kill(child, signal.SIGCONT)
+        assert s.flush(120)
+        assert on_disk(s, keys) == n
+        assert s.metrics.value("kvtier_dropped_writes_total") == 0
+
+
+def test_a_child_dying_while_a_chunk_is_sent_loses_nothing_else(tmp_path, monkeypatch):
+    """Issue 29.7: _process_lost released a write _send had just registered; the writer thread then
+    died with 'ChunkRef used after release' and flush() never returned True again."""
+    import threading
+
+    import kvtier.writer as writer
+
+    real_submit = writer.WriterProcess.submit
+    slow = threading.Event()
+
+    def submit(self, *a):
+        if slow.is_set():
+            time.sleep(0.5)  # the child dies meanwhile
+        return real_submit(self, *a)
+
+    monkeypatch.setattr(writer.WriterProcess, "submit", submit)
+    keys = make_keys(12)
+    with process_store(tmp_path) as s:
+        assert s.put(keys[0], make_payload(0)) and s.flush(60)
+        slow.set()
+        t = threading.Thread(target=lambda: s.put(keys[1], make_payload(1)))
+        t.start()
+        time.sleep(0.1)
+        os.kill(s._process.proc.pid, signal.SIGKILL)
+        t.join(10)
+        slow.clear()
+        deadline = time.monotonic() + 30
+        while s.writer != "threads" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for i, k in enumerate(keys[2:], 2):
+            assert s.put(k, make_payload(i))
+        assert s.flush(60), "writing stopped after the child died"
+        assert all(w.is_alive() for w in s._writers), "a writer thread died"
+        assert on_disk(s, keys[2:]) == 10
+        assert on_disk(s, keys[:2]) + drops(s, "writer_lost") == 2
+
+
+@pytest.mark.parametrize("key", ["a-str-key", 12345, bytes(70000)])
+def test_a_bad_key_is_refused_at_the_stores_edge(tmp_path, key):
+    """Issue 29.8: a non-bytes key raised in the writer process's send after the write was
+    registered: pending_writes() stayed 1 and flush() never returned True."""
+    with process_store(tmp_path) as s:
+        with pytest.raises((TypeError, ValueError)):
+            s.put(key, make_payload(0))
+        assert s.pending_writes() == 0
+        assert s.put(b"k" * 16, make_payload(1))
+        assert s.flush(30)
+        assert s.pool.free_slots == s.pool.num_slots - 1  # only the cpu tier's reference to k
+
+
+def test_the_childs_command_line_holds_no_secret(tmp_path):
+    """Issue 29 (weak spot): the whole config, Redis password and server_token included, was on the
+    child's command line, readable by every local user in /proc/<pid>/cmdline."""
+    with process_store(tmp_path, server_token="s3cret-token") as s:
+        with open(f"/proc/{s._process.proc.pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+        assert b"s3cret-token" not in cmdline and b"disk_path" not in cmdline
+        assert s.put(b"k" * 16, make_payload(1)) and s.flush(30)
+        assert on_disk(s, [b"k" * 16]) == 1
+
+
+def test_close_with_a_stopped_child_keeps_to_its_timeout(tmp_path):
+    """Issue 29 (weak spot): close(timeout) with a stopped child took twice the timeout."""
+    s = process_store(tmp_path)
+    os.kill(s._process.proc.pid, signal.SIGSTOP)
+    s.put(b"k" * 16, make_payload(1))
+    t0 = time.monotonic()
+    s.close(timeout=1.0)
+    assert time.monotonic() - t0 < 1.8
