@@ -229,6 +229,10 @@ def inspect(disk_path: str | None, redis_url: str | None, redis_cluster: bool, r
     """What a disk directory or Redis namespace holds: chunks, bytes, models."""
     if not disk_path and not redis_url:
         raise click.UsageError("give --disk-path DIR and/or --redis-url redis://HOST:PORT")
+    if redis_url:
+        from kvtier.config import check_redis_url
+
+        check_redis_url(redis_url, "--redis-url")  # a one-line error, not a traceback
     rows = []
     for name, chunks in _scan_sources(disk_path, redis_url, redis_cluster, redis_prefix):
         per_model: Counter[str] = Counter()

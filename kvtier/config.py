@@ -350,6 +350,25 @@ def _coerce(key: str, type_name: Any, value: Any) -> Any:
     return value
 
 
+def check_redis_url(url: str, name: str = "redis_url") -> None:
+    """ConfigError unless ``url`` is a Redis URL redis-py can connect with (also for ``kvtier
+    inspect --redis-url``, which printed a traceback for a bad port, issue 29.9)."""
+    if not re.match(r"^(redis|rediss|unix)://", url):
+        raise ConfigError(f"{name}={url!r}: expected redis://HOST:PORT[/DB], rediss://... or unix:///path")
+    parsed = urlparse(url)
+    if url.startswith("unix://"):
+        # unix://relative.sock parses as a host with no path: Store() then raised TypeError.
+        if parsed.netloc or not parsed.path.startswith("/") or parsed.path == "/":
+            raise ConfigError(f"{name}={url!r}: expected unix:///absolute/path/to/redis.sock")
+        return
+    try:
+        port = parsed.port
+    except ValueError:
+        port = -1
+    if port == -1 or not parsed.hostname:
+        raise ConfigError(f"{name}={url!r}: expected redis://HOST:PORT[/DB] with a numeric port")
+
+
 def _validate(c: KVTierConfig) -> None:
     def bad(key: str, allowed: str) -> ConfigError:
         return ConfigError(f"{key}={getattr(c, key)!r}: {allowed}")
@@ -375,16 +394,7 @@ def _validate(c: KVTierConfig) -> None:
     if "redis" in c.tiers and not c.redis_url:
         raise bad("redis_url", "set redis://HOST:PORT (or several for a cluster) when the redis tier is enabled")
     for url in c.redis_url:
-        if not re.match(r"^(redis|rediss|unix)://", url):
-            raise ConfigError(f"redis_url={url!r}: expected redis://HOST:PORT[/DB], rediss://... or unix:///path")
-        if not url.startswith("unix://"):
-            parsed = urlparse(url)
-            try:
-                port = parsed.port
-            except ValueError:
-                port = -1
-            if port == -1 or not parsed.hostname:
-                raise ConfigError(f"redis_url={url!r}: expected redis://HOST:PORT[/DB] with a numeric port")
+        check_redis_url(url)
         if url.startswith("unix://") and (c.redis_cluster or len(c.redis_url) > 1):
             raise ConfigError(f"redis_url={url!r}: a Redis Cluster is reached over TCP (redis://HOST:PORT); "
                               f"a unix socket serves one standalone server")

@@ -65,6 +65,14 @@ def test_inspect_needs_a_source():
     assert r.exit_code == 2 and "--disk-path" in r.output
 
 
+@pytest.mark.parametrize("url", ["redis://h:abc", "unix://relative.sock", "http://x"])
+def test_inspect_reports_a_bad_redis_url_in_one_line(url):
+    """Issue 29.9: `kvtier inspect --redis-url redis://h:abc` printed a traceback (exit 1)."""
+    r = CliRunner().invoke(main, ["inspect", "--redis-url", url])
+    assert r.exit_code == 2 and "--redis-url" in r.output and "Traceback" not in r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit)
+
+
 def test_config_shows_env_and_reports_bad_values():
     r = run("config", env={"KVTIER_CHUNK_SIZE": "512"})
     assert r.exit_code == 0 and json.loads(r.output)["chunk_size"] == 512

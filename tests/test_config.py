@@ -52,6 +52,8 @@ def test_sizes(value, expected):
     ({"cpu_bytes": -5}, "negative"),
     ({"tiers": ["cpu", "redis"]}, "redis_url"),
     ({"redis_url": "http://x"}, "redis_url='http://x'"),
+    ({"redis_url": "unix://relative.sock"}, "unix:///absolute"),  # issue 29.9: passed, then Store() raised TypeError
+    ({"redis_url": "unix:///"}, "unix:///absolute"),
     ({"hash": "md5"}, "blake3, xxh3_128"),
     ({"write_queue_depth": 0}, "write_queue_depth=0"),
     ({"op_timeout_s": -1}, "op_timeout_s=-1"),
