@@ -13,6 +13,7 @@ H200 prefills Llama-8B at ~5 GB/s of KV, faster than a disk without its page cac
   requests of new tokens x their mean context). Before enough prefill steps were seen,
   a seed rate in GB/s of KV (config ``prefill_gbps``).
 - **Backlog**: reads already promised to a tier delay the next load from it.
+- **Overhead**: a load has a fixed cost beside its reads (a scheduling round trip on a GPU).
 
 :meth:`CostModel.chunks_to_load` picks how many leading chunks of a hit to load so that
 load + compute of the rest is least. It only ever shortens a hit: whatever it answers,
@@ -34,6 +35,10 @@ import numpy as np
 SEED_READ_GBPS = {"cpu": 1000.0, "disk": 2.0, "redis": 0.5, "server": 10.0}
 # Host -> engine cache copy (GB/s): PCIe on a GPU, a memory copy on CPU.
 COPY_GBPS = {"cuda": 25.0, "cpu": 5.0}
+# Fixed cost of one load beside its reads: a parked request waits a scheduling round trip or two.
+# On the H200 a whole 8K cpu-tier hit takes 0.033 s where its copy is ~0.02 s; loads of a chunk
+# or two that save less than this were seen to cost more than they saved (docs/vllm.md).
+LOAD_OVERHEAD_S = {"cuda": 0.015, "cpu": 0.0}
 # Default prefill speed (GB/s of KV computed) until measured.
 SEED_PREFILL_GBPS = {"cuda": 5.0, "cpu": 0.05}
 _READ_WEIGHT = 0.25  # weight of a new read in the running average
@@ -51,6 +56,7 @@ class CostModel:
         self.chunk_bytes = chunk_bytes
         self.max_step_tokens = max(1, max_step_tokens)
         self.copy_s = chunk_bytes / (COPY_GBPS.get(device, 5.0) * 1e9)
+        self.load_overhead_s = LOAD_OVERHEAD_S.get(device, 0.0)
         rate = prefill_gbps or SEED_PREFILL_GBPS.get(device, 0.05)
         self._seed_token_s = chunk_bytes / chunk_size / (rate * 1e9)
         self._lock = threading.Lock()
@@ -142,7 +148,7 @@ class CostModel:
         first = start // c
         now = time.monotonic()
         best, best_gain, best_load, best_saved = 0, 0.0, 0.0, 0.0
-        load = 0.0
+        load = self.load_overhead_s
         wait = 0.0
         full = self.compute_s(start, end)
         for i, tier in enumerate(chunk_tiers):
