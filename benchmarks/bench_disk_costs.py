@@ -5,6 +5,8 @@
    Baseline: the same lookup with the cpu tier alone. Goal: ≤ 0.1 ms.
 2. Opening a disk tier whose cap was halved since the last run (``--chunks`` files): how long
    until the tier serves, and until the excess files are gone. Baseline: opening it at its old cap.
+3. While that trim removes files behind (issue 29): the latency of a 512-key ``contains`` (p99) and
+   of a ``put`` (max). Baseline: the same once the trim is done.
 
     .venv/bin/python benchmarks/bench_disk_costs.py --label after --json benchmarks/results/disk_costs.json
 """
@@ -68,14 +70,36 @@ def reopen_halved(root: str, chunks: int, file_bytes: int) -> dict:
     t = time.perf_counter()
     tier = DiskTier(root, chunks // 2 * file_bytes, LAYOUT)
     serving_s = time.perf_counter() - t
+    during = ops_while(tier, lambda: tier._trimmer is not None and tier._trimmer.is_alive())
     wait = getattr(tier, "wait_trimmed", None)  # absent before issue 17.3: the trim ran in the constructor
     if wait is not None:
         assert wait(600)
     trimmed_s = time.perf_counter() - t
     assert tier.stats().chunks <= chunks // 2
+    deadline = time.perf_counter() + 2.0
+    after = ops_while(tier, lambda: time.perf_counter() < deadline)
     tier.close()
     return {"chunks": chunks, "open_same_cap_s": same_cap_s, "open_halved_serving_s": serving_s,
-            "open_halved_trimmed_s": trimmed_s}
+            "open_halved_trimmed_s": trimmed_s, "during_trim": during, "after_trim": after}
+
+
+def ops_while(tier: DiskTier, going) -> dict:
+    """p99 of a 512-key ``contains`` and max of a ``put``, in turns, while ``going()``."""
+    keys = [key(i) for i in range(0, 2 * PROMPT_CHUNKS, 2)]
+    payload = np.zeros(LAYOUT.nbytes, dtype=np.uint8)
+    contains, puts, n = [], [], 0
+    while going():
+        t = time.perf_counter()
+        tier.contains(keys)
+        contains.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        tier.put([key(2 * 10**9 + n)], [payload])
+        puts.append(time.perf_counter() - t)
+        n += 1
+    if not contains:
+        return {"ops": 0}
+    return {"ops": n, "contains_p99_ms": float(np.percentile(contains, 99)) * 1e3,
+            "put_max_ms": max(puts) * 1e3, "put_p99_ms": float(np.percentile(puts, 99)) * 1e3}
 
 
 def main() -> int:
