@@ -266,11 +266,8 @@ class Store:
         refs: list[ChunkRef | None] = [None] * len(keys)
         missing = list(range(len(keys)))
         if self.cpu is not None:
-            missing = []
-            for i, key in enumerate(keys):
-                refs[i] = self.cpu.acquire(key)
-                if refs[i] is None:
-                    missing.append(i)
+            refs = self.cpu.acquire_many(keys)
+            missing = [i for i, ref in enumerate(refs) if ref is None]
         if missing and self._held_writes:  # still being written down: served from its slot
             still = []
             for i in missing:

@@ -53,6 +53,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from kvtier.trace import span
@@ -67,6 +68,32 @@ log = logging.getLogger(__name__)
 MIN_RUN_BYTES = 4 << 20
 
 
+class BlockRuns:
+    """Blocks of token ranges of block tables, kept as runs: the set of block ids is built only
+    when it is asked for (a load that failed), not for every load planned."""
+
+    __slots__ = ("runs", "block_size")
+
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self.runs: list[tuple[list[int], int, int]] = []  # (table, first block, end block)
+
+    def add(self, block_ids: list[int], lo: int, hi: int) -> None:
+        """The blocks of tokens ``[lo, hi)`` of ``block_ids``."""
+        if hi <= lo:
+            return
+        a, b = lo // self.block_size, (hi - 1) // self.block_size + 1
+        if self.runs and self.runs[-1][0] is block_ids and self.runs[-1][2] >= a:
+            ids, a0, b0 = self.runs[-1]
+            self.runs[-1] = (ids, min(a0, a), max(b0, b))
+        else:
+            self.runs.append((block_ids, a, b))
+
+    def __iter__(self):
+        for ids, a, b in self.runs:
+            yield from ids[a:b]
+
+
 @dataclass
 class _Loads:
     """One step's planned loads: one mapping over every chunk, one copy per layer."""
@@ -74,7 +101,7 @@ class _Loads:
     mapping: torch.Tensor
     bufs: list[torch.Tensor]
     refs: list  # host chunks, released once every copy is done
-    blocks: set[int]  # blocks written, reported as failed if the step's loads fail
+    blocks: "BlockRuns"  # blocks written, reported as failed if the step's loads fail
     reqs: set[str]
     tokens: int  # tokens written, counted as loaded once the step's loads succeed
     copies: list[Transfer | None]  # per layer group (parked loads: one for every layer); None: not issued
@@ -112,6 +139,7 @@ class KVWorker:
         self.block_size = paged.block_size
         self.num_layers = paged.num_layers
         self.chunk_nbytes = paged.chunk_nbytes(chunk_size)
+        self._offsets = np.arange(paged.block_size, dtype=np.int64)
         self.backend = backend_for(paged)
         # On a GPU copies are enqueued on side streams and complete later.
         self.cuda = paged.device.type == "cuda"
@@ -147,15 +175,16 @@ class KVWorker:
     def _chunk_slots(self, block_ids: list[int], first: int, count: int) -> tuple[torch.Tensor, int]:
         """Slots of every token of chunks ``[first, first + count)`` (one row per chunk), -1 past
         the block table, and the token where the table's coverage ends (a parked load's table
-        ends at the load's end, which may be inside its last chunk: that chunk's covered part loads)."""
+        ends at the load's end, which may be inside its last chunk: that chunk's covered part loads).
+        Built with numpy in a few calls whatever the chunk count (issue 28.2)."""
         c, bs = self.chunk_size, self.block_size
         begin = first * c
         covered = max(0, min(count * c, len(block_ids) * bs - begin))  # a multiple of bs: c is one
-        slots = torch.full((count * c,), -1, dtype=torch.int64)
+        slots = np.full(count * c, -1, dtype=np.int64)
         if covered:
-            blocks = torch.as_tensor(block_ids[begin // bs:(begin + covered) // bs], dtype=torch.int64)
-            slots[:covered] = (blocks.view(-1, 1) * bs + torch.arange(bs, dtype=torch.int64)).view(-1)
-        return slots.view(count, c), begin + covered
+            blocks = np.asarray(block_ids[begin // bs:(begin + covered) // bs], dtype=np.int64)
+            slots[:covered] = (blocks[:, None] * bs + self._offsets).reshape(-1)
+        return torch.from_numpy(slots).view(count, c), begin + covered
 
     def _blocks_of(self, block_ids: list[int], lo: int, hi: int) -> set[int]:
         if hi <= lo:
@@ -164,13 +193,14 @@ class KVWorker:
         return set(block_ids[lo // bs:(hi - 1) // bs + 1])
 
     def _buf(self, ref) -> torch.Tensor:
-        return ref.data[:self.chunk_nbytes]
+        data = ref.data
+        return data if data.shape[0] == self.chunk_nbytes else data[:self.chunk_nbytes]
 
     def _mapping(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """The step's slot mapping, checked against the cache; on a GPU uploaded once (every
         layer group's copy reads it), on the current stream, which the copies wait for."""
-        m = torch.cat(parts)
-        top = int(m.max())
+        m = parts[0] if len(parts) == 1 else torch.cat(parts)
+        top = int(m.numpy().max())
         if top >= self.paged.num_slots:
             raise ValueError(f"slot {top} is past the cache's {self.paged.num_slots} slots")
         return m.pin_memory().to(self.paged.device, non_blocking=True) if self.cuda else m
@@ -362,7 +392,7 @@ class KVWorker:
 
         refs: list = []
         parts: list[torch.Tensor] = []
-        blocks: set[int] = set()
+        blocks = BlockRuns(self.block_size)
         reqs: set[str] = set()
         tokens = 0
         for spec in specs:
@@ -376,13 +406,16 @@ class KVWorker:
                 log.exception("kvtier: store.get raised; treating the load as failed")
                 got = [None] * len(spec.keys)
             self._count("fetch_us", int((time.perf_counter() - t_fetch) * 1e6))
-            slots, covered_end = self._chunk_slots(spec.block_ids, spec.first_chunk, len(got))
+            n = len(got)
+            slots, covered_end = self._chunk_slots(spec.block_ids, spec.first_chunk, n)
             # Slots of tokens outside [start, end) are -1: below start the blocks may be shared.
-            tok = torch.arange(spec.first_chunk * c, (spec.first_chunk + len(got)) * c).view(len(got), c)
-            slots[(tok < spec.start) | (tok >= spec.end)] = -1
+            base0 = spec.first_chunk * c
+            flat = slots.view(-1)
+            flat[:max(0, min(n * c, spec.start - base0))] = -1
+            flat[max(0, spec.end - base0):] = -1
             rows: list[int] = []
             for i, ref in enumerate(got):
-                base = (spec.first_chunk + i) * c
+                base = base0 + i * c
                 lo, hi = max(spec.start, base), min(spec.end, base + c)
                 if hi <= lo:
                     if ref is not None:
@@ -399,11 +432,11 @@ class KVWorker:
                     continue
                 refs.append(ref)
                 rows.append(i)
-                blocks |= self._blocks_of(spec.block_ids, lo, hi)
-                reqs.add(spec.req_id)
+                blocks.add(spec.block_ids, lo, hi)
                 tokens += hi - lo
             if rows:
-                parts.append(slots[rows].view(-1))
+                reqs.add(spec.req_id)
+                parts.append(flat if len(rows) == n else slots[rows].view(-1))
         if refs:
             n = len(self.groups)
             try:
@@ -414,7 +447,7 @@ class KVWorker:
                     ref.release()
                 self._count("failed_chunks", len(refs))
                 self.store.metrics.load_errors.inc()
-                return failed_blocks | blocks, failed_reqs | reqs, None
+                return failed_blocks | set(blocks), failed_reqs | reqs, None
             return failed_blocks, failed_reqs, _Loads(mapping, [self._buf(r) for r in refs], refs, blocks, reqs,
                                                       tokens, [None] * n, [False] * n)
         return failed_blocks, failed_reqs, None

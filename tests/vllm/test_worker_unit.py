@@ -513,3 +513,41 @@ def test_chunk_slots_match_the_block_table_over_random_tables(store):
             assert int(slots.view(-1)[t - first * C]) == want
         assert covered_end == max(first * C, min((first + count) * C, n_blocks * BS))
         assert per * BS == C
+
+
+def test_load_plans_map_exactly_the_loaded_tokens_over_random_specs(store):
+    """Issue 28.2: the vectorized plan maps every token of [start, end) of each chunk it loads to its
+    block's slot and every other position to -1 (skip-prefix, partial chunks, missing chunks), and
+    reports as failed exactly the blocks of the chunks it could not load."""
+    import random
+
+    keys, _ = _setup(store)  # chunks 0-1 of tokens 5..604 in the cpu tier
+    w = KVWorker(store, PagedKV.from_vllm(_cpu_cache(), block_size=BS), C)
+    rnd = random.Random(11)
+    for _ in range(150):
+        table = rnd.sample(range(NB), 19)
+        start = rnd.randrange(0, 2 * C)
+        end = rnd.randrange(start + 1, 2 * C + 1)
+        first = start // C
+        count = -(-end // C) - first
+        lost = {i for i in range(first, first + count) if rnd.random() < 0.3}
+        spec_keys = [b"missing-%d" % i if i in lost else keys[i] for i in range(first, first + count)]
+        failed, reqs, ld = w._plan_loads_now([LoadSpec("r", start, end, first, spec_keys, table)])
+        want, want_failed = [], set()
+        for i in range(first, first + count):
+            lo, hi = max(start, i * C), min(end, i * C + C)
+            if i in lost:
+                want_failed |= {table[t // BS] for t in range(lo, hi)}
+                continue
+            want += [table[t // BS] * BS + t % BS if lo <= t < hi else -1 for t in range(i * C, i * C + C)]
+        assert failed == want_failed and (reqs == {"r"}) == bool(lost)
+        if ld is None:
+            assert not want
+            continue
+        assert ld.mapping.tolist() == want
+        loaded = {table[t // BS] for i in range(first, first + count) if i not in lost
+                  for t in range(max(start, i * C), min(end, i * C + C))}
+        assert set(ld.blocks) == loaded and ld.tokens == sum(
+            min(end, i * C + C) - max(start, i * C) for i in range(first, first + count) if i not in lost)
+        for ref in ld.refs:
+            ref.release()
