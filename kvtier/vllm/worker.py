@@ -549,7 +549,8 @@ class KVWorker:
                 items.append((spec, ci, key, ref))
                 rows.append(ci - lo_ci)
             if rows:
-                parts.append(slots[rows].view(-1))
+                whole = len(rows) == slots.shape[0]  # every chunk of the range: no row selection
+                parts.append(slots.view(-1) if whole else slots[rows].view(-1))
         if items:
             try:
                 mapping = self._mapping(parts)
@@ -561,10 +562,16 @@ class KVWorker:
                 return
             self._saves = _Saves(mapping, [self._buf(r) for *_, r in items], items,
                                  reqs={spec.req_id for spec, *_ in items},
-                                 blocks=set().union(*(self._blocks_of(spec.block_ids, ci * self.chunk_size,
-                                                                      (ci + 1) * self.chunk_size)
-                                                      for spec, ci, *_ in items)),
+                                 blocks=self._save_blocks(items),
                                  written=[False] * self.num_layers, copied=[False] * len(self.groups))
+
+    def _save_blocks(self, items: list) -> set[int]:
+        """The blocks the planned saves read (a set: fence_saves tests it against fresh blocks)."""
+        runs = BlockRuns(self.block_size)
+        c = self.chunk_size
+        for spec, ci, *_ in items:
+            runs.add(spec.block_ids, ci * c, (ci + 1) * c)
+        return set(runs)
 
     def save_layer(self, layer: int) -> None:
         """After layer ``layer``'s attention wrote the step's KV: once every layer of its
