@@ -229,3 +229,52 @@ def test_a_load_too_small_to_pay_its_fixed_cost_is_not_made():
     n = 40 * CHUNK
     assert m.chunks_to_load(0, ["cpu"], n, n - 1)[0] == 0  # saves 0.4 ms, costs 15 ms
     assert m.chunks_to_load(0, ["cpu"] * 39, n, n - 1)[0] == 39  # saves 17 ms
+
+
+def _reference_chunks_to_load(m: CostModel, start, chunk_tiers, end, limit):
+    """The decision written as a plain loop over the chunks (the first implementation)."""
+    import math
+
+    def compute(s0):
+        c0, a, b = m._coefficients()
+        return 0.0 if end <= s0 else (math.ceil((end - s0) / m.max_step_tokens) * c0 + a * (end - s0)
+                                      + b * (end * end - s0 * s0) / 2)
+
+    first, best, best_gain, best_load, best_saved = start // CHUNK, 0, 0.0, 0.0, 0.0
+    load, wait, full = m.load_overhead_s, 0.0, compute(start)
+    for i, tier in enumerate(chunk_tiers):
+        stop = min((first + i + 1) * CHUNK, limit)
+        if stop <= start:
+            continue
+        wait = max(wait, m.backlog_s(tier))
+        load += m.read_s(tier)
+        saved = full - compute(stop)
+        if saved - (load + wait) >= best_gain:
+            best, best_gain, best_load, best_saved = i + 1, saved - (load + wait), load + wait, saved
+        if stop >= limit:
+            break
+    return best, best_load, best_saved
+
+
+def test_vectorized_decision_equals_the_plain_loop():
+    """Issue 28: the decision runs on every lookup, vectorized; it must decide as the loop does."""
+    import random
+
+    rnd = random.Random(4)
+    for trial in range(300):
+        m = model(token_s=rnd.choice([1e-5, 1e-4, 1e-3]))
+        m.load_overhead_s = rnd.choice([0.0, 0.002, 0.015])
+        m.max_step_tokens = rnd.choice([16, 64, 8192])
+        m.observe_read("disk", 1, rnd.uniform(1e-5, 5e-3))
+        m.observe_read("redis", 1, rnd.uniform(1e-5, 5e-2))
+        if rnd.random() < 0.3:
+            m.promise({"disk": rnd.randrange(1, 50)})
+        hit = rnd.randrange(1, 20)
+        start = rnd.randrange(0, 3 * CHUNK)
+        tiers = [rnd.choice(["cpu", "disk", "redis"]) for _ in range(hit)]
+        end = (start // CHUNK + hit) * CHUNK + rnd.randrange(1, 3 * CHUNK)
+        limit = min((start // CHUNK + hit) * CHUNK, rnd.randrange(start + 1, end))
+        got = m.chunks_to_load(start, tiers, end, limit)
+        want = _reference_chunks_to_load(m, start, tiers, end, limit)
+        assert got[0] == want[0], (trial, got, want)
+        assert got[1] == pytest.approx(want[1], rel=1e-6, abs=1e-3) and got[2] == pytest.approx(want[2], rel=1e-6)
