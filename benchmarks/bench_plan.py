@@ -12,13 +12,11 @@ Goal (issue 28): each at most 0.3 ms.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 
 import torch
 
-from _common import merge_json
+from _common import median_s, merge_json
 
 from kvtier.config import KVTierConfig
 from kvtier.keys import Namespace, chunk_keys
@@ -57,14 +55,10 @@ def per_chunk_plan(worker: KVWorker, spec: LoadSpec) -> tuple[torch.Tensor, list
 
 
 def median_us(fn, reps: int) -> float:
+    """:func:`median_s` in microseconds, after a few warm-up calls."""
     for _ in range(5):
         fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e6
+    return median_s(fn, reps) * 1e6
 
 
 def main() -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,16 @@ SMALL_LAYOUT = ChunkLayout(4, 16, 64, torch.float16)  # 16 KiB chunks
 def make_payload(seed: int, layout: ChunkLayout = SMALL_LAYOUT) -> np.ndarray:
     """A random chunk payload (uint8) of ``layout``, the same for the same seed."""
     return np.random.default_rng(seed).integers(0, 256, layout.nbytes, dtype=np.uint8)
+
+
+def bounded(fn, timeout: float = 10.0):
+    """Run ``fn`` in a thread; fail (instead of hanging the suite) if it blocks."""
+    out: list = []
+    t = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), f"{fn} blocked for {timeout} s"
+    return out[0]
 
 
 def make_keys(n: int, rng: np.random.Generator | None = None) -> list[bytes]:

@@ -13,7 +13,7 @@ import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import SMALL_LAYOUT, make_keys, make_payload, remount
+from conftest import SMALL_LAYOUT, bounded, make_keys, make_payload, remount
 from kvtier.config import ConfigError
 from kvtier.layout import ChunkLayout, checksum
 from kvtier.tiers.disk import DATA_OFFSET, TMP_PREFIX, USAGE_FILE, DiskTier
@@ -105,7 +105,7 @@ def test_a_smaller_cap_serves_at_once_and_trims_behind(tmp_chunk_dir, monkeypatc
     gate = threading.Event()
     trim = disk.DiskTier._trim
     monkeypatch.setattr(disk.DiskTier, "_trim", lambda self, victims: gate.wait(30) and trim(self, victims))
-    tier = _bounded(lambda: DiskTier(tmp_chunk_dir, 3 * FILE, SMALL_LAYOUT), timeout=5)
+    tier = bounded(lambda: DiskTier(tmp_chunk_dir, 3 * FILE, SMALL_LAYOUT), timeout=5)
     assert tier.contains(keys) == [False] * 5 + [True] * 3  # serving, the oldest five gone from the index
     assert np.array_equal(read(tier, keys[7]), make_payload(7))
     assert tier.put([keys[0]], [make_payload(0)]) == [True]  # a victim put again before its file went
@@ -238,25 +238,31 @@ def test_checksum_lets_other_threads_run():
     With a long switch interval a thread holding the GIL in C keeps it until the hash is done and
     it has recorded its end, so the main thread can wake up before that end only if the GIL was free.
     """
-    big = bytearray(256 << 20)
+    big = memoryview(bytearray(256 << 20))
+    assert _main_runs_while(lambda: checksum(big))
+
+
+def _main_runs_while(work) -> bool:
+    """Whether this thread runs while another thread does ``work`` (before it ends): with a long
+    switch interval that happens only if ``work`` gives the GIL up."""
     started, times = threading.Event(), {}
 
-    def hash_it() -> None:
+    def run() -> None:
         started.set()
-        checksum(memoryview(big))
-        times["hash_end"] = time.perf_counter()
+        work()
+        times["work_end"] = time.perf_counter()
 
     old = sys.getswitchinterval()
     sys.setswitchinterval(1.0)
     try:
-        t = threading.Thread(target=hash_it)
+        t = threading.Thread(target=run)
         t.start()
         started.wait()
         times["main_ran"] = time.perf_counter()
         t.join()
     finally:
         sys.setswitchinterval(old)
-    assert times["main_ran"] < times["hash_end"]
+    return times["main_ran"] < times["work_end"]
 
 
 def test_full_disk_put_fails_cleanly_and_recovers(tmpfs):
@@ -428,16 +434,6 @@ def test_two_processes_share_one_directory(tmp_chunk_dir):
     assert reader.stats().errors == 0
 
 
-def _bounded(fn, timeout: float = 10.0):
-    """Run ``fn`` in a thread; fail (instead of hanging the suite) if it blocks."""
-    out: list = []
-    t = threading.Thread(target=lambda: out.append(fn()), daemon=True)
-    t.start()
-    t.join(timeout)
-    assert not t.is_alive(), f"{fn} blocked for {timeout} s"
-    return out[0]
-
-
 def test_a_fifo_named_like_a_chunk_never_blocks(tmp_chunk_dir):
     """Issue 14.5: a FIFO named like a chunk: lookup said hit, then get (and kvtier inspect) blocked forever."""
     from kvtier.tiers.scan import scan_disk
@@ -449,15 +445,15 @@ def test_a_fifo_named_like_a_chunk_never_blocks(tmp_chunk_dir):
     os.mkfifo(tier._path(keys[1]))  # replaced behind the running tier's back
     os.makedirs(os.path.dirname(tier._path(keys[2])), exist_ok=True)
     os.mkfifo(tier._path(keys[2]))  # never a chunk
-    assert _bounded(lambda: read(tier, keys[1])) is None
-    assert _bounded(lambda: tier.contains(keys)) == [True, False, False]
-    assert _bounded(lambda: read(tier, keys[2])) is None
+    assert bounded(lambda: read(tier, keys[1])) is None
+    assert bounded(lambda: tier.contains(keys)) == [True, False, False]
+    assert bounded(lambda: read(tier, keys[2])) is None
     assert np.array_equal(read(tier, keys[0]), make_payload(0))
-    assert [c.key for c in _bounded(lambda: list(scan_disk(str(tmp_chunk_dir))))] == [keys[0]]
-    assert [c.key for c in _bounded(lambda: list(tier.scan()))] == [keys[0]]
+    assert [c.key for c in bounded(lambda: list(scan_disk(str(tmp_chunk_dir))))] == [keys[0]]
+    assert [c.key for c in bounded(lambda: list(tier.scan()))] == [keys[0]]
     tier.close()
-    reopened = _bounded(lambda: DiskTier(tmp_chunk_dir, 100 * FILE, SMALL_LAYOUT, label="m"))
-    assert _bounded(lambda: reopened.contains(keys)) == [True, False, False]
+    reopened = bounded(lambda: DiskTier(tmp_chunk_dir, 100 * FILE, SMALL_LAYOUT, label="m"))
+    assert bounded(lambda: reopened.contains(keys)) == [True, False, False]
 
 
 def test_directory_removed_while_running(tmp_chunk_dir):
@@ -757,31 +753,18 @@ def test_hashing_a_read_piece_lets_other_threads_run():
     """The reader threads hash each 1 MiB piece with xxh3_64().update, which must release the GIL
     for the threads to read in parallel."""
     piece = memoryview(bytearray(1 << 20))
-    started, times = threading.Event(), {}
 
-    def hash_it() -> None:
+    def hash_pieces() -> None:
         h = xxhash.xxh3_64()
-        started.set()
         for _ in range(256):
             h.update(piece)
-        times["hash_end"] = time.perf_counter()
 
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1.0)
-    try:
-        t = threading.Thread(target=hash_it)
-        t.start()
-        started.wait()
-        times["main_ran"] = time.perf_counter()
-        t.join()
-    finally:
-        sys.setswitchinterval(old)
-    assert times["main_ran"] < times["hash_end"]
+    assert _main_runs_while(hash_pieces)
 
 
 def _read_batch_in_child(tier: DiskTier, keys: list[bytes], q) -> None:
     dests = [np.zeros(N, np.uint8) for _ in keys]
-    ok = _bounded(lambda: tier.get_into(keys, dests))
+    ok = bounded(lambda: tier.get_into(keys, dests))
     q.put(ok == [True] * len(keys) and all(np.array_equal(d, make_payload(i)) for i, d in enumerate(dests)))
 
 
@@ -836,15 +819,15 @@ def test_a_fifo_or_link_named_like_the_journal_or_usage_file(tmp_chunk_dir, tmp_
     target.write_bytes(b"precious")
     os.symlink(target, tmp_chunk_dir / USAGE_FILE)
     keys = make_keys(3)
-    tier = _bounded(lambda: DiskTier(tmp_chunk_dir, 100 * FILE, SMALL_LAYOUT))
-    assert _bounded(lambda: tier.put(keys, [make_payload(i) for i in range(3)])) == [True] * 3
-    assert _bounded(lambda: tier.contains(keys)) == [True] * 3
+    tier = bounded(lambda: DiskTier(tmp_chunk_dir, 100 * FILE, SMALL_LAYOUT))
+    assert bounded(lambda: tier.put(keys, [make_payload(i) for i in range(3)])) == [True] * 3
+    assert bounded(lambda: tier.contains(keys)) == [True] * 3
     assert target.read_bytes() == b"precious"
     os.unlink(tmp_chunk_dir / JOURNAL_FILE)
     os.symlink(target, tmp_chunk_dir / JOURNAL_FILE)
-    assert _bounded(lambda: tier.put(keys, [make_payload(i) for i in range(3)])) == [True] * 3
-    other = _bounded(lambda: DiskTier(tmp_chunk_dir, 100 * FILE, SMALL_LAYOUT))
-    assert _bounded(lambda: other.contains(keys)) == [True] * 3
+    assert bounded(lambda: tier.put(keys, [make_payload(i) for i in range(3)])) == [True] * 3
+    other = bounded(lambda: DiskTier(tmp_chunk_dir, 100 * FILE, SMALL_LAYOUT))
+    assert bounded(lambda: other.contains(keys)) == [True] * 3
     assert target.read_bytes() == b"precious"
 
 

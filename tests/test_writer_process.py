@@ -13,7 +13,7 @@ import pytest
 from kvtier.config import ConfigError, KVTierConfig
 from kvtier.store import Store, resolve_writer
 from kvtier.tiers.disk import DiskTier
-from tests.conftest import SMALL_LAYOUT, make_keys, make_payload
+from tests.conftest import SMALL_LAYOUT, bounded, make_keys, make_payload
 
 
 def process_store(tmp_path, **kw) -> Store:
@@ -185,17 +185,6 @@ def test_a_store_given_its_tiers_writes_from_threads(tmp_path):
 
 # ---- issue 29: the writer child under faults ------------------------------------------------------
 
-def _bounded(fn, timeout: float = 20.0):
-    """Run ``fn`` in a thread; fail (instead of hanging the suite) if it blocks."""
-    import threading
-
-    out: list = []
-    t = threading.Thread(target=lambda: out.append(fn()), daemon=True)
-    t.start()
-    t.join(timeout)
-    assert not t.is_alive(), f"{fn} blocked for {timeout} s"
-    return out[0]
-
 
 FILE_BYTES = 4096 + SMALL_LAYOUT.nbytes
 
@@ -255,7 +244,7 @@ def test_put_never_blocks_on_a_stopped_child(tmp_path):
         child = s._process.proc.pid
         os.kill(child, signal.SIGSTOP)
         try:
-            _bounded(lambda: [s.put(k, make_payload(i % 7)) for i, k in enumerate(keys)])
+            bounded(lambda: [s.put(k, make_payload(i % 7)) for i, k in enumerate(keys)], timeout=20.0)
         finally:
             os.kill(child, signal.SIGCONT)
         assert s.flush(120)
