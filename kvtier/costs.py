@@ -123,11 +123,11 @@ class CostModel:
                 return self._fit
         return 0.0, self._seed_token_s, 0.0
 
-    def compute_s(self, start: int, end: int, coefficients: tuple[float, float, float] | None = None) -> float:
+    def compute_s(self, start: int, end: int) -> float:
         """Seconds the engine needs to compute tokens ``[start, end)`` with ``start`` already cached."""
         if end <= start:
             return 0.0
-        c, a, b = coefficients or self._coefficients()
+        c, a, b = self._coefficients()
         steps = math.ceil((end - start) / self.max_step_tokens)
         return steps * c + a * (end - start) + b * (end * end - start * start) / 2
 
@@ -176,15 +176,6 @@ class CostModel:
                     continue
                 start = max(now, self._busy_until.get(tier, 0.0))
                 self._busy_until[tier] = start + n * self.read_s(tier)
-
-    def snapshot(self) -> dict[str, float]:
-        """The current estimates (for logs, metrics and benchmarks)."""
-        c, a, b = self._coefficients()
-        out = {"compute_step_s": c, "compute_token_s": a, "compute_attention_s": b,
-               "measured_compute": float(self._fit is not None), "copy_chunk_s": self.copy_s}
-        for tier, per in list(self._read_s.items()):
-            out[f"read_chunk_s.{tier}"] = per
-        return out
 
 
 def _fit_steps(steps: list[tuple[int, float, float]], chunk_size: int) -> tuple[float, float, float] | None:

@@ -187,10 +187,9 @@ class KVWorker:
         return torch.from_numpy(slots).view(count, c), begin + covered
 
     def _blocks_of(self, block_ids: list[int], lo: int, hi: int) -> set[int]:
-        if hi <= lo:
-            return set()
-        bs = self.block_size
-        return set(block_ids[lo // bs:(hi - 1) // bs + 1])
+        runs = BlockRuns(self.block_size)
+        runs.add(block_ids, lo, hi)
+        return set(runs)
 
     def _buf(self, ref) -> torch.Tensor:
         data = ref.data
