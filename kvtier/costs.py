@@ -13,7 +13,9 @@ H200 prefills Llama-8B at ~5 GB/s of KV, faster than a disk without its page cac
   requests of new tokens x their mean context). Before enough prefill steps were seen,
   a seed rate in GB/s of KV (config ``prefill_gbps``).
 - **Backlog**: reads already promised to a tier delay the next load from it.
-- **Overhead**: a load has a fixed cost beside its reads (a scheduling round trip on a GPU).
+- **Overhead**: a load has a fixed cost beside its reads (a parked request waits a scheduling
+  round trip), measured by the scheduler: the wait of each parked load from its allocation to
+  the step that computes the request, less its predicted reads (``observe_load_wait``).
 
 :meth:`CostModel.chunks_to_load` picks how many leading chunks of a hit to load so that
 load + compute of the rest is least. It only ever shortens a hit: whatever it answers,
@@ -35,10 +37,12 @@ import numpy as np
 SEED_READ_GBPS = {"cpu": 1000.0, "disk": 2.0, "redis": 0.5, "server": 10.0}
 # Host -> engine cache copy (GB/s): PCIe on a GPU, a memory copy on CPU.
 COPY_GBPS = {"cuda": 25.0, "cpu": 5.0}
-# Fixed cost of one load beside its reads: a parked request waits a scheduling round trip or two.
-# On the H200 a whole 8K cpu-tier hit takes 0.033 s where its copy is ~0.02 s; loads of a chunk
-# or two that save less than this were seen to cost more than they saved (docs/vllm.md).
+# Fixed cost of one load beside its reads, until parked loads measured it (``observe_load_wait``):
+# a parked request waits a scheduling round trip or two. On the H200 a whole 8K cpu-tier hit takes
+# 0.033 s where its copy is ~0.02 s; loads of a chunk or two that save less than this were seen to
+# cost more than they saved (docs/vllm.md).
 LOAD_OVERHEAD_S = {"cuda": 0.015, "cpu": 0.0}
+_MAX_LOAD_OVERHEAD_S = 1.0  # a sample past this is a stall, not what a load costs
 # Default prefill speed (GB/s of KV computed) until measured.
 SEED_PREFILL_GBPS = {"cuda": 5.0, "cpu": 0.05}
 _READ_WEIGHT = 0.25  # weight of a new read in the running average
@@ -79,6 +83,13 @@ class CostModel:
             old = self._read_s.get(tier)
             self._read_s[tier] = per if old is None else old + _READ_WEIGHT * (per - old)
             self._outbox.append(("read", tier, chunks, seconds))
+
+    def observe_load_wait(self, waited_s: float, predicted_reads_s: float) -> None:
+        """A parked load's request waited ``waited_s`` from its allocation until the step that
+        computes it; its reads were predicted at ``predicted_reads_s``: the rest is the overhead."""
+        sample = min(max(0.0, waited_s - predicted_reads_s), _MAX_LOAD_OVERHEAD_S)
+        with self._lock:
+            self.load_overhead_s += _READ_WEIGHT * (sample - self.load_overhead_s)
 
     def observe_step(self, tokens: int, attention: float, seconds: float) -> None:
         """An engine step computed ``tokens`` new tokens with ``attention`` token-context products."""

@@ -278,3 +278,44 @@ def test_vectorized_decision_equals_the_plain_loop():
         want = _reference_chunks_to_load(m, start, tiers, end, limit)
         assert got[0] == want[0], (trial, got, want)
         assert got[1] == pytest.approx(want[1], rel=1e-6, abs=1e-3) and got[2] == pytest.approx(want[2], rel=1e-6)
+
+
+def test_parked_load_wait_is_measured_as_the_load_overhead(slow_store):
+    """The fixed cost of a load is what parked loads were seen to wait beyond their reads: the
+    ledger times each from its allocation to the step that computes it."""
+    store, _ = slow_store
+    store.costs = model(token_s=1e-4)  # the 4-chunk hit saves 6.4 ms of compute
+    store.costs.load_overhead_s = 0.0
+    ledger = PrefixLedger(store, NS, CHUNK, CHUNK, costs=store.costs, load_policy="auto")
+    tokens, keys = prompt_and_keys(ledger, 4)
+    for i, k in enumerate(keys):
+        store.put(k, payload(i))
+    loads = 0
+    while ledger.num_new_matched_tokens(tokens, 0, f"r{loads}") == 4 * CHUNK:
+        rid = f"r{loads}"
+        ledger.on_alloc(rid, list(range(5)), 4 * CHUNK, parked=True)
+        ledger.on_step([], [ScheduledRequest(rid, tokens, 4 * CHUNK, 0, None, False)])
+        time.sleep(0.02)  # the load and the report: a round trip the model did not know of
+        ledger.on_step([ScheduledRequest(rid, tokens, 4 * CHUNK, 3, None, False)])
+        ledger.on_finished(rid)
+        loads += 1
+        assert loads < 10, "the measured waits never outweighed the 6.4 ms the hit saves"
+    # After a few such waits a hit saving 6.4 ms is no longer loaded.
+    assert loads >= 2 and store.costs.load_overhead_s > 0.0064
+    # A sync load (not parked: read inside the step that computes the rest) is not a sample.
+    store.costs.load_overhead_s = 0.0
+    assert ledger.num_new_matched_tokens(tokens, 0, "x") == 4 * CHUNK
+    ledger.on_alloc("x", list(range(5)), 4 * CHUNK)
+    ledger.on_step([ScheduledRequest("x", tokens, 0, 4 * CHUNK + 3, None, False)])
+    time.sleep(0.02)
+    ledger.on_step([ScheduledRequest("x", tokens, 4 * CHUNK + 3, 1, None, False)])
+    assert store.costs.load_overhead_s == 0.0
+
+
+def test_load_overhead_sample_is_bounded():
+    m = model()
+    m.load_overhead_s = 0.0
+    m.observe_load_wait(50.0, 0.0)  # a stalled engine, not what a load costs
+    assert m.load_overhead_s <= 0.25 * 1.0 + 1e-9
+    m.observe_load_wait(0.001, 0.5)  # faster than predicted: no negative overhead
+    assert m.load_overhead_s >= 0.0

@@ -36,6 +36,7 @@ The rules (each is a test in tests/vllm/):
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -125,6 +126,8 @@ class _Req:
     parked: bool = False         # the engine parks the request until its load finished
     load_failed: bool = False    # a load of it failed: its next lookups answer 0 (recompute)
     chunks_considered: int = 0   # leading full chunks already saved or found stored
+    parked_at: float = 0.0       # when a parked load was allocated (0: none), for its measured wait
+    parked_reads_s: float = 0.0  # that load's predicted reads, without the fixed overhead
 
 
 class PrefixLedger:
@@ -255,6 +258,9 @@ class PrefixLedger:
                 for t in d.tiers:
                     counts[t] = counts.get(t, 0) + 1
                 self.costs.promise(counts)
+                if r.parked:
+                    r.parked_at = time.monotonic()
+                    r.parked_reads_s = max(0.0, d.load_s - self.costs.load_overhead_s)
 
     def note_failed_blocks(self, block_ids: set[int]) -> None:
         """The engine was told these blocks failed to load: their requests recompute.
@@ -316,6 +322,10 @@ class PrefixLedger:
             plan.work_tokens += s.num_new_tokens
             plan.work_attention += s.num_new_tokens * (s.num_computed_tokens + s.num_new_tokens / 2)
             r = self.reqs.setdefault(s.req_id, _Req())
+            if r.parked_at:  # its parked load is in: what the wait cost beside the reads
+                if not r.load_failed:
+                    self.costs.observe_load_wait(time.monotonic() - r.parked_at, r.parked_reads_s)
+                r.parked_at = 0.0
             if s.replace_blocks:
                 r.block_ids = list(s.block_ids or ())
             elif s.block_ids:
