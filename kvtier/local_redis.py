@@ -1,6 +1,7 @@
 """Real ``redis-server`` processes for tests, benchmarks and demos: one server, or a 3-node cluster.
 
-Everything listens on 127.0.0.1 only, keeps no data on disk (``--save ''``,
+Everything listens on 127.0.0.1 unless given another address (a node in a network namespace,
+``kvtier.local_netns``), keeps no data on disk (``--save ''``,
 ``--appendonly no``) and runs in its own temp directory. Processes are stopped by the
 fixtures' finalizers; an ``atexit`` hook kills whatever is left as a backstop.
 
@@ -18,6 +19,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 
 import redis
 
@@ -49,14 +51,22 @@ def free_port(cluster_bus: bool = False) -> int:
 
 
 class RedisServer:
-    """One ``redis-server`` on 127.0.0.1:``port`` (a free port unless given)."""
+    """One ``redis-server`` on 127.0.0.1:``port`` (a free port unless given).
+
+    ``host`` and ``wrap``: listen on ``host`` instead, started under the command prefix ``wrap``
+    (``ip netns exec NAME``: a server on another "host", see :mod:`kvtier.local_netns`); such a
+    server needs its ``port`` given (the free-port probe sees only this namespace)."""
 
     def __init__(self, port: int | None = None, extra_args: tuple[str, ...] = (), workdir: str | None = None,
-                 start: bool = True) -> None:
+                 start: bool = True, host: str = HOST, wrap: Sequence[str] = ()) -> None:
         binary = redis_server_binary()
         if binary is None:
             raise RuntimeError("redis-server is not installed (apt-get install -y redis-server)")
+        if port is None and (wrap or host != HOST):
+            raise ValueError(f"a redis-server on {host} (wrap={list(wrap)}) needs its port given")
         self.binary = binary
+        self.host = host
+        self.wrap = list(wrap)
         cluster = "--cluster-enabled" in extra_args
         self.port = port or free_port(cluster_bus=cluster)
         self._own_dir = workdir is None
@@ -69,16 +79,19 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://{HOST}:{self.port}"
+        return f"redis://{self.host}:{self.port}"
 
     def client(self, **kw) -> redis.Redis:
-        return redis.Redis(host=HOST, port=self.port, socket_connect_timeout=1, socket_timeout=5, **kw)
+        return redis.Redis(host=self.host, port=self.port, socket_connect_timeout=1, socket_timeout=5, **kw)
 
     def start(self, timeout_s: float = 10.0) -> None:
         if self.alive():
             return
-        args = [self.binary, "--bind", HOST, "--port", str(self.port), "--save", "", "--appendonly", "no",
-                "--dir", self.workdir, "--daemonize", "no", "--protected-mode", "yes",
+        args = [*self.wrap, self.binary, "--bind", self.host, "--port", str(self.port), "--save", "",
+                "--appendonly", "no", "--dir", self.workdir, "--daemonize", "no",
+                # Protected mode refuses every non-loopback client; a namespace's address is
+                # reached only over this machine's private bridge.
+                "--protected-mode", "yes" if self.host == HOST else "no",
                 "--logfile", os.path.join(self.workdir, "redis.log"), *self.extra_args]
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, cwd=self.workdir)
@@ -146,13 +159,19 @@ class RedisServer:
 
 
 class RedisClusterProcs:
-    """A Redis Cluster of ``n`` primaries (no replicas) on loopback ports.
+    """A Redis Cluster of ``n`` nodes on loopback ports: ``n`` primaries, or with ``replicas=1``
+    ``n/2`` primaries each with a replica (redis-cli puts a replica on another host than its
+    primary when it can).
 
     Started with ``cluster-require-full-coverage no`` so that, with one node down, the
     others keep serving their slots (what a tier-failure test needs to observe).
+
+    ``hosts``: (address, command prefix) pairs; node ``i`` runs on ``hosts[i % len(hosts)]``
+    at port ``base_port + i`` (nodes in network namespaces, :mod:`kvtier.local_netns`).
     """
 
-    def __init__(self, n: int = 3, node_timeout_ms: int = 2000) -> None:
+    def __init__(self, n: int = 3, node_timeout_ms: int = 2000, hosts: Sequence[tuple[str, Sequence[str]]] = (),
+                 replicas: int = 0, base_port: int = 7000) -> None:
         self.root = tempfile.mkdtemp(prefix="kvtier-cluster-")
         self.nodes: list[RedisServer] = []
         try:
@@ -161,16 +180,22 @@ class RedisClusterProcs:
                 args = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                         "--cluster-node-timeout", str(node_timeout_ms),
                         "--cluster-require-full-coverage", "no")
-                self.nodes.append(RedisServer(extra_args=args, workdir=d))
+                where = {}
+                if hosts:
+                    addr, wrap = hosts[i % len(hosts)]
+                    where = dict(host=addr, wrap=wrap, port=base_port + i)
+                self.nodes.append(RedisServer(extra_args=args, workdir=d, **where))
             cli = shutil.which("redis-cli")
             if cli is None:
                 raise RuntimeError("redis-cli is not installed (it comes with apt-get install redis-server)")
-            out = subprocess.run([cli, "--cluster", "create", *[f"{HOST}:{s.port}" for s in self.nodes],
-                                  "--cluster-replicas", "0", "--cluster-yes"],
+            out = subprocess.run([cli, "--cluster", "create", *[f"{s.host}:{s.port}" for s in self.nodes],
+                                  "--cluster-replicas", str(replicas), "--cluster-yes"],
                                  capture_output=True, text=True, timeout=60)
             if out.returncode != 0:
                 raise RuntimeError(f"redis-cli --cluster create failed: {out.stdout[-2000:]} {out.stderr[-2000:]}")
             self.wait_ok()
+            if replicas:
+                self.wait_replicas(n - n // (1 + replicas))
         except BaseException:
             self.stop()
             raise
@@ -204,15 +229,43 @@ class RedisClusterProcs:
                 raise RuntimeError("redis cluster did not reach cluster_state:ok")
             time.sleep(0.05)
 
+    def wait_replicas(self, count: int, timeout_s: float = 30.0) -> None:
+        """Wait until every running node sees ``count`` replicas and each replica's link to its
+        primary is up (its first sync done): ``cluster create`` returns before both."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                ok = True
+                for s in self.nodes:
+                    if not s.alive():
+                        continue
+                    with s.client() as c:
+                        nodes = c.execute_command("CLUSTER NODES")
+                        seen = sum("slave" in v["flags"] for v in nodes.values()) if isinstance(nodes, dict) else 0
+                        info = c.info("replication")
+                        linked = info.get("role") != "slave" or info.get("master_link_status") == "up"
+                    if seen != count or not linked:
+                        ok = False
+                        break
+                if ok:
+                    return
+            except redis.exceptions.RedisError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"redis cluster: {count} replicas not all linked to their primaries "
+                                   f"in {timeout_s}s")
+            time.sleep(0.1)
+
     def node_of(self, key: bytes) -> int:
         """Index in ``nodes`` of the node that owns ``key``'s slot."""
         slot = redis.crc.key_slot(key)
-        with self.nodes[0].client() as c:
+        with next(s for s in self.nodes if s.alive()).client() as c:
             for entry in c.execute_command("CLUSTER SLOTS"):
                 start, end, primary = entry[0], entry[1], entry[2]
                 if start <= slot <= end:
-                    port = int(primary[1])
-                    return next(i for i, s in enumerate(self.nodes) if s.port == port)
+                    host, port = primary[0], int(primary[1])
+                    host = host.decode() if isinstance(host, bytes) else str(host)
+                    return next(i for i, s in enumerate(self.nodes) if s.port == port and s.host == host)
         raise KeyError(slot)
 
     def flushall(self) -> None:

@@ -1,0 +1,67 @@
+"""One "host" of tests/test_multihost.py: a RedisTier in cluster mode, driven by JSON lines.
+
+Started as ``ip netns exec NS python multihost_peer.py ARGS`` (ARGS: ``{"urls": [..], "retry_after_s": s}``),
+it reads one command per line and answers one JSON line each:
+
+- ``{"op": "put", "seeds": [..]}`` -> ``{"ok": [bool], "s": seconds}``
+- ``{"op": "get", "seeds": [..]}`` -> ``{"ok": [bool], "same": [bool], "s": seconds}``: ``same[i]``
+  is whether hit ``i`` holds exactly the payload of its seed (a miss counts as the same);
+- ``{"op": "stats"}`` -> the tier's counters.
+
+A chunk's key and payload follow from its seed alone, so every host knows what a chunk must hold.
+An exception in the tier is reported as ``{"error": ...}`` (the test asserts there is none).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+
+import numpy as np
+import torch
+
+from kvtier.layout import ChunkLayout
+from kvtier.tiers.redis import RedisTier
+
+LAYOUT = ChunkLayout(4, 16, 64, torch.float16)  # 16 KiB chunks
+
+
+def key_of(seed: int) -> bytes:
+    return hashlib.blake2b(b"multihost-%d" % seed, digest_size=16).digest()
+
+
+def payload_of(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, LAYOUT.nbytes, dtype=np.uint8)
+
+
+def serve(urls: list[str], retry_after_s: float) -> None:
+    # Short timeouts: a lost host costs a call one timeout, then its breaker answers at once.
+    tier = RedisTier(urls, LAYOUT, cluster=True, prefix="mh:", connect_timeout_s=0.5, op_timeout_s=0.5,
+                     retry_after_s=retry_after_s)
+    for line in sys.stdin:
+        req = json.loads(line)
+        t0 = time.monotonic()
+        try:
+            if req["op"] == "put":
+                out = {"ok": tier.put([key_of(s) for s in req["seeds"]], [payload_of(s) for s in req["seeds"]])}
+            elif req["op"] == "get":
+                dests = [np.zeros(LAYOUT.nbytes, dtype=np.uint8) for _ in req["seeds"]]
+                ok = tier.get_into([key_of(s) for s in req["seeds"]], dests)
+                same = [not hit or np.array_equal(d, payload_of(s)) for hit, d, s in zip(ok, dests, req["seeds"])]
+                out = {"ok": ok, "same": same}
+            elif req["op"] == "stats":
+                s = tier.stats()
+                out = {"hits": s.hits, "misses": s.misses, "errors": s.errors, "puts": s.puts, **s.extra}
+            else:
+                out = {"error": f"unknown op {req['op']!r}"}
+        except Exception as e:  # noqa: BLE001 - reported to the test, which fails on it
+            out = {"error": f"{type(e).__name__}: {e}"}
+        out["s"] = time.monotonic() - t0
+        print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    args = json.loads(sys.argv[1])
+    serve(args["urls"], args["retry_after_s"])

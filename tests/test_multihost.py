@@ -1,0 +1,124 @@
+"""Three hosts on one machine (network namespaces on a bridge) sharing a 3-node Redis Cluster.
+
+A redis tier on each host (tests/multihost_peer.py, one process per namespace) with one cluster
+node per host: what host A writes, B and C read byte for byte; a node killed (SIGKILL) makes its
+chunks misses, never errors or wrong bytes, while the other nodes keep answering; the node back
+(empty) takes writes again; a host cut off the network costs one timeout, then nothing.
+The engine flow over the same setup is benchmarks/multihost.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import require_redis
+from kvtier.local_netns import Hosts, namespaces_supported
+from kvtier.local_redis import RedisClusterProcs
+
+sys.path.insert(0, str(Path(__file__).parent))
+from multihost_peer import key_of  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RETRY_AFTER_S = 1.0
+
+
+class Peer:
+    """A multihost_peer.py process on one host."""
+
+    def __init__(self, wrap: list[str], urls: list[str]) -> None:
+        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        args = json.dumps({"urls": urls, "retry_after_s": RETRY_AFTER_S})
+        self.proc = subprocess.Popen([*wrap, sys.executable, str(Path(__file__).parent / "multihost_peer.py"), args],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                                     start_new_session=True)
+
+    def call(self, op: str, seeds: list[int] | None = None, timeout_s: float = 120.0) -> dict:
+        self.proc.stdin.write(json.dumps({"op": op, "seeds": seeds or []}) + "\n")
+        self.proc.stdin.flush()
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
+        assert ready, f"peer gave no answer to {op} in {timeout_s}s (exit code {self.proc.poll()})"
+        reply = json.loads(self.proc.stdout.readline())
+        assert "error" not in reply, reply["error"]
+        return reply
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def three_hosts():
+    require_redis()
+    reason = namespaces_supported()
+    if reason:
+        pytest.skip(f"three hosts need network namespaces: {reason}")
+    with Hosts(3, tag="kvtt", subnet="10.78.0") as hosts:
+        yield hosts
+
+
+def test_three_hosts_share_a_cluster_and_lose_a_node(three_hosts):
+    hosts = three_hosts
+    with RedisClusterProcs(3, hosts=[(hosts.addr(i), hosts.wrap(i)) for i in range(3)]) as cluster:
+        peers = [Peer(hosts.wrap(i), cluster.urls) for i in range(3)]
+        try:
+            run_scenario(hosts, cluster, peers)
+        finally:
+            for p in peers:
+                p.close()
+
+
+def owner_of(cluster: RedisClusterProcs, seed: int) -> int:
+    return cluster.node_of(b"mh:" + key_of(seed).hex().encode())
+
+
+def run_scenario(hosts: Hosts, cluster: RedisClusterProcs, peers: list[Peer]) -> None:
+    a, b, c = peers
+    seeds = list(range(48))
+    owner = [owner_of(cluster, s) for s in seeds]
+    assert set(owner) == {0, 1, 2}, "the chunks should be spread over all three nodes"
+    assert all(a.call("put", seeds)["ok"])
+    for peer in (b, c):  # what A wrote, B and C read, byte for byte
+        got = peer.call("get", seeds)
+        assert all(got["ok"]) and all(got["same"])
+
+    # Node 2 (on host C) crashes: its chunks miss on every host, the others still hit.
+    cluster.nodes[2].kill()
+    for peer in (b, c):
+        got = peer.call("get", seeds)
+        assert got["ok"] == [o != 2 for o in owner]
+        assert all(got["same"])
+    fresh = list(range(100, 148))
+    fresh_owner = [owner_of(cluster, s) for s in fresh]
+    assert a.call("put", fresh)["ok"] == [o != 2 for o in fresh_owner]
+    assert b.call("stats")["errors"] > 0  # the failure was seen (and answered as misses)
+
+    # Node 2 back, empty (no persistence): its chunks stay lost until written again.
+    cluster.nodes[2].start()
+    cluster.wait_ok()
+    time.sleep(RETRY_AFTER_S + 0.2)  # the peers' breakers let a probe through
+    got = b.call("get", seeds)
+    assert got["ok"] == [o != 2 for o in owner] and all(got["same"])
+    lost = [s for s, o in zip(seeds, owner) if o == 2]
+    assert all(a.call("put", lost)["ok"])  # an engine would write them back after recomputing
+    assert all(c.call("get", seeds)["ok"])
+
+    # Host B drops off the network: its node's chunks miss within about one timeout, then at once.
+    hosts.link_down(1)
+    try:
+        for peer in (a, c):
+            got = peer.call("get", seeds)
+            assert got["ok"] == [o != 1 for o in owner] and all(got["same"])
+            assert got["s"] < 3.0, f"a lost host cost a call {got['s']:.2f}s"
+            again = peer.call("get", seeds)  # the breaker is open: no network wait
+            assert again["ok"] == got["ok"]
+            assert again["s"] < 0.4, f"a call with the lost host's breaker open took {again['s']:.2f}s"
+    finally:
+        hosts.link_up(1)
