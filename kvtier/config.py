@@ -209,6 +209,9 @@ class KVTierConfig:
     load_policy: str = "auto"
     """Which hits to load: "auto" loads a chunk only when reading it is expected to be faster than
     computing it (both measured online, kvtier/costs.py); "always" loads every hit."""
+    consumer_saves: bool = False
+    """Under vLLM's kv_role "kv_consumer" (the decode instance of prefill/decode disaggregation):
+    save the chunks this engine computes too. Off: a consumer only loads (the producer saves)."""
     prefill_gbps: float = 0.0
     """The engine's prefill speed in GB/s of KV computed, until measured (0: 5 on a GPU, 0.05 on CPU)."""
     lease_ttl_s: float = 60.0

@@ -145,3 +145,17 @@ class KeyChain:
                 self.keys.append(prev)
             self._last_token = int(arr[-1])
         return self.keys[:n]
+
+
+def rank_keys(namespace: Namespace, keys: Sequence[bytes], hash_name: str = "blake3") -> list[bytes]:
+    """Keys of tensor-parallel rank ``namespace.tp_rank`` for the chunks whose rank-0 keys are ``keys``.
+
+    The scheduler computes rank 0's keys only (one chain per request, whatever the TP size); each
+    rank holds a different slice of the heads, so a rank > 0 stores its slice under a key derived
+    from rank 0's and its own namespace (which differs from rank 0's by ``tp_rank`` only). Rank 0's
+    keys are unchanged: the scheduler's lookups see rank 0's chunks.
+    """
+    if namespace.tp_rank == 0:
+        return list(keys)
+    seed = namespace.seed(hash_name)
+    return [_hash(hash_name, seed, k) for k in keys]

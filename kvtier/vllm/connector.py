@@ -23,6 +23,8 @@ See docs/vllm.md and :mod:`kvtier.vllm.worker`.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 import logging
 import math
@@ -43,13 +45,14 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from kvtier.config import ConfigError, KVTierConfig
 from kvtier.costs import CostModel, StepClock
-from kvtier.keys import Namespace
+from kvtier.keys import Namespace, rank_keys
 from kvtier.layout import ChunkLayout, dtype_name
 from kvtier.server.client import get_remote_store
 from kvtier.store import get_store
 from kvtier.trace import record, span
 from kvtier.transfer import LayoutError, PagedKV
 from kvtier.vllm.compat import HOST_HIT_SOURCE
+from kvtier.vllm.ranks import RankAgreement
 from kvtier.vllm.scheduler import PrefixLedger, ScheduledRequest, StepPlan
 from kvtier.vllm.stats import (LATENCY, STEP_HOST, Deltas, KVTierPromMetrics, KVTierStats, StepHostTime,
                                scheduler_counters, worker_counters)
@@ -122,6 +125,17 @@ class KVTierWorkerMetadata(KVConnectorWorkerMetadata):
         # Tensor-parallel ranks: the union (the scheduler looks up rank 0's keys).
         return KVTierWorkerMetadata(self.pid, self.added + other.added, self.removed + other.removed,
                                     self.costs + other.costs)
+
+
+def for_rank(meta: KVTierMetadata, namespace: Namespace, hash_name: str) -> KVTierMetadata:
+    """``meta`` with the chunk keys of TP rank ``namespace.tp_rank`` (the scheduler plans with rank
+    0's; :func:`kvtier.keys.rank_keys`). A copy: under one process the plan is the scheduler's own."""
+    out = copy.copy(meta)
+    rekey = lambda specs: [dataclasses.replace(s, keys=rank_keys(namespace, s.keys, hash_name))  # noqa: E731
+                           for s in specs]
+    out.loads, out.saves, out.parked_loads = rekey(meta.loads), rekey(meta.saves), rekey(meta.parked_loads)
+    out.promote = rank_keys(namespace, meta.promote, hash_name)
+    return out
 
 
 def _engine_facts(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig | None"):
@@ -200,6 +214,19 @@ def _transfer_configs(vllm_config: "VllmConfig", connector: KVConnectorBase_V1) 
     return configs
 
 
+def kv_role(vllm_config: "VllmConfig", config: KVTierConfig) -> tuple[bool, bool]:
+    """(loads, saves) of this engine from vLLM's ``kv_role``: ``kv_producer`` (a prefill
+    instance) saves and never loads, ``kv_consumer`` (a decode instance) loads and saves only
+    with ``consumer_saves``, ``kv_both`` does both."""
+    tc = vllm_config.kv_transfer_config
+    role = getattr(tc, "kv_role", None) or "kv_both"
+    if role == "kv_producer":
+        return False, True
+    if role == "kv_consumer":
+        return True, bool(config.consumer_saves)
+    return True, True
+
+
 def load_config(vllm_config: "VllmConfig", block_size: int) -> KVTierConfig:
     """kvtier's config from ``kv_connector_extra_config`` (+ env / YAML), checked against the engine."""
     extra = dict(vllm_config.kv_transfer_config.kv_connector_extra_config or {})
@@ -214,7 +241,8 @@ def load_config(vllm_config: "VllmConfig", block_size: int) -> KVTierConfig:
 
 
 class KVTierConnector(KVConnectorBase_V1):
-    """kvtier as a vLLM v1 KV connector (role ``kv_both``)."""
+    """kvtier as a vLLM v1 KV connector (``kv_role`` ``kv_both``, ``kv_producer`` or ``kv_consumer``:
+    :func:`kv_role`)."""
 
     if HOST_HIT_SOURCE is not None:
         _cache_hit_source = HOST_HIT_SOURCE
@@ -250,6 +278,7 @@ class KVTierConnector(KVConnectorBase_V1):
         self._step_meta: KVTierMetadata | None = None  # the step whose loads/saves are planned
         self._step_failed_reqs: set[str] = set()
         self._step_failed_blocks: set[int] = set()
+        self._ranks: RankAgreement | None = None  # TP > 1: the step's failed loads, over every rank
         self._parked_meta: KVTierMetadata | None = None  # the step whose parked loads started
         self._clock = StepClock(None, None)  # times the engine's steps for the cost model (worker side)
         self._host = StepHostTime("scheduler" if role == KVConnectorRole.SCHEDULER else "worker")
@@ -261,14 +290,22 @@ class KVTierConnector(KVConnectorBase_V1):
         self._parks: dict[str, bool] = {}  # request -> parked, as answered by its latest lookup
         self._deltas = Deltas()  # counters reported to vLLM's metrics so far
         self._sees_all_allocations = True  # no other connector allocates blocks unseen by us
+        self.loads, self.saves = kv_role(vllm_config, self.config)
+        # A prefill instance's response goes to the proxy, which sends the request to the decode
+        # instance at once: its chunks are committed before the step returns (on a GPU the save
+        # thread would commit them a little later, and the decode instance would miss them).
+        self.commit_saves_in_step = not self.loads
         if role == KVConnectorRole.SCHEDULER:
             costs = getattr(self.store, "costs", None)
             if costs is None:  # a `kvtier serve` store: its reads are not seen here, seeds only
                 costs = CostModel(self.config.chunk_size, self.layout.nbytes, vllm_config.device_config.device_type,
                                   self.config.prefill_gbps)
             costs.max_step_tokens = max(1, int(vllm_config.scheduler_config.max_num_batched_tokens or 8192))
+            # A decode instance never computes what it can load (that is the prefill's work, and
+            # would stall its decoding): every hit is loaded, whatever the cost model says.
+            policy = self.config.load_policy if self.saves or not self.loads else "always"
             self.ledger = PrefixLedger(self.store, self.namespace, self.config.chunk_size, block_size,
-                                       self.config.hash, costs, self.config.load_policy)
+                                       self.config.hash, costs, policy, loads=self.loads, saves=self.saves)
             configs = _transfer_configs(vllm_config, self)
             # Under MultiConnector another connector's loads get blocks kvtier is not told of.
             self._sees_all_allocations = len(configs) == 1
@@ -280,7 +317,9 @@ class KVTierConnector(KVConnectorBase_V1):
                                 tc.kv_load_failure_policy, tc.kv_connector)
                     tc.kv_load_failure_policy = "recompute"
         INSTANCES.add(self)
-        log.info("kvtier connector (%s): chunk %d tokens, tiers %s, %s, %s loads", role.name,
+        log.info("kvtier connector (%s, %s): chunk %d tokens, tiers %s, %s, %s loads", role.name,
+                 "loads and saves" if self.loads and self.saves else "loads only" if self.loads else
+                 "saves only" if self.saves else "neither loads nor saves",
                  self.config.chunk_size, ",".join(self.config.tiers), self.layout.describe(),
                  "parked (async)" if self.park else
                  "layer-wise (sync), parked when large" if self.config.load_mode == "auto" else "layer-wise (sync)")
@@ -438,6 +477,8 @@ class KVTierConnector(KVConnectorBase_V1):
         self._layer_index = paged.layer_index
         if getattr(self.store, "cpu", None) is not None:
             self.store.cpu.track_changes()  # reported to the scheduler (build_connector_worker_meta)
+        if self.namespace.tp_size > 1:
+            self._ranks = RankAgreement.tensor_parallel()
         self.worker.warm_up()  # Triton: compile the kernels now, not in the first request's step
         log.info("kvtier: KV cache layout %s, transfer backend %s", paged.describe(),
                  self.worker.backend.__name__.rsplit(".", 1)[-1])
@@ -450,6 +491,8 @@ class KVTierConnector(KVConnectorBase_V1):
 
     @_engine_thread("before")
     def bind_connector_metadata(self, connector_metadata: KVTierMetadata) -> None:
+        if self.namespace.tp_rank > 0:
+            connector_metadata = for_rank(connector_metadata, self.namespace, self.config.hash)
         super().bind_connector_metadata(connector_metadata)
         self._fence_saves(connector_metadata)  # again, for an engine that does not call handle_preemptions
 
@@ -521,8 +564,16 @@ class KVTierConnector(KVConnectorBase_V1):
             with span("worker.wait_for_save"):
                 blocks, reqs = self.worker.finish_load()
                 self._failed_blocks |= blocks
-                self.worker.finish_save(skip_reqs=self._step_failed_reqs | reqs,
-                                        failed_blocks=self._step_failed_blocks | blocks)
+                skip, failed = self._step_failed_reqs | reqs, self._step_failed_blocks | blocks
+                meta = self._step_meta
+                # TP: a load failed on any rank skips the saves depending on it on every rank
+                # (kvtier.vllm.ranks). Only a step that loads and saves can need it; every rank
+                # has the same metadata, so all of them take part in the exchange or none does.
+                if self._ranks is not None and meta is not None and meta.loads and meta.saves:
+                    skip, failed = self._ranks.union(skip, failed)
+                self.worker.finish_save(skip_reqs=skip, failed_blocks=failed)
+                if self.commit_saves_in_step:
+                    self.worker.drain_saves()
         self._step_meta = None
         self._step_failed_reqs = set()
         self._step_failed_blocks = set()

@@ -25,6 +25,9 @@ The rules (each is a test in tests/vllm/):
   that are faster to read than to compute are claimed (:meth:`kvtier.costs.CostModel.chunks_to_load`);
   the rest are computed by the engine and copied up to the cpu tier in the background. The
   decision only shortens the answer of this call, so it cannot break the rules above.
+- KV roles (prefill/decode disaggregation): a ledger that does not ``loads`` answers 0 to
+  every lookup (a prefill instance computes every prompt and saves it); one that does not
+  ``saves`` plans no save (a decode instance loads what the prefill instance saved).
 - Saves: only full chunks whose every token is computed by the end of the step,
   and only those no tier holds yet (one batched ``contains``), each once per step.
 - Chunks held in a worker process's cpu tier, which this process cannot see (vLLM's
@@ -134,8 +137,11 @@ class PrefixLedger:
     """Per-request bookkeeping of one engine's scheduler."""
 
     def __init__(self, store, namespace: Namespace, chunk_size: int, block_size: int,
-                 hash_name: str = "blake3", costs: CostModel | None = None, load_policy: str = "always") -> None:
-        """``costs`` with ``load_policy="auto"``: claim only the chunks worth loading (module docstring)."""
+                 hash_name: str = "blake3", costs: CostModel | None = None, load_policy: str = "always",
+                 loads: bool = True, saves: bool = True) -> None:
+        """``costs`` with ``load_policy="auto"``: claim only the chunks worth loading (module docstring).
+        ``loads`` / ``saves`` False: every lookup answers 0 / no save is planned (the engine's KV
+        role: a prefill instance only saves, a decode instance only loads)."""
         if chunk_size % block_size:
             raise ValueError(f"chunk_size {chunk_size} is not a multiple of block_size {block_size}")
         self.store = store
@@ -151,6 +157,7 @@ class PrefixLedger:
         self._chains: dict[str, KeyChain] = {}
         self.costs = costs
         self.load_policy = load_policy if costs is not None else "always"
+        self.loads, self.saves = loads, saves
         # The latest lookup's cost decision per request, for counters and the tiers' backlog when the
         # engine allocates (never for the hit: every lookup decides afresh).
         self._decisions: dict[str, _Decision] = {}
@@ -207,7 +214,7 @@ class PrefixLedger:
         self.stats["queries"] += 1
         n = len(token_ids)
         c = self.chunk_size
-        if n // c == 0 or num_computed_tokens >= n - 1:
+        if not self.loads or n // c == 0 or num_computed_tokens >= n - 1:
             return 0
         first = num_computed_tokens // c
         keys = self.keys(token_ids, req_id=req_id)
@@ -337,7 +344,7 @@ class PrefixLedger:
             # --- saves: full chunks computed by the end of this step, not stored yet.
             done = min(s.num_computed_tokens + s.num_new_tokens, len(tokens))
             n_full = min(done // c, len(r.block_ids) * bs // c)
-            if n_full > r.chunks_considered:
+            if self.saves and n_full > r.chunks_considered:
                 keys = self.keys(tokens, n_full, s.req_id)
                 cand = [i for i in range(r.chunks_considered, n_full) if keys[i] not in saving]
                 stored = self._contains([keys[i] for i in cand]) if cand else []

@@ -23,7 +23,8 @@ CHUNK = 256
 
 class Harness:
     def __init__(self, model: str, num_blocks: int, budget: int, chunk: int = CHUNK, max_model_len: int = 640,
-                 reserve_full_isl: bool = True, check_answers: bool = True):
+                 reserve_full_isl: bool = True, check_answers: bool = True, kv_role: str = "kv_both",
+                 extra: dict | None = None):
         from vllm.config import KVTransferConfig
         from vllm.engine.arg_utils import EngineArgs
         from vllm.utils.hashing import get_hash_fn_by_name
@@ -33,9 +34,10 @@ class Harness:
         from vllm.v1.structured_output import StructuredOutputManager
 
         tc = KVTransferConfig(kv_connector="KVTierConnector", kv_connector_module_path="kvtier.vllm",
-                              kv_role="kv_both",
+                              kv_role=kv_role,
                               kv_connector_extra_config={"chunk_size": chunk, "tiers": ["cpu"],
-                                                         "cpu_bytes": "16MiB", "model": f"direct-{id(self)}"})
+                                                         "cpu_bytes": "16MiB", "model": f"direct-{id(self)}",
+                                                         **(extra or {})})
         args = EngineArgs(model=model, skip_tokenizer_init=True, enforce_eager=True, dtype="float32",
                           block_size=BLOCK, enable_prefix_caching=True, max_num_batched_tokens=budget,
                           max_model_len=max_model_len, num_gpu_blocks_override=num_blocks,
