@@ -331,6 +331,37 @@ def serve(address, config_file, cpu_bytes, tiers, disk_path, metrics_port, num_l
 
 
 @main.command()
+@click.option("--prefill", "prefill", multiple=True, required=True,
+              help="URL of a prefill instance (vLLM, kv_role kv_producer); repeat for several (round robin).")
+@click.option("--decode", "decode", multiple=True, required=True,
+              help="URL of a decode instance (vLLM, kv_role kv_consumer); repeat for several (round robin).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=int, default=8000, show_default=True, help="Port to listen on.")
+@click.option("--timeout", type=float, default=600.0, show_default=True,
+              help="Seconds an upstream request may take before the client gets a 502.")
+@click.option("--log-level", default="INFO", show_default=True)
+def proxy(prefill: tuple[str, ...], decode: tuple[str, ...], host: str, port: int, timeout: float,
+          log_level: str) -> None:
+    """Prefill/decode disaggregation: each OpenAI request goes to a prefill instance (max_tokens=1),
+    then to a decode instance, whose answer is returned (docs/deployments.md)."""
+    import logging
+
+    try:
+        from kvtier.proxy import serve as serve_proxy
+        import aiohttp  # noqa: F401
+    except ImportError as e:
+        raise _UserError(f"kvtier proxy needs aiohttp (pip install aiohttp; vLLM installs it): {e}") from e
+    for url in prefill + decode:
+        if not url.startswith(("http://", "https://")):
+            raise click.BadParameter(f"{url!r}: expected http://HOST:PORT")
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        serve_proxy(prefill, decode, host, port, timeout)
+    except OSError as e:  # the port is taken, the host is not ours
+        raise _UserError(f"kvtier proxy cannot listen on {host}:{port}: {e}") from e
+
+
+@main.command()
 @click.argument("address", required=False)
 @click.option("--timeout", type=float, default=2.0, show_default=True, help="Seconds to wait for an answer.")
 def health(address: str | None, timeout: float) -> None:
