@@ -44,13 +44,19 @@ def readme_commands() -> list[str]:
 class Server:
     """An API server started from ``command`` in its own process group, stopped on exit."""
 
-    def __init__(self, command: str, port: int, log: Path, model: str) -> None:
+    def __init__(self, command: str, port: int, log: Path, model: str, wait: bool = True) -> None:
+        """``wait=False``: return at once (start several side by side), then :meth:`wait_up`."""
         env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", VLLM_ENABLE_V1_MULTIPROCESSING="1")
         self.url = f"http://127.0.0.1:{port}"
         self.log = log
         self.model = model
         self.proc = subprocess.Popen(["bash", "-c", command], cwd=ROOT, env=env, stdout=open(log, "w"),
                                      stderr=subprocess.STDOUT, start_new_session=True)
+        if wait:
+            self.wait_up()
+
+    def wait_up(self) -> None:
+        log = self.log
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, f"server exited:\n{log.read_text()[-3000:]}"
