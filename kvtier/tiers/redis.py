@@ -49,6 +49,7 @@ from redis.retry import Retry
 from kvtier.hostcopy import copy_bytes
 from kvtier.layout import HEADER_SIZE, ChunkLayout, CorruptChunk, decode_header, encode_header, verify
 from kvtier.tiers.base import Buffer, StoredChunk, Tier, TierStats
+from kvtier.tiers.breaker import Breaker as _Breaker
 from kvtier.tiers.disk import as_bytes
 
 log = logging.getLogger(__name__)
@@ -56,35 +57,6 @@ log = logging.getLogger(__name__)
 SLOTS = 16384
 PIECE_BYTES = 4 << 20  # largest value of a chunk's payload (docs/config.md: measured)
 SLOW_BYTES_PER_S = 50e6  # a pipeline's bytes get their time at this rate before a timeout
-
-
-class _Breaker:
-    """Closed (0.0) or open until a monotonic time; after it, one caller probes."""
-
-    def __init__(self, retry_after_s: float) -> None:
-        self.retry_after_s = retry_after_s
-        self.open_until = 0.0
-        self._lock = threading.Lock()
-
-    def allow(self) -> bool:
-        if self.open_until == 0.0:
-            return True
-        with self._lock:
-            now = time.monotonic()
-            if now < self.open_until:
-                return False
-            self.open_until = now + self.retry_after_s  # this caller probes; others wait
-            return True
-
-    def success(self) -> None:
-        self.open_until = 0.0
-
-    def failure(self) -> None:
-        self.open_until = time.monotonic() + self.retry_after_s
-
-    @property
-    def is_open(self) -> bool:
-        return self.open_until != 0.0
 
 
 class _QuickRetry(Retry):
