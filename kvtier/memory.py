@@ -64,6 +64,16 @@ class HostPool:
             self._refs[slot] = 1
             return slot
 
+    def alloc_many(self, n: int) -> list[int]:
+        """Up to ``n`` free slots (fewer if fewer are free), each with one reference."""
+        with self._lock:
+            k = min(n, len(self._free))
+            slots = self._free[len(self._free) - k:][::-1] if k else []
+            del self._free[len(self._free) - k:]
+            for slot in slots:
+                self._refs[slot] = 1
+            return slots
+
     def retain(self, slot: int) -> None:
         with self._lock:
             if self._refs[slot] <= 0:

@@ -358,6 +358,18 @@ class Store:
         slot = self.pool.alloc()
         return None if slot is None else ChunkRef(self.pool, slot)
 
+    def allocate_many(self, n: int) -> list[ChunkRef]:
+        """Up to ``n`` writable slots (fewer when no more can be freed), for one step's saves."""
+        if self.cpu is not None:
+            return self.cpu.alloc_many(n)
+        out = []
+        for _ in range(n):
+            slot = self.pool.alloc()
+            if slot is None:
+                break
+            out.append(ChunkRef(self.pool, slot))
+        return out
+
     def commit(self, key: bytes, ref: ChunkRef) -> None:
         """Publish the chunk the caller wrote into ``ref``; takes ownership of ``ref``.
 

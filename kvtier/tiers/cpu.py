@@ -93,6 +93,16 @@ class CpuTier(Tier):
             if not self._evict_one():
                 return None
 
+    def alloc_many(self, n: int) -> list[ChunkRef]:
+        """Up to ``n`` writable slots: free ones taken under one lock, the rest by evicting."""
+        out = [ChunkRef(self.pool, slot) for slot in self.pool.alloc_many(n)]
+        while len(out) < n:
+            ref = self.alloc()
+            if ref is None:
+                break
+            out.append(ref)
+        return out
+
     def _evict_one(self) -> bool:
         """Drop the least recently used chunk from the index. Its slot is freed unless ``spill``
         keeps it for a write (then the caller's loop evicts another; writes pin a bounded number)."""

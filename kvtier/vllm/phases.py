@@ -12,6 +12,7 @@ Steps:
   labels; the engine needs ``disable_log_stats=False``).
 - ``{"op": "drop_page_cache", "path": dir}``: wait until kvtier stopped writing under ``dir``, then
   drop its files from the page cache, so reads come from the disk.
+- ``{"op": "settle", "path": dir}``: only wait until kvtier stopped writing under ``dir``.
 - ``{"op": "profile_start", "prefix": name}`` / ``{"op": "profile_stop"}``: vLLM's torch profiler
   around the steps between them (the engine needs ``profiler_config``).
 """
@@ -44,9 +45,8 @@ def drop_page_cache_now() -> bool:
         return False
 
 
-def drop_page_cache_of(path: str, quiet_s: float = 2.0, wait_s: float = 120.0) -> dict[str, Any]:
-    """Wait until the bytes under ``path`` stop changing (writes behind done), then drop those files
-    from the page cache (``POSIX_FADV_DONTNEED`` per file, which needs no privilege)."""
+def wait_writes_quiet(path: str, quiet_s: float = 2.0, wait_s: float = 120.0) -> dict[str, Any]:
+    """Wait until the bytes of kvtier's files under ``path`` stop changing (writes behind done)."""
     def size() -> int:
         return sum(p.stat().st_size for p in Path(path).rglob("*.kvc") if p.is_file())
 
@@ -57,6 +57,13 @@ def drop_page_cache_of(path: str, quiet_s: float = 2.0, wait_s: float = 120.0) -
         now = size()
         if now != last:
             last, since = now, time.monotonic()
+    return {"bytes": last, "waited_s": time.monotonic() - t0}
+
+
+def drop_page_cache_of(path: str, quiet_s: float = 2.0, wait_s: float = 120.0) -> dict[str, Any]:
+    """Wait until kvtier's writes under ``path`` are done, then drop those files from the page
+    cache (``POSIX_FADV_DONTNEED`` per file, which needs no privilege)."""
+    quiet = wait_writes_quiet(path, quiet_s, wait_s)
     # Only kvtier's files: dropping the whole page cache also evicts the engine's own libraries,
     # whose pages then fault back in during the next requests (seen: +12 % TTFT on the H200).
     os.sync()
@@ -70,7 +77,7 @@ def drop_page_cache_of(path: str, quiet_s: float = 2.0, wait_s: float = 120.0) -
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
-    return {"method": "fadvise", "bytes": last, "waited_s": time.monotonic() - t0}
+    return {"method": "fadvise", **quiet}
 
 
 def kvtier_metrics(llm: Any) -> dict[str, float]:
@@ -196,6 +203,8 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
             results["steps"].append({"op": op, "values": kvtier_metrics(llm)})
         elif op == "drop_page_cache":
             results["steps"].append({"op": op, **drop_page_cache_of(step["path"])})
+        elif op == "settle":
+            results["steps"].append({"op": op, **wait_writes_quiet(step["path"])})
         elif op == "reset_prefix_cache":
             llm.reset_prefix_cache()
             results["steps"].append({"op": op})

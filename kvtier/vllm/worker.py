@@ -45,6 +45,8 @@ so 8 layers per copy). Measured in ``benchmarks/bench_layerwise.py``.
 
 from __future__ import annotations
 
+import array
+import itertools
 import logging
 import threading
 import time
@@ -90,8 +92,11 @@ class BlockRuns:
             self.runs.append((block_ids, a, b))
 
     def __iter__(self):
-        for ids, a, b in self.runs:
-            yield from ids[a:b]
+        return itertools.chain.from_iterable(ids[a:b] for ids, a, b in self.runs)
+
+    def isdisjoint(self, blocks: set[int]) -> bool:
+        """Whether none of these blocks is in ``blocks`` (set's test over each run, in C)."""
+        return all(blocks.isdisjoint(ids[a:b]) for ids, a, b in self.runs)
 
 
 @dataclass
@@ -121,7 +126,7 @@ class _Saves:
     bufs: list[torch.Tensor]
     items: list[tuple[SaveSpec, int, bytes, object]]  # (spec, chunk index, key, host ref), in buffer order
     reqs: set[str] = field(default_factory=set)  # requests whose blocks the copies read
-    blocks: set[int] = field(default_factory=set)  # the blocks the copies read
+    blocks: "BlockRuns | None" = None  # the blocks the copies read
     copies: list[Transfer] = field(default_factory=list)
     written: list[bool] = field(default_factory=list)  # per layer: its attention is done (hook ran)
     copied: list[bool] = field(default_factory=list)  # per layer group
@@ -182,7 +187,8 @@ class KVWorker:
         covered = max(0, min(count * c, len(block_ids) * bs - begin))  # a multiple of bs: c is one
         slots = np.full(count * c, -1, dtype=np.int64)
         if covered:
-            blocks = np.asarray(block_ids[begin // bs:(begin + covered) // bs], dtype=np.int64)
+            # array.array reads a list of ints ~1.6x faster than np.asarray (a 32K table: 2,048 ids)
+            blocks = np.frombuffer(array.array("q", block_ids[begin // bs:(begin + covered) // bs]), dtype=np.int64)
             slots[:covered] = (blocks[:, None] * bs + self._offsets).reshape(-1)
         return torch.from_numpy(slots).view(count, c), begin + covered
 
@@ -412,6 +418,18 @@ class KVWorker:
             flat = slots.view(-1)
             flat[:max(0, min(n * c, spec.start - base0))] = -1
             flat[max(0, spec.end - base0):] = -1
+            lo, hi = max(spec.start, base0), min(spec.end, base0 + n * c)
+            if hi <= covered_end and None not in got:  # the rule: every chunk found, all covered
+                i0, i1 = (lo - base0) // c, -(-(hi - base0) // c)  # chunks with tokens in [lo, hi)
+                for ref in got[:i0] + got[i1:]:
+                    ref.release()
+                if i1 > i0:
+                    refs += got[i0:i1]
+                    blocks.add(spec.block_ids, lo, hi)
+                    tokens += hi - lo
+                    reqs.add(spec.req_id)
+                    parts.append(flat if i1 - i0 == n else slots[i0:i1].reshape(-1))
+                continue
             rows: list[int] = []
             for i, ref in enumerate(got):
                 base = base0 + i * c
@@ -534,17 +552,16 @@ class KVWorker:
                 continue
             lo_ci = min(spec.chunk_indices)
             slots, covered_end = self._chunk_slots(spec.block_ids, lo_ci, max(spec.chunk_indices) + 1 - lo_ci)
+            wanted = [(ci, key) for ci, key in zip(spec.chunk_indices, spec.keys)
+                      if (ci + 1) * self.chunk_size <= covered_end]
+            if len(wanted) < len(spec.keys):  # table too short (a planning bug): never a crash
+                log.error("kvtier: no slots for %d chunks of %s (%d blocks); not saved",
+                          len(spec.keys) - len(wanted), spec.req_id, len(spec.block_ids))
+                self._count("skipped_saves", len(spec.keys) - len(wanted))
+            got = self.store.allocate_many(len(wanted))
+            self._count("skipped_saves", len(wanted) - len(got))
             rows: list[int] = []
-            for ci, key in zip(spec.chunk_indices, spec.keys):
-                if (ci + 1) * self.chunk_size > covered_end:  # table too short (a planning bug): never a crash
-                    log.error("kvtier: no slots for chunk %d of %s (%d blocks); not saved",
-                              ci, spec.req_id, len(spec.block_ids))
-                    self._count("skipped_saves", 1)
-                    continue
-                ref = self.store.allocate()
-                if ref is None:
-                    self._count("skipped_saves", 1)
-                    continue
+            for (ci, key), ref in zip(wanted, got):
                 items.append((spec, ci, key, ref))
                 rows.append(ci - lo_ci)
             if rows:
@@ -564,13 +581,22 @@ class KVWorker:
                                  blocks=self._save_blocks(items),
                                  written=[False] * self.num_layers, copied=[False] * len(self.groups))
 
-    def _save_blocks(self, items: list) -> set[int]:
-        """The blocks the planned saves read (a set: fence_saves tests it against fresh blocks)."""
+    def _save_blocks(self, items: list) -> BlockRuns:
+        """The blocks the planned saves read (fence_saves tests them against fresh blocks): one
+        run per request's consecutive chunks, so a 32K prompt's 128 chunks make one run."""
         runs = BlockRuns(self.block_size)
         c = self.chunk_size
-        for spec, ci, *_ in items:
-            runs.add(spec.block_ids, ci * c, (ci + 1) * c)
-        return set(runs)
+        spec = first = end = None
+        for s, ci, *_ in items:
+            if s is spec and ci == end:
+                end += 1
+                continue
+            if spec is not None:
+                runs.add(spec.block_ids, first * c, end * c)
+            spec, first, end = s, ci, ci + 1
+        if spec is not None:
+            runs.add(spec.block_ids, first * c, end * c)
+        return runs
 
     def save_layer(self, layer: int) -> None:
         """After layer ``layer``'s attention wrote the step's KV: once every layer of its
@@ -677,7 +703,7 @@ class KVWorker:
             if fut.done():
                 reused = True
             elif fresh is not None:
-                reused = not sv.blocks.isdisjoint(fresh)
+                reused = not sv.blocks.isdisjoint(fresh if isinstance(fresh, (set, frozenset)) else set(fresh))
             else:
                 reused = kept is None or not sv.reqs <= kept
             if not reused:

@@ -551,3 +551,58 @@ def test_load_plans_map_exactly_the_loaded_tokens_over_random_specs(store):
             min(end, i * C + C) - max(start, i * C) for i in range(first, first + count) if i not in lost)
         for ref in ld.refs:
             ref.release()
+
+
+def test_save_plans_map_exactly_the_saved_chunks_over_random_specs(store):
+    """Issue 28.2: a step's save plan (several requests, chunk indices with gaps, tables too short
+    for some chunks) maps each saved chunk's tokens to its block's slots, in plan order, and its
+    blocks answer ``isdisjoint`` as the set of every block the copies read would."""
+    import random
+
+    w = KVWorker(store, PagedKV.from_vllm(_cpu_cache(), block_size=BS), C)
+    rnd = random.Random(7)
+    per = C // BS
+    for n in range(150):
+        specs = []
+        for r in range(rnd.randrange(1, 4)):
+            table = rnd.sample(range(NB), rnd.randrange(per, 5 * per))
+            chunks = sorted(rnd.sample(range(6), rnd.randrange(1, 5)))
+            specs.append(SaveSpec(f"r{r}", chunks, [b"k%d-%d-%d" % (n, r, ci) for ci in chunks], table))
+        w._plan_saves(specs)
+        want_slots, want_blocks = [], set()
+        want_items = [(s.req_id, ci) for s in specs for ci in s.chunk_indices if (ci + 1) * per <= len(s.block_ids)]
+        for s in specs:
+            for ci in s.chunk_indices:
+                if (ci + 1) * per <= len(s.block_ids):
+                    ids = s.block_ids[ci * per:(ci + 1) * per]
+                    want_blocks |= set(ids)
+                    want_slots += [b * BS + o for b in ids for o in range(BS)]
+        sv = w._saves
+        if not want_items:
+            assert sv is None
+            continue
+        assert [(s.req_id, ci) for s, ci, *_ in sv.items] == want_items
+        assert sv.mapping.tolist() == want_slots and set(sv.blocks) == want_blocks
+        for _ in range(5):
+            probe = set(rnd.sample(range(NB), 3))
+            assert sv.blocks.isdisjoint(probe) == want_blocks.isdisjoint(probe)
+        for *_, ref in sv.items:
+            ref.release()
+        w._saves = None
+
+
+def test_one_step_loads_several_requests_fast_and_slow_paths(store):
+    """Two requests in one step's load plan: one whose chunks are all found (planned whole), one
+    with a chunk missing (planned chunk by chunk); the mapping holds both, in order."""
+    keys, _ = _setup(store)
+    w = KVWorker(store, PagedKV.from_vllm(_cpu_cache(), block_size=BS), C)
+    a, b = list(range(0, 19)), list(range(20, 39))
+    specs = [LoadSpec("a", 100, 2 * C, 0, keys[:2], a), LoadSpec("b", 0, 2 * C, 0, [keys[0], b"gone"], b)]
+    failed, reqs, ld = w._plan_loads_now(specs)
+    assert reqs == {"b"}
+    assert failed == set(b[C // BS:2 * C // BS])
+    want = [-1 if t < 100 else a[t // BS] * BS + t % BS for t in range(2 * C)] + [b[t // BS] * BS + t % BS for t in range(C)]
+    assert ld.mapping.tolist() == want and ld.tokens == (2 * C - 100) + C
+    assert set(ld.blocks) == set(a[100 // BS:2 * C // BS]) | set(b[:C // BS])
+    for ref in ld.refs:
+        ref.release()
