@@ -11,10 +11,16 @@ cache must evict. Each configuration runs in its own engine process (kvtier.vllm
 Configurations (``--configs``): ``vllm_alone``; ``kvtier_cpu`` (cpu tier of 24 GiB); ``kvtier_default``
 (no settings but ``disk_path``: cpu + disk, cpu size from the host's memory); ``kvtier_default_dropped``
 (the same, page cache dropped before pass 2); ``kvtier_cpu4g_disk`` and ``..._dropped`` (a 4 GiB cpu tier:
-most documents come from the disk); ``vllm_offloading`` (vLLM's OffloadingConnector, 24 GiB).
+most documents come from the disk); ``vllm_offloading`` (vLLM's OffloadingConnector, 24 GiB);
+``lmcache_cpu`` (LMCache 0.5.3 through vLLM's LMCacheConnectorV1: local_cpu of kvtier_cpu's size, chunks of
+256 tokens) and ``lmcache_cpu4g_disk`` / ``..._dropped`` (local_cpu 4 GiB + local_disk in the same directory
+with kvtier's default disk budget, as kvtier_cpu4g_disk); LMCache's settings are in
+benchmarks/gpu_lmcache/phase.py, its kit in benchmarks/gpu_lmcache/prepare.sh. Where LMCache cannot be
+imported, its configurations record the exact error (``skipped``) and the others run.
 
 The JSON's ``rows``: one per configuration and pass, with ``config``, ``pass``, ``ttft_mean_s``,
-``wall_s``, ``tokens_from_kvtier`` (kvtier's loaded tokens in that pass), ``outputs_match`` (first tokens
+``wall_s``, ``tokens_from_kvtier`` (kvtier's loaded tokens in that pass), ``tokens_from_connector`` (the
+LMCache runs: vLLM's ``external_prefix_cache_hits``, the tokens LMCache supplied), ``outputs_match`` (first tokens
 of passes 1-2, all 16 tokens of pass 3, against ``vllm_alone``), and kvtier's cost model's view
 (``predicted_load_s``, ``predicted_saved_s``, ``cost_skipped_tokens``, ``promoted_chunks``, ``fetch_s``).
 Results of earlier calls are kept in ``$GPU_VLLM_STATE/docs.json`` so that configurations can run in
@@ -39,14 +45,17 @@ from pathlib import Path
 from kvtier.vllm.phases import run_phase
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_lmcache import phase as lmcache  # noqa: E402
 from gpu_vllm import LLAMA_8B  # noqa: E402
 
 STATE = Path(os.environ.get("GPU_VLLM_STATE", "/tmp/kvtier-gpu-vllm"))
 ALL = ["vllm_alone", "kvtier_cpu", "kvtier_default", "kvtier_default_dropped", "kvtier_cpu4g_disk",
-       "kvtier_cpu4g_disk_dropped", "vllm_offloading"]
+       "kvtier_cpu4g_disk_dropped", "vllm_offloading", "lmcache_cpu", "lmcache_cpu4g_disk",
+       "lmcache_cpu4g_disk_dropped"]
 COUNTERS = {"tokens_from_kvtier": "loaded_tokens", "predicted_load_s": "predicted_load_seconds",
             "predicted_saved_s": "predicted_saved_seconds", "cost_skipped_tokens": "cost_skipped_tokens",
             "promoted_chunks": "promoted_chunks", "fetch_s": "fetch_seconds"}
+CONNECTOR_HITS = "vllm:external_prefix_cache_hits"  # in the LMCache runs' metrics (gpu_lmcache/phase.py)
 
 
 def setup(cpu: bool) -> dict:
@@ -101,8 +110,15 @@ def run_config(name: str, s: dict, docs, questions) -> dict:
             return {"skipped": "vLLM's offloading runs on GPUs only"}
         engine |= {"kv_offloading_size": s["native"], "kv_offloading_backend": "native"}
     t = time.time()
-    result = run_phase(s["model"], steps_for(name, s, docs, questions, disk), kvtier_config(name, s, disk), engine)
-    print(f"{name}: {time.time() - t:.0f} s (start-up {result['startup_s']:.0f} s)", flush=True)
+    steps = steps_for(name, s, docs, questions, disk)
+    if name.startswith("lmcache"):
+        result = lmcache.run_phase(s["model"], steps, lmcache.settings(name, s["big"], s["small"], disk), engine)
+    else:
+        result = run_phase(s["model"], steps, kvtier_config(name, s, disk), engine)
+    if "skipped" in result:
+        print(f"{name} skipped: {result['skipped']}", flush=True)
+    else:
+        print(f"{name}: {time.time() - t:.0f} s (start-up {result['startup_s']:.0f} s)", flush=True)
     shutil.rmtree(disk, ignore_errors=True)
     return result
 
@@ -131,6 +147,8 @@ def summarize(name: str, result: dict, base: dict | None) -> list[dict]:
         for key, counter in COUNTERS.items():
             full = next((k for k in after if k.startswith(f"vllm:kvtier_{counter}")), None)
             row[key] = (after[full] - before.get(full, 0.0)) if full else None
+        full = next((k for k in after if k.startswith(CONNECTOR_HITS)), None)
+        row["tokens_from_connector"] = (after[full] - before.get(full, 0.0)) if full else None
         row["outputs_match"] = None if base is None else tokens_of(result, p) == tokens_of(base, p)
         if p == 2 and dropped:
             row["page_cache"] = {k: v for k, v in dropped[0].items() if k != "op"}
@@ -172,11 +190,13 @@ def main() -> int:
            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU dry run)",
            "host": {"cpus": os.cpu_count(), "mem_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")},
            "workload": {k: s[k] for k in ("docs", "doc_tokens", "question")}, "engine": s["engine"],
-           "configs": {n: kvtier_config(n, s, STATE / "docs-disk") for n in ALL},
+           "configs": {n: kvtier_config(n, s, STATE / "docs-disk")
+                       or lmcache.settings(n, s["big"], s["small"], STATE / "docs-disk") for n in ALL},
            "startup_s": {n: r.get("startup_s") for n, r in results.items()}, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
-    keys = ["config", "pass", "ttft_mean_s", "wall_s", "tokens_from_kvtier", "cost_skipped_tokens",
+    keys = ["config", "pass", "ttft_mean_s", "wall_s", "tokens_from_kvtier", "tokens_from_connector",
+            "cost_skipped_tokens",
             "predicted_load_s", "predicted_saved_s", "outputs_match"]
     print(" ".join(f"{k:>18}" for k in keys))
     for r in rows:

@@ -2,13 +2,23 @@
 # The GPU runs of one device session, one step per device call (each under its 10-minute limit),
 # on the machine staged with ../shared/gpu-vllm/prepare.sh. From the repo root:
 #   source .gpu-vllm/bin/env.sh && bash benchmarks/gpu_session.sh STEP [STEP...]
+# LMCache (issue 30) needs one extra device call on that machine, any time before its first run (the
+# kit: bash benchmarks/gpu_lmcache/prepare.sh here, which writes .gpu-lmcache/, ~20 MB, one carry):
+#   carry [".gpu-lmcache"]:  bash .gpu-lmcache/bin/stage.sh
+# after which this script sources benchmarks/gpu_lmcache/env.sh itself (it installs LMCache into
+# /tmp/site once); gpu_docs checks that LMCache's compiled ops load before its first LMCache engine,
+# and where they do not, records the lmcache_* configurations as skipped with the exact error and runs
+# the others.
 # STEP: tests (tests/gpu), async1 (gpu_async auto,async), async2 (sync,native),
-# vllm1 / vllm2 (gpu_vllm parts; vllm1_short: part 1 without the cpu-tier-only engine), writer (bench_writer_gil: the disk tier's writers vs the engine thread), writer_ab (its variants: one thread, a writer process), writer_process (that one only), random (gpu_engine_random, with the save-fence check and its control), random_disk (the same over a disk tier), docs_A+B (gpu_docs configurations A and B), disk_read (bench_disk_read). Results land in $OUT (default /tmp/kvtier-gpu).
+# vllm1 / vllm2 (gpu_vllm parts; vllm1_short: part 1 without the cpu-tier-only engine; vllm_lmcache: LMCache's engine, between vllm1 and vllm2), writer (bench_writer_gil: the disk tier's writers vs the engine thread), writer_ab (its variants: one thread, a writer process), writer_process (that one only), random (gpu_engine_random, with the save-fence check and its control), random_disk (the same over a disk tier), docs_A+B (gpu_docs configurations A and B; LMCache's: lmcache_cpu, lmcache_cpu4g_disk, lmcache_cpu4g_disk_dropped), lmcache_check (LMCache's import check alone), disk_read (bench_disk_read). Results land in $OUT (default /tmp/kvtier-gpu).
 set -uo pipefail
 OUT=${OUT:-/tmp/kvtier-gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 rm -rf /tmp/kvtier-gpu-vllm/async-disk  # what a killed run left (the disk holds 64 GiB)
+if [ -d /tmp/lmc-stage ]; then  # LMCache staged on this machine (issue 30): installed once; gpu_docs checks it
+  LMC_NO_CHECK=1 source "$(dirname "$0")/gpu_lmcache/env.sh" || echo "== LMCache did not install (see above)"
+fi
 for step in "$@"; do
 [[ "$step" = vllm1* ]] && rm -rf /tmp/kvtier-gpu-vllm/disk
 echo "== $step ($(date -u +%T))"
@@ -35,9 +45,11 @@ case "$step" in
     done ;;
   docs_*)  # gpu_docs configurations, a few per call: docs_vllm_alone+kvtier_cpu runs those two
     python3 benchmarks/gpu_docs.py --configs "$(echo "${step#docs_}" | tr + ,)" --out "$OUT/gpu_docs_h200.json" ;;
+  lmcache_check) python3 benchmarks/gpu_lmcache/phase.py --check ;;
   disk_read) python3 benchmarks/bench_disk_read.py --out "$OUT/disk_read_h200.json" ;;
   vllm1) python3 benchmarks/gpu_vllm.py --part 1 --out "$OUT/gpu_vllm_h200.json" ;;
   vllm1_short) python3 benchmarks/gpu_vllm.py --part 1 --no-cpu-only --out "$OUT/gpu_vllm_h200.json" ;;
+  vllm_lmcache) python3 benchmarks/gpu_vllm.py --part lmcache ;;  # kept in /tmp/kvtier-gpu-vllm for vllm2's table
   vllm2) python3 benchmarks/gpu_vllm.py --part 2 --out "$OUT/gpu_vllm_h200.json" ;;
   *) echo "unknown step $step"; exit 2 ;;
 esac

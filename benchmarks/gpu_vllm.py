@@ -15,9 +15,14 @@ runs, each on a prompt vLLM's prefix cache does not hold (``reset_prefix_cache``
   ``disk_limit_s``: KV bytes / sequential read bandwidth of kvtier's chunk files, measured here;
 - ``outputs_match``: 16 greedy tokens of the first prompt, equal in every configuration;
 - ``cold_kvtier_cpu_only_s``, ``kvtier_cpu_hit_cpu_only_s``: the kvtier figures again in an engine
-  with the cpu tier only, where no disk tier writes chunks behind the requests.
+  with the cpu tier only, where no disk tier writes chunks behind the requests;
+- ``cold_lmcache_s``, ``lmcache_cpu_hit_s`` (issue 30): the same steps as kvtier's with LMCache 0.5.3
+  (vLLM's LMCacheConnectorV1, local_cpu of kvtier's cpu_bytes, chunks of 256 tokens; settings in
+  benchmarks/gpu_lmcache/phase.py), from ``--part lmcache`` run before part 2; None where that part
+  did not run, and ``lmcache`` says why where LMCache could not (the exact error).
 
     python3 benchmarks/gpu_vllm.py --part 1 && python3 benchmarks/gpu_vllm.py --part 2
+    (LMCache: --part lmcache between the two, after its kit: benchmarks/gpu_lmcache/prepare.sh)
     (--part all: both in one call; --cpu: dry run with the tiny model on vLLM's CPU engine)
 """
 
@@ -34,6 +39,9 @@ from pathlib import Path
 
 from kvtier.models import kv_bytes_per_token
 from kvtier.vllm.phases import drop_page_cache_now, run_phase
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_lmcache import phase as lmcache  # noqa: E402
 
 LLAMA_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
             "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
@@ -73,6 +81,30 @@ def _ttfts(result: dict, skip: int = 0) -> list[dict]:
     return [s for s in result["steps"] if s["op"] == "ttft"][skip:]
 
 
+def _saving_steps(prompts: dict[int, list[list[int]]]) -> list[dict]:
+    """Per length: every prompt cold (the connector saves), then every one again after a reset (a hit
+    from the connector's cpu copy); then the 16-token generations."""
+    reset = {"op": "reset_prefix_cache"}
+    steps = [{"op": "ttft", "prompt": prompts[min(prompts)][0][:64]}]
+    for n, ps in prompts.items():
+        steps += [step for p in ps for step in (reset, {"op": "ttft", "prompt": p})]  # cold, saving
+        steps += [step for p in ps for step in (reset, {"op": "ttft", "prompt": p})]  # cpu hits
+    gen = [{"op": "generate", "prompts": [prompts[n][0]], "max_tokens": 16} for n in prompts]
+    return steps + [s for g in gen for s in (reset, g)]
+
+
+def part_lmcache(model, engine, kv, prompts) -> dict:
+    """LMCache (local_cpu of kvtier's cpu_bytes) through the steps kvtier runs in part 1."""
+    env = lmcache.settings("lmcache_cpu", kv["cpu_bytes"], kv["cpu_bytes"], STATE / "lmcache-disk")
+    t = time.time()
+    result = lmcache.run_phase(model, _saving_steps(prompts), env, engine)
+    if "skipped" in result:
+        print(f"lmcache skipped: {result['skipped']}", flush=True)
+    else:
+        print(f"lmcache: {time.time() - t:.0f} s (start-up {result['startup_s']:.0f} s)", flush=True)
+    return {**result, "settings": env}
+
+
 def part1(model, engine, kv, prompts, reps, cpu_only: bool = True) -> dict:
     """vLLM alone (cold, APC hit) and kvtier (cold with saves, cpu-tier hit)."""
     reset = {"op": "reset_prefix_cache"}
@@ -83,11 +115,7 @@ def part1(model, engine, kv, prompts, reps, cpu_only: bool = True) -> dict:
         for p in ps:
             base_steps += [reset, {"op": "ttft", "prompt": p}, {"op": "ttft", "prompt": p}]
     base_steps += [reset] + gen
-    kv_steps = [warm]
-    for n, ps in prompts.items():
-        kv_steps += [step for p in ps for step in (reset, {"op": "ttft", "prompt": p})]  # cold, saving
-        kv_steps += [step for p in ps for step in (reset, {"op": "ttft", "prompt": p})]  # cpu-tier hits
-    kv_steps += [s for g in gen for s in (reset, g)]
+    kv_steps = _saving_steps(prompts)
     t = time.time()
     base = run_phase(model, base_steps, None, engine)
     print(f"vllm alone: {time.time() - t:.0f} s (start-up {base['startup_s']:.0f} s)", flush=True)
@@ -162,8 +190,10 @@ def link_and_disk(per_token: int, disk_path: str) -> dict:
     return out
 
 
-def rows(p1: dict, p2: dict, limits: dict, prompts: dict, reps: int) -> list[dict]:
+def rows(p1: dict, p2: dict, limits: dict, prompts: dict, reps: int, lm: dict | None = None) -> list[dict]:
     med = lambda xs: statistics.median(xs) if xs else None  # noqa: E731
+    lm = lm if lm and "steps" in lm else None
+    lmc = _ttfts(lm, 1) if lm else []
     base = _ttfts(p1["base"], 1)
     kvr = _ttfts(p1["kvtier"], 1)
     cpu_only = _ttfts(p1["kvtier_cpu_only"], 1) if p1.get("kvtier_cpu_only") else []
@@ -171,7 +201,8 @@ def rows(p1: dict, p2: dict, limits: dict, prompts: dict, reps: int) -> list[dic
     native = _ttfts(p2["native"], 1) if p2["native"] else []
     gens = {name: [s for s in r["steps"] if s["op"] == "generate"]
             for name, r in (("vllm", p1["base"]), ("kvtier_cpu", p1["kvtier"]), ("kvtier_disk", p2["restart"]),
-                            ("native", p2["native"]), ("kvtier_cpu_only", p1.get("kvtier_cpu_only")))
+                            ("native", p2["native"]), ("kvtier_cpu_only", p1.get("kvtier_cpu_only")),
+                            ("lmcache", lm))
             if r is not None}
     out = []
     for i, n in enumerate(prompts):
@@ -180,6 +211,7 @@ def rows(p1: dict, p2: dict, limits: dict, prompts: dict, reps: int) -> list[dic
         nat = native[i * 2 * reps:(i + 1) * 2 * reps]
         c = cpu_only[i * 2 * reps:(i + 1) * 2 * reps]
         d = restart[i * reps:(i + 1) * reps]
+        m = lmc[i * 2 * reps:(i + 1) * 2 * reps]
         kv_bytes = n * limits["kv_bytes_per_token"]
         outs = {name: g[i]["outputs"][0] for name, g in gens.items()}
         row = {"tokens": n, "kv_bytes": kv_bytes,
@@ -190,16 +222,20 @@ def rows(p1: dict, p2: dict, limits: dict, prompts: dict, reps: int) -> list[dic
                "native_offload_hit_s": med([s["s"] for s in nat[reps:]]),
                "cold_kvtier_cpu_only_s": med([s["s"] for s in c[:reps]]),
                "kvtier_cpu_hit_cpu_only_s": med([s["s"] for s in c[reps:]]),
+               "cold_lmcache_s": med([s["s"] for s in m[:reps]]),
+               "lmcache_cpu_hit_s": med([s["s"] for s in m[reps:]]),
                "link_limit_s": kv_bytes / limits["h2d_bytes_per_s"] if limits.get("h2d_bytes_per_s") else None,
                "disk_limit_s": kv_bytes / limits["disk_bytes_per_s"] if limits.get("disk_bytes_per_s") else None,
                "cached_tokens": {"apc": [s["cached"] for s in b[1::2]], "kvtier_cpu": [s["cached"] for s in k[reps:]],
                                  "kvtier_disk": [s["cached"] for s in d],
-                                 "native": [s["cached"] for s in nat[reps:]]},
+                                 "native": [s["cached"] for s in nat[reps:]],
+                                 "lmcache_cpu": [s["cached"] for s in m[reps:]]},
                "runs_s": {"cold": [s["s"] for s in b[0::2]], "apc": [s["s"] for s in b[1::2]],
                           "cold_kvtier": [s["s"] for s in k[:reps]], "kvtier_cpu": [s["s"] for s in k[reps:]],
                           "kvtier_disk": [s["s"] for s in d], "native": [s["s"] for s in nat[reps:]],
                           "cold_kvtier_cpu_only": [s["s"] for s in c[:reps]],
-                          "kvtier_cpu_cpu_only": [s["s"] for s in c[reps:]]},
+                          "kvtier_cpu_cpu_only": [s["s"] for s in c[reps:]],
+                          "cold_lmcache": [s["s"] for s in m[:reps]], "lmcache_cpu": [s["s"] for s in m[reps:]]},
                "outputs": outs,
                "outputs_match": all(o == outs["vllm"] for o in outs.values())}
         out.append(row)
@@ -208,7 +244,8 @@ def rows(p1: dict, p2: dict, limits: dict, prompts: dict, reps: int) -> list[dic
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=["1", "2", "all"], default="all")
+    ap.add_argument("--part", choices=["1", "2", "all", "lmcache"], default="all",
+                    help="lmcache: LMCache's engine only (issue 30), kept for part 2's table")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--cpu", action="store_true", help="dry run: tiny model, vLLM's CPU engine")
     ap.add_argument("--no-cpu-only", action="store_true", help="part 1 without the cpu-tier-only engine")
@@ -222,10 +259,13 @@ def main() -> int:
     if args.part in ("1", "all"):
         p1 = part1(model, engine, kv, prompts, args.reps, not args.no_cpu_only)
         (STATE / "part1.json").write_text(json.dumps(p1))
+    if args.part == "lmcache":
+        (STATE / "lmcache.json").write_text(json.dumps(part_lmcache(model, engine, kv, prompts)))
     if args.part in ("2", "all"):
         p2 = part2(model, engine, kv, prompts, args.reps, None if args.cpu else 24.0)
         limits = link_and_disk(per_token, kv["disk_path"])
         p1 = json.loads((STATE / "part1.json").read_text())
+        lm = json.loads((STATE / "lmcache.json").read_text()) if (STATE / "lmcache.json").exists() else None
         import torch
         import vllm
 
@@ -237,13 +277,15 @@ def main() -> int:
                   "page_cache_dropped_before_restart": p2["page_cache_dropped"],
                   "startup_s": {"vllm": p1["base"]["startup_s"], "kvtier": p1["kvtier"]["startup_s"],
                                 "kvtier_restart": p2["restart"]["startup_s"],
-                                "native": p2["native"]["startup_s"] if p2["native"] else None},
-                  "rows": rows(p1, p2, limits, prompts, args.reps)}
+                                "native": p2["native"]["startup_s"] if p2["native"] else None,
+                                "lmcache": lm.get("startup_s") if lm else None},
+                  "lmcache": None if lm is None else {"settings": lm.get("settings"), "skipped": lm.get("skipped")},
+                  "rows": rows(p1, p2, limits, prompts, args.reps, lm)}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))
         keys = ["tokens", "cold_s", "cold_kvtier_s", "apc_hit_s", "kvtier_cpu_hit_s", "kvtier_disk_hit_s",
                 "native_offload_hit_s", "link_limit_s", "disk_limit_s", "cold_kvtier_cpu_only_s",
-                "kvtier_cpu_hit_cpu_only_s", "outputs_match"]
+                "kvtier_cpu_hit_cpu_only_s", "cold_lmcache_s", "lmcache_cpu_hit_s", "outputs_match"]
         print(" ".join(f"{k:>20}" for k in keys))
         for r in result["rows"]:
             print(" ".join(f"{r[k]:>20.4f}" if isinstance(r[k], float) else f"{str(r[k]):>20}" for k in keys))

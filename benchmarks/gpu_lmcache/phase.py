@@ -1,0 +1,215 @@
+"""LMCache as a configuration of the GPU benchmarks (issue 30): its settings, and an engine child.
+
+The child is kvtier.vllm.phases' own child (same steps, same JSON line) with vLLM 0.24's
+``LMCacheConnectorV1`` as the connector instead of kvtier's, so LMCache runs exactly the workload
+kvtier runs. Three things differ, all here and none in kvtier/:
+
+- LMCache reads its settings from ``LMCACHE_*`` environment variables (LMCache 0.5.3,
+  lmcache/v1/config.py): the parent puts them in the spec and the child exports them before
+  vLLM starts, so the engine-core process inherits them. One engine process per configuration, so
+  LMCache's process-wide config singleton never carries over.
+- ``drop_page_cache`` / ``settle`` wait for and drop *every* file under the directory (LMCache
+  writes ``<key>.pt`` files; kvtier's helpers look at ``*.kvc`` only).
+- ``metrics`` also returns vLLM's own connector counters (``vllm:external_prefix_cache_hits`` and
+  ``..._queries``: the tokens the connector, here LMCache, supplied) and its prefix-cache counters.
+
+Before the first LMCache engine, ``run_phase`` runs ``--check`` in a process of its own: it loads
+LMCache's compiled ops and imports what vLLM's connector will import (LMCache's vLLM adapter). If
+that fails, it prints the exact traceback and every LMCache configuration answers
+``{"skipped": ...}`` without starting an engine: the benchmark records it and goes on with its other
+configurations, so a device call is never lost to a missing package.
+
+    python3 benchmarks/gpu_lmcache/phase.py --check    # the import check alone (no engine)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve()
+MARK = "@@KVTIER-PHASE@@"  # kvtier.vllm.phases.MARK: the parent reads the child's line by it
+CHUNK = 256  # tokens per LMCache chunk: kvtier's default chunk_size
+CONNECTOR = {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}
+# The variables that are not LMCache settings but keep it quiet on a machine without a network.
+QUIET = {"LMCACHE_TRACK_USAGE": "false"}
+
+
+def gib(size: str) -> float:
+    """'24GiB' / '256MiB' -> GiB as LMCache wants them (max_local_*_size are GiB floats)."""
+    from kvtier.config import parse_size
+
+    return parse_size("size", size) / 2**30
+
+
+def kvtier_disk_gib() -> float:
+    """kvtier's default disk budget (what kvtier_cpu4g_disk runs with), in GiB."""
+    from kvtier.config import KVTierConfig
+
+    return KVTierConfig.__dataclass_fields__["disk_bytes"].default / 2**30
+
+
+def settings(name: str, big: str, small: str, disk: Path) -> dict[str, str] | None:
+    """LMCache's ``LMCACHE_*`` settings for a configuration named ``lmcache_*`` (None for others).
+
+    ``lmcache_cpu``: local_cpu with kvtier_cpu's host memory (``big``). ``lmcache_cpu4g_disk*``:
+    local_cpu of ``small`` plus local_disk under ``disk`` with kvtier's default disk budget, as
+    kvtier_cpu4g_disk. Everything else at LMCache's defaults (no layerwise, synchronous loading,
+    only full chunks saved, as kvtier).
+    """
+    if not name.startswith("lmcache"):
+        return None
+    env = {"LMCACHE_CHUNK_SIZE": str(CHUNK), "LMCACHE_LOCAL_CPU": "True"}
+    if name == "lmcache_cpu":
+        env["LMCACHE_MAX_LOCAL_CPU_SIZE"] = f"{gib(big):g}"
+    elif name.startswith("lmcache_cpu4g_disk"):
+        env |= {"LMCACHE_MAX_LOCAL_CPU_SIZE": f"{gib(small):g}", "LMCACHE_LOCAL_DISK": f"file://{disk}/",
+                "LMCACHE_MAX_LOCAL_DISK_SIZE": f"{kvtier_disk_gib():g}"}
+    else:
+        raise ValueError(f"unknown LMCache configuration {name!r}")
+    return env
+
+
+_CHECKED: list[str | None] = []  # check()'s answer, once per process
+
+
+def run_phase(model: str, steps: list[dict[str, Any]], env: dict[str, str], engine: dict[str, Any],
+              timeout: float = 1200.0) -> dict[str, Any]:
+    """kvtier.vllm.phases.run_phase with LMCache as the connector (settings ``env``); ``{"skipped":
+    error}`` without starting an engine where LMCache cannot run (the check runs once, in a process of
+    its own, so this process never touches the GPU)."""
+    from kvtier.vllm.phases import DEMO_ENGINE, run_engine_child
+
+    if not _CHECKED:
+        proc = subprocess.run([sys.executable, str(HERE), "--check"], capture_output=True, text=True,
+                              env={**os.environ, **QUIET}, timeout=600)
+        out = (proc.stdout + proc.stderr).strip()
+        print(out.splitlines()[-1] if proc.returncode == 0 and out else out, flush=True)
+        _CHECKED.append(None if proc.returncode == 0 else (proc.stdout.strip() or proc.stderr.strip())[-3000:])
+    if _CHECKED[0] is not None:
+        return {"skipped": _CHECKED[0]}
+    spec = {"model": model, "steps": steps, "kvtier": None, "lmcache_env": env,
+            "engine": {**DEMO_ENGINE, **engine, "kv_transfer_config": CONNECTOR}}
+    return run_engine_child([sys.executable, str(HERE)], spec, MARK, timeout)
+
+
+PROBE = """import sys, importlib.util, torch
+importlib.util.module_from_spec(importlib.util.spec_from_file_location("lmcache.c_ops", sys.argv[1]))
+print("loads")"""
+
+
+def check() -> str | None:
+    """Import what the LMCache runs need; None if all is there, else the exact error.
+
+    LMCache itself only logs a warning when its compiled ops do not load and then runs every op on
+    its pure-torch fallback, which would make its figures meaningless: here that is an error, and
+    the extension is loaded once more in a process of its own for the exact ImportError (not in this
+    one: it is a multi-phase pybind11 module, which must not be initialized twice in a process).
+    """
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return (f"no CUDA device (torch {torch.__version__}): LMCache's compiled ops and this "
+                    "benchmark need the GPU")
+        import lmcache
+        # What vLLM's LMCacheConnectorV1 imports (use_native=False, the default).
+        from lmcache.integration.vllm.vllm_v1_adapter import LMCacheConnectorV1Impl  # noqa: F401
+        from lmcache.v1.platform import resolve_device_ops
+        from vllm.distributed.kv_transfer.kv_connector.v1.lmcache_connector import LMCacheConnectorV1  # noqa: F401
+
+        ops = resolve_device_ops("cuda")  # binds lmcache.c_ops' ops over the torch fallback
+        # bind_native sets the compiled functions on the instance, over its torch fallback's bound methods.
+        bound = [n for n, v in vars(ops).items() if type(v).__name__ == "builtin_function_or_method"]
+        where = Path(lmcache.__file__).parent
+        if not bound:
+            so = sorted(where.glob("c_ops*.so"))
+            if not so:
+                return f"LMCache {lmcache.__version__}: no c_ops*.so in {where}"
+            probe = subprocess.run([sys.executable, "-c", PROBE, str(so[0])], capture_output=True, text=True)
+            return (f"LMCache {lmcache.__version__}: {type(ops).__name__} bound none of lmcache.c_ops' ops "
+                    f"(it would run every op on its torch fallback); loading {so[0].name} alone:\n"
+                    f"{(probe.stdout + probe.stderr).strip()[-2000:]}")
+        print(f"lmcache {lmcache.__version__} from {where}: {type(ops).__name__} with {len(bound)} compiled "
+              f"ops bound (lmcache.c_ops); torch {torch.__version__}", flush=True)
+        return None
+    except Exception:  # noqa: BLE001 - any failure: its exact traceback is the answer
+        return traceback.format_exc()
+
+
+def _files(path: str) -> list[Path]:
+    return [p for p in Path(path).rglob("*") if p.is_file()]
+
+
+def wait_writes_quiet(path: str, quiet_s: float = 2.0, wait_s: float = 120.0) -> dict[str, Any]:
+    """Wait until the bytes of all files under ``path`` stop changing (LMCache's writes done)."""
+    def size() -> int:
+        return sum(p.stat().st_size for p in _files(path))
+
+    t0 = time.monotonic()
+    last, since = size(), time.monotonic()
+    while time.monotonic() - since < quiet_s and time.monotonic() - t0 < wait_s:
+        time.sleep(0.25)
+        now = size()
+        if now != last:
+            last, since = now, time.monotonic()
+    return {"bytes": last, "files": len(_files(path)), "waited_s": time.monotonic() - t0}
+
+
+def drop_page_cache_of(path: str, quiet_s: float = 2.0, wait_s: float = 120.0) -> dict[str, Any]:
+    """As kvtier.vllm.phases.drop_page_cache_of, over every file under ``path``."""
+    quiet = wait_writes_quiet(path, quiet_s, wait_s)
+    os.sync()
+    for p in _files(path):
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return {"method": "fadvise", **quiet}
+
+
+def connector_metrics(llm: Any) -> dict[str, float]:
+    """vLLM's prefix-cache and connector counters (summed over labels)."""
+    out: dict[str, float] = {}
+    try:
+        metrics = llm.get_metrics()
+    except Exception as e:  # noqa: BLE001 - an engine without metrics: say so
+        return {"error": repr(e)[:300]}
+    for m in metrics:
+        if ("prefix_cache" in m.name or "kvtier" in m.name or "lmcache" in m.name) and hasattr(m, "value"):
+            out[m.name] = out.get(m.name, 0.0) + float(m.value)
+    return out
+
+
+def child(spec: dict[str, Any]) -> dict[str, Any]:
+    os.environ.update(QUIET | spec.get("lmcache_env", {}))  # before vLLM starts its engine core
+    from kvtier.vllm import phases
+
+    phases.wait_writes_quiet = wait_writes_quiet  # looked up by name when a step runs
+    phases.drop_page_cache_of = drop_page_cache_of
+    phases.kvtier_metrics = connector_metrics
+    result = phases._child(spec)
+    result["lmcache_env"] = spec.get("lmcache_env", {})
+    return result
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--check"]:
+        err = check()
+        print("LMCache: ok" if err is None else f"LMCache cannot run here:\n{err}")
+        sys.exit(0 if err is None else 1)
+    result = child(json.loads(sys.stdin.read()))
+    sys.stdout.write(MARK + json.dumps(result) + "\n")
+    sys.stdout.flush()
+    os._exit(0)  # skip slow interpreter teardown of the engine's threads
