@@ -97,7 +97,10 @@ def part_lmcache(model, engine, kv, prompts) -> dict:
     """LMCache (local_cpu of kvtier's cpu_bytes) through the steps kvtier runs in part 1."""
     env = lmcache.settings("lmcache_cpu", kv["cpu_bytes"], kv["cpu_bytes"], STATE / "lmcache-disk")
     t = time.time()
-    result = lmcache.run_phase(model, _saving_steps(prompts), env, engine)
+    try:
+        result = lmcache.run_phase(model, _saving_steps(prompts), env, engine)
+    except RuntimeError as e:  # the engine failed: its log's tail is the answer
+        result = {"skipped": f"failed: {str(e)[-2000:]}"}
     if "skipped" in result:
         print(f"lmcache skipped: {result['skipped']}", flush=True)
     else:
