@@ -51,7 +51,8 @@ class EngineProc:
 
     def __init__(self, model: str, engine: dict, kvtier: dict | None, multiprocess: bool = False,
                  log_path: str | None = None, env: dict | None = None, timeout: float = 300.0,
-                 wait: bool = True, sync_loads: bool = False) -> None:
+                 wait: bool = True, sync_loads: bool = False, wrap: list[str] | None = None) -> None:
+        """``wrap``: a command prefix for the child (``ip netns exec NS``: an engine on another host)."""
         cfg = {"model": model, "engine": engine, "kvtier": kvtier, "sync_loads": sync_loads}
         e = dict(os.environ)
         e.update({"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
@@ -61,7 +62,7 @@ class EngineProc:
         self.log_path = log_path or os.devnull
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, json.dumps(cfg)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            [*(wrap or []), sys.executable, __file__, json.dumps(cfg)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=self._log, env=e, text=True, bufsize=1, start_new_session=True,
         )
         self.timeout = timeout
@@ -456,6 +457,7 @@ def _child(cfg: dict) -> None:
                         st["store"][f"{s.name}_evictions"] = s.evictions
                         st["store"][f"{s.name}_chunks"] = s.chunks
                         st["store"][f"{s.name}_puts"] = s.puts
+                        st["store"][f"{s.name}_hits"] = s.hits
                 _reply(st)
             elif cmd == "fault":
                 loss["rnd"] = None
