@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
-TIER_NAMES = ("cpu", "disk", "redis")
+TIER_NAMES = ("cpu", "disk", "redis", "mooncake")
+MOONCAKE_PROTOCOLS = ("tcp", "rdma")
+SIZE_KEYS = ("cpu_bytes", "disk_bytes", "mooncake_segment_bytes", "mooncake_buffer_bytes")
 HASH_NAMES = ("blake3", "xxh3_128")
 LOAD_MODES = ("auto", "sync", "async")
 LOAD_POLICIES = ("auto", "always")
@@ -170,7 +172,7 @@ class KVTierConfig:
     chunk_size: int = 256
     """Tokens per chunk; a multiple of the engine's block size."""
     tiers: tuple[str, ...] = ("cpu", "disk")
-    """Tiers in lookup order, fastest first; any of cpu, disk, redis ("cpu" always first when present)."""
+    """Tiers in lookup order, fastest first; any of cpu, disk, redis, mooncake ("cpu" always first when present)."""
     cpu_bytes: int = 0
     """Host memory for the cpu tier (one allocation, cut into chunk slots); 0 or "auto": sized from
     the host when the config is made (:func:`auto_cpu_bytes`), so the field always holds bytes."""
@@ -188,6 +190,23 @@ class KVTierConfig:
     """Key prefix in Redis, so kvtier shares a server with other data."""
     redis_ttl_s: int = 0
     """Expiry of chunks written to Redis (0 = none; rely on the server's maxmemory policy)."""
+    mooncake_master: str = ""
+    """HOST:PORT of a mooncake_master (the mooncake tier's object index)."""
+    mooncake_metadata: str = ""
+    """Mooncake's metadata server, http://HOST:PORT/metadata ("" = the master's built-in one,
+    http://MASTER_HOST:8080/metadata, when the master runs with --enable_http_metadata_server)."""
+    mooncake_protocol: str = "tcp"
+    """How Mooncake moves chunks: tcp, or rdma (with mooncake_rdma_devices)."""
+    mooncake_rdma_devices: str = ""
+    """RDMA devices for protocol rdma, e.g. mlx5_0,mlx5_1 ("" = Mooncake picks)."""
+    mooncake_host: str = ""
+    """This host's address as other Mooncake clients reach it ("" = the local address on the route to the master)."""
+    mooncake_segment_bytes: int = 4 * 2**30
+    """Memory this process adds to the Mooncake pool (0 = none: a pure client of segments held elsewhere)."""
+    mooncake_buffer_bytes: int = 16 * 2**20
+    """Mooncake's own transfer buffer in this process (kvtier moves chunks from its registered slots instead)."""
+    mooncake_prefix: str = "kvtier:"
+    """Object name prefix in Mooncake, so kvtier shares a pool with other data."""
     hash: str = "blake3"
     """Hash of chunk keys: blake3 or xxh3_128."""
     write_queue_depth: int = 256
@@ -226,7 +245,7 @@ class KVTierConfig:
     """Settings for an engine adapter that the core does not interpret."""
 
     def __post_init__(self) -> None:
-        for key in ("cpu_bytes", "disk_bytes"):  # "4GiB" in Python too, as in YAML and env
+        for key in SIZE_KEYS:  # "4GiB" in Python too, as in YAML and env
             object.__setattr__(self, key, parse_size(key, getattr(self, key)))
         if self.cpu_bytes == 0 and "cpu" in self.tiers:
             object.__setattr__(self, "cpu_bytes", _host_cpu_bytes())
@@ -318,7 +337,7 @@ def _coerce(key: str, type_name: Any, value: Any) -> Any:
     """Turn strings from env/YAML into the field's type; leave type errors to _validate."""
     t = str(type_name)
     try:
-        if key in ("cpu_bytes", "disk_bytes"):
+        if key in SIZE_KEYS:
             return parse_size(key, value)
         if t.startswith("tuple"):
             return _split_list(key, value)
@@ -401,6 +420,7 @@ def _validate(c: KVTierConfig) -> None:
         if url.startswith("unix://") and (c.redis_cluster or len(c.redis_url) > 1):
             raise ConfigError(f"redis_url={url!r}: a Redis Cluster is reached over TCP (redis://HOST:PORT); "
                               f"a unix socket serves one standalone server")
+    _validate_mooncake(c)
     if c.hash not in HASH_NAMES:
         raise bad("hash", f"allowed: {', '.join(HASH_NAMES)}")
     if c.load_mode not in LOAD_MODES:
@@ -423,3 +443,42 @@ def _validate(c: KVTierConfig) -> None:
         raise bad("server", "expected ipc:///path/to/socket or tcp://127.0.0.1:PORT")
     if not isinstance(c.redis_ttl_s, int) or c.redis_ttl_s < 0:
         raise bad("redis_ttl_s", "must be an integer >= 0 (0 = no expiry)")
+
+
+def check_host_port(value: str, name: str) -> None:
+    """ConfigError unless ``value`` is HOST:PORT with a port in 1..65535."""
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536 or any(c.isspace() for c in value) \
+            or "/" in value:
+        raise ConfigError(f"{name}={value!r}: expected HOST:PORT, e.g. 10.0.0.5:50051 (no scheme)")
+
+
+def _validate_mooncake(c: KVTierConfig) -> None:
+    if "mooncake" in c.tiers and not c.mooncake_master:
+        raise ConfigError("mooncake_master='': set HOST:PORT of a running mooncake_master when the mooncake "
+                          "tier is enabled (mooncake_master --enable_http_metadata_server=true starts one)")
+    if c.mooncake_master:
+        check_host_port(c.mooncake_master, "mooncake_master")
+    if c.mooncake_metadata:
+        parsed = urlparse(c.mooncake_metadata)
+        try:
+            port = parsed.port
+        except ValueError:
+            port = None
+        if parsed.scheme not in ("http", "https") or not parsed.hostname or port is None:
+            raise ConfigError(f"mooncake_metadata={c.mooncake_metadata!r}: expected http://HOST:PORT/metadata "
+                              f"(the master's --http_metadata_server_port), or empty for the master's default")
+    if c.mooncake_protocol not in MOONCAKE_PROTOCOLS:
+        raise ConfigError(f"mooncake_protocol={c.mooncake_protocol!r}: allowed: {', '.join(MOONCAKE_PROTOCOLS)}")
+    if c.mooncake_rdma_devices and c.mooncake_protocol != "rdma":
+        raise ConfigError(f"mooncake_rdma_devices={c.mooncake_rdma_devices!r}: only used with "
+                          f"mooncake_protocol: rdma; remove it or set the protocol")
+    if c.mooncake_host and (any(ch.isspace() or ch in "/:" for ch in c.mooncake_host)):
+        raise ConfigError(f"mooncake_host={c.mooncake_host!r}: expected a host name or IP address "
+                          f"(no port, no scheme), or empty to use the address on the route to the master")
+    if not c.mooncake_prefix or any(ch.isspace() for ch in c.mooncake_prefix):
+        raise ConfigError(f"mooncake_prefix={c.mooncake_prefix!r}: expected a non-empty name prefix without "
+                          f"spaces, e.g. kvtier:")
+    if "mooncake" in c.tiers and c.mooncake_buffer_bytes < 2**20:
+        raise ConfigError(f"mooncake_buffer_bytes={c.mooncake_buffer_bytes}: Mooncake needs a transfer buffer "
+                          f"of at least 1MiB, e.g. 16MiB")

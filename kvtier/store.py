@@ -177,6 +177,8 @@ class Store:
         if tiers is None:
             tiers = [make_tier(n, config, layout, label, self.is_leased) for n in lower_names]
         self.lower: list[Tier] = list(tiers)
+        for tier in self.lower:  # loads land in and saves leave from these slots
+            tier.register_memory(self.pool.buffer)
         self.tiers: list[Tier] = ([self.cpu] if self.cpu else []) + self.lower
         self.metrics.watch_tiers(lambda: self.tiers)
         # Each write waiting for a writer or being written pins its host slot. Bounded by a share

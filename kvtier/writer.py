@@ -188,11 +188,14 @@ def _child(spec: dict) -> int:
     from kvtier.tiers import make_tier
     from kvtier.tiers.base import never_protected
 
-    config = KVTierConfig.from_dict(spec["config"])
+    # The engine process adds its Mooncake segment to the pool; this child only writes into it.
+    config = KVTierConfig.from_dict({**spec["config"], "mooncake_segment_bytes": 0})
     layout = layout_from_msg(msgspec.convert(spec["layout"], LayoutMsg))
     tiers = [make_tier(name, config, layout, spec["label"], never_protected) for name in spec["tiers"]]
     slot_bytes = spec["slot_bytes"]
     pool = memoryview(mmap.mmap(spec["pool_fd"], slot_bytes * spec["num_slots"]))
+    for tier in tiers:
+        tier.register_memory(pool)
     ack_lock = threading.Lock()
     work: queue.Queue[tuple[int, int, int, bytes] | None] = queue.Queue()
     ack = os.fdopen(spec["ack_fd"], "wb", buffering=0)

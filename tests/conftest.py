@@ -74,6 +74,31 @@ def redis_cluster():
     cluster.stop()
 
 
+def require_mooncake() -> None:
+    """Skip (locally) or fail (in CI) when Mooncake (the kvtier[mooncake] extra) is not importable."""
+    try:
+        from kvtier.tiers.mooncake import import_store
+
+        import_store()
+    except ImportError as e:
+        msg = (f"Mooncake is not importable ({e}): pip install 'kvtier[mooncake]' "
+               f"and apt-get install -y libibverbs1")
+        if os.environ.get("CI"):
+            pytest.fail("CI must run the Mooncake tests, but " + msg, pytrace=False)
+        pytest.skip(msg)
+
+
+@pytest.fixture(scope="session")
+def mooncake_master():
+    """A mooncake_master with its HTTP metadata server on loopback (shared by the session)."""
+    require_mooncake()
+    from kvtier.local_mooncake import MooncakeMaster
+
+    master = MooncakeMaster()
+    yield master
+    master.stop()
+
+
 @pytest.fixture
 def tmp_chunk_dir(tmp_path: Path) -> Path:
     return tmp_path / "chunks"

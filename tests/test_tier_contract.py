@@ -1,4 +1,4 @@
-"""The Tier contract, checked the same way on every tier: cpu, disk, redis, redis cluster."""
+"""The Tier contract, checked the same way on every tier: cpu, disk, redis, redis cluster, mooncake."""
 
 import numpy as np
 import pytest
@@ -13,7 +13,7 @@ from kvtier.tiers.redis import RedisTier
 N = SMALL_LAYOUT.nbytes
 
 
-@pytest.fixture(params=["cpu", "disk", "redis", "redis-pieces", "redis-cluster", "redis-cluster-pieces"])
+@pytest.fixture(params=["cpu", "disk", "redis", "redis-pieces", "redis-cluster", "redis-cluster-pieces", "mooncake"])
 def tier(request, tmp_chunk_dir) -> Tier:
     kind = request.param
     pieces = {"piece_bytes": N // 3} if kind.endswith("-pieces") else {}  # 3 full values and a short one
@@ -21,6 +21,13 @@ def tier(request, tmp_chunk_dir) -> Tier:
         t = CpuTier(HostPool(N, 64, pin=False))
     elif kind == "disk":
         t = DiskTier(tmp_chunk_dir, 64 * (N + 4096), SMALL_LAYOUT, label="contract")
+    elif kind == "mooncake":
+        from kvtier.tiers.mooncake import MooncakeTier
+
+        m = request.getfixturevalue("mooncake_master")
+        t = MooncakeTier(m.address, SMALL_LAYOUT, label="contract", metadata_server=m.metadata_url,
+                         segment_bytes=64 << 20, admin_url=m.admin_url, prefix=f"contract{request.node.name}:")
+        assert t.wait_connected(10)
     elif kind.startswith("redis-cluster"):
         cl = request.getfixturevalue("redis_cluster")
         t = RedisTier(cl.urls[:1], SMALL_LAYOUT, label="contract", cluster=True, **pieces)

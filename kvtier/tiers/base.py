@@ -82,6 +82,10 @@ class Tier(ABC):
     def stats(self) -> TierStats:
         """Counters and occupancy."""
 
+    def register_memory(self, buffer: Buffer) -> None:
+        """``buffer`` (host memory whose slices later calls pass) may be prepared for direct
+        transfers, e.g. registered with an RDMA/TCP transfer engine. Optional; no-op here."""
+
     def scan(self) -> Iterator[StoredChunk]:
         """Every chunk held (for inspection; may be slow)."""
         return iter(())

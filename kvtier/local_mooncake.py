@@ -1,0 +1,256 @@
+"""Real Mooncake processes for tests, benchmarks and demos: a master, and segment holders.
+
+``mooncake_master`` keeps the object index; with ``--enable_http_metadata_server`` it also
+serves the transfer engine's metadata over HTTP, so nothing else (etcd) is needed. Data
+lives in *segments*: memory that clients mount into the pool. A kvtier tier may mount one
+itself (``mooncake_segment_bytes``), or a separate ``mooncake_client`` process holds one
+(:class:`MooncakeSegment`): killing that process is losing a node's share of the cache.
+
+Both binaries ship in the ``mooncake-transfer-engine-non-cuda`` wheel (``pip install
+kvtier[mooncake]``; they need the system library libibverbs1 even for TCP).
+
+    with MooncakeMaster() as m:          # on 127.0.0.1, free ports
+        m.address, m.metadata_url        # "127.0.0.1:PORT", "http://127.0.0.1:PORT/metadata"
+        m.kill(); m.restart()            # a crash, then a master on the same ports
+
+``host`` binds everything to another address (a network namespace's, for multi-host runs).
+Note: the master's metadata HTTP server and a client's transfer port listen on all
+interfaces whatever ``host`` says (Mooncake 0.3.13); use them on trusted networks only.
+Processes are stopped by the callers' ``stop``; an ``atexit`` hook kills what is left.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+
+from kvtier.local_redis import free_port
+
+HOST = "127.0.0.1"
+_live: set[subprocess.Popen] = set()
+
+
+def mooncake_binary(name: str) -> str | None:
+    """Path of ``mooncake_master`` / ``mooncake_client``: beside the installed ``mooncake``
+    package (where the wheel puts them), else on PATH."""
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("mooncake")
+    except (ImportError, ValueError):
+        spec = None
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(folder, name)
+        if os.access(path, os.X_OK):
+            return path
+    return shutil.which(name)
+
+
+def _port_open(host: str, port: int, timeout_s: float = 0.2) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+class _Proc:
+    """One child process with a log file, started and waited for by a subclass."""
+
+    what = "process"
+
+    def __init__(self, host: str, workdir: str | None) -> None:
+        self.host = host
+        self._own_dir = workdir is None
+        self.workdir = workdir or tempfile.mkdtemp(prefix=f"kvtier-{self.what}-")
+        os.makedirs(self.workdir, exist_ok=True)
+        self.log_path = os.path.join(self.workdir, f"{self.what}.log")
+        self.proc: subprocess.Popen | None = None
+
+    def _args(self) -> list[str]:
+        raise NotImplementedError
+
+    def _ports(self) -> list[int]:
+        """Ports that must accept connections before the process counts as ready."""
+        raise NotImplementedError
+
+    def start(self, timeout_s: float = 20.0) -> None:
+        if self.alive():
+            return
+        deadline = time.monotonic() + timeout_s
+        # A killed process's ports may take a moment to be free again; the master exits at once
+        # (fatal error) when its metadata port is taken.
+        while not all(_port_free(self.host, p) for p in self._ports()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self._args(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                         cwd=self.workdir, start_new_session=True)
+        _live.add(self.proc)
+        while not all(_port_open(self.host, p) for p in self._ports()):
+            if self.proc.poll() is not None:
+                code = self.proc.returncode
+                self.kill()
+                raise RuntimeError(f"{self.what} exited with {code}; log: {self.log_tail()}")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"{self.what} did not listen on {self.host}:{self._ports()} in {timeout_s}s; "
+                                   f"log: {self.log_tail()}")
+            time.sleep(0.05)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """Stop at once (SIGKILL: a crash)."""
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGCONT)
+                self.proc.kill()
+            self.proc.wait(10)
+            _live.discard(self.proc)
+            self.proc = None
+
+    def pause(self) -> None:
+        """Freeze (SIGSTOP): connections stay open, nothing answers."""
+        if self.alive():
+            self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.alive():
+            self.proc.send_signal(signal.SIGCONT)
+
+    def restart(self) -> None:
+        """Kill (if running) and start again on the same ports."""
+        self.kill()
+        self.start()
+
+    def log_tail(self, n: int = 2000) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f.read()[-n:]
+        except OSError:
+            return "(no log)"
+
+    def stop(self) -> None:
+        self.kill()
+        if self._own_dir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class MooncakeMaster(_Proc):
+    """``mooncake_master`` on ``host`` with its HTTP metadata server, on free ports unless given."""
+
+    what = "mooncake-master"
+
+    def __init__(self, host: str = HOST, port: int | None = None, metadata_port: int | None = None,
+                 admin_port: int | None = None, extra_args: tuple[str, ...] = (), workdir: str | None = None,
+                 start: bool = True) -> None:
+        """``extra_args``: more master flags, e.g. ``("--client_ttl", "3")`` (seconds after which a
+        silent client's segment is dropped; 10 by default)."""
+        binary = mooncake_binary("mooncake_master")
+        if binary is None:
+            raise RuntimeError("mooncake_master not found: pip install 'kvtier[mooncake]' "
+                               "(and apt-get install -y libibverbs1)")
+        super().__init__(host, workdir)
+        self.binary = binary
+        self.port = port or free_port()
+        self.metadata_port = metadata_port or free_port()
+        self.admin_port = admin_port or free_port()
+        self.extra_args = tuple(extra_args)
+        if start:
+            self.start()
+
+    @property
+    def address(self) -> str:
+        """What a client's ``master_server_addr`` (kvtier: ``mooncake_master``) is."""
+        return f"{self.host}:{self.port}"
+
+    @property
+    def metadata_url(self) -> str:
+        """What a client's ``metadata_server`` (kvtier: ``mooncake_metadata``) is."""
+        return f"http://{self.host}:{self.metadata_port}/metadata"
+
+    @property
+    def admin_url(self) -> str:
+        """The master's admin/metrics HTTP server (``/get_all_keys``, ``/metrics``)."""
+        return f"http://{self.host}:{self.admin_port}"
+
+    def _ports(self) -> list[int]:
+        return [self.port, self.metadata_port, self.admin_port]
+
+    def _args(self) -> list[str]:
+        h = self.host
+        return [self.binary, f"--rpc_address={h}", f"--rpc_port={self.port}",
+                "--enable_http_metadata_server=true", f"--http_metadata_server_host={h}",
+                f"--http_metadata_server_port={self.metadata_port}", f"--metrics_host={h}",
+                f"--metrics_port={self.admin_port}", "--rpc_thread_num=2", *self.extra_args]
+
+
+class MooncakeSegment(_Proc):
+    """A ``mooncake_client`` process holding ``size`` bytes of the pool (a "segment holder")."""
+
+    what = "mooncake-segment"
+
+    def __init__(self, master: MooncakeMaster, size: int = 1 << 30, host: str | None = None,
+                 port: int | None = None, workdir: str | None = None, start: bool = True) -> None:
+        binary = mooncake_binary("mooncake_client")
+        if binary is None:
+            raise RuntimeError("mooncake_client not found: pip install 'kvtier[mooncake]'")
+        super().__init__(host or master.host, workdir)
+        self.binary = binary
+        self.master = master
+        self.size = size
+        self.port = port or free_port()
+        if start:
+            self.start()
+
+    def _ports(self) -> list[int]:
+        return [self.port]
+
+    def _args(self) -> list[str]:
+        return [self.binary, f"--host={self.host}", f"--port={self.port}",
+                f"--global_segment_size={self.size}", f"--master_server_address={self.master.address}",
+                f"--metadata_server={self.master.metadata_url}", "--protocol=tcp"]
+
+    def start(self, timeout_s: float = 20.0) -> None:
+        super().start(timeout_s)
+        # The service port opens before the segment is mounted; wait until the master counts it.
+        deadline = time.monotonic() + timeout_s
+        while "Mounting segment" not in self.log_tail(100_000) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.1)
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    for p in list(_live):
+        try:
+            if p.poll() is None:
+                p.send_signal(signal.SIGCONT)
+                p.kill()
+                p.wait(5)
+        except OSError:
+            pass
+    _live.clear()
