@@ -19,6 +19,12 @@ that fails, it prints the exact traceback and every LMCache configuration answer
 ``{"skipped": ...}`` without starting an engine: the benchmark records it and goes on with its other
 configurations, so a device call is never lost to a missing package.
 
+LMCache also keeps serving when its engine fails to start (it recomputes every token, "degraded
+mode") or when its compiled ops do not load (it runs them in torch): the child reads LMCache's
+lines in its own log (the engine core writes there too) and reports its lookups, hit tokens and
+any such failure (``lmcache_log``); a degraded run is recorded as skipped, with LMCache's message,
+rather than as LMCache's figures.
+
     python3 benchmarks/gpu_lmcache/phase.py --check    # the import check alone (no engine)
 """
 
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -37,8 +44,14 @@ HERE = Path(__file__).resolve()
 MARK = "@@KVTIER-PHASE@@"  # kvtier.vllm.phases.MARK: the parent reads the child's line by it
 CHUNK = 256  # tokens per LMCache chunk: kvtier's default chunk_size
 CONNECTOR = {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}
-# The variables that are not LMCache settings but keep it quiet on a machine without a network.
-QUIET = {"LMCACHE_TRACK_USAGE": "false"}
+# Not LMCache settings: no usage reports (the machine has no network); a fixed hash seed, as LMCache
+# asks when it falls back to Python's hash for its chunk keys (vLLM 0.24 has no "builtin" hash to lend).
+QUIET = {"LMCACHE_TRACK_USAGE": "false", "PYTHONHASHSEED": "0"}
+# LMCache keeps serving when its engine fails to start (it recomputes everything) or when its compiled
+# ops do not load (it runs them in torch); either would pass off vLLM alone's figures as LMCache's.
+DEGRADED = ("degraded mode", "stays on the torch baseline", "Failed to initialize LMCacheManager",
+            "Failed during post_init")
+HITS = re.compile(r"LMCache hit tokens: (\d+)")
 
 
 def gib(size: str) -> float:
@@ -106,7 +119,13 @@ def run_phase(model: str, steps: list[dict[str, Any]], env: dict[str, str], engi
         return {"skipped": _CHECKED[0]}
     spec = {"model": model, "steps": steps, "kvtier": None, "lmcache_env": env,
             "engine": {**DEMO_ENGINE, **engine, "kv_transfer_config": CONNECTOR}}
-    return run_engine_child([sys.executable, str(HERE)], spec, MARK, timeout)
+    result = run_engine_child([sys.executable, str(HERE)], spec, MARK, timeout)
+    log = result.get("lmcache_log", {})
+    print(f"LMCache's log: {log.get('lookups')} lookups, {log.get('hit_tokens')} hit tokens", flush=True)
+    if log.get("degraded"):
+        return {"skipped": "LMCache ran degraded (every token recomputed), so these would be vLLM alone's "
+                           "figures:\n" + "\n".join(log["degraded"])[-2500:], "degraded_result": result}
+    return result
 
 
 PROBE = """import sys, importlib.util, torch
@@ -211,7 +230,24 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     phases.kvtier_metrics = connector_metrics
     result = phases._child(spec)
     result["lmcache_env"] = spec.get("lmcache_env", {})
+    result["lmcache_log"] = read_own_log()
     return result
+
+
+def read_own_log() -> dict[str, Any]:
+    """What LMCache logged in this engine (its engine core writes to this process's stdout: the
+    parent's log file): the lookups it answered, their hit tokens, and any sign that it ran degraded."""
+    try:
+        text = Path("/proc/self/fd/1").read_text(errors="replace")
+    except OSError as e:
+        return {"error": repr(e)}
+    lines = text.splitlines()
+    hits = [int(m.group(1)) for line in lines if (m := HITS.search(line))]
+    degraded = []
+    for i, line in enumerate(lines):
+        if any(d in line for d in DEGRADED):
+            degraded.append("\n".join(lines[i:i + 25]))  # the message and the traceback it carries
+    return {"lookups": len(hits), "hit_tokens": sum(hits), "degraded": degraded[:4]}
 
 
 if __name__ == "__main__":
