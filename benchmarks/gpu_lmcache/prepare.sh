@@ -21,11 +21,20 @@
 #               it only for CacheGen's CPU encode/decode, which local_cpu/local_disk never call
 #               (numba + llvmlite would be ~60 MB: a device call of their own);
 #   bin/stage.sh  GPU side: copies .gpu-lmcache/ to /tmp/lmc-stage.
+# What LMCache 0.5.3 really imports on this path (traced on the CPU box: vLLM 0.24's VllmConfig with
+# LMCacheConnectorV1, the scheduler-role connector built, an LMCacheEngine with local_cpu + local_disk
+# built; the module-level imports of the 153 lmcache modules reachable from the adapter read statically):
+#   carried here:        sortedcontainers, aiofile (+ caio), lmcache itself;
+#   in .gpu-vllm/deps:   cachetools, fastapi, starlette, uvicorn, pydantic, msgspec, pyzmq, opentelemetry;
+#   the image's (vLLM imports them too; fallback wheels above): torch, numpy, transformers, psutil,
+#                        py-cpuinfo, pyyaml, requests, prometheus_client, aiohttp;
+#   numba:               `from numba import njit` at module level only (stand-in above).
 # Not carried, although LMCache declares them: cupy-cuda13x (imported only by the multiprocess
-# mode's GPU cache contexts and CUDA IPC wrapper), numba (see above), nvtx (optional import:
-# a no-op fallback), awscrt (S3 connector only), cufile-python (GDS backend only), google-cloud-*
-# (Bigtable connector only), nixl, cryptography (serde encryption only), transformers/numpy/torch
-# (the image has them: vLLM imports them).
+# mode's GPU cache contexts and CUDA IPC wrapper), nvtx (optional import with a no-op fallback),
+# awscrt (S3 connector only), cufile-python (GDS backend only), google-cloud-* (Bigtable connector
+# only), nixl, cryptography (serde encryption only), aiofiles, httpx, huggingface_hub, safetensors
+# (not imported on this path); the traced import ran with cupy, nvtx, awscrt, cufile, google, nixl
+# and cryptography blocked.
 #
 # On the GPU machine, one extra device call while it is up (it keeps /tmp in between), any time
 # before the first LMCache run:
