@@ -60,16 +60,6 @@ def _port_open(host: str, port: int, timeout_s: float = 0.2) -> bool:
         return False
 
 
-def _port_free(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-            return True
-        except OSError:
-            return False
-
-
 class _Proc:
     """One child process with a log file, started and waited for by a subclass."""
 
@@ -94,24 +84,28 @@ class _Proc:
         if self.alive():
             return
         deadline = time.monotonic() + timeout_s
-        # A killed process's ports may take a moment to be free again; the master exits at once
-        # (fatal error) when its metadata port is taken.
-        while not all(_port_free(self.host, p) for p in self._ports()) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self._args(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                         cwd=self.workdir, start_new_session=True)
-        _live.add(self.proc)
-        while not all(_port_open(self.host, p) for p in self._ports()):
-            if self.proc.poll() is not None:
-                code = self.proc.returncode
-                self.kill()
-                raise RuntimeError(f"{self.what} exited with {code}; log: {self.log_tail()}")
+        while True:
+            with open(self.log_path, "ab") as log:
+                # Their full log in the log file (a kvtier tier in this process may have turned
+                # Mooncake's log down in os.environ; readiness checks read this log).
+                env = dict(os.environ, MC_LOG_LEVEL="INFO")
+                self.proc = subprocess.Popen(self._args(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                             cwd=self.workdir, start_new_session=True, env=env)
+            _live.add(self.proc)
+            while not all(_port_open(self.host, p) for p in self._ports()):
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            else:
+                return
+            code = self.proc.poll()
+            self.kill()
+            # A killed process's port may not be free yet (the master exits at once when its
+            # metadata port is taken): try again until the deadline.
             if time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(f"{self.what} did not listen on {self.host}:{self._ports()} in {timeout_s}s; "
-                                   f"log: {self.log_tail()}")
-            time.sleep(0.05)
+                raise RuntimeError(f"{self.what} did not listen on {self.host}:{self._ports()} in {timeout_s}s "
+                                   f"(exit code {code}); log: {self.log_tail()}")
+            time.sleep(0.2)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -235,12 +229,27 @@ class MooncakeSegment(_Proc):
                 f"--metadata_server={self.master.metadata_url}", "--protocol=tcp"]
 
     def start(self, timeout_s: float = 20.0) -> None:
+        before = self._log_size()
         super().start(timeout_s)
-        # The service port opens before the segment is mounted; wait until the master counts it.
+        # The service port opens before the segment is mounted; wait until this run logs it.
         deadline = time.monotonic() + timeout_s
-        while "Mounting segment" not in self.log_tail(100_000) and time.monotonic() < deadline:
+        while "Mounting segment" not in self._log_since(before) and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(0.1)
+
+    def _log_size(self) -> int:
+        try:
+            return os.path.getsize(self.log_path)
+        except OSError:
+            return 0
+
+    def _log_since(self, offset: int) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(offset)
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
 
 
 @atexit.register

@@ -18,8 +18,10 @@ circuit breaker: for ``retry_after_s`` the tier answers without calling Mooncake
 to a dead master block for seconds), then one caller probes. Mooncake's client reconnects
 and mounts its segment again when the master is back. A lost segment holder makes the
 objects in it fail to transfer (misses) until the master drops the segment (its
-``client_ttl``). ``setup`` with the master down blocks for ~85 s in Mooncake, so connecting
-runs in a background thread: the engine starts at once, answering misses until connected.
+``client_ttl``). Connecting runs in a background thread, which calls Mooncake's ``setup``
+only once the master's port accepts connections (``setup`` holds the GIL for as long as it
+tries: 4.4 s against an absent master): the engine starts at once, answering misses until
+connected.
 
 A put replaces an existing object: Mooncake's put keeps the first value of a name, so the
 name is removed first (a reader at that moment misses; one that reads a half-written value
@@ -59,6 +61,9 @@ def import_store():
     # Mooncake logs every step at INFO to stderr (many lines per connection); keep its errors
     # only. MC_LOG_LEVEL=INFO in the environment shows all of it again.
     os.environ.setdefault("MC_LOG_LEVEL", "ERROR")
+    # One attempt per setup call (Mooncake's default of 20 blocks ~85 s with the master down);
+    # the tier's connecting thread retries on its own, and close() then waits for one attempt.
+    os.environ.setdefault("MC_STORE_CLIENT_SETUP_RETRIES", "1")
     try:
         from mooncake import store
     except ImportError as e:
@@ -121,6 +126,8 @@ class MooncakeTier(Tier):
         self._store = None  # set once connected
         self._closed = False
         self._connected = threading.Event()
+        self._address = (host, int(port))
+        self._connect_timeout_s = connect_timeout_s
         reachable = self._probe(host, int(port), connect_timeout_s)
         self._thread = threading.Thread(target=self._connect, name="kvtier-mooncake-setup", daemon=True)
         self._thread.start()
@@ -141,6 +148,12 @@ class MooncakeTier(Tier):
     def _connect(self) -> None:
         """Set the client up (retrying while the master is away), then register memory."""
         while not self._closed:
+            # Mooncake's setup holds the GIL while it tries (4.4 s against a master that is not
+            # there), stalling every thread of the engine: call it only once the master listens.
+            if not self._probe(*self._address, self._connect_timeout_s):
+                self._log("setup", f"master {self.master} does not answer; retrying every {self.retry_after_s:.1f}s")
+                time.sleep(self.retry_after_s)
+                continue
             store = self._mc.MooncakeDistributedStore()
             rc = store.setup(self.local_hostname, self.metadata_server, self.segment_bytes, self.buffer_bytes,
                              self.protocol, self.rdma_devices, self.master)
