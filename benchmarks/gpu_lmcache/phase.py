@@ -8,10 +8,11 @@ kvtier runs. Three things differ, all here and none in kvtier/:
   lmcache/v1/config.py): the parent puts them in the spec and the child exports them before
   vLLM starts, so the engine-core process inherits them. One engine process per configuration, so
   LMCache's process-wide config singleton never carries over.
-- ``drop_page_cache`` / ``settle`` wait for and drop *every* file under the directory (LMCache
-  writes ``<key>.pt`` files; kvtier's helpers look at ``*.kvc`` only).
-- ``metrics`` also returns vLLM's own connector counters (``vllm:external_prefix_cache_hits`` and
-  ``..._queries``: the tokens the connector, here LMCache, supplied) and its prefix-cache counters.
+- ``drop_page_cache`` / ``settle`` steps name *every* file under the directory (``STEP_FILES``:
+  LMCache writes ``<key>.pt`` files, kvtier ``*.kvc``).
+- ``metrics`` steps also ask for vLLM's own connector counters (``STEP_MARKS``:
+  ``vllm:external_prefix_cache_hits``, the tokens the connector, here LMCache, supplied) and its
+  prefix-cache counters.
 
 Before the first LMCache engine, ``run_phase`` runs ``--check`` in a process of its own: it loads
 LMCache's compiled ops and imports what vLLM's connector will import (LMCache's vLLM adapter). If
@@ -35,7 +36,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,8 @@ QUIET = {"LMCACHE_TRACK_USAGE": "false", "PYTHONHASHSEED": "0"}
 DEGRADED = ("degraded mode", "stays on the torch baseline", "Failed to initialize LMCacheManager",
             "Failed during post_init")
 HITS = re.compile(r"LMCache hit tokens: (\d+)")
+STEP_FILES = "*"  # drop_page_cache / settle: LMCache's files
+STEP_MARKS = ["prefix_cache", "kvtier", "lmcache"]  # metrics: vLLM's connector and prefix-cache counters
 
 
 def gib(size: str) -> float:
@@ -117,6 +119,8 @@ def run_phase(model: str, steps: list[dict[str, Any]], env: dict[str, str], engi
             print(_CHECKED[0], flush=True)
     if _CHECKED[0] is not None:
         return {"skipped": _CHECKED[0]}
+    steps = [s | {"files": STEP_FILES} if s["op"] in ("drop_page_cache", "settle")
+             else s | {"marks": STEP_MARKS} if s["op"] == "metrics" else s for s in steps]
     spec = {"model": model, "steps": steps, "kvtier": None, "lmcache_env": env,
             "engine": {**DEMO_ENGINE, **engine, "kv_transfer_config": CONNECTOR}}
     result = run_engine_child([sys.executable, str(HERE)], spec, MARK, timeout)
@@ -172,62 +176,10 @@ def check() -> str | None:
         return traceback.format_exc()
 
 
-def _files(path: str) -> list[Path]:
-    return [p for p in Path(path).rglob("*") if p.is_file()]
-
-
-def wait_writes_quiet(path: str, quiet_s: float = 2.0, wait_s: float = 120.0) -> dict[str, Any]:
-    """Wait until the bytes of all files under ``path`` stop changing (LMCache's writes done)."""
-    def size() -> int:
-        return sum(p.stat().st_size for p in _files(path))
-
-    t0 = time.monotonic()
-    last, since = size(), time.monotonic()
-    while time.monotonic() - since < quiet_s and time.monotonic() - t0 < wait_s:
-        time.sleep(0.25)
-        now = size()
-        if now != last:
-            last, since = now, time.monotonic()
-    return {"bytes": last, "files": len(_files(path)), "waited_s": time.monotonic() - t0}
-
-
-def drop_page_cache_of(path: str, quiet_s: float = 2.0, wait_s: float = 120.0) -> dict[str, Any]:
-    """As kvtier.vllm.phases.drop_page_cache_of, over every file under ``path``."""
-    quiet = wait_writes_quiet(path, quiet_s, wait_s)
-    os.sync()
-    for p in _files(path):
-        try:
-            fd = os.open(p, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.fdatasync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-    return {"method": "fadvise", **quiet}
-
-
-def connector_metrics(llm: Any) -> dict[str, float]:
-    """vLLM's prefix-cache and connector counters (summed over labels)."""
-    out: dict[str, float] = {}
-    try:
-        metrics = llm.get_metrics()
-    except Exception as e:  # noqa: BLE001 - an engine without metrics: say so
-        return {"error": repr(e)[:300]}
-    for m in metrics:
-        if ("prefix_cache" in m.name or "kvtier" in m.name or "lmcache" in m.name) and hasattr(m, "value"):
-            out[m.name] = out.get(m.name, 0.0) + float(m.value)
-    return out
-
-
 def child(spec: dict[str, Any]) -> dict[str, Any]:
     os.environ.update(QUIET | spec.get("lmcache_env", {}))  # before vLLM starts its engine core
     from kvtier.vllm import phases
 
-    phases.wait_writes_quiet = wait_writes_quiet  # looked up by name when a step runs
-    phases.drop_page_cache_of = drop_page_cache_of
-    phases.kvtier_metrics = connector_metrics
     result = phases._child(spec)
     result["lmcache_env"] = spec.get("lmcache_env", {})
     result["lmcache_log"] = read_own_log()

@@ -9,10 +9,13 @@ Steps:
 - ``{"op": "generate", "prompts": [[ids]], "max_tokens": n}``: greedy outputs and wall time.
 - ``{"op": "reset_prefix_cache"}``: empty vLLM's own prefix cache (kvtier keeps its copy).
 - ``{"op": "metrics"}``: kvtier's counters in vLLM's metrics so far (``vllm:kvtier_*``, summed over
-  labels; the engine needs ``disable_log_stats=False``).
+  labels; the engine needs ``disable_log_stats=False``); ``"marks": [...]``: the metrics whose name
+  holds one of these instead of "kvtier".
 - ``{"op": "drop_page_cache", "path": dir}``: wait until kvtier stopped writing under ``dir``, then
-  drop its files from the page cache, so reads come from the disk.
-- ``{"op": "settle", "path": dir}``: only wait until kvtier stopped writing under ``dir``.
+  drop its files from the page cache, so reads come from the disk; ``"files": glob``: other files
+  than kvtier's ``*.kvc`` (another connector's).
+- ``{"op": "settle", "path": dir}``: only wait until kvtier stopped writing under ``dir`` (``"files"``
+  as above).
 - ``{"op": "profile_start", "prefix": name}`` / ``{"op": "profile_stop"}``: vLLM's torch profiler
   around the steps between them (the engine needs ``profiler_config``).
 """
@@ -27,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 MARK = "@@KVTIER-PHASE@@"
@@ -45,10 +49,14 @@ def drop_page_cache_now() -> bool:
         return False
 
 
-def wait_writes_quiet(path: str, quiet_s: float = 2.0, wait_s: float = 120.0) -> dict[str, Any]:
-    """Wait until the bytes of kvtier's files under ``path`` stop changing (writes behind done)."""
+def _files(path: str, files: str) -> list[Path]:
+    return [p for p in Path(path).rglob(files) if p.is_file()]
+
+
+def wait_writes_quiet(path: str, files: str = "*.kvc", quiet_s: float = 2.0, wait_s: float = 120.0) -> dict[str, Any]:
+    """Wait until the bytes of the ``files`` (kvtier's) under ``path`` stop changing (writes behind done)."""
     def size() -> int:
-        return sum(p.stat().st_size for p in Path(path).rglob("*.kvc") if p.is_file())
+        return sum(p.stat().st_size for p in _files(path, files))
 
     t0 = time.monotonic()
     last, since = size(), time.monotonic()
@@ -57,17 +65,17 @@ def wait_writes_quiet(path: str, quiet_s: float = 2.0, wait_s: float = 120.0) ->
         now = size()
         if now != last:
             last, since = now, time.monotonic()
-    return {"bytes": last, "waited_s": time.monotonic() - t0}
+    return {"bytes": last, "files": len(_files(path, files)), "waited_s": time.monotonic() - t0}
 
 
-def drop_page_cache_of(path: str, quiet_s: float = 2.0, wait_s: float = 120.0) -> dict[str, Any]:
-    """Wait until kvtier's writes under ``path`` are done, then drop those files from the page
-    cache (``POSIX_FADV_DONTNEED`` per file, which needs no privilege)."""
-    quiet = wait_writes_quiet(path, quiet_s, wait_s)
+def drop_page_cache_of(path: str, files: str = "*.kvc", quiet_s: float = 2.0, wait_s: float = 120.0) -> dict[str, Any]:
+    """Wait until the writes of the ``files`` (kvtier's) under ``path`` are done, then drop those
+    files from the page cache (``POSIX_FADV_DONTNEED`` per file, which needs no privilege)."""
+    quiet = wait_writes_quiet(path, files, quiet_s, wait_s)
     # Only kvtier's files: dropping the whole page cache also evicts the engine's own libraries,
     # whose pages then fault back in during the next requests (seen: +12 % TTFT on the H200).
     os.sync()
-    for p in Path(path).rglob("*.kvc"):
+    for p in _files(path, files):
         try:
             fd = os.open(p, os.O_RDONLY)
         except OSError:
@@ -80,15 +88,16 @@ def drop_page_cache_of(path: str, quiet_s: float = 2.0, wait_s: float = 120.0) -
     return {"method": "fadvise", **quiet}
 
 
-def kvtier_metrics(llm: Any) -> dict[str, float]:
-    """kvtier's counters in an ``LLM``'s metrics (``vllm:kvtier_*``), summed over labels."""
+def kvtier_metrics(llm: Any, marks: Sequence[str] = ("kvtier",)) -> dict[str, float]:
+    """kvtier's counters in an ``LLM``'s metrics (``vllm:kvtier_*``; those whose name holds one of
+    ``marks``), summed over labels."""
     out: dict[str, float] = {}
     try:
         metrics = llm.get_metrics()
     except Exception as e:  # noqa: BLE001 - an engine without metrics (disable_log_stats): say so
         return {"error": repr(e)[:300]}
     for m in metrics:
-        if "kvtier" in m.name and hasattr(m, "value"):
+        if any(mark in m.name for mark in marks) and hasattr(m, "value"):
             out[m.name] = out.get(m.name, 0.0) + float(m.value)
     return out
 
@@ -200,11 +209,11 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         elif op == "metrics":  # after one more tiny request: the last step's counters reach the front end
             llm.generate([TokensPrompt(prompt_token_ids=[7] * 8)], one, use_tqdm=False)
             time.sleep(0.2)
-            results["steps"].append({"op": op, "values": kvtier_metrics(llm)})
+            results["steps"].append({"op": op, "values": kvtier_metrics(llm, step.get("marks", ("kvtier",)))})
         elif op == "drop_page_cache":
-            results["steps"].append({"op": op, **drop_page_cache_of(step["path"])})
+            results["steps"].append({"op": op, **drop_page_cache_of(step["path"], step.get("files", "*.kvc"))})
         elif op == "settle":
-            results["steps"].append({"op": op, **wait_writes_quiet(step["path"])})
+            results["steps"].append({"op": op, **wait_writes_quiet(step["path"], step.get("files", "*.kvc"))})
         elif op == "reset_prefix_cache":
             llm.reset_prefix_cache()
             results["steps"].append({"op": op})
