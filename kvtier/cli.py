@@ -223,18 +223,36 @@ def bench_vllm_cmd(size: str, lengths: str, docs: int, requests: int, reps: int,
 @click.option("--redis-url", default=None, help="A Redis server (or cluster seed) to inspect.")
 @click.option("--redis-cluster", is_flag=True, help="Treat --redis-url as a Redis Cluster seed.")
 @click.option("--redis-prefix", default="kvtier:", show_default=True, help="Key prefix kvtier uses in Redis.")
+@click.option("--mooncake-master", default=None, help="A Mooncake master (HOST:PORT) whose pool to inspect.")
+@click.option("--mooncake-metadata", default=None,
+              help="Its metadata server (default http://MASTER_HOST:8080/metadata).")
+@click.option("--mooncake-admin", default=None,
+              help="Its admin HTTP server, which lists the names (default http://MASTER_HOST:9003).")
+@click.option("--mooncake-prefix", default="kvtier:", show_default=True, help="Name prefix kvtier uses in Mooncake.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def inspect(disk_path: str | None, redis_url: str | None, redis_cluster: bool, redis_prefix: str,
-            as_json: bool) -> None:
-    """What a disk directory or Redis namespace holds: chunks, bytes, models."""
-    if not disk_path and not redis_url:
-        raise click.UsageError("give --disk-path DIR and/or --redis-url redis://HOST:PORT")
+            mooncake_master: str | None, mooncake_metadata: str | None, mooncake_admin: str | None,
+            mooncake_prefix: str, as_json: bool) -> None:
+    """What a disk directory, Redis namespace or Mooncake pool holds: chunks, bytes, models."""
+    if not disk_path and not redis_url and not mooncake_master:
+        raise click.UsageError("give --disk-path DIR, --redis-url redis://HOST:PORT and/or --mooncake-master HOST:PORT")
     if redis_url:
         from kvtier.config import check_redis_url
 
         check_redis_url(redis_url, "--redis-url")  # a one-line error, not a traceback
+    mooncake = None
+    if mooncake_master:
+        from kvtier.config import check_host_port
+
+        try:
+            check_host_port(mooncake_master, "--mooncake-master")
+        except ConfigError as e:
+            raise click.BadParameter(str(e), param_hint="--mooncake-master") from e
+        host = mooncake_master.rpartition(":")[0]
+        mooncake = (mooncake_master, mooncake_metadata or f"http://{host}:8080/metadata",
+                    mooncake_admin or f"http://{host}:9003", mooncake_prefix)
     rows = []
-    for name, chunks in _scan_sources(disk_path, redis_url, redis_cluster, redis_prefix):
+    for name, chunks in _scan_sources(disk_path, redis_url, redis_cluster, redis_prefix, mooncake):
         per_model: Counter[str] = Counter()
         size: Counter[str] = Counter()
         for c in chunks:
@@ -250,7 +268,8 @@ def inspect(disk_path: str | None, redis_url: str | None, redis_cluster: bool, r
         click.echo(_table(rows, ["source", "model", "chunks", "bytes"]))
 
 
-def _scan_sources(disk_path: str | None, redis_url: str | None, cluster: bool, prefix: str):
+def _scan_sources(disk_path: str | None, redis_url: str | None, cluster: bool, prefix: str,
+                  mooncake: tuple[str, str, str, str] | None = None):
     from kvtier.tiers.scan import scan_disk, scan_redis
 
     if disk_path:
@@ -259,6 +278,20 @@ def _scan_sources(disk_path: str | None, redis_url: str | None, cluster: bool, p
         yield f"disk:{disk_path}", scan_disk(disk_path)
     if redis_url:
         yield f"redis:{redis_url}", scan_redis(redis_url, cluster, prefix)
+    if mooncake:
+        yield f"mooncake:{mooncake[0]}", _scan_mooncake(*mooncake)
+
+
+def _scan_mooncake(master: str, metadata: str, admin: str, prefix: str):
+    """The pool's chunks; a master, metadata or admin server not there is a one-line error."""
+    try:
+        from kvtier.tiers.mooncake import scan_pool
+
+        yield from scan_pool(master, metadata, admin, prefix)
+    except ImportError as e:
+        raise _UserError(str(e)) from e
+    except (ConnectionError, OSError) as e:
+        raise _UserError(f"mooncake at {master} (admin {admin}): {e}") from e
 
 
 @main.command("config")

@@ -1,6 +1,7 @@
 """The mooncake tier against real mooncake_master / mooncake_client processes: faults, corruption,
 registered memory, settings (the contract suite runs it too: test_tier_contract.py)."""
 
+import json
 import time
 
 import numpy as np
@@ -227,3 +228,34 @@ def test_good_settings_from_env():
                                        "KVTIER_MOONCAKE_RDMA_DEVICES": "mlx5_0"})
     assert c.tiers == ("cpu", "mooncake")
     assert (c.mooncake_master, c.mooncake_segment_bytes, c.mooncake_protocol) == ("10.0.0.1:50051", 8 << 30, "rdma")
+
+
+def test_inspect_lists_the_pool(mooncake_master):
+    """`kvtier inspect --mooncake-master`: chunks per model, read from the pool's headers; a master
+    that is not there is a one-line error."""
+    from click.testing import CliRunner
+
+    from kvtier.cli import main
+    from kvtier.local_redis import free_port
+    from kvtier.store import Store
+
+    m = mooncake_master
+    config = KVTierConfig.from_dict({
+        "tiers": ["cpu", "mooncake"], "cpu_bytes": 16 * N, "writer": "threads", "mooncake_master": m.address,
+        "mooncake_metadata": m.metadata_url, "mooncake_segment_bytes": "64MiB", "mooncake_prefix": "inspect:"})
+    with Store(config, SMALL_LAYOUT, label="model-m", pin=False) as store:  # it holds the segment
+        assert store.lower[0].wait_connected(10)
+        for i, k in enumerate(make_keys(5)):
+            assert store.put(k, make_payload(i))
+        assert store.flush(10)
+        r = CliRunner().invoke(main, ["inspect", "--mooncake-master", m.address, "--mooncake-metadata",
+                                      m.metadata_url, "--mooncake-admin", m.admin_url, "--mooncake-prefix",
+                                      "inspect:", "--json"])
+        assert r.exit_code == 0, r.output
+        (row,) = json.loads(r.output)
+        assert (row["model"], row["chunks"], row["bytes"]) == ("model-m", 5, 5 * N)
+    down = f"127.0.0.1:{free_port()}"
+    r = CliRunner().invoke(main, ["inspect", "--mooncake-master", down])
+    assert r.exit_code == 2 and "does not answer" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(main, ["inspect", "--mooncake-master", "http://x"])
+    assert r.exit_code == 2 and "HOST:PORT" in r.output

@@ -396,26 +396,10 @@ class MooncakeTier(Tier):
         return self._stats
 
     def scan(self) -> Iterator[StoredChunk]:
-        """Every chunk under this tier's prefix (names from the master's admin server, headers
-        read with a ranged get): for `kvtier inspect`."""
+        """Every chunk under this tier's prefix (for `kvtier inspect`)."""
         store = self._store
-        if store is None:
-            return
-        names = list_names(self.admin_url, self.prefix)
-        heads = np.zeros(256 * HEADER_SIZE, dtype=np.uint8)
-        with self._pinned(store, [memoryview(heads)]) as (base,):
-            for i in range(0, len(names), 256):
-                part = names[i:i + 256]
-                got = store.get_into_ranges([base], [part], [[[j * HEADER_SIZE] for j in range(len(part))]],
-                                            [[[0]] * len(part)], [[[HEADER_SIZE]] * len(part)])
-                for j, ranges in enumerate(got[0] if got else []):
-                    if not ranges or ranges[0] != HEADER_SIZE:
-                        continue
-                    try:
-                        header = decode_header(heads[j * HEADER_SIZE:(j + 1) * HEADER_SIZE].tobytes())
-                    except CorruptChunk:
-                        continue
-                    yield StoredChunk(header.key, header.nbytes, header.label)
+        if store is not None:
+            yield from scan_store(store, self.admin_url, self.prefix)
 
     def close(self) -> None:
         with self._lock:
@@ -434,6 +418,46 @@ def _first_of(keys: Sequence[bytes]) -> dict[bytes, int]:
     for i, k in enumerate(keys):
         first.setdefault(k, i)
     return first
+
+
+def scan_store(store, admin_url: str, prefix: str) -> Iterator[StoredChunk]:
+    """Chunks under ``prefix`` in the pool of a connected client ``store``: names from the master's
+    admin server (``/get_all_keys``), headers read with a ranged get (the first 256 bytes)."""
+    names = list_names(admin_url, prefix)
+    heads = np.zeros(256 * HEADER_SIZE, dtype=np.uint8)
+    base = heads.ctypes.data
+    store.register_buffer(base, heads.nbytes)
+    try:
+        for i in range(0, len(names), 256):
+            part = names[i:i + 256]
+            got = store.get_into_ranges([base], [part], [[[j * HEADER_SIZE] for j in range(len(part))]],
+                                        [[[0]] * len(part)], [[[HEADER_SIZE]] * len(part)])
+            for j, ranges in enumerate(got[0] if got else []):
+                if not ranges or ranges[0] != HEADER_SIZE:
+                    continue  # gone since listed, or shorter than a header
+                try:
+                    header = decode_header(heads[j * HEADER_SIZE:(j + 1) * HEADER_SIZE].tobytes())
+                except CorruptChunk:
+                    continue
+                yield StoredChunk(header.key, header.nbytes, header.label)
+    finally:
+        store.unregister_buffer(base)
+
+
+def scan_pool(master: str, metadata_server: str, admin_url: str, prefix: str = "kvtier:") -> Iterator[StoredChunk]:
+    """:func:`scan_store` through a client of its own (adding no memory to the pool)."""
+    mc = import_store()
+    host, port = master.rpartition(":")[0], int(master.rpartition(":")[2])
+    if not MooncakeTier._probe(host, port, 2.0):  # setup would block (GIL held) for seconds
+        raise ConnectionError(f"mooncake master {master} does not answer")
+    store = mc.MooncakeDistributedStore()
+    rc = store.setup(route_address(host, port), metadata_server, 0, 16 << 20, "tcp", "", master)
+    if rc != 0:
+        raise ConnectionError(f"cannot reach mooncake master {master} / metadata {metadata_server} (rc={rc})")
+    try:
+        yield from scan_store(store, admin_url, prefix)
+    finally:
+        store.close()
 
 
 def list_names(admin_url: str, prefix: str, timeout_s: float = 10.0) -> list[str]:
