@@ -1,8 +1,8 @@
-"""Three hosts on one machine share one Redis Cluster; a node is lost mid-run (issue 26.3).
+"""Three hosts on one machine share one store (Redis Cluster or Mooncake); a node is lost mid-run (issue 26.3).
 
-Three network namespaces (hosts A, B, C) on a bridge (:mod:`kvtier.local_netns`), a Redis Cluster
-with its nodes spread over them, and a vLLM CPU engine with kvtier (``tiers: [cpu, redis]``) on
-each host, all on the same tiny random-weight Llama:
+Three network namespaces (hosts A, B, C) on a bridge (:mod:`kvtier.local_netns`), a shared store
+spread over them (multihost_stores.py), and a vLLM CPU engine with kvtier (``tiers: [cpu, redis]``
+or ``[cpu, mooncake]``) on each host, all on the same tiny random-weight Llama:
 
 1. reference: every request on vLLM alone (root namespace), greedy;
 2. host A computes ``--prefixes`` prompts of 4 chunks each (their chunks go to the cluster);
@@ -10,23 +10,29 @@ each host, all on the same tiny random-weight Llama:
    own, so every prefix is new to the engine (its cpu tier does not hold it) and its hit is what
    came from Redis; C serves prefix ``i`` only once B has served prefix ``i + --lag`` (B is
    always the first of the two to read a prefix);
-4. when B has served ``--kill-after`` requests, one Redis primary on host C gets SIGKILL. With
+4. when B has served ``--kill-after`` requests, a node on host C gets SIGKILL. ``--tier redis``: a primary. With
    ``--replicas 0`` (3 primaries) its slots are lost: the tier answers misses for them and the
    engines recompute; after ``--down-s`` seconds the node comes back, empty, and what B recomputes
    from then on is saved again, so C (behind B) finds it whole. With ``--replicas 1`` (3 primaries
    + 3 replicas, each replica on another host than its primary) the cluster fails over and the
-   hit rate comes back by itself.
+   hit rate comes back by itself. ``--tier mooncake``: host C's segment holder (the engines hold
+   no segment); its chunks fail to load (recomputed) until the master drops the segment after
+   ``--client-ttl-s``, then they are misses, and what B recomputes is saved to the other segments.
 
 Every output is compared token for token with the reference; each request's hit (prompt tokens
-vLLM took from kvtier, its prefix cache reset before each request) and the redis tier's chunk
-hits are recorded with their times relative to the kill. ``load_policy: always``: on this CPU
-engine recomputing a tiny model's prefix is cheaper than a Redis read, and the run is about which
-chunks are found, not whether loading them pays.
+vLLM took from kvtier, its prefix cache reset before each request) and the shared tier's chunk
+hits are recorded with their times relative to the kill (a request straddling the kill counts
+after it). A request's hit is what kvtier's worker loaded into the paged cache: vLLM's own count
+(``num_cached_tokens``) includes tokens whose load failed and were recomputed (``promised_tokens``
+here). ``load_policy: always``: on this CPU engine recomputing a tiny model's prefix is cheaper
+than a Redis read, and the run is about which chunks are found, not whether loading them pays.
 
 Run as root, one engine at a time on the box (three engines inside one lock):
 
-    flock /tmp/kvtier-engine.lock .venv/bin/python benchmarks/multihost.py --replicas 0 \\
+    flock /tmp/kvtier-engine.lock .venv/bin/python benchmarks/multihost.py --tier redis --replicas 0 \\
         --json benchmarks/results/multihost_cpu2.json
+
+(benchmarks/multihost.sh runs every layout.)
 """
 
 from __future__ import annotations
@@ -48,8 +54,10 @@ from _common import ROOT, merge_json
 sys.path.insert(0, str(ROOT / "tests" / "vllm"))
 from engine_proc import EngineProc  # noqa: E402
 
+from multihost_stores import MooncakeStore, RedisStore  # noqa: E402
+
 from kvtier.local_netns import Hosts, namespaces_supported  # noqa: E402
-from kvtier.local_redis import RedisClusterProcs, redis_server_binary  # noqa: E402
+from kvtier.local_redis import redis_server_binary  # noqa: E402
 from kvtier.models import make_random_llama  # noqa: E402
 
 CHUNK = 256
@@ -78,18 +86,20 @@ def divergent(got: list[int] | None, ref: list[int]) -> int:
 class Stream(threading.Thread):
     """One host serving its prompts one request at a time; a row per request."""
 
-    def __init__(self, name: str, engine: EngineProc, prompts: list[list[int]], refs: list[list[int]],
+    def __init__(self, name: str, engine: EngineProc, tier: str, prompts: list[list[int]], refs: list[list[int]],
                  t0: float, follow: "Stream | None" = None, lag: int = 0) -> None:
-        """``follow``, ``lag``: request ``i`` waits until ``follow`` has served ``i + lag`` requests."""
+        """``tier``: the shared tier whose hits are counted. ``follow``, ``lag``: request ``i`` waits
+        until ``follow`` has served ``i + lag`` requests."""
         super().__init__(name=name, daemon=True)
         self.engine, self.prompts, self.refs, self.t0 = engine, prompts, refs, t0
+        self.hits_key = f"{tier}_hits"
         self.follow, self.lag = follow, lag
         self.rows: list[dict] = []
         self.served = threading.Condition()
         self.error: str | None = None
 
     def run(self) -> None:
-        hits = self.engine.stats()["store"]["redis_hits"]
+        before = self._counts()
         for i, prompt in enumerate(self.prompts):
             if self.follow is not None:
                 self.follow.wait_served(min(i + self.lag, len(self.follow.prompts)))
@@ -100,15 +110,21 @@ class Stream(threading.Thread):
             except Exception as e:  # noqa: BLE001 - an unanswered request is counted, not fatal here
                 out, cached, self.error = None, 0, f"{type(e).__name__}: {e}"
             end = time.monotonic()
-            st = self.engine.stats()["store"]
+            now = self._counts()
             row = {"i": i, "start_s": round(t - self.t0, 3), "end_s": round(end - self.t0, 3),
-                   "hit_tokens": cached, "redis_chunks": st["redis_hits"] - hits,
-                   "divergent_tokens": divergent(out, self.refs[i]), "answered": out is not None,
-                   "load_errors_so_far": st["load_errors"]}
-            hits = st["redis_hits"]
+                   "hit_tokens": now["loaded_tokens"] - before["loaded_tokens"], "promised_tokens": cached,
+                   "failed_chunks": now["failed_chunks"] - before["failed_chunks"],
+                   "shared_chunks": now["shared"] - before["shared"],
+                   "divergent_tokens": divergent(out, self.refs[i]), "answered": out is not None}
+            before = now
             with self.served:
                 self.rows.append(row)
                 self.served.notify_all()
+
+    def _counts(self) -> dict:
+        st = self.engine.stats()
+        return {"loaded_tokens": st["worker"]["loaded_tokens"], "failed_chunks": st["worker"]["failed_chunks"],
+                "shared": st["store"][self.hits_key]}
 
     def wait_served(self, n: int) -> None:
         """Until ``n`` requests are served, or the thread ended (polled: it may end without notifying)."""
@@ -117,21 +133,9 @@ class Stream(threading.Thread):
                 pass
 
 
-def primaries(cluster: RedisClusterProcs) -> dict[int, int | None]:
-    """Node index -> index of the node it replicates (None for a primary), as a live node sees it."""
-    node = next(s for s in cluster.nodes if s.alive())
-    with node.client() as c:
-        view = c.execute_command("CLUSTER NODES")
-    ids = {v["node_id"]: addr for addr, v in view.items()}
-    index = {f"{s.host}:{s.port}": i for i, s in enumerate(cluster.nodes)}
-    out: dict[int, int | None] = {}
-    for addr, v in view.items():
-        addr = addr.split("@")[0]
-        if "master" in v["flags"] and "fail" not in v["flags"]:
-            out[index[addr]] = None
-        elif "slave" in v["flags"]:
-            out[index[addr]] = index.get(ids.get(v["master_id"], "").split("@")[0])
-    return out
+def full_hit(row: dict) -> bool:
+    """The whole prefix loaded, no chunk failed."""
+    return row["hit_tokens"] >= CHUNK * PREFIX_CHUNKS and not row["failed_chunks"]
 
 
 def summarize(rows: list[dict], lo: float, hi: float) -> dict:
@@ -141,9 +145,11 @@ def summarize(rows: list[dict], lo: float, hi: float) -> dict:
     prefix = CHUNK * PREFIX_CHUNKS
     return {"requests": len(sel), "answered": sum(r["answered"] for r in sel),
             "prefix_tokens": prefix * len(sel), "hit_tokens": sum(r["hit_tokens"] for r in sel),
-            "redis_hit_tokens": CHUNK * sum(r["redis_chunks"] for r in sel),
+            "shared_tier_hit_tokens": CHUNK * sum(r["shared_chunks"] for r in sel),
+            "promised_tokens": sum(r["promised_tokens"] for r in sel),
+            "failed_chunks": sum(r["failed_chunks"] for r in sel),
             "hit_rate": round(sum(r["hit_tokens"] for r in sel) / (prefix * len(sel)), 3) if sel else None,
-            "full_hits": sum(r["hit_tokens"] >= prefix for r in sel),
+            "full_hits": sum(full_hit(r) for r in sel),
             "divergent_tokens": sum(r["divergent_tokens"] for r in sel),
             "median_s": round(statistics.median(lat), 3) if lat else None, "max_s": max(lat, default=None)}
 
@@ -152,11 +158,10 @@ def recovered_at(rows: list[dict], after: float, min_streak: int = 8) -> float |
     """Start time of the first request from which on every request (started after ``after``) hit in
     full, if at least ``min_streak`` did (a prefix whose chunks all live on other nodes hits in full
     by chance: 4 chunks, 2 of 3 nodes left: 20 %; 8 in a row: 3e-6)."""
-    prefix = CHUNK * PREFIX_CHUNKS
     later = sorted((r for r in rows if r["start_s"] >= after), key=lambda r: r["start_s"])
     streak: list[dict] = []
     for r in later:
-        streak = streak + [r] if r["hit_tokens"] >= prefix else []
+        streak = streak + [r] if full_hit(r) else []
     return streak[0]["start_s"] if len(streak) >= min_streak else None
 
 
@@ -166,7 +171,7 @@ def run(args: argparse.Namespace) -> dict:
     prompts = make_workload(args.prefixes)
     logs = work / "logs"
     logs.mkdir()
-    result: dict = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "replicas": args.replicas,
+    result: dict = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "tier": args.tier,
                     "prefixes": args.prefixes, "prefix_tokens": CHUNK * PREFIX_CHUNKS, "suffix_tokens": SUFFIX,
                     "max_tokens": MAX_TOKENS, "engine": ENGINE, "cpu_count": os.cpu_count(), "logs": str(logs)}
 
@@ -182,38 +187,33 @@ def run(args: argparse.Namespace) -> dict:
     print(f"reference: {result['reference']}", flush=True)
 
     with Hosts(3, tag="kvtmh", subnet="10.77.0") as hosts:
-        n_nodes = 3 * (1 + args.replicas)
-        where = [(hosts.addr(i), hosts.wrap(i)) for i in range(3)]
-        with RedisClusterProcs(n_nodes, hosts=where, replicas=args.replicas,
-                               node_timeout_ms=args.node_timeout_ms) as cluster:
-            roles = primaries(cluster)
-            result["cluster"] = {"nodes": [f"{s.host}:{s.port}" for s in cluster.nodes],
-                                 "replica_of": {cluster.nodes[i].url: (None if m is None else cluster.nodes[m].url)
-                                                for i, m in sorted(roles.items())},
-                                 "node_timeout_ms": args.node_timeout_ms}
-            # The primary on host C is the one lost.
-            victim = next(i for i, m in roles.items() if m is None and cluster.nodes[i].host == hosts.addr(2))
-            kvtier = {"chunk_size": CHUNK, "tiers": ["cpu", "redis"], "cpu_bytes": "256MiB",
-                      "redis_url": cluster.urls[:3], "redis_cluster": True, "load_policy": "always"}
+        if args.tier == "redis":
+            store = RedisStore(hosts, args.replicas, args.node_timeout_ms, args.down_s)
+        else:
+            store = MooncakeStore(hosts, args.segment_mib << 20, args.client_ttl_s)
+        engines: dict[str, EngineProc] = {}
+        try:
+            result["store"] = store.describe()
+            kvtier = {"chunk_size": CHUNK, "tiers": ["cpu", store.tier], "cpu_bytes": "256MiB",
+                      "load_policy": "always", **store.kvtier()}
             result["kvtier"] = kvtier
-            engines: dict[str, EngineProc] = {}
-            try:
-                t = time.monotonic()
-                for i, host in enumerate("ABC"):
-                    engines[host] = EngineProc(model, ENGINE, kvtier, log_path=str(logs / f"host{host}.log"),
-                                               wait=False, timeout=900, wrap=hosts.wrap(i),
-                                               env={"VLLM_HOST_IP": hosts.addr(i)})
-                for e in engines.values():
-                    e.wait_ready()
-                result["engines_up_s"] = round(time.monotonic() - t, 1)
-                result.update(serve(args, cluster, victim, engines, prompts, refs))
-            finally:
-                for e in engines.values():
-                    e.close()
+            t = time.monotonic()
+            for i, host in enumerate("ABC"):
+                engines[host] = EngineProc(model, ENGINE, kvtier, log_path=str(logs / f"host{host}.log"),
+                                           wait=False, timeout=900, wrap=hosts.wrap(i),
+                                           env={"VLLM_HOST_IP": hosts.addr(i)})
+            for e in engines.values():
+                e.wait_ready()
+            result["engines_up_s"] = round(time.monotonic() - t, 1)
+            result.update(serve(args, store, engines, prompts, refs))
+        finally:
+            for e in engines.values():
+                e.close()
+            store.close()
     return result
 
 
-def serve(args: argparse.Namespace, cluster: RedisClusterProcs, victim: int, engines: dict[str, EngineProc],
+def serve(args: argparse.Namespace, store: RedisStore | MooncakeStore, engines: dict[str, EngineProc],
           prompts: dict[str, list[list[int]]], refs: dict[str, list[list[int]]]) -> dict:
     out: dict = {}
     a = engines["A"]
@@ -222,36 +222,29 @@ def serve(args: argparse.Namespace, cluster: RedisClusterProcs, victim: int, eng
     for i in range(0, args.prefixes, args.batch):
         got = a.generate(prompts["A"][i:i + args.batch], MAX_TOKENS, reset=True)["outputs"]
         div += sum(divergent(g, r) for g, r in zip(got, refs["A"][i:i + args.batch]))
-    a.call("flush")  # A's chunks written behind: all in the cluster before B and C ask
+    a.call("flush")  # A's chunks written behind: all in the shared store before B and C ask
     st = a.stats()["store"]
     out["host_a"] = {"s": round(time.monotonic() - t, 2), "requests": args.prefixes, "divergent_tokens": div,
-                     "saved_chunks": st["saved_chunks"], "redis_puts": st["redis_puts"]}
+                     "saved_chunks": st["saved_chunks"], "shared_tier_puts": st[f"{store.tier}_puts"]}
     print(f"host A: {out['host_a']}", flush=True)
 
     t0 = time.monotonic()
-    b = Stream("B", engines["B"], prompts["B"], refs["B"], t0)
-    c = Stream("C", engines["C"], prompts["C"], refs["C"], t0, follow=b, lag=args.lag)
+    b = Stream("B", engines["B"], store.tier, prompts["B"], refs["B"], t0)
+    c = Stream("C", engines["C"], store.tier, prompts["C"], refs["C"], t0, follow=b, lag=args.lag)
     b.start()
     c.start()
     b.wait_served(args.kill_after)
-    cluster.nodes[victim].kill()  # SIGKILL: a crash
+    lost = store.lose()
     killed = time.monotonic() - t0
-    events: dict = {"killed_node": cluster.nodes[victim].url, "kill_s": round(killed, 3)}
-    print(f"killed {events['killed_node']} at {killed:.1f} s", flush=True)
-    if args.replicas:
-        events["failover_s"] = wait_failover(cluster, victim, t0)
-        print(f"failover at {events['failover_s']} s", flush=True)
-    else:
-        time.sleep(args.down_s)
-        cluster.nodes[victim].start()  # same port and nodes.conf: it rejoins with its slots, empty
-        cluster.wait_ok()
-        events["back_s"] = round(time.monotonic() - t0, 3)
-        print(f"node back (empty) at {events['back_s']} s", flush=True)
+    events: dict = {"killed": lost, "kill_s": round(killed, 3)}
+    print(f"killed {lost} at {killed:.1f} s", flush=True)
+    events.update(store.after_loss(t0))
+    print(f"after the loss: {events}", flush=True)
     b.join()
     c.join()
     rows = {"B": b.rows, "C": c.rows}
     both = b.rows + c.rows
-    back = events.get("failover_s") or events.get("back_s") or killed
+    back = events.get("failover_s") or events.get("back_s") or events.get("segment_dropped_s") or killed
     rec = {h: recovered_at(r, killed) for h, r in rows.items()}
     events["recovered_s"] = rec
     events["recovery_after_kill_s"] = {h: None if t is None else round(t - killed, 3) for h, t in rec.items()}
@@ -273,19 +266,8 @@ def serve(args: argparse.Namespace, cluster: RedisClusterProcs, victim: int, eng
     return out
 
 
-def wait_failover(cluster: RedisClusterProcs, victim: int, t0: float, timeout_s: float = 60.0) -> float | None:
-    """Seconds (since ``t0``) at which a replica of ``victim`` became a primary, as the cluster says."""
-    deadline = time.monotonic() + timeout_s
-    replicas = [i for i, m in primaries(cluster).items() if m == victim]
-    while time.monotonic() < deadline:
-        try:
-            roles = primaries(cluster)
-            if any(roles.get(i, 0) is None for i in replicas):
-                return round(time.monotonic() - t0, 3)
-        except Exception:  # noqa: BLE001 - a node mid-election may not answer
-            pass
-        time.sleep(0.05)
-    return None
+def replicated(args: argparse.Namespace) -> bool:
+    return args.tier == "redis" and args.replicas > 0
 
 
 def check(result: dict, args: argparse.Namespace) -> list[str]:
@@ -301,11 +283,11 @@ def check(result: dict, args: argparse.Namespace) -> list[str]:
             bad.append(f"host {host}: {s['requests'] - s['full_hits']} requests before the loss missed "
                        f"part of a prefix host A had computed")
     down = [s for s in result["phases"]["node_down"].values() if s["requests"]]
-    if down and all(s["full_hits"] == s["requests"] for s in down) and not args.replicas:
+    if down and all(s["full_hits"] == s["requests"] for s in down) and not replicated(args):
         bad.append("no request missed while a node was down: was anything lost?")
     # With a replica the cluster fails over and both hosts recover; without, the node comes back
     # empty and only C (behind B) finds what B recomputed since then: B's first reads miss.
-    must = ("B", "C") if args.replicas else ("C",)
+    must = ("B", "C") if replicated(args) else ("C",)
     for host in must:
         if result["events"]["recovered_s"][host] is None:
             bad.append(f"host {host}: the hit rate did not recover by the end of the stream (more --prefixes?)")
@@ -314,19 +296,30 @@ def check(result: dict, args: argparse.Namespace) -> list[str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--replicas", type=int, default=0, choices=(0, 1))
+    ap.add_argument("--tier", default="redis", choices=("redis", "mooncake"))
+    ap.add_argument("--replicas", type=int, default=0, choices=(0, 1), help="redis: a replica per primary")
     ap.add_argument("--prefixes", type=int, default=120, help="prefixes (and requests per stream)")
     ap.add_argument("--batch", type=int, default=8, help="host A's requests per generate call")
     ap.add_argument("--lag", type=int, default=4, help="C serves prefix i once B has served prefix i + lag")
     ap.add_argument("--kill-after", type=int, default=30, help="B's requests served before the node is killed")
     ap.add_argument("--down-s", type=float, default=8.0, help="--replicas 0: seconds before the node comes back")
     ap.add_argument("--node-timeout-ms", type=int, default=2000, help="cluster-node-timeout (failover detection)")
+    ap.add_argument("--segment-mib", type=int, default=256, help="mooncake: MiB of each host's segment")
+    ap.add_argument("--client-ttl-s", type=int, default=10,
+                    help="mooncake: seconds after which the master drops a silent segment (its default)")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--label", default=None, help="key in the JSON file (default: replicas0 / replicas1)")
+    ap.add_argument("--label", default=None, help="key in the JSON file (default: redis_replicasN / mooncake)")
     args = ap.parse_args()
     reason = namespaces_supported()
-    if reason or redis_server_binary() is None:
-        print(f"multihost: cannot run here: {reason or 'redis-server is not installed (apt-get install redis-server)'}")
+    if not reason and args.tier == "redis" and redis_server_binary() is None:
+        reason = "redis-server is not installed (apt-get install -y redis-server)"
+    if not reason and args.tier == "mooncake":
+        from kvtier.local_mooncake import mooncake_binary
+
+        if mooncake_binary("mooncake_master") is None:
+            reason = "mooncake_master not found: pip install 'kvtier[mooncake]' (and apt-get install -y libibverbs1)"
+    if reason:
+        print(f"multihost: cannot run here: {reason}")
         return 2
     # SIGTERM (a timeout, ^C of a wrapper) unwinds like ^C, so the namespaces and servers are removed.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
@@ -336,7 +329,8 @@ def main() -> int:
     result["date"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     failures = check(result, args)
     result["failures"] = failures
-    merge_json(args.json, args.label or f"replicas{args.replicas}", result)
+    label = args.label or (f"redis_replicas{args.replicas}" if args.tier == "redis" else "mooncake")
+    merge_json(args.json, label, result)
     for phase, per_host in result["phases"].items():
         for host, s in per_host.items():
             print(f"{phase:12s} {host}: {s}")

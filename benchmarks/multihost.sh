@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# Three hosts on one machine with a Redis node lost (issue 26.3): both cluster layouts, one JSON.
+# Three hosts on one machine with a node of the shared store lost (issue 26.3): a Redis Cluster
+# without and with replicas, then Mooncake; one JSON.
 #   sudo bash benchmarks/multihost.sh [extra arguments for multihost.py]
-# Runs inside the engine lock (one set of engines on the box at a time); the namespaces, bridge
-# and servers are removed on exit, also when a run fails or is interrupted.
+# Each run holds the engine lock (one set of engines on the box at a time); the namespaces,
+# bridge and servers are removed on exit, also when a run fails or is interrupted.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${MULTIHOST_JSON:-benchmarks/results/multihost_cpu2.json}
 trap '.venv/bin/python -c "from kvtier.local_netns import cleanup; cleanup(\"kvtmh\")"' EXIT
-for replicas in 0 1; do
-  flock /tmp/kvtier-engine.lock .venv/bin/python benchmarks/multihost.py --replicas "$replicas" --json "$out" "$@"
-done
+run() { flock /tmp/kvtier-engine.lock .venv/bin/python benchmarks/multihost.py --json "$out" "$@"; }
+rc=0
+run --tier redis --replicas 0 "$@" || rc=1
+run --tier redis --replicas 1 "$@" || rc=1
+if .venv/bin/python -c "import mooncake" 2>/dev/null; then run --tier mooncake "$@" || rc=1
+else echo "multihost: Mooncake not installed (pip install 'kvtier[mooncake]'): its run skipped"; fi
+exit $rc
