@@ -122,7 +122,7 @@ class KVTierWorkerMetadata(KVConnectorWorkerMetadata):
         self.costs = costs or []
 
     def aggregate(self, other: "KVTierWorkerMetadata") -> "KVTierWorkerMetadata":
-        # Tensor-parallel ranks: the union (the scheduler looks up rank 0's keys).
+        # Tensor-parallel ranks: the union (only rank 0 reports chunks: the scheduler looks up its keys).
         return KVTierWorkerMetadata(self.pid, self.added + other.added, self.removed + other.removed,
                                     self.costs + other.costs)
 
@@ -227,6 +227,18 @@ def kv_role(vllm_config: "VllmConfig", config: KVTierConfig) -> tuple[bool, bool
     return True, True
 
 
+def _engine_scheduler(connector: KVConnectorBase_V1) -> "weakref.ref | None":
+    """vLLM's scheduler constructing ``connector`` (a weak reference; its ``kv_cache_manager`` is made
+    after the connector), found among the callers' frames as ``_transfer_configs`` finds its parents."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if owner is not connector and hasattr(owner, "update_from_output") and hasattr(owner, "schedule"):
+            return weakref.ref(owner)
+        frame = frame.f_back
+    return None
+
+
 def load_config(vllm_config: "VllmConfig", block_size: int) -> KVTierConfig:
     """kvtier's config from ``kv_connector_extra_config`` (+ env / YAML), checked against the engine."""
     extra = dict(vllm_config.kv_transfer_config.kv_connector_extra_config or {})
@@ -290,6 +302,7 @@ class KVTierConnector(KVConnectorBase_V1):
         self._parks: dict[str, bool] = {}  # request -> parked, as answered by its latest lookup
         self._deltas = Deltas()  # counters reported to vLLM's metrics so far
         self._sees_all_allocations = True  # no other connector allocates blocks unseen by us
+        self._scheduler: weakref.ref | None = None  # vLLM's scheduler (scheduler side): see _uncache
         self.loads, self.saves = kv_role(vllm_config, self.config)
         # A prefill instance's response goes to the proxy, which sends the request to the decode
         # instance at once: its chunks are committed before the step returns (on a GPU the save
@@ -306,6 +319,7 @@ class KVTierConnector(KVConnectorBase_V1):
             policy = self.config.load_policy if self.saves or not self.loads else "always"
             self.ledger = PrefixLedger(self.store, self.namespace, self.config.chunk_size, block_size,
                                        self.config.hash, costs, policy, loads=self.loads, saves=self.saves)
+            self._scheduler = _engine_scheduler(self)
             configs = _transfer_configs(vllm_config, self)
             # Under MultiConnector another connector's loads get blocks kvtier is not told of.
             self._sees_all_allocations = len(configs) == 1
@@ -431,8 +445,32 @@ class KVTierConnector(KVConnectorBase_V1):
                 self.ledger.costs.absorb(meta.costs)
         invalid = getattr(connector_output, "invalid_block_ids", None)
         if invalid:
+            self._uncache(set(invalid))
             self.ledger.note_failed_blocks(set(invalid))
         self.ledger.on_step_done()
+
+    def _uncache(self, invalid: set[int]) -> None:
+        """Take the blocks of a failed load, and those after them in the same requests, out of
+        vLLM's prefix cache.
+
+        vLLM registers a request's blocks in its prefix cache when it allocates them, before the
+        step fills them; under ``kv_load_failure_policy="recompute"`` it leaves the failed ones
+        there for the request to recompute. A request preempted before it did frees them with their
+        hashes, and a later request (or the same one, resumed) hits the unloaded KV, or KV computed
+        on it: wrong tokens (tests/vllm/test_engine_tp.py). Running requests keep their blocks;
+        only new prefix-cache hits on them are gone.
+        """
+        blocks = self.ledger.blocks_from_failure(invalid) | invalid
+        scheduler = self._scheduler() if self._scheduler is not None else None
+        manager = getattr(scheduler, "kv_cache_manager", None)
+        if manager is None or not hasattr(manager, "evict_blocks"):
+            if not getattr(self, "_warned_uncache", False):
+                self._warned_uncache = True
+                log.warning("kvtier: cannot take failed blocks out of vLLM's prefix cache (no scheduler "
+                            "kv_cache_manager.evict_blocks found); a request preempted before it recomputed "
+                            "them could reuse them")
+            return
+        manager.evict_blocks(blocks)
 
     @_engine_thread()
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
@@ -597,6 +635,8 @@ class KVTierConnector(KVConnectorBase_V1):
             return None
         cpu = getattr(self.store, "cpu", None)
         added, removed = cpu.take_changes() if cpu is not None else ([], [])
+        if self.namespace.tp_rank > 0:  # the scheduler looks up rank 0's keys only: never these
+            added, removed = [], []
         costs = self.store.costs.take_observations() if hasattr(self.store, "costs") else []
         return KVTierWorkerMetadata(os.getpid(), added, removed, costs) if added or removed or costs else None
 

@@ -280,6 +280,17 @@ class PrefixLedger:
             if not block_ids.isdisjoint(r.block_ids):
                 r.load_failed = True
 
+    def blocks_from_failure(self, block_ids: set[int]) -> set[int]:
+        """Every request's blocks from its first block in ``block_ids`` on: what a failed step left
+        in them (unloaded KV, KV computed on it) is wrong until the request recomputes them."""
+        out: set[int] = set()
+        for r in self.reqs.values():
+            for i, b in enumerate(r.block_ids):
+                if b in block_ids:
+                    out.update(r.block_ids[i:])
+                    break
+        return out
+
     def load_failed(self, req_id: str) -> bool:
         r = self.reqs.get(req_id)
         return r is not None and r.load_failed

@@ -49,3 +49,26 @@ def test_both_loads_and_saves(tiny_model, role):
     h = _run(tiny_model, role)
     assert [(r, s, e) for _, r, s, e in h.loads] == [("A", 0, CHUNK)]
     assert h.ledger.stats["save_chunks"] == 1
+
+
+def test_failed_load_blocks_leave_the_prefix_cache(tiny_model):
+    """vLLM registers a request's blocks in its prefix cache at allocation; a load failing in them
+    takes them and the request's later blocks out of it (KVTierConnector._uncache), so a request
+    preempted before it recomputed them cannot hand them to another (test_engine_tp.py: wrong
+    tokens without it). Blocks before the failed one stay cached."""
+    from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
+
+    h = Harness(tiny_model, num_blocks=40, budget=1024)
+    p = _prompt(9, 600)
+    h.put_chunks(p, 2)
+    h.add("A", p, max_tokens=3)
+    so = h.scheduler.schedule()
+    assert [(ld.start, ld.end) for ld in so.kv_connector_metadata.loads] == [(0, 2 * CHUNK)]
+    blocks = h.ledger.block_ids("A")
+    pool = h.scheduler.kv_cache_manager.block_pool
+    assert all(pool.blocks[b].block_hash is not None for b in blocks[:16]), "vLLM did not cache at allocation"
+    out = ModelRunnerOutput(req_ids=["A"], req_id_to_index={"A": 0}, sampled_token_ids=[[]],
+                            kv_connector_output=KVConnectorOutput(invalid_block_ids={blocks[5]}))
+    h.scheduler.update_from_output(so, out)
+    assert [pool.blocks[b].block_hash is None for b in blocks] == [False] * 5 + [True] * (len(blocks) - 5)
+    assert h.scheduler.requests["A"].num_computed_tokens == 5 * 32  # vLLM recomputes from the failed block
