@@ -17,6 +17,7 @@ import asyncio
 import itertools
 import json
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,6 +26,7 @@ log = logging.getLogger("kvtier.proxy")
 ROUTES = ("/v1/completions", "/v1/chat/completions")
 # Request fields that cannot go with a 1-token, non-streamed prefill.
 _PREFILL_DROP = ("stream_options", "min_tokens", "best_of")
+PREFILL_HEADER = "X-Kvtier-Prefill-Seconds"  # on each answer: how long its prefill request took
 # Headers passed on to the upstreams (authorization of the vLLM servers, request ids).
 _PASS_HEADERS = ("authorization", "x-request-id")
 
@@ -87,6 +89,7 @@ def make_app(prefill: Sequence[str], decode: Sequence[str], timeout_s: float = 6
         headers = {k: v for k, v in request.headers.items() if k.lower() in _PASS_HEADERS}
         # 1. Prefill: the prompt's KV is computed and saved to kvtier; its one token is dropped.
         url = prefills.pick()
+        t0 = time.perf_counter()
         try:
             async with session.post(url + request.path, json=prefill_body(body), headers=headers) as r:
                 answer = await r.read()
@@ -95,6 +98,8 @@ def make_app(prefill: Sequence[str], decode: Sequence[str], timeout_s: float = 6
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
             return bad_gateway("prefill", url, e)
         # 2. Decode: the original request; the answer goes back as it comes (streamed or not).
+        # The prefill's time goes back in a header: a client can tell the two legs of its TTFT apart.
+        timing = {PREFILL_HEADER: f"{time.perf_counter() - t0:.6f}"}
         url = decodes.pick()
         try:
             r = await session.post(url + request.path, json=body, headers=headers)
@@ -102,9 +107,10 @@ def make_app(prefill: Sequence[str], decode: Sequence[str], timeout_s: float = 6
             return bad_gateway("decode", url, e)
         async with r:
             if not body.get("stream"):
-                return web.Response(body=await r.read(), status=r.status, content_type=r.content_type)
+                return web.Response(body=await r.read(), status=r.status, content_type=r.content_type,
+                                    headers=timing)
             out = web.StreamResponse(status=r.status, headers={"Content-Type": r.headers.get(
-                "Content-Type", "text/event-stream"), "Cache-Control": "no-cache"})
+                "Content-Type", "text/event-stream"), "Cache-Control": "no-cache", **timing})
             await out.prepare(request)
             try:
                 async for part in r.content.iter_any():

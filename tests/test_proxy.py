@@ -75,6 +75,7 @@ def test_proxy_routes_prefill_then_decode():
                     async with s.post(url + "/v1/completions", json={"prompt": f"p{i}", "max_tokens": 7},
                                       headers=hdr) as r:
                         assert r.status == 200
+                        assert float(r.headers["X-Kvtier-Prefill-Seconds"]) > 0
                         answers.append((await r.json())["from"])
                 assert answers == ["decodeA", "decodeB"]  # round robin
                 async with s.post(url + "/v1/chat/completions",
