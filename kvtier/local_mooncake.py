@@ -29,6 +29,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 
 from kvtier.local_redis import free_port
 
@@ -65,8 +66,9 @@ class _Proc:
 
     what = "process"
 
-    def __init__(self, host: str, workdir: str | None) -> None:
+    def __init__(self, host: str, workdir: str | None, wrap: Sequence[str] = ()) -> None:
         self.host = host
+        self.wrap = list(wrap)
         self._own_dir = workdir is None
         self.workdir = workdir or tempfile.mkdtemp(prefix=f"kvtier-{self.what}-")
         os.makedirs(self.workdir, exist_ok=True)
@@ -89,7 +91,7 @@ class _Proc:
                 # Their full log in the log file (a kvtier tier in this process may have turned
                 # Mooncake's log down in os.environ; readiness checks read this log).
                 env = dict(os.environ, MC_LOG_LEVEL="INFO")
-                self.proc = subprocess.Popen(self._args(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                self.proc = subprocess.Popen(self.wrap + self._args(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                              cwd=self.workdir, start_new_session=True, env=env)
             _live.add(self.proc)
             while not all(_port_open(self.host, p) for p in self._ports()):
@@ -160,14 +162,15 @@ class MooncakeMaster(_Proc):
 
     def __init__(self, host: str = HOST, port: int | None = None, metadata_port: int | None = None,
                  admin_port: int | None = None, extra_args: tuple[str, ...] = (), workdir: str | None = None,
-                 start: bool = True) -> None:
-        """``extra_args``: more master flags, e.g. ``("--client_ttl", "3")`` (seconds after which a
-        silent client's segment is dropped; 10 by default)."""
+                 start: bool = True, wrap: Sequence[str] = ()) -> None:
+        """``extra_args``: more master flags, e.g. ``("--client_ttl=3",)`` (seconds after which a
+        silent client's segment is dropped; 10 by default). ``wrap``: a command prefix, e.g.
+        ``("ip", "netns", "exec", "hostA")`` (``host`` must then be reachable from here)."""
         binary = mooncake_binary("mooncake_master")
         if binary is None:
             raise RuntimeError("mooncake_master not found: pip install 'kvtier[mooncake]' "
                                "(and apt-get install -y libibverbs1)")
-        super().__init__(host, workdir)
+        super().__init__(host, workdir, wrap)
         self.binary = binary
         self.port = port or free_port()
         self.metadata_port = metadata_port or free_port()
@@ -208,11 +211,14 @@ class MooncakeSegment(_Proc):
     what = "mooncake-segment"
 
     def __init__(self, master: MooncakeMaster, size: int = 1 << 30, host: str | None = None,
-                 port: int | None = None, workdir: str | None = None, start: bool = True) -> None:
+                 port: int | None = None, workdir: str | None = None, start: bool = True,
+                 wrap: Sequence[str] = ()) -> None:
+        """``host``: the address the holder listens on and others reach it at (default the master's);
+        ``wrap``: a command prefix as for :class:`MooncakeMaster`."""
         binary = mooncake_binary("mooncake_client")
         if binary is None:
             raise RuntimeError("mooncake_client not found: pip install 'kvtier[mooncake]'")
-        super().__init__(host or master.host, workdir)
+        super().__init__(host or master.host, workdir, wrap)
         self.binary = binary
         self.master = master
         self.size = size

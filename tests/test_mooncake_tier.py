@@ -173,17 +173,20 @@ def test_registered_pool_moves_without_per_call_registration(mooncake_master):
     tier.close()
 
 
-def test_store_with_cpu_and_mooncake(mooncake_master):
-    """The store built from a config with tiers [cpu, mooncake]: saves flow down to mooncake; a
-    chunk gone from cpu is found there and loaded back into a host slot."""
+@pytest.mark.parametrize("writer", ["threads", "process"])
+def test_store_with_cpu_and_mooncake(mooncake_master, writer):
+    """The store built from a config with tiers [cpu, mooncake]: saves flow down to mooncake (from
+    a child process too: a pure client writing into the parent's segment); a chunk gone from cpu
+    is found there and loaded back into a host slot."""
     from kvtier.store import Store
 
     config = KVTierConfig.from_dict({
-        "tiers": ["cpu", "mooncake"], "cpu_bytes": 16 * N, "writer": "threads",
+        "tiers": ["cpu", "mooncake"], "cpu_bytes": 16 * N, "writer": writer,
         "mooncake_master": mooncake_master.address, "mooncake_metadata": mooncake_master.metadata_url,
-        "mooncake_segment_bytes": "64MiB", "mooncake_prefix": "store:"})
+        "mooncake_segment_bytes": "64MiB", "mooncake_prefix": f"store-{writer}:"})
     with Store(config, SMALL_LAYOUT, pin=False) as store:
         assert store.lower[0].wait_connected(10)
+        assert (store._process is not None) == (writer == "process")
         keys = make_keys(8)
         for i, k in enumerate(keys):
             ref = store.allocate()
