@@ -95,25 +95,14 @@ class MooncakeStore:
     def __init__(self, hosts: Hosts, segment_bytes: int, client_ttl_s: int) -> None:
         from kvtier.local_mooncake import MooncakeMaster, MooncakeSegment
 
-        # Started under ``ip netns exec``: the helpers take a host address; the prefix is added here.
-        class Master(MooncakeMaster):
-            def _args(self) -> list[str]:
-                return [*hosts.wrap(0), *super()._args()]
-
-        class Segment(MooncakeSegment):
-            def __init__(self, i: int, *a, **kw) -> None:
-                self.wrap = hosts.wrap(i)
-                super().__init__(*a, **kw)
-
-            def _args(self) -> list[str]:
-                return [*self.wrap, *super()._args()]
-
         self.client_ttl_s = client_ttl_s
         self.segments: list = []
-        self.master = Master(host=hosts.addr(0), extra_args=(f"--client_ttl={client_ttl_s}",))
+        self.master = MooncakeMaster(host=hosts.addr(0), extra_args=(f"--client_ttl={client_ttl_s}",),
+                                     wrap=hosts.wrap(0))
         try:
             for i in range(3):
-                self.segments.append(Segment(i, self.master, segment_bytes, host=hosts.addr(i)))
+                self.segments.append(MooncakeSegment(self.master, segment_bytes, host=hosts.addr(i),
+                                                     wrap=hosts.wrap(i)))
         except BaseException:
             self.close()
             raise
