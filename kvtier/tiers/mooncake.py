@@ -236,7 +236,7 @@ class MooncakeTier(Tier):
             # call to a master it has lost blocks for seconds.
             if store.health_check() == 0:
                 return store
-            self._answered("health", [RPC_CODES[0]])
+            self._master_lost("its health check failed")
         with self._lock:
             self._stats.extra["skipped"] += n
         return None
@@ -245,12 +245,7 @@ class MooncakeTier(Tier):
         """Close or open the breaker from one call's return codes; log failures (rate limited)."""
         failed = [c for c in codes if c in RPC_CODES]
         if failed:
-            if not self._breaker.is_open:
-                self._log("master", f"master {self.master} failed ({op}: rc={failed[0]}); answering misses, "
-                                    f"retrying every {self.retry_after_s:.1f}s")
-            self._breaker.failure()
-            with self._lock:
-                self._stats.errors += 1
+            self._master_lost(f"{op}: rc={failed[0]}")
             return
         if self._breaker.is_open:
             log.info("mooncake tier: master %s answers again", self.master)
@@ -259,6 +254,14 @@ class MooncakeTier(Tier):
         if other:
             self._log(f"{op}{other[0]}", f"{op} of {len(other)} chunk(s) failed (rc={other[0]}); "
                                          f"those are misses")
+
+    def _master_lost(self, why: str) -> None:
+        if not self._breaker.is_open:
+            self._log("master", f"master {self.master} lost ({why}); answering misses, "
+                                f"retrying every {self.retry_after_s:.1f}s")
+        self._breaker.failure()
+        with self._lock:
+            self._stats.errors += 1
 
     def _log(self, kind: str, message: str) -> None:
         now = time.monotonic()
