@@ -10,6 +10,7 @@ a partial chunk is never stored.
 from __future__ import annotations
 
 import array
+import functools
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,12 +48,18 @@ class Namespace:
         return b"".join(len(f).to_bytes(4, "little") + f.encode() for f in fields)
 
     def seed(self, hash_name: str = "blake3") -> bytes:
-        return _hash(hash_name, b"kvtier-namespace", self.canonical())
+        return _seed(self, hash_name)
 
     def label(self) -> str:
         """Human-readable summary, stored in chunk headers for `kvtier inspect`."""
         return (f"{self.model}|{self.kv_dtype}|L{self.num_layers}|H{self.num_kv_heads}"
                 f"|D{self.head_size}|tp{self.tp_rank}/{self.tp_size}")
+
+
+@functools.lru_cache(maxsize=64)
+def _seed(namespace: Namespace, hash_name: str) -> bytes:
+    """A namespace's first chain link, computed once: every request's KeyChain starts from it."""
+    return _hash(hash_name, b"kvtier-namespace", namespace.canonical())
 
 
 def _hash(hash_name: str, prev: bytes, data: bytes | memoryview) -> bytes:

@@ -47,10 +47,14 @@ class Metrics:
                                        "background (hits not worth loading from a slower tier)", registry=r)
         # Latency observations kept for a reader that forwards them (vLLM's metrics), when it asks.
         self.recent_latency: deque[tuple[str, str, float]] | None = None
+        self._latency_children: dict[tuple[str, str], object] = {}  # labels() of each (tier, op), once
 
     def observe_latency(self, tier: str, op: str, seconds: float) -> None:
         """One operation's latency: into the histogram, and into ``recent_latency`` when kept."""
-        self.latency.labels(tier, op).observe(seconds)
+        child = self._latency_children.get((tier, op))
+        if child is None:  # labels() costs microseconds on every lookup and load: once per pair
+            child = self._latency_children[(tier, op)] = self.latency.labels(tier, op)
+        child.observe(seconds)
         if self.recent_latency is not None:
             self.recent_latency.append((tier, op, seconds))
 

@@ -74,6 +74,8 @@ def _engine_thread(boundary: str = ""):
     """Time a connector hook into its step's host time (``self._host``). ``boundary``: "before"
     closes the previous step before the hook runs, "after" closes the step once it ran."""
     def wrap(fn):
+        name = f"hook.{fn.__name__}"
+
         @functools.wraps(fn)
         def timed(self, *args, **kwargs):
             host = self.__dict__.get("_host")
@@ -85,7 +87,9 @@ def _engine_thread(boundary: str = ""):
             try:
                 return fn(self, *args, **kwargs)
             finally:
-                host.add(time.perf_counter() - t)
+                dt = time.perf_counter() - t
+                host.add(dt)
+                record(name, t, dt)  # with KVTIER_TRACE: which hook a step's host time went to
                 if boundary == "after":
                     host.close()
         return timed

@@ -12,10 +12,13 @@ labelled by engine (and tier) and the latencies to a histogram labelled by tier 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
+
+from kvtier import trace
 
 # Report key -> help text. Worker keys first, then the scheduler's; "<tier>.<field>" keys are per tier.
 COUNTERS = {
@@ -154,8 +157,10 @@ class StepHostTime:
         self._now += seconds
 
     def close(self) -> None:
-        if self._now > 0 and len(self._steps) < self._most:
-            self._steps.append(self._now)
+        if self._now > 0:
+            if len(self._steps) < self._most:
+                self._steps.append(self._now)
+            trace.record(f"step_host.{self.side}", time.perf_counter() - self._now, self._now)
         self._now = 0.0
 
     def take(self) -> list[list]:
