@@ -212,7 +212,8 @@ def main() -> None:
                                               if k.endswith(("gbps", "vs_tcp"))), flush=True)
         tcp.kill()
     doc = {
-        "command": "python " + " ".join(sys.argv),
+        "command": " ".join([f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MC_")]
+                            + ["python"] + sys.argv),
         "host": {"cpus": os.cpu_count(), "uname": " ".join(os.uname())},
         "what": "GB/s of 32 MiB chunks, all clients together; write = put one chunk per call, read = get all "
                 "of a client's chunks in one call (checked); tcp = the same bytes over one loopback TCP "
