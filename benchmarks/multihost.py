@@ -165,6 +165,18 @@ def recovered_at(rows: list[dict], after: float, min_streak: int = 8) -> float |
     return streak[0]["start_s"] if len(streak) >= min_streak else None
 
 
+def refill(rows: dict[str, list[dict]], since: float) -> dict:
+    """C's requests from ``since`` on (the node back, or the lost segment dropped), split by whether
+    B read the same prefix before or after ``since``: a chunk lost with the node comes back when
+    a host recomputes it and the store takes the write again."""
+    b_start = {r["i"]: r["start_s"] for r in rows["B"]}
+    out = {}
+    for name, after in (("b_read_before", False), ("b_read_after", True)):
+        sel = [r for r in rows["C"] if r["start_s"] >= since and (b_start.get(r["i"], -1) >= since) == after]
+        out[name] = {"requests": len(sel), "full_hits": sum(full_hit(r) for r in sel)}
+    return out
+
+
 def run(args: argparse.Namespace) -> dict:
     work = Path(tempfile.mkdtemp(prefix="kvtier-multihost-"))
     model = make_random_llama(work / "model", "tiny")
@@ -252,6 +264,8 @@ def serve(args: argparse.Namespace, store: RedisStore | MooncakeStore, engines: 
     out["hit_rate_by_2s"] = {h: [summarize(r, lo, lo + 2)["hit_rate"] for lo in range(0, int(end) + 1, 2)]
                              for h, r in rows.items()}
     out["events"] = events
+    if events.get("back_s") or events.get("segment_dropped_s"):
+        out["refill"] = refill(rows, events.get("back_s") or events["segment_dropped_s"])
     out["phases"] = {
         "before_loss": {h: summarize(r, 0, killed) for h, r in rows.items()},
         "node_down": {h: summarize(r, killed, back) for h, r in rows.items()},
