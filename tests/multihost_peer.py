@@ -1,15 +1,19 @@
-"""One "host" of tests/test_multihost.py: a RedisTier in cluster mode, driven by JSON lines.
+"""One "host" of tests/test_multihost.py: a redis tier in cluster mode or a mooncake tier, driven by JSON lines.
 
-Started as ``ip netns exec NS python multihost_peer.py ARGS`` (ARGS: ``{"urls": [..], "retry_after_s": s}``),
-it reads one command per line and answers one JSON line each:
+Started as ``ip netns exec NS python multihost_peer.py ARGS``, ARGS a JSON object: ``{"urls": [..],
+"retry_after_s": s}`` (redis) or ``{"master": HOST:PORT, "metadata": URL, "retry_after_s": s}``
+(mooncake, a pure client: no segment of its own). It reads one command per line and answers one
+JSON line each:
 
 - ``{"op": "put", "seeds": [..]}`` -> ``{"ok": [bool], "s": seconds}``
 - ``{"op": "get", "seeds": [..]}`` -> ``{"ok": [bool], "same": [bool], "s": seconds}``: ``same[i]``
   is whether hit ``i`` holds exactly the payload of its seed (a miss counts as the same);
+- ``{"op": "contains", "seeds": [..]}`` -> ``{"ok": [bool], "s": seconds}``
 - ``{"op": "stats"}`` -> the tier's counters.
 
 A chunk's key and payload follow from its seed alone, so every host knows what a chunk must hold.
-An exception in the tier is reported as ``{"error": ...}`` (the test asserts there is none).
+An exception in the tier is reported as ``{"error": ...}`` (the test asserts there is none). The
+first line, ``{"ready": true}``, says the tier is set up.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import numpy as np
 import torch
 
 from kvtier.layout import ChunkLayout
-from kvtier.tiers.redis import RedisTier
+from kvtier.tiers.base import Tier
 
 LAYOUT = ChunkLayout(4, 16, 64, torch.float16)  # 16 KiB chunks
 
@@ -36,10 +40,24 @@ def payload_of(seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, LAYOUT.nbytes, dtype=np.uint8)
 
 
-def serve(urls: list[str], retry_after_s: float) -> None:
-    # Short timeouts: a lost host costs a call one timeout, then its breaker answers at once.
-    tier = RedisTier(urls, LAYOUT, cluster=True, prefix="mh:", connect_timeout_s=0.5, op_timeout_s=0.5,
-                     retry_after_s=retry_after_s)
+def make_tier(args: dict) -> Tier:
+    if "urls" in args:
+        from kvtier.tiers.redis import RedisTier
+
+        # Short timeouts: a lost host costs a call one timeout, then its breaker answers at once.
+        return RedisTier(args["urls"], LAYOUT, cluster=True, prefix="mh:", connect_timeout_s=0.5,
+                         op_timeout_s=0.5, retry_after_s=args["retry_after_s"])
+    from kvtier.tiers.mooncake import MooncakeTier
+
+    tier = MooncakeTier(args["master"], LAYOUT, metadata_server=args["metadata"], segment_bytes=0,
+                        prefix="mh:", retry_after_s=args["retry_after_s"])
+    if not tier.wait_connected(30):
+        raise RuntimeError(f"mooncake tier: no connection to the master {args['master']} in 30 s")
+    return tier
+
+
+def serve(tier: Tier) -> None:
+    print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         req = json.loads(line)
         t0 = time.monotonic()
@@ -51,6 +69,8 @@ def serve(urls: list[str], retry_after_s: float) -> None:
                 ok = tier.get_into([key_of(s) for s in req["seeds"]], dests)
                 same = [not hit or np.array_equal(d, payload_of(s)) for hit, d, s in zip(ok, dests, req["seeds"])]
                 out = {"ok": ok, "same": same}
+            elif req["op"] == "contains":
+                out = {"ok": tier.contains([key_of(s) for s in req["seeds"]])}
             elif req["op"] == "stats":
                 s = tier.stats()
                 out = {"hits": s.hits, "misses": s.misses, "errors": s.errors, "puts": s.puts, **s.extra}
@@ -63,5 +83,4 @@ def serve(urls: list[str], retry_after_s: float) -> None:
 
 
 if __name__ == "__main__":
-    args = json.loads(sys.argv[1])
-    serve(args["urls"], args["retry_after_s"])
+    serve(make_tier(json.loads(sys.argv[1])))

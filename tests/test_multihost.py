@@ -1,10 +1,12 @@
-"""Three hosts on one machine (network namespaces on a bridge) sharing a 3-node Redis Cluster.
+"""Three hosts on one machine (network namespaces on a bridge) sharing a 3-node Redis Cluster or a
+Mooncake pool with a segment holder on each host.
 
-A redis tier on each host (tests/multihost_peer.py, one process per namespace) with one cluster
-node per host: what host A writes, B and C read byte for byte; a node killed (SIGKILL) makes its
-chunks misses, never errors or wrong bytes, while the other nodes keep answering; the node back
-(empty) takes writes again; a host cut off the network costs one timeout, then nothing.
-The engine flow over the same setup is benchmarks/multihost.py.
+A tier on each host (tests/multihost_peer.py, one process per namespace): what host A writes, B
+and C read byte for byte. Redis: a node killed (SIGKILL) makes its chunks misses, never errors
+or wrong bytes, while the other nodes keep answering; the node back (empty) takes writes again; a
+host cut off the network costs one timeout, then nothing. Mooncake: a segment holder killed makes
+its chunks misses (the rest still hit), the master drops its segment, rewritten chunks land in the
+others. The engine flow over the same setup is benchmarks/multihost.py.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require_redis
+from conftest import require_mooncake, require_redis
 from kvtier.local_netns import Hosts, namespaces_supported
 from kvtier.local_redis import RedisClusterProcs
 
@@ -33,19 +35,31 @@ RETRY_AFTER_S = 1.0
 class Peer:
     """A multihost_peer.py process on one host."""
 
-    def __init__(self, wrap: list[str], urls: list[str]) -> None:
+    def __init__(self, wrap: list[str], **args: object) -> None:
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        args = json.dumps({"urls": urls, "retry_after_s": RETRY_AFTER_S})
+        args = json.dumps({**args, "retry_after_s": RETRY_AFTER_S})
         self.proc = subprocess.Popen([*wrap, sys.executable, str(Path(__file__).parent / "multihost_peer.py"), args],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
                                      start_new_session=True)
 
+    def wait_ready(self) -> None:
+        assert self._read("start", 120.0).get("ready"), "the peer did not set its tier up"
+
     def call(self, op: str, seeds: list[int] | None = None, timeout_s: float = 120.0) -> dict:
         self.proc.stdin.write(json.dumps({"op": op, "seeds": seeds or []}) + "\n")
         self.proc.stdin.flush()
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
-        assert ready, f"peer gave no answer to {op} in {timeout_s}s (exit code {self.proc.poll()})"
-        reply = json.loads(self.proc.stdout.readline())
+        return self._read(op, timeout_s)
+
+    def _read(self, op: str, timeout_s: float) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while True:  # lines that are not ours (a library printing to stdout) are skipped
+            ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            assert ready, f"peer gave no answer to {op} in {timeout_s}s (exit code {self.proc.poll()})"
+            line = self.proc.stdout.readline()
+            assert line, f"peer exited during {op} (exit code {self.proc.wait(10)})"
+            if line.startswith("{"):
+                break
+        reply = json.loads(line)
         assert "error" not in reply, reply["error"]
         return reply
 
@@ -67,8 +81,10 @@ def three_hosts():
 def test_three_hosts_share_a_cluster_and_lose_a_node(three_hosts):
     hosts = three_hosts
     with RedisClusterProcs(3, hosts=[(hosts.addr(i), hosts.wrap(i)) for i in range(3)]) as cluster:
-        peers = [Peer(hosts.wrap(i), cluster.urls) for i in range(3)]
+        peers = [Peer(hosts.wrap(i), urls=cluster.urls) for i in range(3)]
         try:
+            for p in peers:
+                p.wait_ready()
             run_scenario(hosts, cluster, peers)
         finally:
             for p in peers:
@@ -122,3 +138,51 @@ def run_scenario(hosts: Hosts, cluster: RedisClusterProcs, peers: list[Peer]) ->
             assert again["s"] < 0.4, f"a call with the lost host's breaker open took {again['s']:.2f}s"
     finally:
         hosts.link_up(1)
+
+
+def test_three_hosts_share_a_mooncake_pool_and_lose_a_segment(three_hosts):
+    require_mooncake()
+    from kvtier.local_mooncake import MooncakeMaster, MooncakeSegment
+
+    hosts = three_hosts
+    # A silent holder's segment is dropped after 2 s (the master's default is 10).
+    master = MooncakeMaster(host=hosts.addr(0), wrap=hosts.wrap(0), extra_args=("--client_ttl=2",))
+    holders, peers = [], []
+    try:
+        holders = [MooncakeSegment(master, 64 << 20, host=hosts.addr(i), wrap=hosts.wrap(i)) for i in range(3)]
+        peers = [Peer(hosts.wrap(i), master=master.address, metadata=master.metadata_url) for i in range(3)]
+        for p in peers:
+            p.wait_ready()
+        lose_a_segment(holders, peers)
+    finally:
+        for p in peers:
+            p.close()
+        for h in holders:
+            h.stop()
+        master.stop()
+
+
+def lose_a_segment(holders: list, peers: list[Peer]) -> None:
+    a, b, c = peers
+    seeds = list(range(48))
+    assert all(a.call("put", seeds)["ok"])
+    for peer in (b, c):
+        got = peer.call("get", seeds)
+        assert all(got["ok"]) and all(got["same"])
+
+    holders[2].kill()  # host C's holder: its share of the pool is gone
+    got = b.call("get", seeds)
+    assert all(got["same"]) and got["s"] < 10.0
+    kept = got["ok"]
+    assert 0 < kept.count(False) < len(seeds), f"{kept.count(False)} of {len(seeds)} chunks lost with one holder"
+    assert c.call("get", seeds)["ok"] == kept  # every host sees the same loss
+
+    deadline = time.monotonic() + 30  # the master drops the segment: lookups stop finding its chunks
+    while b.call("contains", seeds)["ok"] != kept:
+        assert time.monotonic() < deadline, "the master did not drop the lost segment"
+        time.sleep(0.3)
+    lost = [s for s, ok in zip(seeds, kept) if not ok]
+    assert all(a.call("put", lost)["ok"])  # rewritten (an engine's recompute): into the live segments
+    for peer in (b, c):
+        got = peer.call("get", seeds)
+        assert all(got["ok"]) and all(got["same"])
