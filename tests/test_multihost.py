@@ -132,10 +132,10 @@ def run_scenario(hosts: Hosts, cluster: RedisClusterProcs, peers: list[Peer]) ->
         for peer in (a, c):
             got = peer.call("get", seeds)
             assert got["ok"] == [o != 1 for o in owner] and all(got["same"])
-            assert got["s"] < 3.0, f"a lost host cost a call {got['s']:.2f}s"
+            assert got["s"] < 6.0, f"a lost host cost a call {got['s']:.2f}s (op_timeout_s is 2 s)"
             again = peer.call("get", seeds)  # the breaker is open: no network wait
             assert again["ok"] == got["ok"]
-            assert again["s"] < 0.4, f"a call with the lost host's breaker open took {again['s']:.2f}s"
+            assert again["s"] < 1.0, f"a call with the lost host's breaker open took {again['s']:.2f}s"
     finally:
         hosts.link_up(1)
 
