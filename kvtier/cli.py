@@ -93,11 +93,14 @@ def make_model(path: str, size: str) -> None:
 @click.option("--doc-tokens", default=2048, show_default=True, help="Tokens of the shared document.")
 @click.option("--questions", default=4, show_default=True, help="Requests about the document per phase.")
 @click.option("--disk-path", default=None, help="Keep kvtier's disk tier here (default: a temp dir, removed).")
-def demo(size: str, doc_tokens: int, questions: int, disk_path: str | None) -> None:
+@click.option("--lower", type=click.Choice(["disk", "mooncake"]), default="disk", show_default=True,
+              help="The tier below cpu; mooncake starts a master and a 1 GiB segment holder on loopback.")
+def demo(size: str, doc_tokens: int, questions: int, disk_path: str | None, lower: str) -> None:
     """Real vLLM on CPU with kvtier: a document computed once, loaded after an engine restart."""
     from kvtier.vllm.demo import run_demo
 
-    result = run_demo(size=size, doc_tokens=doc_tokens, questions=questions, disk_path=disk_path, out=click.echo)
+    result = run_demo(size=size, doc_tokens=doc_tokens, questions=questions, disk_path=disk_path, out=click.echo,
+                      lower=lower)
     if not result["all_match"]:
         raise click.ClickException("outputs with kvtier differ from outputs without it: please report this bug")
 

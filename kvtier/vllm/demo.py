@@ -27,7 +27,9 @@ def model_dir(size: str) -> str:
 
 def run_demo(size: str = "demo", doc_tokens: int = 2048, questions: int = 4, question_tokens: int = 64,
              answer_tokens: int = 16, disk_path: str | None = None,
-             out: Callable[[str], None] = print) -> dict[str, Any]:
+             out: Callable[[str], None] = print, lower: str = "disk") -> dict[str, Any]:
+    """``lower``: the tier below cpu, "disk" or "mooncake" (a master and a segment holder of 1 GiB
+    started here on loopback, so the chunks outlive the engine's restart)."""
     from tqdm import tqdm
 
     from kvtier.models import SIZES, make_random_llama
@@ -40,6 +42,16 @@ def run_demo(size: str = "demo", doc_tokens: int = 2048, questions: int = 4, que
     prompts = [doc + [rnd.randrange(3, vocab) for _ in range(question_tokens)] for _ in range(questions)]
     disk = disk_path or tempfile.mkdtemp(prefix="kvtier-demo-disk-")
     kv = {"tiers": ["cpu", "disk"], "cpu_bytes": "1GiB", "disk_path": disk, "disk_bytes": "4GiB"}
+    mooncake: list = []
+    if lower == "mooncake":
+        from kvtier.local_mooncake import MooncakeMaster, MooncakeSegment
+
+        mooncake.append(MooncakeMaster())
+        mooncake.append(MooncakeSegment(mooncake[0], 1 << 30))
+        kv = {"tiers": ["cpu", "mooncake"], "cpu_bytes": "1GiB", "mooncake_master": mooncake[0].address,
+              "mooncake_metadata": mooncake[0].metadata_url, "mooncake_segment_bytes": 0}
+    elif lower != "disk":
+        raise ValueError(f"lower={lower!r}: disk or mooncake")
     warm = [{"op": "ttft", "prompt": [rnd.randrange(3, vocab) for _ in range(40)]}]  # first-call overheads
     steps = warm + [{"op": "ttft", "prompt": p} for p in prompts] + [
         {"op": "generate", "prompts": prompts, "max_tokens": answer_tokens}]
@@ -51,6 +63,8 @@ def run_demo(size: str = "demo", doc_tokens: int = 2048, questions: int = 4, que
     finally:
         if disk_path is None:
             shutil.rmtree(disk, ignore_errors=True)
+        for proc in reversed(mooncake):
+            proc.stop()
     ref = results[0][1]["steps"][-1]["outputs"]
     rows = []
     for name, r in results:
@@ -60,7 +74,8 @@ def run_demo(size: str = "demo", doc_tokens: int = 2048, questions: int = 4, que
                      "hit_rate": ttfts[0]["cached"] / len(prompts[0]),
                      "later_ttft_s": sum(s["s"] for s in ttfts[1:]) / max(1, len(ttfts) - 1),
                      "outputs_match": final["outputs"] == ref})
-    out(f"\n{questions} questions about one {doc_tokens}-token document, {size} model, vLLM on CPU")
+    out(f"\n{questions} questions about one {doc_tokens}-token document, {size} model, vLLM on CPU, "
+        f"cpu + {lower} tiers")
     out(f"{'phase':<30} {'TTFT 1st':>9} {'cached':>7} {'TTFT rest':>10}  outputs = vLLM alone")
     for r in rows:
         out(f"{r['phase']:<30} {r['first_ttft_s']:>8.2f}s {r['hit_rate']:>6.0%} {r['later_ttft_s']:>9.2f}s  "
