@@ -200,7 +200,7 @@ def run(args: argparse.Namespace) -> dict:
 
     with Hosts(3, tag="kvtmh", subnet="10.77.0") as hosts:
         if args.tier == "redis":
-            store = RedisStore(hosts, args.replicas, args.node_timeout_ms, args.down_s)
+            store = RedisStore(hosts, args.replicas, args.node_timeout_ms, args.down_s, args.loss)
         else:
             store = MooncakeStore(hosts, args.segment_mib << 20, args.client_ttl_s)
         engines: dict[str, EngineProc] = {}
@@ -302,6 +302,8 @@ def check(result: dict, args: argparse.Namespace) -> list[str]:
     # With a replica the cluster fails over and both hosts recover; without, the node comes back
     # empty and only C (behind B) finds what B recomputed since then: B's first reads miss.
     must = ("B", "C") if replicated(args) else ("C",)
+    if args.loss == "link":  # host C is cut off; B's view: failover, or the node back whole
+        must = ("B",)
     for host in must:
         if result["events"]["recovered_s"][host] is None:
             bad.append(f"host {host}: the hit rate did not recover by the end of the stream (more --prefixes?)")
@@ -312,6 +314,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tier", default="redis", choices=("redis", "mooncake"))
     ap.add_argument("--replicas", type=int, default=0, choices=(0, 1), help="redis: a replica per primary")
+    ap.add_argument("--loss", default="kill", choices=("kill", "link"),
+                    help="redis: SIGKILL host C's primary, or take host C's network down (back after --down-s)")
     ap.add_argument("--prefixes", type=int, default=120, help="prefixes (and requests per stream)")
     ap.add_argument("--batch", type=int, default=8, help="host A's requests per generate call")
     ap.add_argument("--lag", type=int, default=4, help="C serves prefix i once B has served prefix i + lag")
@@ -332,6 +336,8 @@ def main() -> int:
 
         if mooncake_binary("mooncake_master") is None:
             reason = "mooncake_master not found: pip install 'kvtier[mooncake]' (and apt-get install -y libibverbs1)"
+    if not reason and args.loss == "link" and args.tier != "redis":
+        reason = "--loss link is for --tier redis"
     if reason:
         print(f"multihost: cannot run here: {reason}")
         return 2
@@ -344,6 +350,7 @@ def main() -> int:
     failures = check(result, args)
     result["failures"] = failures
     label = args.label or (f"redis_replicas{args.replicas}" if args.tier == "redis" else "mooncake")
+    label += "_link" if args.loss == "link" else ""
     merge_json(args.json, label, result)
     for phase, per_host in result["phases"].items():
         for host, s in per_host.items():

@@ -1,7 +1,9 @@
 """The shared stores of benchmarks/multihost.py, spread over its three hosts, and how each loses a node.
 
 - :class:`RedisStore`: a Redis Cluster with a node per host (``replicas=1``: a primary and a
-  replica per host, each replica on another host than its primary); the primary on host C is lost.
+  replica per host, each replica on another host than its primary); the primary on host C is lost
+  (``loss="kill"``: SIGKILL), or host C's network (``loss="link"``: its veth down, so its peers'
+  packets go unanswered and host C's own engine is cut off too).
 - :class:`MooncakeStore`: a mooncake_master on host A and a segment holder (``mooncake_client``)
   on each host; the engines are pure clients (no segment of their own), so losing a holder loses
   a third of the pool and no engine. The holder on host C is lost.
@@ -23,8 +25,8 @@ from kvtier.local_redis import RedisClusterProcs
 class RedisStore:
     tier = "redis"
 
-    def __init__(self, hosts: Hosts, replicas: int, node_timeout_ms: int, down_s: float) -> None:
-        self.replicas, self.down_s = replicas, down_s
+    def __init__(self, hosts: Hosts, replicas: int, node_timeout_ms: int, down_s: float, loss: str = "kill") -> None:
+        self.hosts, self.replicas, self.down_s, self.loss = hosts, replicas, down_s, loss
         where = [(hosts.addr(i), hosts.wrap(i)) for i in range(3)]
         self.cluster = RedisClusterProcs(3 * (1 + replicas), hosts=where, replicas=replicas,
                                          node_timeout_ms=node_timeout_ms)
@@ -43,6 +45,9 @@ class RedisStore:
                                for i, m in sorted(self.roles.items())}}
 
     def lose(self) -> str:
+        if self.loss == "link":
+            self.hosts.link_down(2)
+            return f"host C's network ({self.hosts.addr(2)})"
         self.cluster.nodes[self.victim].kill()  # SIGKILL: a crash
         return self.cluster.nodes[self.victim].url
 
@@ -50,7 +55,10 @@ class RedisStore:
         if self.replicas:
             return {"failover_s": wait_failover(self.cluster, self.victim, t0)}
         time.sleep(self.down_s)
-        self.cluster.nodes[self.victim].start()  # same port and nodes.conf: it rejoins with its slots, empty
+        if self.loss == "link":
+            self.hosts.link_up(2)  # the partition heals: the node is back with what it held
+        else:
+            self.cluster.nodes[self.victim].start()  # same port and nodes.conf: it rejoins with its slots, empty
         self.cluster.wait_ok()
         return {"back_s": round(time.monotonic() - t0, 3)}
 
@@ -60,7 +68,7 @@ class RedisStore:
 
 def replica_of(cluster: RedisClusterProcs) -> dict[int, int | None]:
     """Node index -> index of the node it replicates (None for a primary), as a live node sees it."""
-    node = next(s for s in cluster.nodes if s.alive())
+    node = next(s for s in cluster.nodes if s.alive())  # node 0: host A, reachable in every run here
     with node.client() as c:
         view = c.execute_command("CLUSTER NODES")
     ids = {v["node_id"]: addr for addr, v in view.items()}
