@@ -289,7 +289,7 @@ def run_config(name: str, s: dict, prompts: dict, logs: Path) -> dict[str, Any]:
             procs[-1].wait_http(front + "/health", 60)
         startup = time.time() - t
         # Warm-up: one short request through the front (compiles, fills nothing that matters)
-        asyncio.run(workload(front, s | {"background": 1, "arrivals": 0},
+        asyncio.run(workload(front, s | {"background": 1, "background_tokens": 8, "arrivals": 0},
                              {"background": [prompts["warm"]], "arrivals": []}))
         before = {k: metrics(u) for k, u in servers.items()}
         result = asyncio.run(workload(front, s, prompts))
