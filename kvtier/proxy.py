@@ -118,6 +118,8 @@ def make_app(prefill: Sequence[str], decode: Sequence[str], timeout_s: float = 6
             except (aiohttp.ClientError, asyncio.TimeoutError) as e:  # headers are sent: end the stream
                 stats["decode_errors"] += 1
                 log.warning("kvtier proxy: decode instance %s failed mid-stream (%s)", url, e)
+            except ConnectionResetError:  # the client went away; closing r aborts the decode request
+                return out
             await out.write_eof()
             return out
 
