@@ -162,10 +162,10 @@ class MooncakeTier(Tier):
                     if self._closed:
                         store.close()
                         return
-                    self._store = store
                     for start, end, _ in self._regions:
                         store.register_buffer(start, end - start)
                     store.register_buffer(self._headers.ctypes.data, self._headers.nbytes)
+                    self._store = store  # callers see it only with its memory registered
                     self._stats.extra["connected"] = 1
                 self._connected.set()
                 log.info("mooncake tier: connected to master %s as %s (segment %d bytes, %s)", self.master,
