@@ -5,17 +5,19 @@ spread over them (multihost_stores.py), and a vLLM CPU engine with kvtier (``tie
 or ``[cpu, mooncake]``) on each host, all on the same tiny random-weight Llama:
 
 1. reference: every request on vLLM alone (root namespace), greedy;
-2. host A computes ``--prefixes`` prompts of 4 chunks each (their chunks go to the cluster);
+2. host A computes ``--prefixes`` prompts of 4 chunks each (their chunks go to the shared store);
 3. B and C serve a stream of requests, one at a time each: prefix ``i`` with a suffix of their
    own, so every prefix is new to the engine (its cpu tier does not hold it) and its hit is what
-   came from Redis; C serves prefix ``i`` only once B has served prefix ``i + --lag`` (B is
+   came from the shared store; C serves prefix ``i`` only once B has served prefix ``i + --lag`` (B is
    always the first of the two to read a prefix);
-4. when B has served ``--kill-after`` requests, a node on host C gets SIGKILL. ``--tier redis``: a primary. With
-   ``--replicas 0`` (3 primaries) its slots are lost: the tier answers misses for them and the
+4. when B has served ``--kill-after`` requests, a node on host C gets SIGKILL. ``--tier redis``: a
+   primary. With ``--replicas 0`` (3 primaries) its slots are lost: the tier answers misses for them and the
    engines recompute; after ``--down-s`` seconds the node comes back, empty, and what B recomputes
    from then on is saved again, so C (behind B) finds it whole. With ``--replicas 1`` (3 primaries
    + 3 replicas, each replica on another host than its primary) the cluster fails over and the
-   hit rate comes back by itself. ``--tier mooncake``: host C's segment holder (the engines hold
+   hit rate comes back by itself. ``--loss link`` takes host C's network down instead (its node
+   unanswered rather than refused, host C's engine cut off; back after ``--down-s`` without
+   replicas, whole). ``--tier mooncake``: host C's segment holder (the engines hold
    no segment); its chunks fail to load (recomputed) until the master drops the segment after
    ``--client-ttl-s``, then they are misses, and what B recomputes is saved to the other segments.
 
