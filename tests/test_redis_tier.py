@@ -97,6 +97,33 @@ def test_frozen_server_costs_one_timeout_then_breaker(redis_server):
     assert check_bytes(tier, keys, [0, 1, 2]) == [True] * 3
 
 
+def test_no_caller_waits_out_a_probe_of_a_frozen_server(redis_server):
+    """After the call that finds a server gone, no caller probes it: a lookup may run on the
+    engine's thread, and a probe of a host that does not answer costs a whole timeout. The
+    breaker's own thread probes, and closes it once the server answers again."""
+    tier = RedisTier([redis_server.url], SMALL_LAYOUT, op_timeout_s=2.0, retry_after_s=0.2)
+    keys = make_keys(3)
+    tier.put(keys, [make_payload(i) for i in range(3)])
+    redis_server.pause()
+    try:
+        assert tier.contains(keys) == [False] * 3  # finds it frozen: one timeout
+        t_end = time.monotonic() + 3.0  # past several probes, each stuck for the 2 s timeout
+        slowest = 0.0
+        while time.monotonic() < t_end:
+            t = time.monotonic()
+            assert tier.contains(keys) == [False] * 3
+            slowest = max(slowest, time.monotonic() - t)
+            time.sleep(0.02)
+        assert slowest < 1.0
+    finally:
+        redis_server.resume()
+    deadline = time.monotonic() + 10
+    while tier.contains(keys) != [True] * 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert tier.contains(keys) == [True] * 3 and tier.stats().extra["breaker_open"] == 0
+    tier.close()
+
+
 def test_down_at_start_then_up(redis_server):
     port = redis_server.port
     redis_server.kill()

@@ -27,9 +27,10 @@ dead node costs only its own keys (they miss) while the others keep answering. (
 which is why the routing is done here.) A MOVED/ASK answer or a node failure marks the
 slot map stale; it is read again on the next call (at most once per ``retry_after_s``).
 
-Circuit breaker: a connection error or timeout on a server opens its breaker; for
-``retry_after_s`` the tier then answers misses / False for that server without touching
-the network. After that, one caller probes the server; success closes the breaker.
+Circuit breaker: a connection error or timeout on a server opens its breaker; the tier then
+answers misses / False for that server without touching the network, while a thread of the
+breaker's PINGs it every ``retry_after_s`` (never a caller: a lookup on the engine's thread
+must not wait out the connect timeout of a host that is gone); an answer closes the breaker.
 """
 
 from __future__ import annotations
@@ -93,7 +94,14 @@ class _Node:
         self._clients: dict[float, redis.Redis] = {}
         self._lock = threading.Lock()
         self.client = self.client_for(timeout_s)
-        self.breaker = _Breaker(retry_after_s)
+        self.breaker = _Breaker(retry_after_s, probe=self._answers)
+
+    def _answers(self) -> bool:
+        """The breaker's probe, run by its own thread: the server answers a PING."""
+        if self.client.ping():
+            log.info("redis tier: %s answers again", self.name)
+            return True
+        return False
 
     def client_for(self, timeout_s: float) -> redis.Redis:
         client = self._clients.get(timeout_s)
@@ -109,6 +117,7 @@ class _Node:
             client.connection_pool.disconnect()
 
     def close(self) -> None:
+        self.breaker.close()
         for client in list(self._clients.values()):
             client.close()
 
@@ -242,8 +251,6 @@ class RedisTier(Tier):
         except (redis.exceptions.RedisError, OSError) as e:
             self._node_failed(node, e)
             return None
-        if node.breaker.is_open:
-            log.info("redis tier: %s answers again", node.name)
         node.breaker.success()
         if self.cluster and any(isinstance(r, (redis.exceptions.AskError, redis.exceptions.ClusterDownError,
                                                redis.exceptions.TryAgainError)) for r in replies):
