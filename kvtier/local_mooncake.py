@@ -21,20 +21,14 @@ Processes are stopped by the callers' ``stop``; an ``atexit`` hook kills what is
 
 from __future__ import annotations
 
-import atexit
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import tempfile
 import time
 from collections.abc import Sequence
 
-from kvtier.local_redis import free_port
+from kvtier.local_proc import LocalProcess, free_port, port_open
 
 HOST = "127.0.0.1"
-_live: set[subprocess.Popen] = set()
 
 
 def mooncake_binary(name: str) -> str | None:
@@ -53,27 +47,8 @@ def mooncake_binary(name: str) -> str | None:
     return shutil.which(name)
 
 
-def _port_open(host: str, port: int, timeout_s: float = 0.2) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
-
-
-class _Proc:
-    """One child process with a log file, started and waited for by a subclass."""
-
-    what = "process"
-
-    def __init__(self, host: str, workdir: str | None, wrap: Sequence[str] = ()) -> None:
-        self.host = host
-        self.wrap = list(wrap)
-        self._own_dir = workdir is None
-        self.workdir = workdir or tempfile.mkdtemp(prefix=f"kvtier-{self.what}-")
-        os.makedirs(self.workdir, exist_ok=True)
-        self.log_path = os.path.join(self.workdir, f"{self.what}.log")
-        self.proc: subprocess.Popen | None = None
+class _Proc(LocalProcess):
+    """A Mooncake process, ready once its ports accept connections."""
 
     def _args(self) -> list[str]:
         raise NotImplementedError
@@ -87,14 +62,10 @@ class _Proc:
             return
         deadline = time.monotonic() + timeout_s
         while True:
-            with open(self.log_path, "ab") as log:
-                # Their full log in the log file (a kvtier tier in this process may have turned
-                # Mooncake's log down in os.environ; readiness checks read this log).
-                env = dict(os.environ, MC_LOG_LEVEL="INFO")
-                self.proc = subprocess.Popen(self.wrap + self._args(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                             cwd=self.workdir, start_new_session=True, env=env)
-            _live.add(self.proc)
-            while not all(_port_open(self.host, p) for p in self._ports()):
+            # Their full log in the log file (a kvtier tier in this process may have turned
+            # Mooncake's log down in os.environ; readiness checks read this log).
+            self._spawn(self._args(), env=dict(os.environ, MC_LOG_LEVEL="INFO"))
+            while not all(port_open(self.host, p) for p in self._ports()):
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     break
                 time.sleep(0.05)
@@ -108,51 +79,6 @@ class _Proc:
                 raise RuntimeError(f"{self.what} did not listen on {self.host}:{self._ports()} in {timeout_s}s "
                                    f"(exit code {code}); log: {self.log_tail()}")
             time.sleep(0.2)
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self) -> None:
-        """Stop at once (SIGKILL: a crash)."""
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGCONT)
-                self.proc.kill()
-            self.proc.wait(10)
-            _live.discard(self.proc)
-            self.proc = None
-
-    def pause(self) -> None:
-        """Freeze (SIGSTOP): connections stay open, nothing answers."""
-        if self.alive():
-            self.proc.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        if self.alive():
-            self.proc.send_signal(signal.SIGCONT)
-
-    def restart(self) -> None:
-        """Kill (if running) and start again on the same ports."""
-        self.kill()
-        self.start()
-
-    def log_tail(self, n: int = 2000) -> str:
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return f.read()[-n:]
-        except OSError:
-            return "(no log)"
-
-    def stop(self) -> None:
-        self.kill()
-        if self._own_dir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 class MooncakeMaster(_Proc):
@@ -256,16 +182,3 @@ class MooncakeSegment(_Proc):
                 return f.read().decode(errors="replace")
         except OSError:
             return ""
-
-
-@atexit.register
-def _kill_leftovers() -> None:
-    for p in list(_live):
-        try:
-            if p.poll() is None:
-                p.send_signal(signal.SIGCONT)
-                p.kill()
-                p.wait(5)
-        except OSError:
-            pass
-    _live.clear()

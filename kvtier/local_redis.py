@@ -11,11 +11,8 @@ fixtures' finalizers; an ``atexit`` hook kills whatever is left as a backstop.
 
 from __future__ import annotations
 
-import atexit
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -23,39 +20,23 @@ from collections.abc import Sequence
 
 import redis
 
-HOST = "127.0.0.1"
-_live: set[subprocess.Popen] = set()
+from kvtier.local_proc import HOST, LocalProcess, free_port  # noqa: F401 - free_port: for importers
+
 
 
 def redis_server_binary() -> str | None:
     return shutil.which("redis-server")
 
 
-def free_port(cluster_bus: bool = False) -> int:
-    """A free TCP port on 127.0.0.1 (and port + 10000 free too, for a cluster node's bus)."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind((HOST, 0))
-            port = s.getsockname()[1]
-        if not cluster_bus:
-            return port
-        if port + 10000 > 65535:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind((HOST, port + 10000))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port pair on 127.0.0.1")
-
-
-class RedisServer:
+class RedisServer(LocalProcess):
     """One ``redis-server`` on 127.0.0.1:``port`` (a free port unless given).
 
     ``host`` and ``wrap``: listen on ``host`` instead, started under the command prefix ``wrap``
     (``ip netns exec NAME``: a server on another "host", see :mod:`kvtier.local_netns`); such a
     server needs its ``port`` given (the free-port probe sees only this namespace)."""
+
+    what = "redis"
+    log_name = "redis.log"
 
     def __init__(self, port: int | None = None, extra_args: tuple[str, ...] = (), workdir: str | None = None,
                  start: bool = True, host: str = HOST, wrap: Sequence[str] = ()) -> None:
@@ -64,16 +45,11 @@ class RedisServer:
             raise RuntimeError("redis-server is not installed (apt-get install -y redis-server)")
         if port is None and (wrap or host != HOST):
             raise ValueError(f"a redis-server on {host} (wrap={list(wrap)}) needs its port given")
-        self.binary = binary
-        self.host = host
-        self.wrap = list(wrap)
         cluster = "--cluster-enabled" in extra_args
         self.port = port or free_port(cluster_bus=cluster)
-        self._own_dir = workdir is None
-        self.workdir = workdir or tempfile.mkdtemp(prefix=f"kvtier-redis-{self.port}-")
-        os.makedirs(self.workdir, exist_ok=True)
+        super().__init__(host, workdir, wrap, dir_prefix=f"kvtier-redis-{self.port}-")
+        self.binary = binary
         self.extra_args = tuple(extra_args)
-        self.proc: subprocess.Popen | None = None
         if start:
             self.start()
 
@@ -87,15 +63,13 @@ class RedisServer:
     def start(self, timeout_s: float = 10.0) -> None:
         if self.alive():
             return
-        args = [*self.wrap, self.binary, "--bind", self.host, "--port", str(self.port), "--save", "",
+        args = [self.binary, "--bind", self.host, "--port", str(self.port), "--save", "",
                 "--appendonly", "no", "--dir", self.workdir, "--daemonize", "no",
                 # Protected mode refuses every non-loopback client; a namespace's address is
                 # reached only over this machine's private bridge.
                 "--protected-mode", "yes" if self.host == HOST else "no",
-                "--logfile", os.path.join(self.workdir, "redis.log"), *self.extra_args]
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, cwd=self.workdir)
-        _live.add(self.proc)
+                "--logfile", self.log_path, *self.extra_args]
+        self._spawn(args, log=False)  # it writes its own log file
         deadline = time.monotonic() + timeout_s
         while True:
             if self.proc.poll() is not None:
@@ -111,52 +85,6 @@ class RedisServer:
                 self.kill()
                 raise RuntimeError(f"redis-server on port {self.port} did not answer PING in {timeout_s}s")
             time.sleep(0.02)
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self) -> None:
-        """Stop the server at once (SIGKILL: a crash, nothing flushed)."""
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.kill()
-            self.proc.wait(10)
-            _live.discard(self.proc)
-            self.proc = None
-
-    def pause(self) -> None:
-        """Freeze the server (SIGSTOP): connections stay open, nothing answers."""
-        if self.alive():
-            self.proc.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        if self.alive():
-            self.proc.send_signal(signal.SIGCONT)
-
-    def restart(self) -> None:
-        """Kill (if running) and start again on the same port and directory."""
-        self.kill()
-        self.start()
-
-    def log_tail(self, n: int = 2000) -> str:
-        try:
-            with open(os.path.join(self.workdir, "redis.log")) as f:
-                return f.read()[-n:]
-        except OSError:
-            return "(no log)"
-
-    def stop(self) -> None:
-        self.resume()
-        self.kill()
-        if self._own_dir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> "RedisServer":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
 
 class RedisClusterProcs:
     """A Redis Cluster of ``n`` nodes on loopback ports: ``n`` primaries, or with ``replicas=1``
@@ -284,16 +212,3 @@ class RedisClusterProcs:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-@atexit.register
-def _kill_leftovers() -> None:
-    for p in list(_live):
-        try:
-            if p.poll() is None:
-                p.send_signal(signal.SIGCONT)
-                p.kill()
-                p.wait(5)
-        except OSError:
-            pass
-    _live.clear()
