@@ -132,57 +132,45 @@ class RedisClusterProcs:
     def urls(self) -> list[str]:
         return [s.url for s in self.nodes]
 
-    def wait_ok(self, timeout_s: float = 30.0) -> None:
-        """Wait until every running node reports cluster_state:ok and knows all slots."""
+    def _wait_every_node(self, ready, timeout_s: float, what: str) -> None:
+        """Wait until ``ready(client)`` holds on every running node."""
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                ok = True
-                for s in self.nodes:
-                    if not s.alive():
-                        continue
-                    with s.client() as c:
-                        info = c.execute_command("CLUSTER INFO")
-                        if isinstance(info, bytes):
-                            info = info.decode()
-                        state = info.get("cluster_state") if isinstance(info, dict) else None
-                        if state != "ok" and "cluster_state:ok" not in str(info):
-                            ok = False
-                            break
-                if ok:
+                if all(ready(c) for c in self._clients_of_running()):
                     return
             except redis.exceptions.RedisError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError("redis cluster did not reach cluster_state:ok")
+                raise RuntimeError(f"redis cluster: {what} in {timeout_s}s")
             time.sleep(0.05)
+
+    def _clients_of_running(self):
+        for s in self.nodes:
+            if s.alive():
+                with s.client() as c:
+                    yield c
+
+    def wait_ok(self, timeout_s: float = 30.0) -> None:
+        """Wait until every running node reports cluster_state:ok and knows all slots."""
+        def ok(c: redis.Redis) -> bool:
+            info = c.execute_command("CLUSTER INFO")
+            info = info.decode() if isinstance(info, bytes) else info
+            state = info.get("cluster_state") if isinstance(info, dict) else None
+            return state == "ok" or "cluster_state:ok" in str(info)
+
+        self._wait_every_node(ok, timeout_s, "cluster_state:ok not reached")
 
     def wait_replicas(self, count: int, timeout_s: float = 30.0) -> None:
         """Wait until every running node sees ``count`` replicas and each replica's link to its
         primary is up (its first sync done): ``cluster create`` returns before both."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                ok = True
-                for s in self.nodes:
-                    if not s.alive():
-                        continue
-                    with s.client() as c:
-                        nodes = c.execute_command("CLUSTER NODES")
-                        seen = sum("slave" in v["flags"] for v in nodes.values()) if isinstance(nodes, dict) else 0
-                        info = c.info("replication")
-                        linked = info.get("role") != "slave" or info.get("master_link_status") == "up"
-                    if seen != count or not linked:
-                        ok = False
-                        break
-                if ok:
-                    return
-            except redis.exceptions.RedisError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"redis cluster: {count} replicas not all linked to their primaries "
-                                   f"in {timeout_s}s")
-            time.sleep(0.1)
+        def linked(c: redis.Redis) -> bool:
+            nodes = c.execute_command("CLUSTER NODES")
+            seen = sum("slave" in v["flags"] for v in nodes.values()) if isinstance(nodes, dict) else 0
+            info = c.info("replication")
+            return seen == count and (info.get("role") != "slave" or info.get("master_link_status") == "up")
+
+        self._wait_every_node(linked, timeout_s, f"{count} replicas not all linked to their primaries")
 
     def node_of(self, key: bytes) -> int:
         """Index in ``nodes`` of the node that owns ``key``'s slot."""
