@@ -282,7 +282,7 @@ def test_vectorized_decision_equals_the_plain_loop():
 
 def test_parked_load_wait_is_measured_as_the_load_overhead(slow_store):
     """The fixed cost of a load is what parked loads were seen to wait beyond their reads: the
-    ledger times each from its allocation to the step that computes it."""
+    ledger times each from its allocation to the engine hearing it finished, plus one step."""
     store, _ = slow_store
     store.costs = model(token_s=1e-4)  # the 4-chunk hit saves 6.4 ms of compute
     store.costs.load_overhead_s = 0.0
@@ -295,7 +295,8 @@ def test_parked_load_wait_is_measured_as_the_load_overhead(slow_store):
         rid = f"r{loads}"
         ledger.on_alloc(rid, list(range(5)), 4 * CHUNK, parked=True)
         ledger.on_step([], [ScheduledRequest(rid, tokens, 4 * CHUNK, 0, None, False)])
-        time.sleep(0.02)  # the load and the report: a round trip the model did not know of
+        time.sleep(0.02)  # the load and its report: a round trip the model did not know of
+        ledger.on_loads_finished([rid], step_s=0.005)
         ledger.on_step([ScheduledRequest(rid, tokens, 4 * CHUNK, 3, None, False)])
         ledger.on_finished(rid)
         loads += 1
@@ -308,8 +309,30 @@ def test_parked_load_wait_is_measured_as_the_load_overhead(slow_store):
     ledger.on_alloc("x", list(range(5)), 4 * CHUNK)
     ledger.on_step([ScheduledRequest("x", tokens, 0, 4 * CHUNK + 3, None, False)])
     time.sleep(0.02)
-    ledger.on_step([ScheduledRequest("x", tokens, 4 * CHUNK + 3, 1, None, False)])
+    ledger.on_loads_finished(["x"], step_s=0.005)
     assert store.costs.load_overhead_s == 0.0
+
+
+def test_waiting_for_budget_after_a_load_is_not_its_cost(slow_store):
+    """A busy engine keeps a request whose load finished waiting for budget, as it would have
+    without the load: that wait is not counted against loading."""
+    store, _ = slow_store
+    store.costs = model(token_s=1e-4)
+    store.costs.load_overhead_s = 0.0
+    ledger = PrefixLedger(store, NS, CHUNK, CHUNK, costs=store.costs, load_policy="auto")
+    tokens, keys = prompt_and_keys(ledger, 4)
+    for i, k in enumerate(keys):
+        store.put(k, payload(i))
+    for n in range(6):
+        rid = f"r{n}"
+        assert ledger.num_new_matched_tokens(tokens, 0, rid) == 4 * CHUNK
+        ledger.on_alloc(rid, list(range(5)), 4 * CHUNK, parked=True)
+        ledger.on_step([], [ScheduledRequest(rid, tokens, 4 * CHUNK, 0, None, False)])
+        ledger.on_loads_finished([rid], step_s=0.0005)  # finished at once
+        time.sleep(0.05)  # then waits for budget
+        ledger.on_step([ScheduledRequest(rid, tokens, 4 * CHUNK, 3, None, False)])
+        ledger.on_finished(rid)
+    assert store.costs.load_overhead_s < 0.0064
 
 
 def test_load_overhead_sample_is_bounded():

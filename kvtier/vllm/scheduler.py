@@ -41,7 +41,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from kvtier.costs import CostModel
@@ -291,6 +291,21 @@ class PrefixLedger:
                     break
         return out
 
+    def on_loads_finished(self, req_ids: Iterable[str], step_s: float) -> None:
+        """The engine heard that the parked loads of ``req_ids`` finished: each waited from its
+        allocation until now, and waits one more step (``step_s``, the engine's latest) before it
+        is scheduled. Beside its predicted reads, that is the load's fixed cost. Measured to here,
+        not to the step that computes the request: a busy engine may keep a request waiting for
+        budget after its load, as it would have without one."""
+        now = time.monotonic()
+        for req_id in req_ids:
+            r = self.reqs.get(req_id)
+            if r is None or not r.parked_at:
+                continue
+            if not r.load_failed and self.costs is not None:
+                self.costs.observe_load_wait(now - r.parked_at + step_s, r.parked_reads_s)
+            r.parked_at = 0.0
+
     def load_failed(self, req_id: str) -> bool:
         r = self.reqs.get(req_id)
         return r is not None and r.load_failed
@@ -340,10 +355,6 @@ class PrefixLedger:
             plan.work_tokens += s.num_new_tokens
             plan.work_attention += s.num_new_tokens * (s.num_computed_tokens + s.num_new_tokens / 2)
             r = self.reqs.setdefault(s.req_id, _Req())
-            if r.parked_at:  # its parked load is in: what the wait cost beside the reads
-                if not r.load_failed:
-                    self.costs.observe_load_wait(time.monotonic() - r.parked_at, r.parked_reads_s)
-                r.parked_at = 0.0
             if s.replace_blocks:
                 r.block_ids = list(s.block_ids or ())
             elif s.block_ids:

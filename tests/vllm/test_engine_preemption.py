@@ -16,7 +16,9 @@ from engine_proc import SUMMARY
 
 ENGINE = engine_kwargs(num_gpu_blocks_override=15, max_num_batched_tokens=81, max_model_len=448,
                        scheduler_reserve_full_isl=False)
-KVTIER = {"chunk_size": 256, "tiers": ["cpu"], "cpu_bytes": "16MiB"}
+# "always": the answers are checked against the stored prefix; the cost policy's own answers under
+# preemption are tests/test_costs.py::test_decision_uses_the_engines_count_of_each_call.
+KVTIER = {"chunk_size": 256, "tiers": ["cpu"], "cpu_bytes": "16MiB", "load_policy": "always"}
 
 
 @pytest.fixture(scope="module")
