@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import statistics
 import subprocess
 import sys
@@ -78,3 +79,27 @@ def start_server(addr: str, cpu_bytes: int) -> subprocess.Popen:
         if proc.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError("server did not start")
     return proc
+
+
+def start_workers(target, args_per_worker: list[tuple]) -> tuple[list, list]:
+    """One spawned process per ``args`` tuple, running ``target(*args, pipe)``; returns (pipes,
+    processes) once every worker sent "ready" on its pipe."""
+    ctx = mp.get_context("spawn")
+    pipes, procs = [], []
+    for args in args_per_worker:
+        a, b = ctx.Pipe()
+        p = ctx.Process(target=target, args=(*args, b), daemon=True)
+        p.start()
+        pipes.append(a)
+        procs.append(p)
+    for a in pipes:
+        assert a.recv() == "ready"
+    return pipes, procs
+
+
+def stop_workers(pipes: list, procs: list, timeout_s: float) -> None:
+    """Tell each worker of :func:`start_workers` to stop (None) and wait for it."""
+    for a in pipes:
+        a.send(None)
+    for p in procs:
+        p.join(timeout_s)

@@ -36,6 +36,8 @@ import time
 
 import numpy as np
 
+from _common import start_workers, stop_workers
+
 MIB = 1 << 20
 
 
@@ -141,17 +143,8 @@ def client(idx: int, cfg: dict, barrier, pipe) -> None:
 
 
 def run(clients: int, cfg: dict, rounds: int) -> dict:
-    ctx = mp.get_context("spawn")
-    barrier = ctx.Barrier(clients)
-    pipes, procs = [], []
-    for i in range(clients):
-        a, b = ctx.Pipe()
-        p = ctx.Process(target=client, args=(i, cfg, barrier, b), daemon=True)
-        p.start()
-        pipes.append(a)
-        procs.append(p)
-    for a in pipes:
-        assert a.recv() == "ready"
+    barrier = mp.get_context("spawn").Barrier(clients)
+    pipes, procs = start_workers(client, [(i, cfg, barrier) for i in range(clients)])
     size = layout_32mib().nbytes
     results: dict[str, list[float]] = {}
     systems = ["tcp", "mooncake", "mooncake-raw", "redis"]
@@ -169,10 +162,7 @@ def run(clients: int, cfg: dict, rounds: int) -> dict:
                 print(f"  {system} {op}: only {moved // size} of {clients * cfg['chunks']} chunks moved",
                       file=sys.stderr)
             results.setdefault(f"{system}_{op}_gbps", []).append(moved / wall / 1e9)
-    for a in pipes:
-        a.send(None)
-    for p in procs:
-        p.join(30)
+    stop_workers(pipes, procs, 30)
     row = {"clients": clients, "chunk_mib": size // MIB, "chunks_per_client": cfg["chunks"]}
     row.update({k: round(statistics.median(v), 3) for k, v in results.items()})
     row["rounds"] = {k: [round(x, 3) for x in v] for k, v in results.items()}

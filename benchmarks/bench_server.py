@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import shutil
 import statistics
@@ -22,7 +21,7 @@ import time
 
 import torch
 
-from _common import pct, start_server
+from _common import pct, start_server, start_workers, stop_workers
 
 from kvtier.config import KVTierConfig
 from kvtier.hostcopy import copy_bytes
@@ -101,16 +100,7 @@ def _lookup_worker(addr: str, layout: ChunkLayout, keys: list[bytes], conn) -> N
 
 
 def concurrency(addr: str, layout: ChunkLayout, keys: list[bytes], levels: list[int], duration: float) -> list[dict]:
-    ctx = mp.get_context("spawn")
-    pipes, procs = [], []
-    for _ in range(max(levels)):
-        a, b = ctx.Pipe()
-        p = ctx.Process(target=_lookup_worker, args=(addr, layout, keys, b), daemon=True)
-        p.start()
-        pipes.append(a)
-        procs.append(p)
-    for a in pipes:
-        assert a.recv() == "ready"
+    pipes, procs = start_workers(_lookup_worker, [(addr, layout, keys)] * max(levels))
     rows = []
     for k in levels:
         start_at = time.time() + 0.2
@@ -121,10 +111,7 @@ def concurrency(addr: str, layout: ChunkLayout, keys: list[bytes], levels: list[
                      "p99_us": pct(lat, 99) * 1e6})
         print(f"  {k:3d} clients: p50 {rows[-1]['p50_us']:.0f} us  p99 {rows[-1]['p99_us']:.0f} us  "
               f"{rows[-1]['lookups_per_s']:.0f} lookups/s", file=sys.stderr)
-    for a in pipes:
-        a.send(None)
-    for p in procs:
-        p.join(10)
+    stop_workers(pipes, procs, 10)
     return rows
 
 
