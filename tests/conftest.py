@@ -38,13 +38,27 @@ def make_keys(n: int, rng: np.random.Generator | None = None) -> list[bytes]:
     return [rng.bytes(16) for _ in range(n)]
 
 
+def check_bytes(tier, keys: list[bytes], seeds: list[int]) -> list[bool]:
+    """get_into ``keys``; every hit must hold exactly ``make_payload(seed)``."""
+    dests = [np.zeros(SMALL_LAYOUT.nbytes, dtype=np.uint8) for _ in keys]
+    ok = tier.get_into(keys, dests)
+    for hit, d, s in zip(ok, dests, seeds):
+        if hit:
+            assert np.array_equal(d, make_payload(s))
+    return ok
+
+
+def skip_or_fail_in_ci(what: str, msg: str) -> None:
+    """Skip a test whose system part is missing here; in CI, where it must run, fail instead."""
+    if os.environ.get("CI"):
+        pytest.fail(f"CI must run the {what} tests, but {msg}", pytrace=False)
+    pytest.skip(msg)
+
+
 def require_redis() -> None:
     """Skip (locally) or fail (in CI) when redis-server is not installed."""
     if servers.redis_server_binary() is None:
-        msg = "redis-server is not installed: apt-get update && apt-get install -y redis-server"
-        if os.environ.get("CI"):
-            pytest.fail("CI must run the Redis tests, but " + msg, pytrace=False)
-        pytest.skip(msg)
+        skip_or_fail_in_ci("Redis", "redis-server is not installed: apt-get update && apt-get install -y redis-server")
 
 
 @pytest.fixture(scope="session")
@@ -81,11 +95,8 @@ def require_mooncake() -> None:
 
         import_store()
     except ImportError as e:
-        msg = (f"Mooncake is not importable ({e}): pip install 'kvtier[mooncake]' "
-               f"and apt-get install -y libibverbs1")
-        if os.environ.get("CI"):
-            pytest.fail("CI must run the Mooncake tests, but " + msg, pytrace=False)
-        pytest.skip(msg)
+        skip_or_fail_in_ci("Mooncake", f"Mooncake is not importable ({e}): pip install 'kvtier[mooncake]' "
+                                       f"and apt-get install -y libibverbs1")
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SMALL_LAYOUT, bounded, make_keys, make_payload, require_mooncake
+from conftest import SMALL_LAYOUT, bounded, check_bytes, make_keys, make_payload, require_mooncake
 from kvtier.config import ConfigError, KVTierConfig
 from kvtier.layout import HEADER_SIZE
 
@@ -36,16 +36,6 @@ def tier_for(m, **kw):
     return t
 
 
-def check(tier, keys, seeds) -> list[bool]:
-    """get_into ``keys``; every hit must hold exactly ``make_payload(seed)``."""
-    dests = [np.zeros(N, dtype=np.uint8) for _ in keys]
-    ok = tier.get_into(keys, dests)
-    for hit, d, s in zip(ok, dests, seeds):
-        if hit:
-            assert np.array_equal(d, make_payload(s))
-    return ok
-
-
 def test_master_killed_mid_run_then_back(master):
     tier = tier_for(master)
     keys = make_keys(6)
@@ -53,7 +43,7 @@ def test_master_killed_mid_run_then_back(master):
     master.kill()
     for _ in range(5):  # every call answers, quickly, with a miss: no exception, no hang
         assert bounded(lambda: tier.contains(keys), 10) == [False] * 6
-        assert bounded(lambda: check(tier, keys[:3], range(3)), 10) == [False] * 3
+        assert bounded(lambda: check_bytes(tier, keys[:3], range(3)), 10) == [False] * 3
         assert bounded(lambda: tier.put(keys[3:], [make_payload(i) for i in range(3, 6)]), 10) == [False] * 3
         time.sleep(0.2)
     s = tier.stats()
@@ -63,7 +53,7 @@ def test_master_killed_mid_run_then_back(master):
     while tier.put(keys[3:], [make_payload(i) for i in range(3, 6)]) != [True] * 3:
         assert time.monotonic() < deadline, "the tier did not recover after the master came back"
         time.sleep(0.3)
-    assert check(tier, keys[3:], range(3, 6)) == [True] * 3
+    assert check_bytes(tier, keys[3:], range(3, 6)) == [True] * 3
     assert tier.stats().extra["breaker_open"] == 0
     tier.close()
 
@@ -78,9 +68,9 @@ def test_segment_holder_killed(master):
     try:
         keys = make_keys(4)
         assert tier.put(keys, [make_payload(i) for i in range(4)]) == [True] * 4
-        assert check(tier, keys, range(4)) == [True] * 4
+        assert check_bytes(tier, keys, range(4)) == [True] * 4
         holder.kill()
-        assert bounded(lambda: check(tier, keys, range(4)), 20) == [False] * 4
+        assert bounded(lambda: check_bytes(tier, keys, range(4)), 20) == [False] * 4
         deadline = time.monotonic() + 20  # the master drops the segment after client_ttl
         while any(tier.contains(keys)):
             assert time.monotonic() < deadline
@@ -90,7 +80,7 @@ def test_segment_holder_killed(master):
         while tier.put(keys[:1], [make_payload(9)]) != [True]:
             assert time.monotonic() < deadline
             time.sleep(0.3)
-        assert check(tier, keys[:1], [9]) == [True]
+        assert check_bytes(tier, keys[:1], [9]) == [True]
     finally:
         tier.close()
         holder.stop()
@@ -113,7 +103,7 @@ def test_master_down_at_start_connects_later():
         m.start()
         assert tier.wait_connected(30)
         assert tier.put([k], [make_payload(1)]) == [True]
-        assert check(tier, [k], [1]) == [True]
+        assert check_bytes(tier, [k], [1]) == [True]
         tier.close()
     finally:
         m.stop()
@@ -136,7 +126,7 @@ def test_corrupt_value_is_a_miss(mooncake_master):
     assert raw.batch_upsert_from([tier._name(k1), tier._name(k2)], [ptr, ptr + HEADER_SIZE + N],
                                  [HEADER_SIZE + N] * 2) == [0, 0]
     raw.unregister_buffer(ptr)
-    assert check(tier, [k1, k2], [1, 2]) == [False, False]
+    assert check_bytes(tier, [k1, k2], [1, 2]) == [False, False]
     assert tier.stats().corrupt == 2
     tier.close()
 
@@ -167,7 +157,7 @@ def test_registered_pool_moves_without_per_call_registration(mooncake_master):
     assert tier.get_into(keys, slots[2:]) == [True, True]
     assert np.array_equal(slots[3], make_payload(2))
     assert calls == []
-    assert check(tier, keys, [1, 2]) == [True, True]  # fresh arrays: registered per call
+    assert check_bytes(tier, keys, [1, 2]) == [True, True]  # fresh arrays: registered per call
     assert calls == [("register", N), ("register", N)]
     tier._store = real
     tier.close()

@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import SMALL_LAYOUT, make_keys, make_payload
+from conftest import SMALL_LAYOUT, check_bytes, make_keys, make_payload
 from kvtier.layout import HEADER_SIZE
 from kvtier.tiers.redis import RedisTier
 
@@ -14,16 +14,6 @@ N = SMALL_LAYOUT.nbytes
 
 def zeros(n: int = 1) -> list[np.ndarray]:
     return [np.zeros(N, dtype=np.uint8) for _ in range(n)]
-
-
-def check_bytes(tier: RedisTier, keys: list[bytes], seeds: list[int]) -> list[bool]:
-    """get_into ``keys``; every hit must hold exactly ``make_payload(seed)``."""
-    dests = zeros(len(keys))
-    ok = tier.get_into(keys, dests)
-    for hit, d, s in zip(ok, dests, seeds):
-        if hit:
-            assert np.array_equal(d, make_payload(s))
-    return ok
 
 
 def test_pipelined_batches_keep_order(redis_server):
