@@ -199,6 +199,19 @@ def parks_loads(config: KVTierConfig, vllm_config: "VllmConfig") -> bool:
     return config.load_mode == "async" or (config.load_mode == "auto" and ahead)
 
 
+def _constructors_of(connector: KVConnectorBase_V1) -> list:
+    """The objects whose methods are on the stack while ``connector`` is built, innermost first
+    (a MultiConnector parent, vLLM's scheduler): what no API of vLLM's hands the connector."""
+    owners = []
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if owner is not None and owner is not connector:
+            owners.append(owner)
+        frame = frame.f_back
+    return owners
+
+
 def _transfer_configs(vllm_config: "VllmConfig", connector: KVConnectorBase_V1) -> list:
     """kvtier's transfer config and those of the connectors that created it.
 
@@ -207,14 +220,11 @@ def _transfer_configs(vllm_config: "VllmConfig", connector: KVConnectorBase_V1) 
     ``kv_load_failure_policy``); the parent connector is the caller of our constructor.
     """
     configs = [vllm_config.kv_transfer_config]
-    frame = sys._getframe(1)
-    while frame is not None:
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, KVConnectorBase_V1) and owner is not connector:
+    for owner in _constructors_of(connector):
+        if isinstance(owner, KVConnectorBase_V1):
             tc = getattr(getattr(owner, "_vllm_config", None), "kv_transfer_config", None)
             if tc is not None and all(tc is not c for c in configs):
                 configs.append(tc)
-        frame = frame.f_back
     return configs
 
 
@@ -233,13 +243,10 @@ def kv_role(vllm_config: "VllmConfig", config: KVTierConfig) -> tuple[bool, bool
 
 def _engine_scheduler(connector: KVConnectorBase_V1) -> "weakref.ref | None":
     """vLLM's scheduler constructing ``connector`` (a weak reference; its ``kv_cache_manager`` is made
-    after the connector), found among the callers' frames as ``_transfer_configs`` finds its parents."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        owner = frame.f_locals.get("self")
-        if owner is not connector and hasattr(owner, "update_from_output") and hasattr(owner, "schedule"):
+    after the connector)."""
+    for owner in _constructors_of(connector):
+        if hasattr(owner, "update_from_output") and hasattr(owner, "schedule"):
             return weakref.ref(owner)
-        frame = frame.f_back
     return None
 
 
