@@ -14,8 +14,8 @@ H200 prefills Llama-8B at ~5 GB/s of KV, faster than a disk without its page cac
   a seed rate in GB/s of KV (config ``prefill_gbps``).
 - **Backlog**: reads already promised to a tier delay the next load from it.
 - **Overhead**: a load has a fixed cost beside its reads (a parked request waits a scheduling
-  round trip), measured by the scheduler: the wait of each parked load from its allocation to
-  the step that computes the request, less its predicted reads (``observe_load_wait``).
+  round trip), measured by the scheduler: the wait of each parked load from its allocation until
+  the engine reports it finished, plus one step, less its predicted reads (``observe_load_wait``).
 
 :meth:`CostModel.chunks_to_load` picks how many leading chunks of a hit to load so that
 load + compute of the rest is least. It only ever shortens a hit: whatever it answers,
@@ -85,8 +85,9 @@ class CostModel:
             self._outbox.append(("read", tier, chunks, seconds))
 
     def observe_load_wait(self, waited_s: float, predicted_reads_s: float) -> None:
-        """A parked load's request waited ``waited_s`` from its allocation until the step that
-        computes it; its reads were predicted at ``predicted_reads_s``: the rest is the overhead."""
+        """A parked load's request waited ``waited_s`` from its allocation until it could be
+        scheduled (the load's report plus one step); its reads were predicted at
+        ``predicted_reads_s``: the rest is the overhead."""
         sample = min(max(0.0, waited_s - predicted_reads_s), _MAX_LOAD_OVERHEAD_S)
         with self._lock:
             self.load_overhead_s += _READ_WEIGHT * (sample - self.load_overhead_s)

@@ -149,6 +149,7 @@ class StepHostTime:
 
     def __init__(self, side: str, most: int = 4096) -> None:
         self.side = side
+        self._trace_name = f"step_host.{side}"
         self._now = 0.0
         self._steps: list[float] = []
         self._most = most
@@ -160,7 +161,7 @@ class StepHostTime:
         if self._now > 0:
             if len(self._steps) < self._most:
                 self._steps.append(self._now)
-            trace.record(f"step_host.{self.side}", time.perf_counter() - self._now, self._now)
+            trace.record(self._trace_name, time.perf_counter() - self._now, self._now)
         self._now = 0.0
 
     def take(self) -> list[list]:
