@@ -75,7 +75,9 @@ def setup(cpu: bool) -> dict:
     return dict(model=str(model), vocab=LLAMA_8B["vocab_size"], docs=16, doc_tokens=8192, question=32,
                 engine=dict(load_format="dummy", dtype="bfloat16", enforce_eager=False, block_size=16,
                             max_model_len=8192 + 256, max_num_batched_tokens=8192, gpu_memory_utilization=0.85,
-                            num_gpu_blocks_override=40960 // 16, disable_log_stats=False),
+                            num_gpu_blocks_override=40960 // 16, disable_log_stats=False,
+                            # 17 sequences at most: fewer CUDA graphs to capture, a shorter start-up
+                            max_num_seqs=32),
                 big="24GiB", small="4GiB", native=24.0)
 
 

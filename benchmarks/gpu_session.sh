@@ -44,7 +44,10 @@ case "$step" in
       python3 benchmarks/bench_writer_gil.py --chunks ${CHUNKS:-32} --reps ${REPS:-5} $flags --out "$OUT/writer_gil_h200_$name.json"
     done ;;
   docs_*)  # gpu_docs configurations, a few per call: docs_vllm_alone+kvtier_cpu runs those two
-    python3 benchmarks/gpu_docs.py --configs "$(echo "${step#docs_}" | tr + ,)" --out "$OUT/gpu_docs_h200.json" ;;
+    # under the call's limit, so that the configurations done come back even when the last one cannot finish
+    timeout "${DOCS_LIMIT:-570}" python3 benchmarks/gpu_docs.py --configs "$(echo "${step#docs_}" | tr + ,)" \
+      --out "$OUT/gpu_docs_h200.json"
+    cp "${GPU_VLLM_STATE:-/tmp/kvtier-gpu-vllm}/docs.json" "$OUT/docs_state.json" ;;
   lmcache_check) python3 benchmarks/gpu_lmcache/phase.py --check ;;
   disk_read) python3 benchmarks/bench_disk_read.py --out "$OUT/disk_read_h200.json" ;;
   pd_single|pd_pd)  # gpu_pd (issue 27): one engine at 0.8 of the GPU, then P/D (two at 0.4, kvtier serve, the proxy)
