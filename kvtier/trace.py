@@ -3,7 +3,8 @@
 Every process of the engine (scheduler, workers) appends one JSON line per span:
 ``{"t": start, "dur": seconds, "name": ..., "pid": ..., **fields}``. ``t`` is
 ``time.perf_counter()`` (CLOCK_MONOTONIC on Linux), so lines of different processes on one
-host line up. Off by default; when off a span costs one attribute check.
+host line up. ``cpu``: the thread's CPU time inside the span; ``dur`` well above it is time the thread
+waited (for the GIL held by another thread of the process, or for a core). Off by default; when off a span costs one attribute check.
 
     KVTIER_TRACE=/tmp/kv.jsonl python3 my_serving_script.py
     python3 -m kvtier.trace /tmp/kv.jsonl        # per-name count, total, median, max
@@ -21,6 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 _PATH = os.environ.get("KVTIER_TRACE") or None
+ON = _PATH is not None
 _fd: int | None = None
 
 
@@ -41,11 +43,11 @@ def span(name: str, **fields: object) -> Iterator[dict]:
     if _PATH is None:
         yield fields
         return
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.thread_time()
     try:
         yield fields
     finally:
-        record(name, t, time.perf_counter() - t, **fields)
+        record(name, t, time.perf_counter() - t, cpu=time.thread_time() - c, **fields)
 
 
 def summarize(path: str) -> dict[str, dict[str, float]]:
@@ -53,16 +55,28 @@ def summarize(path: str) -> dict[str, dict[str, float]]:
     spans, ``step_host.scheduler`` / ``step_host.worker``: kvtier's host time on the engine's thread
     per step (issue 28), the figure behind ``vllm:kvtier_step_host_seconds``."""
     durs: dict[str, list[float]] = defaultdict(list)
+    waits: dict[str, list[float]] = defaultdict(list)
     with open(path) as f:
         for line in f:
             rec = json.loads(line)
             durs[rec["name"]].append(rec["dur"])
-    return {name: {"count": len(d), "total_s": sum(d), "median_s": statistics.median(d),
-                   "p99_s": sorted(d)[min(len(d) - 1, int(0.99 * len(d)))], "max_s": max(d)}
-            for name, d in sorted(durs.items())}
+            if "cpu" in rec:
+                waits[rec["name"]].append(max(0.0, rec["dur"] - rec["cpu"]))
+    out = {}
+    for name, d in sorted(durs.items()):
+        out[name] = {"count": len(d), "total_s": sum(d), "median_s": statistics.median(d), "p99_s": _p99(d),
+                     "max_s": max(d)}
+        if waits[name]:  # the part of the span the thread spent not running
+            out[name]["wait_p99_s"] = _p99(waits[name])
+    return out
+
+
+def _p99(values: list[float]) -> float:
+    return sorted(values)[min(len(values) - 1, int(0.99 * len(values)))]
 
 
 if __name__ == "__main__":
     for name, s in summarize(sys.argv[1]).items():
         print(f"{name:40} {s['count']:7d} {s['total_s'] * 1e3:10.2f} ms total {s['median_s'] * 1e3:9.3f} ms median "
-              f"{s['p99_s'] * 1e3:9.3f} ms p99 {s['max_s'] * 1e3:9.3f} ms max")
+              f"{s['p99_s'] * 1e3:9.3f} ms p99 {s['max_s'] * 1e3:9.3f} ms max"
+              + (f" {s['wait_p99_s'] * 1e3:9.3f} ms p99 waiting" if "wait_p99_s" in s else ""))

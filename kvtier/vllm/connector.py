@@ -45,6 +45,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from kvtier.config import ConfigError, KVTierConfig
 from kvtier.costs import CostModel, StepClock
+from kvtier import trace
 from kvtier.keys import Namespace, rank_keys
 from kvtier.layout import ChunkLayout, dtype_name
 from kvtier.server.client import get_remote_store
@@ -83,13 +84,14 @@ def _engine_thread(boundary: str = ""):
                 return fn(self, *args, **kwargs)
             if boundary == "before":
                 host.close()
-            t = time.perf_counter()
+            t, c = time.perf_counter(), (time.thread_time() if trace.ON else 0.0)
             try:
                 return fn(self, *args, **kwargs)
             finally:
                 dt = time.perf_counter() - t
                 host.add(dt)
-                record(name, t, dt)  # with KVTIER_TRACE: which hook a step's host time went to
+                if trace.ON:  # which hook a step's host time went to, and how much of it was waiting
+                    record(name, t, dt, cpu=time.thread_time() - c)
                 if boundary == "after":
                     host.close()
         return timed
