@@ -7,6 +7,7 @@ import sys
 from kvtier.trace import summarize
 
 SCRIPT = """
+import time
 from kvtier.trace import span
 with span("sleeps"):  # waiting: no CPU
     time.sleep(0.05)
