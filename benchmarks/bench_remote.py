@@ -15,7 +15,7 @@ barrier); GB/s = the bytes of all clients over the phase's wall time (first star
 
 Servers, all on 127.0.0.1 and started here: ``mooncake_master`` and a ``mooncake_client``
 holding a segment (so chunks cross loopback to another process, as to another host: the
-clients add no memory of their own), and one ``redis-server`` (default settings). Phases take
+clients add no memory of their own; ``--segments N``: N holders), and one ``redis-server``. Phases take
 turns within each round, a round per ``--rounds`` after one uncounted warm-up round (the
 segment's pages are touched for the first time there); the median round is reported.
 
@@ -25,6 +25,7 @@ segment's pages are touched for the first time there); the median round is repor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -142,14 +143,14 @@ def client(idx: int, cfg: dict, barrier, pipe) -> None:
     rd.close()
 
 
-def run(clients: int, cfg: dict, rounds: int) -> dict:
+def run(clients: int, cfg: dict, rounds: int, systems: list[str] | None = None) -> dict:
     barrier = mp.get_context("spawn").Barrier(clients)
     pipes, procs = start_workers(client, [(i, cfg, barrier) for i in range(clients)])
     size = layout_32mib().nbytes
     results: dict[str, list[float]] = {}
-    systems = ["tcp", "mooncake", "mooncake-raw", "redis"]
+    systems = systems or ["tcp", "mooncake", "mooncake-raw", "redis"]
     for rnd in range(-1, rounds):  # round -1 warms up (first touches of the segment's pages), not counted
-        first = systems[rnd % 4:] + systems[:rnd % 4]  # each round starts with another system
+        first = systems[rnd % len(systems):] + systems[:rnd % len(systems)]  # each round starts with another system
         for system, op in [(s, op) for s in first for op in ("write", "read")]:  # a read after its write
             for a in pipes:
                 a.send((system, op, rnd))
@@ -167,7 +168,7 @@ def run(clients: int, cfg: dict, rounds: int) -> dict:
     row.update({k: round(statistics.median(v), 3) for k, v in results.items()})
     row["rounds"] = {k: [round(x, 3) for x in v] for k, v in results.items()}
     for op in ("write", "read"):
-        for system in ("mooncake", "mooncake-raw", "redis"):
+        for system in [s for s in systems if s != "tcp"]:
             row[f"{system}_{op}_vs_tcp"] = round(row[f"{system}_{op}_gbps"] / row[f"tcp_{op}_gbps"], 2)
     return row
 
@@ -177,6 +178,9 @@ def main() -> None:
     ap.add_argument("--clients", default="1,2,4,8")
     ap.add_argument("--chunks", type=int, default=4, help="32 MiB chunks per client per phase")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--systems", default="tcp,mooncake,mooncake-raw,redis", help="what to measure (tcp first)")
+    ap.add_argument("--segments", type=int, default=1, help="mooncake_client processes holding the pool "
+                    "(each serves its transfers on one I/O thread)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -185,7 +189,10 @@ def main() -> None:
 
     counts = [int(c) for c in args.clients.split(",")]
     seg = 2 * max(counts) * args.chunks * 32 * MIB  # a round's chunks at most half of it (eviction at 90 %)
-    with MooncakeMaster() as master, MooncakeSegment(master, seg), RedisServer() as redis_srv:
+    with (MooncakeMaster() as master, RedisServer() as redis_srv,
+          contextlib.ExitStack() as holders):
+        for _ in range(args.segments):
+            holders.enter_context(MooncakeSegment(master, seg // args.segments))
         srv = socket.socket()
         srv.bind(("127.0.0.1", 0))
         srv.listen(64)
@@ -196,7 +203,7 @@ def main() -> None:
                "tcp": srv.getsockname(), "chunks": args.chunks}
         rows = []
         for c in counts:
-            row = run(c, cfg, args.rounds)
+            row = run(c, cfg, args.rounds, args.systems.split(","))
             rows.append(row)
             print(f"{c} clients: " + "  ".join(f"{k}={v}" for k, v in row.items()
                                               if k.endswith(("gbps", "vs_tcp"))), flush=True)
