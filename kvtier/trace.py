@@ -12,10 +12,12 @@ waited (for the GIL held by another thread of the process, or for a core). Off b
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import statistics
 import sys
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -24,17 +26,37 @@ from contextlib import contextmanager
 _PATH = os.environ.get("KVTIER_TRACE") or None
 ON = _PATH is not None
 _fd: int | None = None
+_lines: list[str] = []
+_lock = threading.Lock()
+_FLUSH_LINES = 512  # a safety bound; the connector flushes after each hook, outside the hook's time
 
 
 def record(name: str, start: float, dur: float = 0.0, **fields: object) -> None:
-    """Append one line (a single ``write`` on an O_APPEND file: lines of processes do not interleave)."""
-    global _fd
+    """Buffer one line. Writing is left to :func:`flush`: ``os.write`` releases the GIL, and on an
+    engine thread taking it back can wait for another thread's switch interval (up to 5 ms), which
+    a hook's measured time would then include (seen: p99 2.2 ms of waiting in a 0.07 ms hook)."""
     if _PATH is None:
         return
-    if _fd is None:
-        _fd = os.open(_PATH, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    line = json.dumps({"t": start, "dur": dur, "name": name, "pid": os.getpid(), **fields}) + "\n"
-    os.write(_fd, line.encode())
+    _lines.append(json.dumps({"t": start, "dur": dur, "name": name, "pid": os.getpid(), **fields}) + "\n")
+    if len(_lines) >= _FLUSH_LINES:
+        flush()
+
+
+def flush() -> None:
+    """Write the buffered lines (one ``write`` on an O_APPEND file: lines of processes do not interleave)."""
+    global _fd
+    if not _lines:
+        return
+    with _lock:
+        lines = _lines[:]
+        del _lines[:len(lines)]
+        if _fd is None:
+            _fd = os.open(_PATH, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.write(_fd, "".join(lines).encode())
+
+
+if ON:
+    atexit.register(flush)
 
 
 @contextmanager

@@ -92,6 +92,7 @@ def _engine_thread(boundary: str = ""):
                 host.add(dt)
                 if trace.ON:  # which hook a step's host time went to, and how much of it was waiting
                     record(name, t, dt, cpu=time.thread_time() - c)
+                    trace.flush()  # after the hook's time was taken: the write is the trace's cost
                 if boundary == "after":
                     host.close()
         return timed
@@ -733,3 +734,4 @@ class KVTierConnector(KVConnectorBase_V1):
             self.store.flush(timeout=10.0)
         except Exception:
             log.exception("kvtier: flush at shutdown failed")
+        trace.flush()

@@ -233,4 +233,7 @@ if __name__ == "__main__":
     result = _child(json.loads(sys.stdin.read()))
     sys.stdout.write(MARK + json.dumps(result) + "\n")
     sys.stdout.flush()
+    from kvtier import trace
+
+    trace.flush()  # os._exit runs no atexit hook
     os._exit(0)  # skip slow interpreter teardown of the engine's threads
