@@ -480,6 +480,8 @@ class RemoteStore:
         return dict(rep.values) if isinstance(rep, P.StatsReply) else {}
 
     def ping(self) -> bool:
+        """A round trip. The server handles a client's messages in order, so the one-way commits
+        sent before it are applied, and seen by every client, once it returns True."""
         return isinstance(self._request(P.Ping()), P.Ok)
 
     def close(self, timeout: float = 1.0) -> None:
