@@ -3,8 +3,10 @@
 Every process of the engine (scheduler, workers) appends one JSON line per span:
 ``{"t": start, "dur": seconds, "name": ..., "pid": ..., **fields}``. ``t`` is
 ``time.perf_counter()`` (CLOCK_MONOTONIC on Linux), so lines of different processes on one
-host line up. ``cpu``: the thread's CPU time inside the span; ``dur`` well above it is time the thread
-waited (for the GIL held by another thread of the process, or for a core). Off by default; when off a span costs one attribute check.
+host line up. ``cpu``: the thread's CPU time inside the span; ``dur`` well above it is time the
+thread waited (for the GIL held by another thread of the process, or for a core). Lines are
+buffered and written by :func:`flush` (the connector calls it after each hook). Off by default;
+when off a span costs one attribute check.
 
     KVTIER_TRACE=/tmp/kv.jsonl python3 my_serving_script.py
     python3 -m kvtier.trace /tmp/kv.jsonl        # per-name count, total, median, max
@@ -35,7 +37,7 @@ def record(name: str, start: float, dur: float = 0.0, **fields: object) -> None:
     """Buffer one line. Writing is left to :func:`flush`: ``os.write`` releases the GIL, and on an
     engine thread taking it back can wait for another thread's switch interval (up to 5 ms), which
     a hook's measured time would then include (seen: p99 2.2 ms of waiting in a 0.07 ms hook)."""
-    if _PATH is None:
+    if not ON:
         return
     _lines.append(json.dumps({"t": start, "dur": dur, "name": name, "pid": os.getpid(), **fields}) + "\n")
     if len(_lines) >= _FLUSH_LINES:
@@ -62,7 +64,7 @@ if ON:
 @contextmanager
 def span(name: str, **fields: object) -> Iterator[dict]:
     """Time the block; fields added to the yielded dict inside it are recorded too."""
-    if _PATH is None:
+    if not ON:
         yield fields
         return
     t, c = time.perf_counter(), time.thread_time()

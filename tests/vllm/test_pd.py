@@ -124,7 +124,8 @@ def test_prefill_then_decode_through_the_proxy(pd):
     streamed = _post(front + "/v1/completions", {"model": model, "prompt": prompts[1], "max_tokens": MAX_TOKENS,
                                                  "temperature": 0, "stream": True})
     want = [(n - 1) // BLOCK * BLOCK for n in lengths]  # all but the last block (with at least one token)
-    facts = {n: decode.metric(f"vllm:kvtier_{n}_total") for n in ("lookups", "hit_tokens", "loaded_tokens", "load_errors")}
+    facts = {n: decode.metric(f"vllm:kvtier_{n}_total")
+             for n in ("lookups", "hit_tokens", "loaded_tokens", "load_errors")}
     assert cached == want, (f"decode instance's cached tokens {cached}, expected {want} (prompt lengths {lengths}); "
                             f"its kvtier counters {facts}")
     # They came from kvtier (the decode instance never saw these prompts before): loaded, not computed.
