@@ -277,7 +277,10 @@ def run_config(name: str, s: dict, prompts: dict, logs: Path) -> dict[str, Any]:
             ports = [free_port() for _ in range(3)]
             servers = {}
             for role, port in (("prefill", ports[0]), ("decode", ports[1])):
-                kv = {"kv_connector": "KVTierConnector", "kv_role": "kv_producer" if role == "prefill" else "kv_consumer",
+                # The module path too: the device's vLLM finds kvtier on PYTHONPATH, without the plugin
+                # entry point that a pip install registers ("Unsupported connector type" otherwise).
+                kv = {"kv_connector": "KVTierConnector", "kv_connector_module_path": "kvtier.vllm",
+                      "kv_role": "kv_producer" if role == "prefill" else "kv_consumer",
                       "kv_connector_extra_config": {"server": address, "chunk_size": s["chunk_size"]}}
                 procs.append(Proc(vllm_cmd(s, port, s["mem"], kv), logs / f"{role}.log", env))
                 servers[role] = f"http://127.0.0.1:{port}"

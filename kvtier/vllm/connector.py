@@ -55,7 +55,7 @@ from kvtier.transfer import LayoutError, PagedKV
 from kvtier.vllm.compat import HOST_HIT_SOURCE
 from kvtier.vllm.ranks import RankAgreement
 from kvtier.vllm.scheduler import PrefixLedger, ScheduledRequest, StepPlan
-from kvtier.vllm.stats import (LATENCY, STEP_HOST, Deltas, KVTierPromMetrics, KVTierStats, StepHostTime,
+from kvtier.vllm.stats import (LATENCY, STEP_HOST, KVTierPromMetrics, KVTierStats, StepHostTime, Totals,
                                scheduler_counters, worker_counters)
 from kvtier.vllm.worker import KVWorker
 
@@ -314,7 +314,7 @@ class KVTierConnector(KVConnectorBase_V1):
         per_token = max(1, self.layout.nbytes // self.config.chunk_size)
         self.large_load_tokens = max(1, BUSY_INLINE_MAX_BYTES // per_token)
         self._parks: dict[str, bool] = {}  # request -> parked, as answered by its latest lookup
-        self._deltas = Deltas()  # counters reported to vLLM's metrics so far
+        self._totals = Totals(self._host.side)  # counters reported to vLLM's metrics so far
         self._sees_all_allocations = True  # no other connector allocates blocks unseen by us
         self._scheduler: weakref.ref | None = None  # vLLM's scheduler (scheduler side): see _uncache
         self._last_output_at = 0.0  # when the engine's previous step output came (its step time)
@@ -667,8 +667,9 @@ class KVTierConnector(KVConnectorBase_V1):
 
     # ================================================================ vLLM's metrics (kvtier.vllm.stats)
     def get_kv_connector_stats(self) -> KVTierStats | None:
-        """What changed since the last report: loads, saves and tiers (worker), lookups (scheduler).
-        vLLM calls it every step on both sides, sums the reports, logs and exports them."""
+        """The totals of the counters that changed since the last report: loads, saves and tiers
+        (worker), lookups (scheduler); vLLM calls it every step on both sides, merges, logs and
+        exports the reports (:mod:`kvtier.vllm.stats`)."""
         try:
             return self._stats_report()
         except Exception:  # metrics must never take the engine down
@@ -681,13 +682,13 @@ class KVTierConnector(KVConnectorBase_V1):
             store_counts = {} if metrics is None else {
                 "promoted_chunks": metrics.value("kvtier_promoted_chunks_total"),
                 "dropped_writes": metrics.value("kvtier_dropped_writes_total")}
-            changed: dict[str, Any] = self._deltas.take(worker_counters(self.worker.stats, self.store.tiers,
+            changed: dict[str, Any] = self._totals.take(worker_counters(self.worker.stats, self.store.tiers,
                                                                         store_counts))
             latency = self.store.metrics.take_recent_latency()
             if latency:
                 changed[LATENCY] = [list(x) for x in latency]
         elif self.ledger is not None:
-            changed = self._deltas.take(scheduler_counters(self.ledger.stats))
+            changed = self._totals.take(scheduler_counters(self.ledger.stats))
         else:
             return None
         host = self._host.take()

@@ -1,18 +1,27 @@
 """kvtier's counters in vLLM's own metrics: its periodic "KV Transfer metrics" log line and its
 Prometheus ``/metrics`` (``vllm:kvtier_*``), through the connector stats API (vLLM 0.24-0.33).
 
-Each connector reports what changed since its last report, every step: the scheduler's one its
-lookups and the prompt tokens it took from kvtier, the worker's one its loads, saves, load errors and
-each tier's counters of that process (hits, misses, puts, evictions, errors, corrupt chunks,
-bytes read and written) and the latency of each tier operation since (``LATENCY``: a list of
-``[tier, op, seconds]``). vLLM sums the reports of every worker and the scheduler, logs the sums
-of each interval and passes each report to :class:`KVTierPromMetrics`, which adds it to counters
-labelled by engine (and tier) and the latencies to a histogram labelled by tier and operation.
+Each connector reports, in a step where a counter changed, the *totals* of the counters that
+changed, under its own source id (``TOTALS``: source -> name -> total): the scheduler's its lookups
+and the prompt tokens it took from kvtier, the worker's its loads, saves, load errors and each tier's
+counters of that process (hits, misses, puts, evictions, errors, corrupt chunks, bytes read and
+written); beside them the latency of each tier operation since the last report (``LATENCY``: a list
+of ``[tier, op, seconds]``) and the host time of each step (``STEP_HOST``). vLLM merges the reports
+of every worker and the scheduler, logs them per interval and passes each to
+:class:`KVTierPromMetrics`, which adds to its counters (labelled by engine, and tier) what a source's
+totals grew by since it last saw them.
+
+Totals, not increments, because vLLM may drop a report: vLLM 0.24's offline ``LLM`` records the
+stats of a step only when the step has request outputs, so the first step of a chunked prefill,
+where the lookups and loads happen, was lost. A dropped report of totals costs nothing: the next
+one carries them. Latencies and step times are samples; a dropped report loses its samples.
 """
 
 from __future__ import annotations
 
 import time
+import itertools
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +46,7 @@ COUNTERS = {
     "predicted_load_seconds": "Load time the scheduler predicted for the hits it took (kvtier.costs)",
     "predicted_saved_seconds": "Compute time the scheduler predicted those hits save (kvtier.costs)",
 }
+TOTALS = "totals"  # report key of the counters' totals: {source: {name: total}}
 LATENCY = "latency"  # report key of the latency observations
 STEP_HOST = "step_host"  # report key of the per-step host time on the engine thread: [[side, seconds], ...]
 STEP_HOST_BUCKETS = (1e-5, 5e-5, 1e-4, 2e-4, 3e-4, 5e-4, 1e-3, 2e-3, 5e-3, 0.01, 0.05, 0.1)
@@ -70,21 +80,37 @@ def scheduler_counters(ledger_stats: dict[str, int]) -> dict[str, float]:
             "predicted_saved_seconds": ledger_stats.get("predicted_saved_us", 0) / 1e6}
 
 
-class Deltas:
-    """What changed in cumulative counters since the last call."""
+_SOURCES = itertools.count()
 
-    def __init__(self) -> None:
+
+class Totals:
+    """One connector's counters for vLLM's reports: the totals of those that changed since the last
+    report, under a source id of its own (one per connector of one process)."""
+
+    def __init__(self, side: str) -> None:
+        self.source = f"{side}:{os.getpid()}:{next(_SOURCES)}"
         self._last: dict[str, float] = {}
 
-    def take(self, now: dict[str, float]) -> dict[str, float]:
-        changed = {k: v - self._last.get(k, 0.0) for k, v in now.items() if v != self._last.get(k, 0.0)}
-        self._last = now
-        return changed
+    def take(self, now: dict[str, float]) -> dict[str, Any]:
+        """``{TOTALS: {source: {name: total}}}`` of the counters that changed; {} when none did."""
+        changed = {k: v for k, v in now.items() if v != self._last.get(k, 0.0)}
+        self._last = dict(now)
+        return {TOTALS: {self.source: changed}} if changed else {}
+
+
+def _merge_totals(a: dict[str, dict[str, float]], b: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Two reports' totals: per source and name the larger (totals only grow; the later report's)."""
+    out = {source: dict(names) for source, names in a.items()}
+    for source, names in b.items():
+        mine = out.setdefault(source, {})
+        for name, total in names.items():
+            mine[name] = max(total, mine.get(name, total))
+    return out
 
 
 @dataclass
 class KVTierStats(KVConnectorStats):
-    """Counter increments (``data``: name -> amount); reports add up."""
+    """One report, or several merged: counters' totals per source, latency and step-time samples."""
 
     def reset(self) -> None:
         self.data = {}
@@ -92,20 +118,28 @@ class KVTierStats(KVConnectorStats):
     def aggregate(self, other: KVConnectorStats) -> "KVTierStats":
         total = dict(self.data)
         for k, v in other.data.items():
-            total[k] = total.get(k, [] if isinstance(v, list) else 0.0) + v
+            if k == TOTALS:
+                total[k] = _merge_totals(total.get(k, {}), v)
+            elif isinstance(v, list):
+                total[k] = total.get(k, []) + v
         return KVTierStats(data=total)
 
     def reduce(self) -> dict[str, int | float]:
-        out = {k: int(v) if float(v).is_integer() else round(v, 3) for k, v in sorted(self.data.items())
-               if not isinstance(v, list)}
+        """The log line: each counter's total over the sources in these reports (since start-up),
+        and the count and mean of the tier operations of the interval."""
+        sums: dict[str, float] = {}
+        for names in self.data.get(TOTALS, {}).values():
+            for name, total in names.items():
+                sums[name] = sums.get(name, 0.0) + total
+        out = {k: int(v) if float(v).is_integer() else round(v, 3) for k, v in sorted(sums.items())}
         lat = self.data.get(LATENCY)
-        if lat:  # the log line gets the count and mean of the interval's tier operations
+        if lat:
             out["tier_ops"] = len(lat)
             out["tier_op_mean_ms"] = round(1e3 * sum(s for *_, s in lat) / len(lat), 3)
         return out
 
     def is_empty(self) -> bool:
-        return not any(self.data.values())
+        return not (any(self.data.get(TOTALS, {}).values()) or self.data.get(LATENCY) or self.data.get(STEP_HOST))
 
 
 class KVTierPromMetrics(KVConnectorPromMetrics):
@@ -126,6 +160,7 @@ class KVTierPromMetrics(KVConnectorPromMetrics):
             name="vllm:kvtier_step_host_seconds", documentation="Host time kvtier's hooks took on the engine's "
             "thread per step (scheduler: lookups, allocations, planning; worker: loads, saves, reports)",
             buckets=list(STEP_HOST_BUCKETS), labelnames=[*labelnames, "side"])
+        self._seen: dict[tuple[int, str], dict[str, float]] = {}  # (engine, source) -> totals counted
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         labels = self.per_engine_labelvalues.get(engine_idx, [])
@@ -133,14 +168,17 @@ class KVTierPromMetrics(KVConnectorPromMetrics):
             self._latency.labels(*labels, tier, op).observe(seconds)
         for side, seconds in transfer_stats_data.get(STEP_HOST, ()):
             self._step_host.labels(*labels, side).observe(seconds)
-        for key, amount in transfer_stats_data.items():
-            if isinstance(amount, list) or amount <= 0:
-                continue
-            tier, _, field = key.rpartition(".")
-            if tier and field in self._tier_counters:
-                self._tier_counters[field].labels(*labels, tier).inc(amount)
-            elif key in self._counters:
-                self._counters[key].labels(*labels).inc(amount)
+        for source, names in transfer_stats_data.get(TOTALS, {}).items():
+            seen = self._seen.setdefault((engine_idx, source), {})
+            for key, total in names.items():
+                amount, seen[key] = total - seen.get(key, 0.0), max(total, seen.get(key, 0.0))
+                if amount <= 0:
+                    continue
+                tier, _, field = key.rpartition(".")
+                if tier and field in self._tier_counters:
+                    self._tier_counters[field].labels(*labels, tier).inc(amount)
+                elif key in self._counters:
+                    self._counters[key].labels(*labels).inc(amount)
 
 
 class StepHostTime:

@@ -8,10 +8,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from kvtier.layout import ChunkLayout
 from kvtier.tiers.disk import DiskTier
-from kvtier.vllm.stats import Deltas, KVTierPromMetrics, KVTierStats, worker_counters
+from kvtier.vllm.stats import KVTierPromMetrics, KVTierStats, Totals, worker_counters
 
 
-def test_reports_are_increments_and_add_up(tmp_path):
+def test_reports_carry_totals_of_what_changed_and_merge(tmp_path):
     layout = ChunkLayout(1, 16, 8, torch.float16)
     disk = DiskTier(tmp_path, 1 << 20, layout)
     keys = [bytes([i]) * 16 for i in range(3)]
@@ -19,20 +19,59 @@ def test_reports_are_increments_and_add_up(tmp_path):
     dest = np.zeros(layout.nbytes, np.uint8)
     disk.get_into(keys[:1], [dest])
     worker = {"loaded_tokens": 512, "failed_chunks": 1}
-    deltas = Deltas()
-    first = deltas.take(worker_counters(worker, [disk]))
-    assert first == {"loaded_tokens": 512, "load_errors": 1, "disk.hits": 1, "disk.puts": 3,
-                     "disk.bytes_read": disk.file_bytes, "disk.bytes_written": 3 * disk.file_bytes}
+    totals = Totals("worker")
+    first = totals.take(worker_counters(worker, [disk]))
+    assert first == {"totals": {totals.source: {
+        "loaded_tokens": 512, "load_errors": 1, "disk.hits": 1, "disk.puts": 3,
+        "disk.bytes_read": disk.file_bytes, "disk.bytes_written": 3 * disk.file_bytes}}}
     disk.get_into(keys[1:], [dest, dest])
-    assert deltas.take(worker_counters(worker, [disk])) == {"disk.hits": 2, "disk.bytes_read": 2 * disk.file_bytes}
-    assert deltas.take(worker_counters(worker, [disk])) == {}
-    total = KVTierStats(data=first).aggregate(KVTierStats(data={"disk.hits": 2, "saved_chunks": 4}))
-    assert total.reduce()["disk.hits"] == 3 and total.reduce()["saved_chunks"] == 4
-    assert not total.is_empty() and KVTierStats(data={"cpu.hits": 0}).is_empty()
+    second = totals.take(worker_counters(worker, [disk]))
+    assert second == {"totals": {totals.source: {"disk.hits": 3, "disk.bytes_read": 3 * disk.file_bytes}}}
+    assert totals.take(worker_counters(worker, [disk])) == {}
+    other = Totals("worker")  # another rank's connector: its own source
+    assert other.source != totals.source
+    merged = KVTierStats(data=first).aggregate(KVTierStats(data=second)).aggregate(
+        KVTierStats(data=other.take({"disk.hits": 2.0, "saved_chunks": 4.0})))
+    assert merged.reduce()["disk.hits"] == 5 and merged.reduce()["saved_chunks"] == 4
+    assert merged.reduce()["loaded_tokens"] == 512
+    assert not merged.is_empty() and KVTierStats(data={}).is_empty()
+    assert KVTierStats(data={"totals": {"s": {}}}).is_empty()
     lat = KVTierStats(data={"latency": [["disk", "get_into", 0.002]]}).aggregate(
-        KVTierStats(data={"latency": [["disk", "get_into", 0.004]], "disk.hits": 1}))
+        KVTierStats(data={"latency": [["disk", "get_into", 0.004]], **other.take({"disk.hits": 3.0})}))
     assert lat.data["latency"] == [["disk", "get_into", 0.002], ["disk", "get_into", 0.004]]
-    assert lat.reduce() == {"disk.hits": 1, "tier_ops": 2, "tier_op_mean_ms": 3.0}
+    assert lat.reduce() == {"disk.hits": 3, "tier_ops": 2, "tier_op_mean_ms": 3.0}
+
+
+def _prom(labels: dict[int, list]):
+    registry = CollectorRegistry()
+    prom = KVTierPromMetrics(type("Cfg", (), {"kv_transfer_config": None})(),
+                             {Counter: lambda **kw: Counter(registry=registry, **kw), Gauge: Gauge,
+                              Histogram: lambda **kw: Histogram(registry=registry, **kw)},
+                             ["model_name", "engine"], labels)
+    return prom, registry.get_sample_value
+
+
+def test_a_report_vllm_drops_loses_no_count():
+    """vLLM 0.24's offline LLM drops the stats of a step without request outputs (the first step of a
+    chunked prefill, where lookups and loads happen): the counters must still add up."""
+    prom, value = _prom({0: ["m", "0"]})
+    worker, scheduler = Totals("worker"), Totals("scheduler")
+    reports = []
+    loaded = lookups = 0
+    for step in range(6):
+        loaded += 256 * (step % 3)
+        lookups += 1
+        merged = KVTierStats(data=worker.take({"loaded_tokens": float(loaded)})).aggregate(
+            KVTierStats(data=scheduler.take({"lookups": float(lookups)})))
+        reports.append(merged.data)
+    for i, data in enumerate(reports):
+        if i not in (1, 4):  # dropped: steps 1 and 4 had loads and lookups
+            prom.observe(data, engine_idx=0)
+    labels = {"model_name": "m", "engine": "0"}
+    assert value("vllm:kvtier_loaded_tokens_total", labels) == loaded
+    assert value("vllm:kvtier_lookups_total", labels) == lookups
+    prom.observe(reports[2], engine_idx=0)  # an old report seen again (late, or twice) adds nothing
+    assert value("vllm:kvtier_loaded_tokens_total", labels) == loaded
 
 
 def test_store_latency_is_kept_for_vllm_only_when_asked(tmp_path):
@@ -54,20 +93,11 @@ def test_store_latency_is_kept_for_vllm_only_when_asked(tmp_path):
 
 
 def test_prometheus_counters_per_engine_and_tier():
-    registry = CollectorRegistry()
-
-    def counter(**kw):
-        return Counter(registry=registry, **kw)
-
-    def histogram(**kw):
-        return Histogram(registry=registry, **kw)
-
-    prom = KVTierPromMetrics(type("Cfg", (), {"kv_transfer_config": None})(),
-                             {Counter: counter, Gauge: Gauge, Histogram: histogram}, ["model_name", "engine"],
-                             {0: ["m", "0"], 1: ["m", "1"]})
-    prom.observe({"loaded_tokens": 256, "disk.hits": 1, "disk.bytes_read": 4096}, engine_idx=1)
-    prom.observe({"loaded_tokens": 256, "latency": [["disk", "get_into", 0.003]]}, engine_idx=1)
-    value = registry.get_sample_value
+    prom, value = _prom({0: ["m", "0"], 1: ["m", "1"]})
+    totals = Totals("worker")
+    prom.observe(totals.take({"loaded_tokens": 256, "disk.hits": 1, "disk.bytes_read": 4096}), engine_idx=1)
+    prom.observe({**totals.take({"loaded_tokens": 512, "disk.hits": 1, "disk.bytes_read": 4096}),
+                  "latency": [["disk", "get_into", 0.003]]}, engine_idx=1)
     assert value("vllm:kvtier_loaded_tokens_total", {"model_name": "m", "engine": "1"}) == 512
     assert value("vllm:kvtier_tier_hits_total", {"model_name": "m", "engine": "1", "tier": "disk"}) == 1
     assert value("vllm:kvtier_tier_bytes_read_total", {"model_name": "m", "engine": "1", "tier": "disk"}) == 4096
@@ -105,15 +135,10 @@ def test_step_host_time_per_step_and_side():
     (step,) = h._host.take()
     assert step[0] == "worker" and 0.005 <= step[1] < 0.05
     assert h._host.take() == []
-    registry = CollectorRegistry()
-    prom = KVTierPromMetrics(type("Cfg", (), {"kv_transfer_config": None})(),
-                             {Counter: lambda **kw: Counter(registry=registry, **kw), Gauge: Gauge,
-                              Histogram: lambda **kw: Histogram(registry=registry, **kw)},
-                             ["model_name", "engine"], {0: ["m", "0"]})
+    prom, value = _prom({0: ["m", "0"]})
     total = KVTierStats(data={"step_host": [step]}).aggregate(KVTierStats(data={"step_host": [["scheduler", 2e-4]]}))
     prom.observe(total.data, engine_idx=0)
     labels = {"model_name": "m", "engine": "0"}
-    assert registry.get_sample_value("vllm:kvtier_step_host_seconds_count", {**labels, "side": "worker"}) == 1
-    assert registry.get_sample_value("vllm:kvtier_step_host_seconds_bucket",
-                                     {**labels, "side": "scheduler", "le": "0.0003"}) == 1
+    assert value("vllm:kvtier_step_host_seconds_count", {**labels, "side": "worker"}) == 1
+    assert value("vllm:kvtier_step_host_seconds_bucket", {**labels, "side": "scheduler", "le": "0.0003"}) == 1
     assert "step_host" not in total.reduce()
