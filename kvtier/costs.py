@@ -15,7 +15,9 @@ H200 prefills Llama-8B at ~5 GB/s of KV, faster than a disk without its page cac
 - **Backlog**: reads already promised to a tier delay the next load from it.
 - **Overhead**: a load has a fixed cost beside its reads (a parked request waits a scheduling
   round trip), measured by the scheduler: the wait of each parked load from its allocation until
-  the engine reports it finished, plus one step, less its predicted reads (``observe_load_wait``).
+  the engine reports it finished, plus that step's time from its planning, less its predicted
+  reads (``observe_load_wait``); a sample rises at most 50 ms above the estimate (one stall must
+  not stop loads, after which none would be measured to correct it).
 
 :meth:`CostModel.chunks_to_load` picks how many leading chunks of a hit to load so that
 load + compute of the rest is least. It only ever shortens a hit: whatever it answers,
@@ -43,6 +45,9 @@ COPY_GBPS = {"cuda": 25.0, "cpu": 5.0}
 # cost more than they saved (docs/vllm.md).
 LOAD_OVERHEAD_S = {"cuda": 0.015, "cpu": 0.0}
 _MAX_LOAD_OVERHEAD_S = 1.0  # a sample past this is a stall, not what a load costs
+# A sample counts for at most this much above the estimate: one stall (a GC pause, a compile) then
+# moves it by a quarter of this, and loads that keep waiting longer still raise it, step by step.
+_MAX_OVERHEAD_RISE_S = 0.05
 # Default prefill speed (GB/s of KV computed) until measured.
 SEED_PREFILL_GBPS = {"cuda": 5.0, "cpu": 0.05}
 _READ_WEIGHT = 0.25  # weight of a new read in the running average
@@ -88,8 +93,9 @@ class CostModel:
         """A parked load's request waited ``waited_s`` from its allocation until it could be
         scheduled (the load's report plus one step); its reads were predicted at
         ``predicted_reads_s``: the rest is the overhead."""
-        sample = min(max(0.0, waited_s - predicted_reads_s), _MAX_LOAD_OVERHEAD_S)
         with self._lock:
+            sample = min(max(0.0, waited_s - predicted_reads_s), _MAX_LOAD_OVERHEAD_S,
+                         self.load_overhead_s + _MAX_OVERHEAD_RISE_S)
             self.load_overhead_s += _READ_WEIGHT * (sample - self.load_overhead_s)
 
     def observe_step(self, tokens: int, attention: float, seconds: float) -> None:

@@ -317,7 +317,6 @@ class KVTierConnector(KVConnectorBase_V1):
         self._totals = Totals(self._host.side)  # counters reported to vLLM's metrics so far
         self._sees_all_allocations = True  # no other connector allocates blocks unseen by us
         self._scheduler: weakref.ref | None = None  # vLLM's scheduler (scheduler side): see _uncache
-        self._last_output_at = 0.0  # when the engine's previous step output came (its step time)
         self.loads, self.saves = kv_role(vllm_config, self.config)
         # A prefill instance's response goes to the proxy, which sends the request to the decode
         # instance at once: its chunks are committed before the step returns (on a GPU the save
@@ -462,13 +461,10 @@ class KVTierConnector(KVConnectorBase_V1):
         if invalid:
             self._uncache(set(invalid))
             self.ledger.note_failed_blocks(set(invalid))
-        now = time.monotonic()
-        step_s = min(1.0, now - self._last_output_at) if self._last_output_at else 0.0
-        self._last_output_at = now
+        step_s = self.ledger.on_step_done()
         done = getattr(connector_output, "finished_recving", None)
         if done:  # after note_failed_blocks: a failed load is no sample
             self.ledger.on_loads_finished(done, step_s)
-        self.ledger.on_step_done()
 
     def _uncache(self, invalid: set[int]) -> None:
         """Take the blocks of a failed load, and those after them in the same requests, out of

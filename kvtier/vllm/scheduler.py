@@ -150,7 +150,9 @@ class PrefixLedger:
         self.block_size = block_size
         self.hash_name = hash_name
         self.reqs: dict[str, _Req] = {}
-        self._step_leases: deque[list] = deque()
+        # Per planned step whose output the engine has not processed yet, oldest first: when it was
+        # planned, and the leases its loads hold.
+        self._steps: deque[tuple[float, list]] = deque()
         self.worker_keys: set[bytes] = set()  # chunks in workers' cpu tiers (other processes)
         # Keys per request, hashed once: vLLM's request ids are unique for the engine's life and a
         # request's tokens only grow (KeyChain starts over if they do not continue what it hashed).
@@ -293,7 +295,7 @@ class PrefixLedger:
 
     def on_loads_finished(self, req_ids: Iterable[str], step_s: float) -> None:
         """The engine heard that the parked loads of ``req_ids`` finished: each waited from its
-        allocation until now, and waits one more step (``step_s``, the engine's latest) before it
+        allocation until now, and waits one more step (``step_s``: :meth:`on_step_done`'s) before it
         is scheduled. Beside its predicted reads, that is the load's fixed cost. Measured to here,
         not to the step that computes the request: a busy engine may keep a request waiting for
         budget after its load, as it would have without one."""
@@ -383,16 +385,24 @@ class PrefixLedger:
             r.parked = False
         if self._to_promote:
             plan.promote, self._to_promote = list(self._to_promote), {}
-        self._step_leases.append(step_leases)
-        while len(self._step_leases) > 64:  # output of old steps never reported: do not hold forever
+        self._steps.append((time.monotonic(), step_leases))
+        while len(self._steps) > 64:  # output of old steps never reported: do not hold forever
             self.on_step_done()
         return plan
 
-    def on_step_done(self) -> None:
-        """The engine processed the output of the oldest planned step: its loads are done."""
-        if self._step_leases:
-            for lease in self._step_leases.popleft():
-                lease.release()
+    def on_step_done(self) -> float:
+        """The engine processed the output of the oldest planned step: its loads are done.
+        Returns that step's time, from its planning to its output (0.0 if none was planned).
+
+        Never the time since the previous output: after the engine sat idle that would be the
+        idle time, counted as a step against the load that finished in it (a one-off 1 s sample
+        that made every later load look slower than computing)."""
+        if not self._steps:
+            return 0.0
+        planned_at, leases = self._steps.popleft()
+        for lease in leases:
+            lease.release()
+        return time.monotonic() - planned_at
 
     def on_finished(self, req_id: str) -> None:
         self.reqs.pop(req_id, None)
