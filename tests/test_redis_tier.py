@@ -402,3 +402,19 @@ def test_socket_timeout_grows_with_the_bytes_of_a_batch(redis_server):
     th.join(10)
     assert result == [[True] * 8]
     assert tier.stats().errors == 1  # the small call's only
+
+
+def test_an_error_reply_is_a_miss_and_the_batch_stays_in_order(redis_server):
+    """Reads parse the server's replies themselves (kvtier.tiers.resp), values received straight
+    into the destinations: an error reply for one value (a key holding a list) is that chunk's
+    miss, and the replies after it still land in their own destinations."""
+    tier = RedisTier([redis_server.url], SMALL_LAYOUT, prefix="er:", piece_bytes=N // 3)
+    keys = make_keys(6)
+    assert all(tier.put(keys, [make_payload(i) for i in range(6)]))
+    bad = tier._piece_names(tier._name(keys[2]))[1]  # the middle value of chunk 2
+    with redis_server.client() as c:
+        c.delete(bad)
+        c.rpush(bad, b"x")
+    assert check_bytes(tier, keys, list(range(6))) == [True, True, False, True, True, True]
+    assert tier.stats().errors == 1
+    assert check_bytes(tier, keys[3:], [3, 4, 5]) == [True] * 3  # the connection is still good
