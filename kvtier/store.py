@@ -488,6 +488,10 @@ class Store:
         """Host slots held by writes now (never more than ``queue_depth``)."""
         return len(self._ready) + len(self._inflight)
 
+    def publish_commits(self) -> bool:
+        """Commits are indexed when made: every lookup through this store sees them at once."""
+        return True
+
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every chunk saved so far reached the lower tiers; False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout

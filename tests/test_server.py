@@ -533,6 +533,21 @@ def test_two_model_namespaces_on_one_server_never_see_each_other(shared_server):
                 r.release()
 
 
+def test_one_way_commits_are_seen_by_another_client_once_published(shared_server):
+    """A prefill instance commits its step's chunks one way (no reply awaited); before its response
+    leaves, ``publish_commits`` makes them visible to the decode instance's client."""
+    addr = shared_server[0]
+    keys = [key(900 + i) for i in range(3)]
+    with (RemoteStore(client_config(addr), LAYOUT, "p") as prefill,
+          RemoteStore(client_config(addr), LAYOUT, "d") as decode):
+        for i, k in enumerate(keys):
+            ref = prefill.allocate()
+            ref.data[: LAYOUT.nbytes].copy_(payload(900 + i))
+            prefill.commit(k, ref)
+        assert prefill.publish_commits()
+        assert decode.lookup(keys) == 3
+
+
 def test_remote_put_of_a_wrong_size_is_refused_before_taking_a_slot(shared_server):
     addr, _ = shared_server
     with RemoteStore(client_config(addr), LAYOUT, "m") as s:

@@ -484,6 +484,10 @@ class RemoteStore:
         sent before it are applied, and seen by every client, once it returns True."""
         return isinstance(self._request(P.Ping()), P.Ok)
 
+    def publish_commits(self) -> bool:
+        """Make the commits sent so far visible to every client: one :meth:`ping`."""
+        return self.ping()
+
     def close(self, timeout: float = 1.0) -> None:
         if self._closed:
             return

@@ -48,7 +48,7 @@ from kvtier.costs import CostModel, StepClock
 from kvtier import trace
 from kvtier.keys import Namespace, rank_keys
 from kvtier.layout import ChunkLayout, dtype_name
-from kvtier.server.client import RemoteStore, get_remote_store
+from kvtier.server.client import get_remote_store
 from kvtier.store import get_store
 from kvtier.trace import record, span
 from kvtier.transfer import LayoutError, PagedKV
@@ -629,10 +629,10 @@ class KVTierConnector(KVConnectorBase_V1):
                 self.worker.finish_save(skip_reqs=skip, failed_blocks=failed)
                 if self.commit_saves_in_step:
                     self.worker.drain_saves()
-                    # A `kvtier serve` client's commits are one-way: one round trip makes them
-                    # visible before the response leaves, so the decode instance finds them.
-                    if meta is not None and meta.saves and isinstance(self.store, RemoteStore):
-                        self.store.ping()
+                    # Visible to other instances before the response leaves, so the decode
+                    # instance finds them (a `kvtier serve` client's commits are one-way).
+                    if meta is not None and meta.saves:
+                        self.store.publish_commits()
         self._step_meta = None
         self._step_failed_reqs = set()
         self._step_failed_blocks = set()
