@@ -299,6 +299,16 @@ class RedisTier(Tier):
                 out[i] = replies[j * per:(j + 1) * per]
         return out  # keys of slots no node serves keep ``default``
 
+    def _buffers(self, keys: Sequence[bytes], bufs: Sequence[Buffer], what: str) -> list[memoryview]:
+        """``bufs`` as byte views, one per key and each of the layout's size (ValueError if not)."""
+        views = [as_bytes(b) for b in bufs]
+        if len(views) != len(keys):
+            raise ValueError(f"{len(keys)} keys but {len(views)} {what}s")
+        for v in views:
+            if len(v) != self.layout.nbytes:
+                raise ValueError(f"{what} of {len(v)} bytes, the layout needs {self.layout.nbytes}")
+        return views
+
     def _name(self, key: bytes) -> bytes:
         return self.prefix + key.hex().encode()
 
@@ -317,12 +327,7 @@ class RedisTier(Tier):
         return [r is not None and all(isinstance(x, int) and x > 0 for x in r) for r in replies]
 
     def get_into(self, keys: Sequence[bytes], dests: Sequence[Buffer]) -> list[bool]:
-        outs = [as_bytes(d) for d in dests]
-        if len(outs) != len(keys):
-            raise ValueError(f"{len(keys)} keys but {len(outs)} destinations")
-        for o in outs:
-            if len(o) != self.layout.nbytes:
-                raise ValueError(f"destination of {len(o)} bytes, the layout needs {self.layout.nbytes}")
+        outs = self._buffers(keys, dests, "destination")
         names = [self._name(k) for k in keys]
         statuses = ["miss"] * len(keys)  # keys of slots no node serves stay misses
         per_trip = max(1, READ_TRIP_BYTES // self.layout.nbytes)
@@ -428,12 +433,7 @@ class RedisTier(Tier):
         return "hit"
 
     def put(self, keys: Sequence[bytes], payloads: Sequence[Buffer]) -> list[bool]:
-        datas = [as_bytes(p) for p in payloads]
-        if len(datas) != len(keys):
-            raise ValueError(f"{len(keys)} keys but {len(datas)} payloads")
-        for d in datas:
-            if len(d) != self.layout.nbytes:
-                raise ValueError(f"payload of {len(d)} bytes, the layout needs {self.layout.nbytes}")
+        datas = self._buffers(keys, payloads, "payload")
         names = [self._name(k) for k in keys]
         ex = self.ttl_s or None
 
