@@ -3,7 +3,8 @@
 
 A spike is a gap between two tokens of a running request over twice the median gap of that
 run. For each mode and run: how many spikes, their extra time, and which kvtier spans
-(``KVTIER_TRACE``) overlapped them, with the overlap per span name; and the durations of the
+(``KVTIER_TRACE``) overlapped them, with the overlap per span name (a span of kvtier's own threads,
+``name [kvtier-load]``, overlaps without holding up the engine's thread); and the durations of the
 load thread's work per arrival (planning, enqueueing copies).
 
     python3 benchmarks/async_causes.py DIR [--out FILE.json]
@@ -26,6 +27,13 @@ def _spans(path: Path) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
+def _label(span: dict) -> str:
+    """A span's name, with its thread when that is one of kvtier's own (``kvtier-load``...): those
+    overlap a spike without holding up the engine's thread (older traces name no thread)."""
+    thread = span.get("thread", "")
+    return f"{span['name']} [{thread}]" if thread.startswith("kvtier-") else span["name"]
+
+
 def analyse(run: dict, spans: list[dict]) -> dict:
     added = set(run["added"])
     gaps = [(a, b) for rid, ts in run["token_times"].items() if rid not in added for a, b in zip(ts, ts[1:])]
@@ -46,8 +54,8 @@ def analyse(run: dict, spans: list[dict]) -> dict:
         for s in window:
             o = min(b, s["t"] + s["dur"]) - max(a, s["t"])
             if o > 0:
-                overlap[s["name"]][0] += 1
-                overlap[s["name"]][1] += o
+                overlap[_label(s)][0] += 1
+                overlap[_label(s)][1] += o
     by_name: dict[str, list[float]] = defaultdict(list)
     for s in window:
         by_name[s["name"]].append(s["dur"])

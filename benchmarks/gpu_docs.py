@@ -8,7 +8,9 @@ cache must evict. Each configuration runs in its own engine process (kvtier.vllm
 2. every document with question 2, one at a time: TTFT of each;
 3. all documents with question 3 at once: wall time, 16 greedy tokens each.
 
-Configurations (``--configs``): ``vllm_alone``; ``kvtier_cpu`` (cpu tier of 24 GiB); ``kvtier_default``
+Configurations (``--configs``): ``vllm_alone``; ``kvtier_cpu`` (cpu tier of 24 GiB); ``kvtier_cpu_nosave``
+(the same as a decode instance, ``kv_role: kv_consumer``: kvtier present, nothing saved, so pass 1
+shows what its hooks cost without the saves); ``kvtier_default``
 (no settings but ``disk_path``: cpu + disk, cpu size from the host's memory); ``kvtier_default_dropped``
 (the same, page cache dropped before pass 2); ``kvtier_default_settled`` (the same, pass 2 only once
 the writes behind pass 1 are done: what they cost pass 2); ``kvtier_cpu4g_disk`` and ``..._dropped`` (a 4 GiB cpu tier:
@@ -50,7 +52,8 @@ from gpu_lmcache import phase as lmcache  # noqa: E402
 from gpu_vllm import LLAMA_8B  # noqa: E402
 
 STATE = Path(os.environ.get("GPU_VLLM_STATE", "/tmp/kvtier-gpu-vllm"))
-ALL = ["vllm_alone", "kvtier_cpu", "kvtier_default", "kvtier_default_dropped", "kvtier_default_settled",
+ALL = ["vllm_alone", "kvtier_cpu", "kvtier_cpu_nosave", "kvtier_default", "kvtier_default_dropped",
+       "kvtier_default_settled",
        "kvtier_cpu4g_disk",
        "kvtier_cpu4g_disk_dropped", "vllm_offloading", "lmcache_cpu", "lmcache_cpu4g_disk",
        "lmcache_cpu4g_disk_dropped"]
@@ -82,7 +85,7 @@ def setup(cpu: bool) -> dict:
 
 
 def kvtier_config(name: str, s: dict, disk: Path) -> dict | None:
-    if name == "kvtier_cpu":
+    if name in ("kvtier_cpu", "kvtier_cpu_nosave"):
         return {"tiers": ["cpu"], "cpu_bytes": s["big"]}
     if name.startswith("kvtier_default"):
         return {"disk_path": str(disk)}
@@ -120,7 +123,10 @@ def run_config(name: str, s: dict, docs, questions) -> dict:
     if name.startswith("lmcache"):
         result = lmcache.run_phase(s["model"], steps, lmcache.settings(name, s["big"], s["small"], disk), engine)
     else:
-        result = run_phase(s["model"], steps, kvtier_config(name, s, disk), engine)
+        # kvtier_cpu_nosave: a decode instance's role (loads, never saves): what pass 1 costs
+        # with kvtier present but nothing saved, beside kvtier_cpu's pass 1 (issue 25's goal 1.0x).
+        role = "kv_consumer" if name == "kvtier_cpu_nosave" else "kv_both"
+        result = run_phase(s["model"], steps, kvtier_config(name, s, disk), engine, kv_role=role)
     if "skipped" in result:
         print(f"{name} skipped: {result['skipped']}", flush=True)
     else:

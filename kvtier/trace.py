@@ -1,7 +1,8 @@
 """A timeline of kvtier's work inside an engine, for profiling: ``KVTIER_TRACE=/path/trace.jsonl``.
 
 Every process of the engine (scheduler, workers) appends one JSON line per span:
-``{"t": start, "dur": seconds, "name": ..., "pid": ..., **fields}``. ``t`` is
+``{"t": start, "dur": seconds, "name": ..., "pid": ..., "thread": ..., **fields}`` (``thread``: the
+thread's name; kvtier's own threads are named ``kvtier-*``, everything else is the engine's). ``t`` is
 ``time.perf_counter()`` (CLOCK_MONOTONIC on Linux), so lines of different processes on one
 host line up. ``cpu``: the thread's CPU time inside the span; ``dur`` well above it is time the
 thread waited (for the GIL held by another thread of the process, or for a core). Lines are
@@ -39,7 +40,8 @@ def record(name: str, start: float, dur: float = 0.0, **fields: object) -> None:
     a hook's measured time would then include (seen: p99 2.2 ms of waiting in a 0.07 ms hook)."""
     if not ON:
         return
-    _lines.append(json.dumps({"t": start, "dur": dur, "name": name, "pid": os.getpid(), **fields}) + "\n")
+    _lines.append(json.dumps({"t": start, "dur": dur, "name": name, "pid": os.getpid(),
+                              "thread": threading.current_thread().name, **fields}) + "\n")
     if len(_lines) >= _FLUSH_LINES:
         flush()
 

@@ -32,3 +32,41 @@ def test_off_by_default_records_nothing(tmp_path):
                          capture_output=True, text=True, check=True, cwd=tmp_path)
     assert out.stdout.strip() == "False"
     assert not list(tmp_path.iterdir())
+
+
+THREADS = """
+import threading
+from kvtier.trace import span
+with span("engine_side"):
+    pass
+def load():
+    with span("load_side"):
+        pass
+t = threading.Thread(target=load, name="kvtier-load")
+t.start(); t.join()
+"""
+
+
+def test_lines_name_their_thread_and_spike_causes_set_kvtier_threads_apart(tmp_path):
+    """A span on kvtier's own load thread overlaps an ITL spike without holding up the engine's
+    thread: benchmarks/async_causes.py lists it apart (seen on the H100: 2.5 s of `worker.plan_loads`
+    in spikes that were recomputed prefills)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = tmp_path / "trace.jsonl"
+    subprocess.run([sys.executable, "-c", THREADS], check=True, env={**os.environ, "KVTIER_TRACE": str(path)})
+    lines = {d["name"]: d for d in map(json.loads, path.read_text().splitlines())}
+    assert lines["engine_side"]["thread"] == "MainThread" and lines["load_side"]["thread"] == "kvtier-load"
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "async_causes.py"
+    spec = importlib.util.spec_from_file_location("async_causes", script)
+    causes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(causes)
+    ticks = [0.01 * i for i in range(20)] + [0.5 + 0.01 * i for i in range(20)]  # one 0.31 s gap
+    run = {"added": {}, "token_times": {"r0": ticks}}
+    spans = [{"t": 0.25, "dur": 0.1, "name": "worker.plan_loads", "thread": "kvtier-load"},
+             {"t": 0.30, "dur": 0.01, "name": "hook.get_finished", "thread": "MainThread"}]
+    got = causes.analyse(run, spans)["spans_in_spikes"]
+    assert set(got) == {"worker.plan_loads [kvtier-load]", "hook.get_finished"}

@@ -103,9 +103,12 @@ def kvtier_metrics(llm: Any, marks: Sequence[str] = ("kvtier",)) -> dict[str, fl
 
 
 def run_phase(model: str, steps: list[dict[str, Any]], kvtier: dict[str, Any] | None,
-              engine: dict[str, Any] | None = None, timeout: float = 1200.0) -> dict[str, Any]:
-    """Start an engine (with kvtier when ``kvtier`` is a config dict), run ``steps``, stop it."""
-    spec = {"model": model, "steps": steps, "kvtier": kvtier, "engine": {**DEMO_ENGINE, **(engine or {})}}
+              engine: dict[str, Any] | None = None, timeout: float = 1200.0,
+              kv_role: str = "kv_both") -> dict[str, Any]:
+    """Start an engine (with kvtier when ``kvtier`` is a config dict, in vLLM's ``kv_role``), run
+    ``steps``, stop it."""
+    spec = {"model": model, "steps": steps, "kvtier": kvtier, "engine": {**DEMO_ENGINE, **(engine or {})},
+            "kv_role": kv_role}
     return run_engine_child([sys.executable, "-m", "kvtier.vllm.phases"], spec, MARK, timeout)
 
 
@@ -166,15 +169,16 @@ def _top2(out: Any) -> list[list[float]]:
     return [[tok, lp.logprob] for tok, lp in best]
 
 
-def start_llm(model: str, engine: dict[str, Any], kvtier: dict[str, Any] | None) -> Any:
-    """vLLM's ``LLM`` with ``engine`` kwargs, and kvtier as its connector when ``kvtier`` is a config dict."""
+def start_llm(model: str, engine: dict[str, Any], kvtier: dict[str, Any] | None, kv_role: str = "kv_both") -> Any:
+    """vLLM's ``LLM`` with ``engine`` kwargs, and kvtier as its connector in ``kv_role`` when ``kvtier``
+    is a config dict."""
     from vllm import LLM
     from vllm.config import KVTransferConfig
 
     kw = dict(engine)
     if kvtier is not None:
         kw["kv_transfer_config"] = KVTransferConfig(
-            kv_connector="KVTierConnector", kv_connector_module_path="kvtier.vllm", kv_role="kv_both",
+            kv_connector="KVTierConnector", kv_connector_module_path="kvtier.vllm", kv_role=kv_role,
             kv_connector_extra_config=kvtier)
     return LLM(model=model, **kw)
 
@@ -186,7 +190,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     from kvtier.trace import record
 
     t0 = time.perf_counter()
-    llm = start_llm(spec["model"], spec["engine"], spec["kvtier"])
+    llm = start_llm(spec["model"], spec["engine"], spec["kvtier"], spec.get("kv_role", "kv_both"))
     results: dict[str, Any] = {"startup_s": time.perf_counter() - t0, "steps": []}
     # Top-2 logprobs of the first token: when outputs differ, how close the race was.
     one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, logprobs=2)
