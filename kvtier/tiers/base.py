@@ -25,6 +25,25 @@ Buffer = memoryview | np.ndarray
 Protected = Callable[[bytes], bool]
 
 
+def as_bytes(buf: Buffer) -> memoryview:
+    """A flat, byte-typed view of ``buf`` (no copy)."""
+    if isinstance(buf, np.ndarray):
+        return memoryview(buf.reshape(-1).view(np.uint8))
+    mv = memoryview(buf)
+    return mv if mv.format == "B" and mv.ndim == 1 else mv.cast("B")
+
+
+def chunk_views(keys: Sequence[bytes], bufs: Sequence[Buffer], nbytes: int, what: str) -> list[memoryview]:
+    """``bufs`` as byte views, one per key and each ``nbytes`` long (ValueError naming ``what``)."""
+    views = [as_bytes(b) for b in bufs]
+    if len(views) != len(keys):
+        raise ValueError(f"{len(keys)} keys but {len(views)} {what}s")
+    for v in views:
+        if len(v) != nbytes:
+            raise ValueError(f"{what} of {len(v)} bytes, the layout needs {nbytes}")
+    return views
+
+
 def never_protected(key: bytes) -> bool:
     return False
 

@@ -52,7 +52,8 @@ import xxhash
 
 from kvtier.config import ConfigError
 from kvtier.layout import HEADER_SIZE, ChunkLayout, CorruptChunk, Header, decode_header, encode_header
-from kvtier.tiers.base import Buffer, Protected, StoredChunk, Tier, TierStats, lru_victim, never_protected
+from kvtier.tiers.base import (Buffer, Protected, StoredChunk, Tier, TierStats, as_bytes, lru_victim,
+                               never_protected)
 from kvtier.tiers.journal import Journal, open_file
 
 log = logging.getLogger(__name__)
@@ -80,14 +81,6 @@ _PAD = bytes(DATA_OFFSET - HEADER_SIZE)
 _SECOND_CHANCES = 64
 # Keys remembered absent after the journal lost records (~100 MB at most).
 _MAX_ABSENT = 1 << 20
-
-
-def as_bytes(buf: Buffer) -> memoryview:
-    """A flat, byte-typed view of ``buf`` (no copy)."""
-    if isinstance(buf, np.ndarray):
-        return memoryview(buf.reshape(-1).view(np.uint8))
-    mv = memoryview(buf)
-    return mv if mv.format == "B" and mv.ndim == 1 else mv.cast("B")
 
 
 class DiskTier(Tier):

@@ -44,9 +44,8 @@ import numpy as np
 
 from kvtier.hostcopy import copy_bytes
 from kvtier.layout import HEADER_SIZE, ChunkLayout, CorruptChunk, decode_header, encode_header, verify
-from kvtier.tiers.base import Buffer, StoredChunk, Tier, TierStats
+from kvtier.tiers.base import Buffer, StoredChunk, Tier, TierStats, as_bytes, chunk_views
 from kvtier.tiers.breaker import Breaker
-from kvtier.tiers.disk import as_bytes
 
 log = logging.getLogger(__name__)
 
@@ -272,13 +271,6 @@ class MooncakeTier(Tier):
     def _name(self, key: bytes) -> str:
         return self.prefix + key.hex()
 
-    def _check(self, bufs: Sequence[memoryview], keys: Sequence[bytes], what: str) -> None:
-        if len(bufs) != len(keys):
-            raise ValueError(f"{len(keys)} keys but {len(bufs)} {what}s")
-        for b in bufs:
-            if len(b) != self.layout.nbytes:
-                raise ValueError(f"{what} of {len(b)} bytes, the layout needs {self.layout.nbytes}")
-
     # ---- Tier -----------------------------------------------------------------------------
     def contains(self, keys: Sequence[bytes]) -> list[bool]:
         if not keys:
@@ -291,8 +283,7 @@ class MooncakeTier(Tier):
         return [c == 1 for c in codes]
 
     def get_into(self, keys: Sequence[bytes], dests: Sequence[Buffer]) -> list[bool]:
-        outs = [as_bytes(d) for d in dests]
-        self._check(outs, keys, "destination")
+        outs = chunk_views(keys, dests, self.layout.nbytes, "destination")
         if not keys:
             return []
         first = _first_of(keys)
@@ -354,8 +345,7 @@ class MooncakeTier(Tier):
         return "hit"
 
     def put(self, keys: Sequence[bytes], payloads: Sequence[Buffer]) -> list[bool]:
-        datas = [as_bytes(p) for p in payloads]
-        self._check(datas, keys, "payload")
+        datas = chunk_views(keys, payloads, self.layout.nbytes, "payload")
         if not keys:
             return []
         last = {k: i for i, k in enumerate(keys)}

@@ -50,9 +50,8 @@ from redis.crc import key_slot
 from redis.retry import Retry
 
 from kvtier.layout import HEADER_SIZE, ChunkLayout, CorruptChunk, decode_header, encode_header, verify
-from kvtier.tiers.base import Buffer, StoredChunk, Tier, TierStats
+from kvtier.tiers.base import Buffer, StoredChunk, Tier, TierStats, chunk_views
 from kvtier.tiers.breaker import Breaker as _Breaker
-from kvtier.tiers.disk import as_bytes
 from kvtier.tiers.resp import ReplyError, ReplyReader
 
 log = logging.getLogger(__name__)
@@ -299,16 +298,6 @@ class RedisTier(Tier):
                 out[i] = replies[j * per:(j + 1) * per]
         return out  # keys of slots no node serves keep ``default``
 
-    def _buffers(self, keys: Sequence[bytes], bufs: Sequence[Buffer], what: str) -> list[memoryview]:
-        """``bufs`` as byte views, one per key and each of the layout's size (ValueError if not)."""
-        views = [as_bytes(b) for b in bufs]
-        if len(views) != len(keys):
-            raise ValueError(f"{len(keys)} keys but {len(views)} {what}s")
-        for v in views:
-            if len(v) != self.layout.nbytes:
-                raise ValueError(f"{what} of {len(v)} bytes, the layout needs {self.layout.nbytes}")
-        return views
-
     def _name(self, key: bytes) -> bytes:
         return self.prefix + key.hex().encode()
 
@@ -327,7 +316,7 @@ class RedisTier(Tier):
         return [r is not None and all(isinstance(x, int) and x > 0 for x in r) for r in replies]
 
     def get_into(self, keys: Sequence[bytes], dests: Sequence[Buffer]) -> list[bool]:
-        outs = self._buffers(keys, dests, "destination")
+        outs = chunk_views(keys, dests, self.layout.nbytes, "destination")
         names = [self._name(k) for k in keys]
         statuses = ["miss"] * len(keys)  # keys of slots no node serves stay misses
         per_trip = max(1, READ_TRIP_BYTES // self.layout.nbytes)
@@ -433,7 +422,7 @@ class RedisTier(Tier):
         return "hit"
 
     def put(self, keys: Sequence[bytes], payloads: Sequence[Buffer]) -> list[bool]:
-        datas = self._buffers(keys, payloads, "payload")
+        datas = chunk_views(keys, payloads, self.layout.nbytes, "payload")
         names = [self._name(k) for k in keys]
         ex = self.ttl_s or None
 

@@ -49,9 +49,12 @@ import logging
 import math
 import os
 import threading
+import time
 from typing import Sequence
 
 import torch
+
+from kvtier.trace import record, span
 
 from .paged import LayoutError, PagedKV, Transfer, check_args, check_slots_host, layer_range
 
@@ -442,7 +445,8 @@ def _move(paged: PagedKV, slot_mapping: torch.Tensor, chunks: Sequence[torch.Ten
             # A pageable H2D blocks the host until the driver has staged it; from pinned
             # memory (torch's caching host allocator, which also keeps the block until the
             # copy is done) it is one async DMA.
-            slots = slots.pin_memory()
+            with span("transfer.pin_map", tokens=int(slots.numel())):
+                slots = slots.pin_memory()
     mode = mode or _CFG["mode"]
     d = _dev(dev)
     raws = [_raw(c) for c in chunks]
@@ -459,7 +463,9 @@ def _move(paged: PagedKV, slot_mapping: torch.Tensor, chunks: Sequence[torch.Ten
             return _move(paged, slot_mapping, chunks, skip, to_paged, stream, mode, layers)
     prev = torch.cuda.current_stream(dev) if cuda else None
     caller = (stream if stream is not None else prev) if cuda else None
+    t_lock = time.perf_counter()
     with d.lock:
+        record("transfer.lock_wait", t_lock, time.perf_counter() - t_lock)  # (KVTIER_TRACE only)
         ks = d.kstream
         try:
             after = _event(caller, d.caller_ev)  # touch the cache only after the caller's queued work
@@ -482,7 +488,9 @@ def _move(paged: PagedKV, slot_mapping: torch.Tensor, chunks: Sequence[torch.Ten
                     _launch(geo, vec, slots, tok0=0, n_tok=n, pair0=p0, n_pairs=npairs, skip=skip,
                             to_paged=to_paged, stream=d.khandle, table=table)
                 return Transfer(_event(ks), keep=(raws, slots, table))
-            return Transfer(_staged(d, paged, slots, raws, tokens, skip, to_paged, runs, after), keep=(raws, slots))
+            with span("transfer.staged", chunks=len(raws), to_paged=to_paged):
+                done = _staged(d, paged, slots, raws, tokens, skip, to_paged, runs, after)
+            return Transfer(done, keep=(raws, slots))
         finally:
             _use(prev)
 
