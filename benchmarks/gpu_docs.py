@@ -135,6 +135,23 @@ def run_config(name: str, s: dict, docs, questions) -> dict:
     return result
 
 
+def step_host(before: dict, after: dict, side: str) -> dict | None:
+    """kvtier's host time per step on the engine's thread (``vllm:kvtier_step_host_seconds``,
+    issue 28) between two metrics snapshots: steps, mean, and the bucket bound holding the p99."""
+    base = "vllm:kvtier_step_host_seconds"
+
+    def grew(key: str) -> float:
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    count = grew(f"{base}_count{{side={side}}}")
+    if count <= 0:
+        return None
+    head, tail = f"{base}_bucket{{le=", f",side={side}}}"  # labels are sorted: le, then side
+    bounds = sorted((float(k[len(head):-len(tail)]), k) for k in after if k.startswith(head) and k.endswith(tail))
+    p99 = next((bound for bound, k in bounds if grew(k) >= 0.99 * count), None)
+    return {"steps": int(count), "mean_s": grew(f"{base}_sum{{side={side}}}") / count, "p99_at_most_s": p99}
+
+
 def summarize(name: str, result: dict, base: dict | None) -> list[dict]:
     if "skipped" in result:
         return [{"config": name, "pass": None, "skipped": result["skipped"]}]
@@ -162,6 +179,7 @@ def summarize(name: str, result: dict, base: dict | None) -> list[dict]:
             row[key] = (after[full] - before.get(full, 0.0)) if full else None
         full = next((k for k in after if k.startswith(CONNECTOR_HITS)), None)
         row["tokens_from_connector"] = (after[full] - before.get(full, 0.0)) if full else None
+        row["step_host"] = {side: step_host(before, after, side) for side in ("scheduler", "worker")}
         row["outputs_match"] = None if base is None else tokens_of(result, p) == tokens_of(base, p)
         if p == 2 and dropped:
             row["page_cache"] = {k: v for k, v in dropped[0].items() if k != "op"}

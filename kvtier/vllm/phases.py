@@ -89,16 +89,29 @@ def drop_page_cache_of(path: str, files: str = "*.kvc", quiet_s: float = 2.0, wa
 
 
 def kvtier_metrics(llm: Any, marks: Sequence[str] = ("kvtier",)) -> dict[str, float]:
-    """kvtier's counters in an ``LLM``'s metrics (``vllm:kvtier_*``; those whose name holds one of
-    ``marks``), summed over labels."""
+    """kvtier's metrics so far in this process's Prometheus registry, where the ``LLM``'s stat
+    loggers keep them (``vllm:kvtier_*``; those whose name holds one of ``marks``), summed over
+    engines: a counter or gauge under its name; a histogram as ``NAME_count{labels}``,
+    ``NAME_sum{labels}`` and ``NAME_bucket{labels,le=X}`` (cumulative), its labels being those
+    other than the engine's (e.g. ``side=worker``). Read from the registry, not through
+    ``llm.get_metrics()``, which rounds counters down to integers (seconds read as 0, 1, 4)."""
+    from prometheus_client import REGISTRY
+
     out: dict[str, float] = {}
-    try:
-        metrics = llm.get_metrics()
-    except Exception as e:  # noqa: BLE001 - an engine without metrics (disable_log_stats): say so
-        return {"error": repr(e)[:300]}
-    for m in metrics:
-        if any(mark in m.name for mark in marks) and hasattr(m, "value"):
-            out[m.name] = out.get(m.name, 0.0) + float(m.value)
+    if getattr(getattr(llm, "llm_engine", None), "logger_manager", None) is None:
+        return {"error": "this engine keeps no metrics (start it with disable_log_stats=False)"}
+    for family in REGISTRY.collect():
+        if not family.name.startswith("vllm:") or not any(mark in family.name for mark in marks):
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_created"):
+                continue
+            if family.type == "histogram":
+                kept = {k: v for k, v in sorted(sample.labels.items()) if k not in ("model_name", "engine")}
+                key = sample.name + "{" + ",".join(f"{k}={v}" for k, v in kept.items()) + "}"
+            else:
+                key = family.name
+            out[key] = out.get(key, 0.0) + float(sample.value)
     return out
 
 
