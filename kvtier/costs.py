@@ -15,9 +15,9 @@ H200 prefills Llama-8B at ~5 GB/s of KV, faster than a disk without its page cac
 - **Backlog**: reads already promised to a tier delay the next load from it.
 - **Overhead**: a load has a fixed cost beside its reads (a parked request waits a scheduling
   round trip), measured by the scheduler: the wait of each parked load from its allocation until
-  the engine reports it finished, plus that step's time from its planning, less its predicted
-  reads (``observe_load_wait``); a sample rises at most 50 ms above the estimate (one stall must
-  not stop loads, after which none would be measured to correct it).
+  the engine reports it finished, plus the time since the engine last planned a step, less its
+  predicted reads (``observe_load_wait``); a sample rises at most 50 ms above the estimate (one
+  stall must not stop loads, after which none would be measured to correct it).
 
 :meth:`CostModel.chunks_to_load` picks how many leading chunks of a hit to load so that
 load + compute of the rest is least. It only ever shortens a hit: whatever it answers,

@@ -150,9 +150,8 @@ class PrefixLedger:
         self.block_size = block_size
         self.hash_name = hash_name
         self.reqs: dict[str, _Req] = {}
-        # Per planned step whose output the engine has not processed yet, oldest first: when it was
-        # planned, and the leases its loads hold.
-        self._steps: deque[tuple[float, list]] = deque()
+        self._step_leases: deque[list] = deque()  # per planned step not yet reported, oldest first
+        self._planned_at = 0.0  # when the engine last planned a step (time.monotonic())
         self.worker_keys: set[bytes] = set()  # chunks in workers' cpu tiers (other processes)
         # Keys per request, hashed once: vLLM's request ids are unique for the engine's life and a
         # request's tokens only grow (KeyChain starts over if they do not continue what it hashed).
@@ -385,24 +384,26 @@ class PrefixLedger:
             r.parked = False
         if self._to_promote:
             plan.promote, self._to_promote = list(self._to_promote), {}
-        self._steps.append((time.monotonic(), step_leases))
-        while len(self._steps) > 64:  # output of old steps never reported: do not hold forever
+        self._step_leases.append(step_leases)
+        self._planned_at = time.monotonic()
+        while len(self._step_leases) > 64:  # output of old steps never reported: do not hold forever
             self.on_step_done()
         return plan
 
     def on_step_done(self) -> float:
         """The engine processed the output of the oldest planned step: its loads are done.
-        Returns that step's time, from its planning to its output (0.0 if none was planned).
+        Returns the time since the engine last planned a step: the step just done (without async
+        scheduling; with it, the part of it after the next one was planned).
 
-        Never the time since the previous output: after the engine sat idle that would be the
-        idle time, counted as a step against the load that finished in it (a one-off 1 s sample
-        that made every later load look slower than computing)."""
-        if not self._steps:
-            return 0.0
-        planned_at, leases = self._steps.popleft()
-        for lease in leases:
-            lease.release()
-        return time.monotonic() - planned_at
+        Not the time since the previous output: after the engine sat idle that is the idle time,
+        counted as a step against the load that finished in it (a one-off 1 s sample that made
+        every later load look slower than computing). Not since the oldest planned step either:
+        vLLM reports no output for a step that ran no forward and moved no KV (a parked load's
+        request waiting alone), so that step may be long past."""
+        if self._step_leases:
+            for lease in self._step_leases.popleft():
+                lease.release()
+        return time.monotonic() - self._planned_at if self._planned_at else 0.0
 
     def on_finished(self, req_id: str) -> None:
         self.reqs.pop(req_id, None)

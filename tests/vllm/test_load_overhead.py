@@ -97,3 +97,15 @@ def test_one_stalled_load_does_not_stop_the_next_ones():
     for _ in range(20):
         m.observe_load_wait(0.2, 0.0)  # loads that really wait 0.2 s
     assert m.load_overhead_s > 0.15
+
+
+def test_a_step_is_timed_from_the_latest_planning(scheduler_connector):
+    """vLLM reports no output for a step that ran no forward and moved no KV (a parked load's
+    request waiting alone): the step whose output comes is the one planned last, not the oldest
+    one still unreported, which may be long past."""
+    ledger = scheduler_connector.ledger
+    ledger.on_step([], [])
+    time.sleep(0.2)
+    ledger.on_step([], [])  # its output never comes
+    time.sleep(0.01)
+    assert 0.005 < ledger.on_step_done() < 0.1
