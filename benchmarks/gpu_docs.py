@@ -45,7 +45,7 @@ import sys
 import time
 from pathlib import Path
 
-from kvtier.vllm.phases import run_phase
+from kvtier.vllm.phases import metric_key, parse_metric_key, run_phase
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_lmcache import phase as lmcache  # noqa: E402
@@ -143,13 +143,14 @@ def step_host(before: dict, after: dict, side: str) -> dict | None:
     def grew(key: str) -> float:
         return after.get(key, 0.0) - before.get(key, 0.0)
 
-    count = grew(f"{base}_count{{side={side}}}")
+    count = grew(metric_key(f"{base}_count", {"side": side}))
     if count <= 0:
         return None
-    head, tail = f"{base}_bucket{{le=", f",side={side}}}"  # labels are sorted: le, then side
-    bounds = sorted((float(k[len(head):-len(tail)]), k) for k in after if k.startswith(head) and k.endswith(tail))
+    bounds = sorted((float(labels["le"]), k) for k in after for name, labels in [parse_metric_key(k)]
+                    if name == f"{base}_bucket" and labels.get("side") == side and "le" in labels)
     p99 = next((bound for bound, k in bounds if grew(k) >= 0.99 * count), None)
-    return {"steps": int(count), "mean_s": grew(f"{base}_sum{{side={side}}}") / count, "p99_at_most_s": p99}
+    return {"steps": int(count), "mean_s": grew(metric_key(f"{base}_sum", {"side": side})) / count,
+            "p99_at_most_s": p99}
 
 
 def summarize(name: str, result: dict, base: dict | None) -> list[dict]:

@@ -418,3 +418,57 @@ def test_an_error_reply_is_a_miss_and_the_batch_stays_in_order(redis_server):
     assert check_bytes(tier, keys, list(range(6))) == [True, True, False, True, True, True]
     assert tier.stats().errors == 1
     assert check_bytes(tier, keys[3:], [3, 4, 5]) == [True] * 3  # the connection is still good
+
+
+def test_commands_are_framed_around_the_callers_buffers():
+    """Puts frame RESP around the payload's own buffers (no copy into one bytes) and send them
+    with sendmsg: more buffers than one sendmsg takes, and a send buffer too small for one
+    call, still arrive whole and in order."""
+    import socket
+    import threading
+
+    from kvtier.tiers.resp import encode_command, send_parts
+
+    assert b"".join(encode_command((b"SET", b"k", (b"ab", memoryview(b"cde")), b"EX", b"5"))) == (
+        b"*5\r\n$3\r\nSET\r\n$1\r\nk\r\n$5\r\nabcde\r\n$2\r\nEX\r\n$1\r\n5\r\n")
+    rng = np.random.default_rng(1)
+    values = [rng.integers(0, 255, int(rng.integers(0, 5000)), dtype=np.uint8) for _ in range(1500)]
+    parts = [p for i, v in enumerate(values) for p in encode_command((b"SET", b"%d" % i, memoryview(v)))]
+    want = b"".join(bytes(p) for p in parts)
+    a, b = socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    got = bytearray()
+
+    def receive():
+        while len(got) < len(want):
+            got.extend(b.recv(1 << 16))
+
+    th = threading.Thread(target=receive)
+    th.start()
+    send_parts(a, parts)
+    th.join(30)
+    a.close()
+    b.close()
+    assert bytes(got) == want
+
+
+def test_a_refused_write_is_a_counted_error_and_the_rest_keep_their_answers(redis_server):
+    """A server that refuses SETs past its memory limit (OOM error replies): the chunks it took
+    are True and readable, the refused ones False and counted errors; the connection stays good."""
+    tier = RedisTier([redis_server.url], SMALL_LAYOUT, prefix="oom:")
+    keys = make_keys(40)
+    with redis_server.client() as c:
+        used = int(c.info("memory")["used_memory"])
+        c.config_set("maxmemory-policy", "noeviction")
+        c.config_set("maxmemory", used + 12 * (N + HEADER_SIZE))
+    try:
+        ok = tier.put(keys, [make_payload(i) for i in range(40)])
+    finally:
+        with redis_server.client() as c:
+            c.config_set("maxmemory", 0)
+    assert 0 < sum(ok) < 40
+    assert tier.stats().errors == 40 - sum(ok)
+    assert tier.contains(keys) == ok
+    assert check_bytes(tier, keys, list(range(40))) == ok
+    assert all(tier.put(keys, [make_payload(i) for i in range(40)]))
+    assert check_bytes(tier, keys, list(range(40))) == [True] * 40

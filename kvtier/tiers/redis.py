@@ -52,7 +52,7 @@ from redis.retry import Retry
 from kvtier.layout import HEADER_SIZE, ChunkLayout, CorruptChunk, decode_header, encode_header, verify
 from kvtier.tiers.base import Buffer, StoredChunk, Tier, TierStats, chunk_views
 from kvtier.tiers.breaker import Breaker as _Breaker
-from kvtier.tiers.resp import ReplyError, ReplyReader
+from kvtier.tiers.resp import ReplyError, ReplyReader, encode_command, send_parts
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ SLOW_BYTES_PER_S = 50e6  # a pipeline's bytes get their time at this rate before
 # replies of a whole pipeline at once: with a load's 4 chunks of 32 MiB in one, 4 clients on 2 cores
 # read 0.29 GB/s in all; one chunk per trip, 1.1-1.5 GB/s (docs/tiers.md).
 READ_TRIP_BYTES = 32 << 20
+_SLOTS_MOVED = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN")  # error replies of a cluster whose slot map changed
 
 
 class _QuickRetry(Retry):
@@ -253,23 +254,6 @@ class RedisTier(Tier):
             return self.op_timeout_s
         return self.op_timeout_s * 2 ** math.ceil(math.log2(need / self.op_timeout_s))
 
-    def _pipeline(self, node: _Node, build, nbytes: int = 0) -> list | None:
-        """Run one pipeline on ``node``; None (and the breaker opened) if the server failed."""
-        if not node.breaker.allow():
-            return None
-        try:
-            pipe = node.client_for(self._timeout(nbytes)).pipeline(transaction=False)
-            build(pipe)
-            replies = pipe.execute(raise_on_error=False)
-        except (redis.exceptions.RedisError, OSError) as e:
-            self._node_failed(node, e)
-            return None
-        node.breaker.success()
-        if self.cluster and any(isinstance(r, (redis.exceptions.AskError, redis.exceptions.ClusterDownError,
-                                               redis.exceptions.TryAgainError)) for r in replies):
-            self._slots = None  # slots moved: read the map again on the next call
-        return replies
-
     def _node_failed(self, node: _Node, error: BaseException) -> None:
         if not node.breaker.is_open:
             log.warning("redis tier: %s failed (%s: %s); answering misses for it, retrying every %.1fs",
@@ -284,19 +268,26 @@ class RedisTier(Tier):
         if self.cluster:
             self._slots = None  # a replica may have taken over its slots
 
-    def _run(self, names: Sequence[bytes], build_one, default, per: int = 1, nbytes: int = 0) -> list:
-        """Per key, the replies of the ``per`` commands ``build_one(pipe, i)`` adds (a list), or
-        ``default``. ``nbytes``: bytes each key moves (they lengthen the socket timeout)."""
+    def _per_key(self, names: Sequence[bytes], frame, read, default, nbytes: int = 0) -> list:
+        """Per key of ``names``, ``read(reader, i)`` of the replies to the commands ``frame(i)``
+        frames (:func:`encode_command`), sent in one pipelined round trip per server; ``default``
+        for the keys of a server that failed or of a slot no node serves. ``read`` must read
+        every reply of its key. ``nbytes``: bytes each key moves (they lengthen the timeout)."""
         out = [default] * len(names)
         for node, idx in self._route(names).items():
-            replies = self._pipeline(node, lambda pipe: [build_one(pipe, i) for i in idx], len(idx) * nbytes)
-            if replies is None:
+            parts = [p for i in idx for p in frame(i)]
+            got = self._exchange(node, parts, len(idx) * nbytes, lambda reader: [read(reader, i) for i in idx])
+            if got is None:
                 with self._lock:
                     self._stats.extra["skipped"] += len(idx)
                 continue
-            for j, i in enumerate(idx):
-                out[i] = replies[j * per:(j + 1) * per]
-        return out  # keys of slots no node serves keep ``default``
+            for i, value in zip(idx, got):
+                out[i] = value
+        return out
+
+    def _check_moved(self, reply) -> None:
+        if isinstance(reply, str) and reply.split(" ", 1)[0] in _SLOTS_MOVED:
+            self._slots = None  # slots moved: read the map again on the next call
 
     def _name(self, key: bytes) -> bytes:
         return self.prefix + key.hex().encode()
@@ -311,25 +302,27 @@ class RedisTier(Tier):
     # ---- Tier -----------------------------------------------------------------------------
     def contains(self, keys: Sequence[bytes]) -> list[bool]:
         names = [self._name(k) for k in keys]
-        replies = self._run(names, lambda pipe, i: [pipe.exists(n) for n in self._piece_names(names[i])], None,
-                            per=self._pieces)
-        return [r is not None and all(isinstance(x, int) and x > 0 for x in r) for r in replies]
+
+        def read(reader: ReplyReader, i: int) -> bool:
+            replies = [reader.integer() for _ in range(self._pieces)]
+            for r in replies:
+                self._check_moved(r)
+            return all(r == 1 for r in replies)
+
+        frame = lambda i: [p for n in self._piece_names(names[i]) for p in encode_command((b"EXISTS", n))]  # noqa: E731
+        return self._per_key(names, frame, read, False)
 
     def get_into(self, keys: Sequence[bytes], dests: Sequence[Buffer]) -> list[bool]:
         outs = chunk_views(keys, dests, self.layout.nbytes, "destination")
         names = [self._name(k) for k in keys]
-        statuses = ["miss"] * len(keys)  # keys of slots no node serves stay misses
+        frame = lambda i: [p for n in self._piece_names(names[i]) for p in encode_command((b"GET", n))]  # noqa: E731
+        read = lambda reader, i: self._read_chunk(reader, keys[i], outs[i])  # noqa: E731
+        statuses: list[str] = []
         per_trip = max(1, READ_TRIP_BYTES // self.layout.nbytes)
-        for node, on_node in self._route(names).items():
-            for t in range(0, len(on_node), per_trip):
-                idx = on_node[t:t + per_trip]
-                got = self._get_on(node, [keys[i] for i in idx], [names[i] for i in idx], [outs[i] for i in idx])
-                if got is None:  # the node failed: its breaker is open, the rest of its keys miss
-                    with self._lock:
-                        self._stats.extra["skipped"] += len(on_node) - t
-                    break
-                for i, status in zip(idx, got):
-                    statuses[i] = status
+        for t in range(0, len(keys), per_trip):  # a failed server's breaker is open: its later trips cost nothing
+            trip = range(t, min(t + per_trip, len(keys)))
+            statuses += self._per_key([names[i] for i in trip], lambda j: frame(t + j), lambda r, j: read(r, t + j),
+                                      "miss", self.layout.nbytes)
         counts = dict.fromkeys(("hit", "miss", "error", "corrupt", "partial"), 0)
         for status in statuses:
             counts[status] += 1
@@ -346,31 +339,28 @@ class RedisTier(Tier):
             self._delete_names(bad)
         return [status == "hit" for status in statuses]
 
-    def _get_on(self, node: _Node, keys: list[bytes], names: list[bytes], outs: list[memoryview]) -> list[str] | None:
-        """GET every piece of ``names`` on ``node`` in one pipelined round trip, each value received
-        straight into its chunk's ``out`` (:mod:`kvtier.tiers.resp`); per chunk its status (see
-        :meth:`_read_chunk`). None (and the breaker opened) if the server failed. A connection
-        broken before any reply (a server restarted since the last call) is retried once."""
+    def _exchange(self, node: _Node, parts: list, nbytes: int, read):
+        """Send the commands framed in ``parts`` on a connection of ``node`` held alone, and return
+        ``read(reader)``, which must read every reply. None (and the breaker opened) if the server
+        failed. A connection broken before any reply (a server restarted since the last call) is
+        retried once; never after a timeout: a hung server costs one op_timeout, then the breaker."""
         if not node.breaker.allow():
             return None
-        pool = node.client_for(self._timeout(len(names) * self.layout.nbytes)).connection_pool
-        commands = [("GET", piece) for name in names for piece in self._piece_names(name)]
+        pool = node.client_for(self._timeout(nbytes)).connection_pool
         for attempt in (0, 1):
             conn = reader = None
             try:
                 conn = _connection(pool)  # connects (redis-py 5.3+): may fail like a command
-                conn.send_packed_command(conn.pack_commands(commands))
                 sock = getattr(conn, "_sock", None)
                 if sock is None:
-                    raise ReplyError("this redis-py connection has no socket to read")
+                    raise ReplyError("this redis-py connection has no socket to use")
+                send_parts(sock, parts)
                 reader = ReplyReader(sock)
-                statuses = [self._read_chunk(reader, key, out) for key, out in zip(keys, outs)]
+                result = read(reader)
             except (redis.exceptions.RedisError, OSError, ReplyError) as e:
                 if conn is not None:
                     conn.disconnect()  # in an unknown state: half a reply may be unread
                     pool.release(conn)
-                # Nothing came back on a connection that was closed under us: once more on a new
-                # one. Never after a timeout: a hung server costs one op_timeout, then the breaker.
                 unanswered = reader is None or reader.received == 0
                 if attempt == 0 and unanswered and not isinstance(e, (TimeoutError, redis.TimeoutError)):
                     continue
@@ -378,7 +368,7 @@ class RedisTier(Tier):
                 return None
             pool.release(conn)
             node.breaker.success()
-            return statuses
+            return result
         return None
 
     def _read_chunk(self, reader: ReplyReader, key: bytes, out: memoryview) -> str:
@@ -393,8 +383,7 @@ class RedisTier(Tier):
                 kinds.append("none")
                 continue
             if isinstance(n, str):  # the server's error for this value
-                if n.split(" ", 1)[0] in ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN"):
-                    self._slots = None  # slots moved: read the map again on the next call
+                self._check_moved(n)
                 kinds.append("error")
                 continue
             dest = self._piece(out, i)
@@ -422,34 +411,41 @@ class RedisTier(Tier):
         return "hit"
 
     def put(self, keys: Sequence[bytes], payloads: Sequence[Buffer]) -> list[bool]:
+        """SET every piece of each chunk, the first (header + first piece) last: a reader that sees
+        it sees the others. The values go from ``payloads`` to the socket without a copy."""
         datas = chunk_views(keys, payloads, self.layout.nbytes, "payload")
         names = [self._name(k) for k in keys]
-        ex = self.ttl_s or None
+        ex = (b"EX", b"%d" % self.ttl_s) if self.ttl_s else ()
 
-        def build(pipe, i):
+        def frame(i: int) -> list:
             data, pieces = datas[i], self._piece_names(names[i])
-            for j in range(len(pieces) - 1, 0, -1):  # the first value last: once it is visible, so are these
-                pipe.set(pieces[j], self._piece(data, j), ex=ex)
-            # One copy: the header joined with the first piece.
-            value = b"".join((encode_header(keys[i], self.layout, data, self.label), self._piece(data, 0)))
-            pipe.set(pieces[0], value, ex=ex)
+            parts: list = []
+            for j in range(len(pieces) - 1, 0, -1):
+                parts += encode_command((b"SET", pieces[j], self._piece(data, j)) + ex)
+            header = encode_header(keys[i], self.layout, data, self.label)
+            return parts + encode_command((b"SET", pieces[0], (header, self._piece(data, 0))) + ex)
 
-        replies = self._run(names, build, None, per=self._pieces, nbytes=self.layout.nbytes)
-        ok = [r is not None and all(x is True for x in r) for r in replies]
+        def read(reader: ReplyReader, i: int) -> bool | None:
+            errors = [e for e in (reader.status() for _ in range(self._pieces)) if e is not None]
+            for e in errors:
+                self._check_moved(e)
+            return None if errors else True  # None: the server refused (counted), False: not reached
+
+        answers = self._per_key(names, frame, read, False, self.layout.nbytes)
         with self._lock:
-            n = sum(ok)
+            n = answers.count(True)
             self._stats.puts += n
             self._stats.bytes_written += n * (HEADER_SIZE + self.layout.nbytes)
-            self._stats.errors += sum(r is not None and any(isinstance(x, Exception) for x in r) for r in replies)
-        return ok
+            self._stats.errors += answers.count(None)
+        return [a is True for a in answers]
 
     def delete(self, keys: Sequence[bytes]) -> None:
         self._delete_names([self._name(k) for k in keys])
 
     def _delete_names(self, names: Sequence[bytes]) -> None:
         """Remove the chunks stored under ``names`` (first values), every piece of each."""
-        self._run(names, lambda pipe, i: [pipe.unlink(n) for n in self._piece_names(names[i])], None,
-                  per=self._pieces)
+        frame = lambda i: [p for n in self._piece_names(names[i]) for p in encode_command((b"UNLINK", n))]  # noqa: E731
+        self._per_key(names, frame, lambda reader, i: [reader.integer() for _ in range(self._pieces)], None)
 
     def stats(self) -> TierStats:
         with self._lock:

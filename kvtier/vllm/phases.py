@@ -88,6 +88,18 @@ def drop_page_cache_of(path: str, files: str = "*.kvc", quiet_s: float = 2.0, wa
     return {"method": "fadvise", **quiet}
 
 
+def metric_key(name: str, labels: dict[str, str]) -> str:
+    """How :func:`kvtier_metrics` names a histogram's sample: ``NAME{k=v,...}``, labels sorted."""
+    return name + "{" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())) + "}"
+
+
+def parse_metric_key(key: str) -> tuple[str, dict[str, str]]:
+    """The name and labels of a :func:`metric_key` (a plain name has no labels)."""
+    name, _, rest = key.partition("{")
+    labels = dict(item.split("=", 1) for item in rest.rstrip("}").split(",") if item)
+    return name, labels
+
+
 def kvtier_metrics(llm: Any, marks: Sequence[str] = ("kvtier",)) -> dict[str, float]:
     """kvtier's metrics so far in this process's Prometheus registry, where the ``LLM``'s stat
     loggers keep them (``vllm:kvtier_*``; those whose name holds one of ``marks``), summed over
@@ -107,8 +119,8 @@ def kvtier_metrics(llm: Any, marks: Sequence[str] = ("kvtier",)) -> dict[str, fl
             if sample.name.endswith("_created"):
                 continue
             if family.type == "histogram":
-                kept = {k: v for k, v in sorted(sample.labels.items()) if k not in ("model_name", "engine")}
-                key = sample.name + "{" + ",".join(f"{k}={v}" for k, v in kept.items()) + "}"
+                key = metric_key(sample.name, {k: v for k, v in sample.labels.items()
+                                               if k not in ("model_name", "engine")})
             else:
                 key = family.name
             out[key] = out.get(key, 0.0) + float(sample.value)

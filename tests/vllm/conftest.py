@@ -67,6 +67,33 @@ def engine_kwargs(**over) -> dict:
     return kw
 
 
+def make_connector(role: str, model_name: str, *, block_size: int, chunk_size: int, num_blocks: int,
+                   layers: list[str], kv_heads: int, head_size: int):
+    """A KVTierConnector (``role`` "scheduler" or "worker") built as vLLM builds one, without an
+    engine: a tiny random Llama's config, a cpu tier of 16 MiB, kvtier model name ``model_name``."""
+    import tempfile
+
+    import torch
+    from vllm.config import KVTransferConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+
+    from kvtier.models import make_random_llama
+    from kvtier.vllm.connector import KVTierConnector
+
+    model = make_random_llama(f"{tempfile.gettempdir()}/kvtier-unit-model", "tiny")
+    tc = KVTransferConfig(kv_connector="KVTierConnector", kv_connector_module_path="kvtier.vllm", kv_role="kv_both",
+                          kv_connector_extra_config={"chunk_size": chunk_size, "tiers": ["cpu"], "cpu_bytes": "16MiB",
+                                                     "model": model_name})
+    vc = EngineArgs(model=model, skip_tokenizer_init=True, enforce_eager=True, dtype="float32", block_size=block_size,
+                    enable_prefix_caching=True, max_model_len=1024, num_gpu_blocks_override=num_blocks,
+                    kv_transfer_config=tc).create_engine_config()
+    spec = FullAttentionSpec(block_size=block_size, num_kv_heads=kv_heads, head_size=head_size, dtype=torch.float32)
+    kvc = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(layers, spec)])
+    return KVTierConnector(vc, KVConnectorRole.SCHEDULER if role == "scheduler" else KVConnectorRole.WORKER, kvc)
+
+
 def pytest_terminal_summary(terminalreporter):
     if SUMMARY["scenarios"] or SUMMARY["hit_tokens"]:
         terminalreporter.write_line(

@@ -10,11 +10,11 @@ the H100 (gpu_docs, `kvtier_default_settled`) pass 2 loaded its first document a
 
 from __future__ import annotations
 
-import tempfile
 import time
 
 import pytest
 import torch
+from conftest import make_connector
 
 from kvtier.vllm.scheduler import ScheduledRequest
 
@@ -26,24 +26,8 @@ NB = 64
 
 @pytest.fixture
 def scheduler_connector():
-    from vllm.config import KVTransferConfig
-    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
-    from vllm.engine.arg_utils import EngineArgs
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
-
-    from kvtier.models import make_random_llama
-    from kvtier.vllm.connector import KVTierConnector
-
-    model = make_random_llama(f"{tempfile.gettempdir()}/kvtier-overhead-unit-model", "tiny")
-    tc = KVTransferConfig(kv_connector="KVTierConnector", kv_connector_module_path="kvtier.vllm", kv_role="kv_both",
-                          kv_connector_extra_config={"chunk_size": C, "tiers": ["cpu"], "cpu_bytes": "16MiB",
-                                                     "model": "overhead-unit"})
-    vc = EngineArgs(model=model, skip_tokenizer_init=True, enforce_eager=True, dtype="float32", block_size=C,
-                    enable_prefix_caching=True, max_model_len=1024, num_gpu_blocks_override=NB,
-                    kv_transfer_config=tc).create_engine_config()
-    spec = FullAttentionSpec(block_size=C, num_kv_heads=2, head_size=16, dtype=torch.float32)
-    kvc = KVCacheConfig(num_blocks=NB, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(["l0"], spec)])
-    conn = KVTierConnector(vc, KVConnectorRole.SCHEDULER, kvc)
+    conn = make_connector("scheduler", "overhead-unit", block_size=C, chunk_size=C, num_blocks=NB, layers=["l0"],
+                          kv_heads=2, head_size=16)
     yield conn
     conn.shutdown()
 

@@ -142,3 +142,33 @@ def test_step_host_time_per_step_and_side():
     assert value("vllm:kvtier_step_host_seconds_count", {**labels, "side": "worker"}) == 1
     assert value("vllm:kvtier_step_host_seconds_bucket", {**labels, "side": "scheduler", "le": "0.0003"}) == 1
     assert "step_host" not in total.reduce()
+
+
+def test_benchmarks_read_the_step_host_histogram_they_recorded():
+    """gpu_docs reads the histogram samples by the key phases.kvtier_metrics gives them."""
+    import sys
+    from pathlib import Path
+
+    from kvtier.vllm.phases import metric_key, parse_metric_key
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from gpu_docs import step_host
+
+    base = "vllm:kvtier_step_host_seconds"
+    key = metric_key(f"{base}_bucket", {"side": "worker", "le": "0.0003"})
+    assert key == f"{base}_bucket{{le=0.0003,side=worker}}"
+    assert parse_metric_key(key) == (f"{base}_bucket", {"le": "0.0003", "side": "worker"})
+
+    def snapshot(n: int, at_most_1ms: int, sum_s: float) -> dict:
+        hist = {"0.0003": 0, "0.001": at_most_1ms, "0.005": n, "+Inf": n}
+        out = {metric_key(f"{base}_bucket", {"side": "worker", "le": le}): float(c) for le, c in hist.items()}
+        out[metric_key(f"{base}_count", {"side": "worker"})] = float(n)
+        out[metric_key(f"{base}_sum", {"side": "worker"})] = sum_s
+        out[metric_key(f"{base}_count", {"side": "scheduler"})] = 7.0
+        return out
+
+    got = step_host(snapshot(10, 10, 0.005), snapshot(110, 108, 0.105), "worker")
+    assert got == {"steps": 100, "mean_s": 0.001, "p99_at_most_s": 0.005}
+    got = step_host(snapshot(10, 10, 0.005), snapshot(110, 109, 0.105), "worker")
+    assert got["p99_at_most_s"] == 0.001
+    assert step_host(snapshot(10, 10, 0.005), snapshot(10, 10, 0.005), "worker") is None

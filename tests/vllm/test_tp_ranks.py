@@ -16,6 +16,7 @@ import threading
 
 import pytest
 import torch
+from conftest import make_connector
 
 from kvtier.keys import Namespace, chunk_keys, rank_keys
 from kvtier.vllm.ranks import RankAgreement
@@ -57,27 +58,9 @@ class ThreadGroup:
 
 def _connector(rank: int, tmp_tag: str):
     """A worker-side KVTierConnector for rank ``rank`` of a TP=2 engine, its cache registered."""
-    from vllm.config import KVTransferConfig
-    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
-    from vllm.engine.arg_utils import EngineArgs
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
-
-    from kvtier.models import make_random_llama
-    from kvtier.vllm.connector import KVTierConnector
-
-    import tempfile
-
-    model = make_random_llama(f"{tempfile.gettempdir()}/kvtier-tp-unit-model", "tiny")
     # Each rank's own store: another model name (the connector's namespace is set below).
-    tc = KVTransferConfig(kv_connector="KVTierConnector", kv_connector_module_path="kvtier.vllm", kv_role="kv_both",
-                          kv_connector_extra_config={"chunk_size": C, "tiers": ["cpu"], "cpu_bytes": "16MiB",
-                                                     "model": f"tp-unit-{tmp_tag}-rank{rank}"})
-    vc = EngineArgs(model=model, skip_tokenizer_init=True, enforce_eager=True, dtype="float32", block_size=BS,
-                    enable_prefix_caching=True, max_model_len=1024, num_gpu_blocks_override=NB,
-                    kv_transfer_config=tc).create_engine_config()
-    spec = FullAttentionSpec(block_size=BS, num_kv_heads=H, head_size=D, dtype=torch.float32)
-    kvc = KVCacheConfig(num_blocks=NB, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(LAYERS, spec)])
-    conn = KVTierConnector(vc, KVConnectorRole.WORKER, kvc)
+    conn = make_connector("worker", f"tp-unit-{tmp_tag}-rank{rank}", block_size=BS, chunk_size=C, num_blocks=NB,
+                          layers=LAYERS, kv_heads=H, head_size=D)
     caches = {n: torch.randn(NB, H, BS, 2 * D) for n in LAYERS}  # vLLM 0.32's CPU layout
     conn.register_kv_caches(caches)
     # The rank's namespace; its TP group (conn._ranks) is the test's (vLLM's is not initialized here).
