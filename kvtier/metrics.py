@@ -40,6 +40,8 @@ class Metrics:
                                       registry=r)
         self.tier_exceptions = Counter("kvtier_tier_exceptions", "Exceptions a tier raised (a tier bug)",
                                        ["tier"], registry=r)
+        self.tier_overruns = Counter("kvtier_tier_overruns", "Tier calls the store stopped waiting for "
+                                     "(past the tier's deadline; misses until they return)", ["tier"], registry=r)
         self.load_errors = Counter("kvtier_load_errors", "Chunks an engine asked for that could not be loaded",
                                    registry=r)
         self.saved_chunks = Counter("kvtier_saved_chunks", "Chunks an engine saved", registry=r)

@@ -37,6 +37,7 @@ from kvtier.memory import ChunkRef, HostPool
 from kvtier.metrics import Metrics
 from kvtier.tiers import make_tier
 from kvtier.tiers.base import Buffer, Tier
+from kvtier.tiers.calls import DeadlineCalls
 from kvtier.tiers.cpu import CpuTier
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,7 @@ class Store:
         self.costs = CostModel(layout.tokens, layout.nbytes, "cuda" if torch.cuda.is_available() else "cpu",
                                config.prefill_gbps)
         # Background promotion (promote_later): keys in order, and the loads it yields to.
+        self._deadlines = DeadlineCalls(lambda tier: self.metrics.tier_overruns.labels(tier).inc())
         self._promote_lock = threading.Condition()
         self._promote_queue: dict[bytes, None] = {}
         self._promoter: threading.Thread | None = None
@@ -287,8 +289,9 @@ class Store:
                     break  # host memory full of chunks in use: the rest are misses
                 slots.append((i, ref))
             t_read = time.perf_counter()
-            answer = self._call(tier, "get_into", [keys[i] for i, _ in slots],
-                                [ref.data.numpy() for _, ref in slots]) or [False] * len(slots)
+            answer = self._call(tier, "get_into", [keys[i] for i, _ in slots], [ref.data.numpy() for _, ref in slots],
+                                nbytes=len(slots) * self.layout.nbytes, hold=[ref for _, ref in slots])
+            answer = answer or [False] * len(slots)
             self.costs.observe_read(tier.name, sum(answer), time.perf_counter() - t_read)
             still = []
             for (i, ref), ok in zip(slots, answer):
@@ -650,10 +653,16 @@ class Store:
         return key in self._leased
 
     # ---------------------------------------------------------------- misc
-    def _call(self, tier: Tier, op: str, *args: object) -> list | None:
+    def _call(self, tier: Tier, op: str, *args: object, nbytes: int = 0,
+              hold: Sequence[ChunkRef] = ()) -> list | None:
+        """``tier.op(*args)``, or None where the tier raised (a bug) or overran its deadline
+        (:mod:`kvtier.tiers.calls`: ``hold``, the slots it writes into, stay held until it returns)."""
         t0 = time.perf_counter()
         try:
-            return getattr(tier, op)(*args)
+            limit = tier.deadline(op, nbytes)
+            if limit is None:
+                return getattr(tier, op)(*args)
+            return self._deadlines.call(tier.name, getattr(tier, op), args, limit, hold)
         except Exception:  # a tier must not raise; if one does, it is a miss, not a crash
             log.exception("kvtier: tier %s raised in %s; treating as a miss", tier.name, op)
             self.metrics.tier_exceptions.labels(tier.name).inc()
@@ -679,6 +688,7 @@ class Store:
         if self._process is not None:
             self._process.close(left())
         self._stop_threads(left())
+        self._deadlines.close()
         for tier in self.tiers:
             tier.close()
 

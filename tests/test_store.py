@@ -462,3 +462,89 @@ def test_the_store_and_its_writer_import_no_server_and_not_each_other_at_import(
             "import kvtier.store; bad = [m for m in sys.modules if m.startswith('kvtier.server')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+class HangingDisk(DiskTier):
+    """A real disk tier whose reads and lookups can hang (as a Mooncake read from a holder whose
+    host dropped off the network did: 47-60 s), with a deadline of 0.2 s. A hung read, once let go,
+    writes 0xEE over its destinations: the late write the store must keep away from other chunks."""
+
+    name = "hanging"
+
+    def __init__(self, path) -> None:
+        super().__init__(path, 1 << 30, LAYOUT)
+        self.hang = threading.Event()
+        self.let_go = threading.Event()
+        self.calls = 0
+
+    def deadline(self, op, nbytes):
+        return 0.2
+
+    def contains(self, keys):
+        self.calls += 1
+        if self.hang.is_set():
+            self.let_go.wait(30)
+        return super().contains(keys)
+
+    def get_into(self, keys, dests):
+        self.calls += 1
+        if not self.hang.is_set():
+            return super().get_into(keys, dests)
+        self.let_go.wait(30)
+        for d in dests:
+            d[:] = 0xEE
+        return [False] * len(keys)
+
+
+def test_a_hung_tier_call_is_a_miss_and_its_slots_stay_held_until_it_returns(tmp_path):
+    from conftest import bounded
+
+    low = HangingDisk(tmp_path)
+    keys = [key(i) for i in range(4)]
+    assert low.put(keys, [payload(i) for i in range(4)]) == [True] * 4
+    s = make_store(cpu_chunks=8, lower=[low])
+    low.hang.set()
+    t0 = time.monotonic()
+    assert bounded(lambda: s.get(keys[:2]), 5) == [None, None]
+    assert 0.2 <= time.monotonic() - t0 < 2.0
+    assert s.metrics.value("kvtier_tier_overruns_total", {"tier": "hanging"}) == 1
+    assert s.pool.free_slots == s.pool.num_slots - 2  # the hung read's destinations
+
+    calls = low.calls  # while it hangs, the tier is skipped: misses at once, no second hung call
+    assert bounded(lambda: s.get(keys[2:]), 1) == [None, None]
+    assert bounded(lambda: s.lookup(keys), 1) == 0
+    assert low.calls == calls
+
+    others = s.allocate_many(s.pool.num_slots)  # every slot the pool can give: never a held one
+    assert len(others) == s.pool.num_slots - 2
+    for i, ref in enumerate(others):
+        ref.data.numpy()[:] = i
+    low.let_go.set()  # the hung read returns and writes over its own (held) slots
+    deadline = time.monotonic() + 5
+    while s._deadlines.hung("hanging"):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert all((ref.data.numpy() == i).all() for i, ref in enumerate(others))
+    for ref in others:
+        ref.release()
+    assert s.pool.free_slots == s.pool.num_slots
+
+    low.hang.clear()  # the backend is back: hits again
+    assert s.lookup(keys) == 4
+    assert all(np.array_equal(read(s, k), payload(i)) for i, k in enumerate(keys))
+    s.close(5)
+
+
+def test_a_hung_lookup_is_bounded_by_the_deadline(tmp_path):
+    from conftest import bounded
+
+    low = HangingDisk(tmp_path)
+    assert low.put([key(0)], [payload(0)]) == [True]
+    s = make_store(cpu_chunks=4, lower=[low])
+    low.hang.set()
+    t0 = time.monotonic()
+    assert bounded(lambda: s.lookup([key(0)]), 5) == 0
+    assert time.monotonic() - t0 < 2.0
+    assert s.metrics.value("kvtier_tier_overruns_total", {"tier": "hanging"}) == 1
+    low.let_go.set()
+    s.close(5)

@@ -38,5 +38,6 @@ def make_tier(name: str, config: KVTierConfig, layout: ChunkLayout, label: str, 
             segment_bytes=config.mooncake_segment_bytes, buffer_bytes=config.mooncake_buffer_bytes,
             rdma_devices=config.mooncake_rdma_devices, prefix=config.mooncake_prefix,
             connect_timeout_s=config.connect_timeout_s, retry_after_s=config.retry_after_s,
+            op_timeout_s=config.op_timeout_s,
         )
     raise ValueError(f"no tier named {name!r}")

@@ -10,6 +10,9 @@ Contract (each is tested for every tier):
   ``False`` answer the buffer's content is unspecified and must not be used.
 - ``put`` stores a copy; the caller may reuse its buffer when ``put`` returns.
 - Eviction never removes a key for which ``protected(key)`` is true (a leased chunk).
+- A tier whose backend calls can block without a bound of their own says how long a call may
+  take (:meth:`Tier.deadline`); the store stops waiting then, answers misses, and keeps the
+  call's destination buffers out of use until the call really returns (it may still write).
 """
 
 from __future__ import annotations
@@ -31,6 +34,14 @@ def as_bytes(buf: Buffer) -> memoryview:
         return memoryview(buf.reshape(-1).view(np.uint8))
     mv = memoryview(buf)
     return mv if mv.format == "B" and mv.ndim == 1 else mv.cast("B")
+
+
+SLOW_BYTES_PER_S = 50e6  # a remote call's bytes get their time at this rate before it counts as hung
+
+
+def time_for_bytes(nbytes: int, floor_s: float, slow_bytes_per_s: float) -> float:
+    """How long a call moving ``nbytes`` may take: ``floor_s``, or their time at ``slow_bytes_per_s``."""
+    return max(floor_s, nbytes / slow_bytes_per_s)
 
 
 def chunk_views(keys: Sequence[bytes], bufs: Sequence[Buffer], nbytes: int, what: str) -> list[memoryview]:
@@ -100,6 +111,11 @@ class Tier(ABC):
     @abstractmethod
     def stats(self) -> TierStats:
         """Counters and occupancy."""
+
+    def deadline(self, op: str, nbytes: int) -> float | None:
+        """Seconds the store waits for ``op`` ("contains", "get_into") moving ``nbytes`` before it
+        answers misses without it; None: the tier bounds its own calls (the default)."""
+        return None
 
     def register_memory(self, buffer: Buffer) -> None:
         """``buffer`` (host memory whose slices later calls pass) may be prepared for direct

@@ -44,7 +44,8 @@ import numpy as np
 
 from kvtier.hostcopy import copy_bytes
 from kvtier.layout import HEADER_SIZE, ChunkLayout, CorruptChunk, decode_header, encode_header, verify
-from kvtier.tiers.base import Buffer, StoredChunk, Tier, TierStats, as_bytes, chunk_views
+from kvtier.tiers.base import (SLOW_BYTES_PER_S, Buffer, StoredChunk, Tier, TierStats, as_bytes, chunk_views,
+                               time_for_bytes)
 from kvtier.tiers.breaker import Breaker
 
 log = logging.getLogger(__name__)
@@ -92,12 +93,14 @@ class MooncakeTier(Tier):
                  protocol: str = "tcp", local_hostname: str = "", segment_bytes: int = 4 << 30,
                  buffer_bytes: int = 16 << 20, rdma_devices: str = "", prefix: str = "kvtier:",
                  admin_url: str = "", connect_timeout_s: float = 1.0, retry_after_s: float = 2.0,
-                 wait_s: float = 10.0) -> None:
+                 wait_s: float = 10.0, op_timeout_s: float = 2.0, slow_bytes_per_s: float = SLOW_BYTES_PER_S) -> None:
         """``master``: HOST:PORT of mooncake_master. ``metadata_server``: its HTTP metadata URL
         (default ``http://HOST:8080/metadata``, the master's built-in server). ``segment_bytes``:
         memory this process adds to the pool (0: a pure client). ``buffer_bytes``: Mooncake's
         own transfer buffer. ``admin_url``: the master's admin HTTP server, for :meth:`scan`
-        (default ``http://HOST:9003``). Waits up to ``wait_s`` for the first connection."""
+        (default ``http://HOST:9003``). Waits up to ``wait_s`` for the first connection.
+        ``op_timeout_s`` / ``slow_bytes_per_s``: the store's deadline for a lookup or read
+        (:meth:`deadline`), as the redis tier's socket timeout."""
         self._mc = import_store()
         host, _, port = master.rpartition(":")
         if not host or not port.isdigit():
@@ -114,6 +117,8 @@ class MooncakeTier(Tier):
         self.prefix = prefix
         self.admin_url = admin_url or f"http://{host}:9003"
         self.retry_after_s = retry_after_s
+        self.op_timeout_s = op_timeout_s
+        self.slow_bytes_per_s = slow_bytes_per_s
         self._lock = threading.Lock()
         self._stats = TierStats("mooncake", capacity_bytes=self.segment_bytes)
         self._stats.extra.update(skipped=0, breaker_open=0, connected=0)
@@ -281,6 +286,11 @@ class MooncakeTier(Tier):
         codes = store.batch_is_exist([self._name(k) for k in keys])
         self._answered("contains", [c for c in codes if c < 0])
         return [c == 1 for c in codes]
+
+    def deadline(self, op: str, nbytes: int) -> float | None:
+        """Mooncake's calls take no timeout: a transfer from a holder whose host dropped off the
+        network blocked 47-60 s (TCP connection attempts). The store waits this long instead."""
+        return time_for_bytes(nbytes, self.op_timeout_s, self.slow_bytes_per_s)
 
     def get_into(self, keys: Sequence[bytes], dests: Sequence[Buffer]) -> list[bool]:
         outs = chunk_views(keys, dests, self.layout.nbytes, "destination")

@@ -50,7 +50,7 @@ from redis.crc import key_slot
 from redis.retry import Retry
 
 from kvtier.layout import HEADER_SIZE, ChunkLayout, CorruptChunk, decode_header, encode_header, verify
-from kvtier.tiers.base import Buffer, StoredChunk, Tier, TierStats, chunk_views
+from kvtier.tiers.base import SLOW_BYTES_PER_S, Buffer, StoredChunk, Tier, TierStats, chunk_views, time_for_bytes
 from kvtier.tiers.breaker import Breaker as _Breaker
 from kvtier.tiers.resp import ReplyError, ReplyReader, encode_command, send_parts
 
@@ -58,7 +58,6 @@ log = logging.getLogger(__name__)
 
 SLOTS = 16384
 PIECE_BYTES = 4 << 20  # largest value of a chunk's payload (docs/config.md: measured)
-SLOW_BYTES_PER_S = 50e6  # a pipeline's bytes get their time at this rate before a timeout
 # Most bytes one read round trip asks a server for (at least one chunk). The server holds the
 # replies of a whole pipeline at once: with a load's 4 chunks of 32 MiB in one, 4 clients on 2 cores
 # read 0.29 GB/s in all; one chunk per trip, 1.1-1.5 GB/s (docs/tiers.md).
@@ -249,9 +248,7 @@ class RedisTier(Tier):
     def _timeout(self, nbytes: int) -> float:
         """Socket timeout of a pipeline moving ``nbytes``: ``op_timeout_s``, or their time at
         ``slow_bytes_per_s`` rounded up to ``op_timeout_s * 2**k`` (few pools of connections)."""
-        need = nbytes / self.slow_bytes_per_s
-        if need <= self.op_timeout_s:
-            return self.op_timeout_s
+        need = time_for_bytes(nbytes, self.op_timeout_s, self.slow_bytes_per_s)
         return self.op_timeout_s * 2 ** math.ceil(math.log2(need / self.op_timeout_s))
 
     def _node_failed(self, node: _Node, error: BaseException) -> None:
