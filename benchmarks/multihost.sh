@@ -16,6 +16,8 @@ run --tier redis --replicas 1 "$@" || rc=1
 # fast, so a longer stream keeps it serving past that).
 run --tier redis --replicas 0 --loss link --prefixes 240 --down-s 4 "$@" || rc=1
 run --tier redis --replicas 1 --loss link "$@" || rc=1
-if .venv/bin/python -c "import mooncake" 2>/dev/null; then run --tier mooncake "$@" || rc=1
+if .venv/bin/python -c "import mooncake" 2>/dev/null; then
+  run --tier mooncake "$@" || rc=1
+  run --tier mooncake --loss link --prefixes 240 --down-s 4 "$@" || rc=1  # reads from C's segment hang
 else echo "multihost: Mooncake not installed (pip install 'kvtier[mooncake]'): its run skipped"; fi
 exit $rc

@@ -6,7 +6,9 @@
   packets go unanswered and host C's own engine is cut off too).
 - :class:`MooncakeStore`: a mooncake_master on host A and a segment holder (``mooncake_client``)
   on each host; the engines are pure clients (no segment of their own), so losing a holder loses
-  a third of the pool and no engine. The holder on host C is lost.
+  a third of the pool and no engine. The holder on host C is lost (``loss="kill"``), or host C's
+  network (``loss="link"``: transfers from its segment hang instead of failing; back after
+  ``down_s``).
 
 Each gives the engines' kvtier settings (:meth:`kvtier`), kills its victim (:meth:`lose`), then
 waits for what follows the loss (:meth:`after_loss`: a failover, a node back, the master dropping
@@ -100,9 +102,11 @@ def wait_failover(cluster: RedisClusterProcs, victim: int, t0: float, timeout_s:
 class MooncakeStore:
     tier = "mooncake"
 
-    def __init__(self, hosts: Hosts, segment_bytes: int, client_ttl_s: int) -> None:
+    def __init__(self, hosts: Hosts, segment_bytes: int, client_ttl_s: int, down_s: float = 8.0,
+                 loss: str = "kill") -> None:
         from kvtier.local_mooncake import MooncakeMaster, MooncakeSegment
 
+        self.hosts, self.down_s, self.loss = hosts, down_s, loss
         self.client_ttl_s = client_ttl_s
         self.segments: list = []
         self.master = MooncakeMaster(host=hosts.addr(0), extra_args=(f"--client_ttl={client_ttl_s}",),
@@ -126,19 +130,29 @@ class MooncakeStore:
                 "segment_bytes": self.segment_bytes, "client_ttl_s": self.client_ttl_s}
 
     def lose(self) -> str:
+        if self.loss == "link":
+            self.hosts.link_down(self.victim)
+            return f"host C's network ({self.hosts.addr(self.victim)})"
         self.segments[self.victim].kill()  # SIGKILL: the holder and its third of the pool gone
         return f"segment holder {self.segments[self.victim].host}:{self.segments[self.victim].port}"
 
     def after_loss(self, t0: float) -> dict:
-        """When the master's metrics stop counting the lost segment's bytes (it dropped it)."""
+        """When the master's metrics stop counting the lost segment's bytes (it dropped it); with
+        ``loss="link"``, host C's network back ``down_s`` after that."""
         total = self._mounted()
         deadline = time.monotonic() + 3 * self.client_ttl_s + 30
+        out: dict = {"segment_dropped_s": None}
         while time.monotonic() < deadline:
             now = self._mounted()
             if total is not None and now is not None and now < total:
-                return {"segment_dropped_s": round(time.monotonic() - t0, 3)}
+                out["segment_dropped_s"] = round(time.monotonic() - t0, 3)
+                break
             time.sleep(0.1)
-        return {"segment_dropped_s": None}
+        if self.loss == "link":
+            time.sleep(self.down_s)
+            self.hosts.link_up(self.victim)
+            out["link_back_s"] = round(time.monotonic() - t0, 3)
+        return out
 
     def _mounted(self) -> float | None:
         """Bytes of segments the master counts (its Prometheus ``/metrics``), or None."""
