@@ -608,7 +608,7 @@ class Store:
         while (w := self._next_write()) is not None:
             try:
                 for tier in w.targets:
-                    self._call(tier, "put", [w.key], [w.ref.data.numpy()])
+                    self._call(tier, "put", [w.key], [w.ref.data.numpy()], nbytes=self.layout.nbytes, hold=[w.ref])
             finally:
                 self._finish(w)
 

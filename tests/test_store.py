@@ -486,6 +486,11 @@ class HangingDisk(DiskTier):
             self.let_go.wait(30)
         return super().contains(keys)
 
+    def put(self, keys, payloads):
+        if self.hang.is_set():
+            self.let_go.wait(30)
+        return super().put(keys, payloads)
+
     def get_into(self, keys, dests):
         self.calls += 1
         if not self.hang.is_set():
@@ -547,4 +552,24 @@ def test_a_hung_lookup_is_bounded_by_the_deadline(tmp_path):
     assert time.monotonic() - t0 < 2.0
     assert s.metrics.value("kvtier_tier_overruns_total", {"tier": "hanging"}) == 1
     low.let_go.set()
+    s.close(5)
+
+
+def test_a_hung_write_behind_put_is_not_waited_for_and_keeps_its_slot(tmp_path):
+    low = HangingDisk(tmp_path)
+    s = make_store(cpu_chunks=4, lower=[low], write_threads=1)
+    low.hang.set()
+    assert s.put(key(0), payload(0))
+    t0 = time.monotonic()
+    assert s.flush(5)  # the write-behind gave up on the hung put after its deadline
+    assert time.monotonic() - t0 < 2.0
+    assert s.metrics.value("kvtier_tier_overruns_total", {"tier": "hanging"}) == 1
+    (ref,) = s.cpu.acquire_many([key(0)])
+    assert ref.pool.refcount(ref.slot) == 3  # the cpu tier's, this one, and the hung put's
+    ref.release()
+    low.let_go.set()
+    deadline = time.monotonic() + 5
+    while s._deadlines.hung("hanging"):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     s.close(5)

@@ -113,8 +113,9 @@ class Tier(ABC):
         """Counters and occupancy."""
 
     def deadline(self, op: str, nbytes: int) -> float | None:
-        """Seconds the store waits for ``op`` ("contains", "get_into") moving ``nbytes`` before it
-        answers misses without it; None: the tier bounds its own calls (the default)."""
+        """Seconds the store waits for ``op`` ("contains", "get_into", "put") moving ``nbytes``
+        before it answers misses (or not stored) without it; None: the tier bounds its own calls
+        (the default). The writer process (``writer: process``) calls ``put`` without it."""
         return None
 
     def register_memory(self, buffer: Buffer) -> None:

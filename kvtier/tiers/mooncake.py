@@ -289,7 +289,8 @@ class MooncakeTier(Tier):
 
     def deadline(self, op: str, nbytes: int) -> float | None:
         """Mooncake's calls take no timeout: a transfer from a holder whose host dropped off the
-        network blocked 47-60 s (TCP connection attempts). The store waits this long instead."""
+        network blocked 47-60 s (TCP connection attempts). The store waits this long instead
+        (every op: a lookup, a read, a write-behind thread's put)."""
         return time_for_bytes(nbytes, self.op_timeout_s, self.slow_bytes_per_s)
 
     def get_into(self, keys: Sequence[bytes], dests: Sequence[Buffer]) -> list[bool]:
