@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
+from conftest import bounded
 from hypothesis import strategies as st
 
 from kvtier.config import KVTierConfig
@@ -502,8 +503,6 @@ class HangingDisk(DiskTier):
 
 
 def test_a_hung_tier_call_is_a_miss_and_its_slots_stay_held_until_it_returns(tmp_path):
-    from conftest import bounded
-
     low = HangingDisk(tmp_path)
     keys = [key(i) for i in range(4)]
     assert low.put(keys, [payload(i) for i in range(4)]) == [True] * 4
@@ -541,8 +540,6 @@ def test_a_hung_tier_call_is_a_miss_and_its_slots_stay_held_until_it_returns(tmp
 
 
 def test_a_hung_lookup_is_bounded_by_the_deadline(tmp_path):
-    from conftest import bounded
-
     low = HangingDisk(tmp_path)
     assert low.put([key(0)], [payload(0)]) == [True]
     s = make_store(cpu_chunks=4, lower=[low])
