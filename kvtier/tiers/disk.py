@@ -35,7 +35,6 @@ a chunk that now lives in host memory.
 from __future__ import annotations
 
 import errno
-import fcntl
 import itertools
 import logging
 import os
@@ -47,18 +46,18 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
-import numpy as np
 import xxhash
 
 from kvtier.config import ConfigError
 from kvtier.layout import HEADER_SIZE, ChunkLayout, CorruptChunk, Header, decode_header, encode_header
 from kvtier.tiers.base import (Buffer, Protected, StoredChunk, Tier, TierStats, as_bytes, lru_victim,
                                never_protected)
-from kvtier.tiers.journal import Journal, open_file
+from kvtier.tiers.direct_reads import ALIGN, O_DIRECT, RWF_NOWAIT, DirectReads, address
+from kvtier.tiers.files import USAGE_FILE, SharedUsage, open_file, unlink, write_all  # noqa: F401 - USAGE_FILE: for importers
+from kvtier.tiers.journal import Journal
 
 log = logging.getLogger(__name__)
 
-USAGE_FILE = ".kvtier-usage"
 SUFFIX = ".kvc"
 TMP_PREFIX = ".tmp-"
 # Payload bytes read (and hashed) per step: small enough to stay in L2 while hashed.
@@ -68,11 +67,6 @@ TMP_PREFIX = ".tmp-"
 # (with 64 KiB pieces 0.85x: the GIL hand-offs around each call cost more than they free).
 # With 2 and 8 reader threads, 1 MiB pieces still beat 2 and 4 MiB ones (by 2-6%).
 _READ_PIECE = 1024 * 1024
-# O_DIRECT needs the buffer address, the file offset and the length aligned to the device's
-# logical block; a page covers every common one.
-_ALIGN = 4096
-_O_DIRECT = getattr(os, "O_DIRECT", 0)
-_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 # The payload starts on a page boundary: the header, then zeros up to 4 KiB. Copies out
 # of the page cache are then page-aligned (an unaligned file offset reads ~15% slower).
 DATA_OFFSET = 4096
@@ -117,12 +111,12 @@ class DiskTier(Tier):
         self._readers: ThreadPoolExecutor | None = None  # made at the first batch that needs it
         self._readers_pid = 0
         # Cleared for good when the file system or the kernel refuses them (tests clear them too).
-        self.direct_io = bool(_O_DIRECT)
-        self.nowait_probe = bool(_RWF_NOWAIT)
+        self.direct_io = bool(O_DIRECT)
+        self.nowait_probe = bool(RWF_NOWAIT)
         self._trimmer: threading.Thread | None = None
         self._closed = False
         self._check_dir()
-        self._usage = _SharedUsage(self.root)
+        self._usage = SharedUsage(self.root)
         self._journal = Journal(self.root)
         self._journal.skip_to_end()  # what is older, the scan finds
         self._rebuild()
@@ -158,14 +152,14 @@ class DiskTier(Tier):
         found: list[tuple[int, bytes, int]] = []
         for sub in os.scandir(self.root):
             if sub.name.startswith(TMP_PREFIX) and sub.is_file(follow_symlinks=False):
-                _unlink(sub.path)
+                unlink(sub.path)
                 continue
             if not sub.is_dir(follow_symlinks=False) or len(sub.name) != 2:
                 continue
             self._made_dirs.add(sub.name)
             for entry in os.scandir(sub.path):
                 if entry.name.startswith(TMP_PREFIX):
-                    _unlink(entry.path)
+                    unlink(entry.path)
                     continue
                 if not entry.name.endswith(SUFFIX):
                     continue
@@ -209,7 +203,7 @@ class DiskTier(Tier):
                 self._trimming = key  # a put of it now waits for this unlink (see _put_one)
             try:
                 # Outside the lock: a 50K-file trim held it over each unlink (contains p99 3.7 ms).
-                if _unlink(self._path(key)):
+                if unlink(self._path(key)):
                     self._journal.append(key, 0)
             finally:
                 with self._lock:
@@ -382,7 +376,7 @@ class DiskTier(Tier):
                 self._subdir(key)
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
-                _write_all(fd, [header, _PAD, data])
+                write_all(fd, [header, _PAD, data])
                 mtime = os.fstat(fd).st_mtime_ns
             finally:
                 os.close(fd)
@@ -413,7 +407,7 @@ class DiskTier(Tier):
                 log.warning("disk tier: cannot write under %s (%s); chunks are not stored there until it works",
                             self.root, e.strerror or e)
             if tmp is not None:
-                _unlink(tmp)
+                unlink(tmp)
             self._made_dirs.discard(key[:1].hex())
             return False
 
@@ -468,7 +462,7 @@ class DiskTier(Tier):
             return False
         path = self._path(key)
         try:
-            fd = open_regular(path)
+            fd = open_file(path)
         except OSError as e:  # vanished, or not a regular file (never ours): forgotten
             self._forget(key, None, error=e.errno not in (errno.ENOENT, errno.EINVAL, errno.ELOOP))
             return False
@@ -510,7 +504,7 @@ class DiskTier(Tier):
         The checksum is the header's xxh3-64 of the payload (:func:`kvtier.layout.checksum`),
         computed piece by piece as each piece lands in ``out``.
         """
-        direct = _DirectReads(self, fd, path, st, out) if self._may_read_direct(out) else None
+        direct = DirectReads(self, fd, path, st, out, DATA_OFFSET) if self._may_read_direct(out) else None
         try:
             header = self._read_header(fd, key, st.st_size)
             h = xxhash.xxh3_64()
@@ -549,9 +543,9 @@ class DiskTier(Tier):
     def _may_read_direct(self, out: memoryview) -> bool:
         """Whether pieces of ``out`` can be read with O_DIRECT: it starts on a page (pinned
         host memory does; a plain torch or numpy allocation usually does not)."""
-        return self.direct_io and self.nowait_probe and len(out) >= _ALIGN and _address(out) % _ALIGN == 0
+        return self.direct_io and self.nowait_probe and len(out) >= ALIGN and address(out) % ALIGN == 0
 
-    def _no_direct(self, why: OSError) -> None:
+    def no_direct(self, why: OSError) -> None:
         if self.direct_io:
             self.direct_io = False
             log.info("disk tier: no O_DIRECT under %s (%s); every read goes through the page cache",
@@ -610,7 +604,7 @@ class DiskTier(Tier):
             keys = list(self._index)
         for k in keys:
             try:
-                with open(open_regular(self._path(k)), "rb", buffering=0) as f:
+                with open(open_file(self._path(k)), "rb", buffering=0) as f:
                     header = decode_header(f.read(HEADER_SIZE))
             except (OSError, CorruptChunk):
                 continue
@@ -627,101 +621,6 @@ class DiskTier(Tier):
             readers.shutdown(wait=True)
 
 
-class _DirectReads:
-    """The O_DIRECT side of reading one chunk file: a piece that is not in the page cache is
-    read from the device straight into the destination.
-
-    Whether a piece is cached is asked with a one-page ``RWF_NOWAIT`` read (it fails rather
-    than wait for the device). Such a read that misses starts the file's readahead (8 MiB on
-    the 2-core box), which would read the data a second time beside the O_DIRECT read; the
-    descriptor is therefore set to ``POSIX_FADV_RANDOM``, and a probe that misses reads
-    its one page only. The first page of a piece stands for the whole piece.
-    """
-
-    def __init__(self, tier: DiskTier, fd: int, path: str, st: os.stat_result, out: memoryview) -> None:
-        self.tier, self.fd, self.path, self.st = tier, fd, path, st
-        self.base = _address(out)
-        self.dfd: int | None = None  # the O_DIRECT descriptor, opened by the first piece that needs it
-        self.opened = False
-        self.nbytes = 0
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-        except OSError:
-            pass
-
-    def read(self, piece: memoryview, pos: int) -> int | None:
-        """Read ``piece`` (payload offset ``pos``) with O_DIRECT when that helps and works;
-        the bytes read, or None when the caller reads it through the page cache."""
-        if not self.tier.direct_io or (self.base + pos) % _ALIGN or len(piece) % _ALIGN:
-            return None
-        if self._cached(piece, pos):
-            return None
-        dfd = self._direct_fd()
-        if dfd is None:
-            return None
-        try:
-            k = os.preadv(dfd, [piece], DATA_OFFSET + pos)
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-            self.tier._no_direct(e)  # an alignment the device refuses
-            return None
-        self.nbytes += max(k, 0)
-        return k
-
-    def _cached(self, piece: memoryview, pos: int) -> bool:
-        """Whether the piece's first page is in the page cache; it is read into the piece itself
-        (no scratch buffer; the piece is read whole afterwards anyway)."""
-        if not self.tier.nowait_probe:
-            return True  # cannot tell: through the page cache, as before
-        try:
-            os.preadv(self.fd, [piece[:_ALIGN]], DATA_OFFSET + pos, _RWF_NOWAIT)
-            return True
-        except BlockingIOError:
-            return False
-        except OSError as e:
-            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                raise
-            self.tier.nowait_probe = False
-            log.info("disk tier: RWF_NOWAIT unsupported under %s (%s); every read goes through the page cache",
-                     self.tier.root, e.strerror or e)
-            return True
-
-    def _direct_fd(self) -> int | None:
-        if not self.opened:
-            self.opened = True
-            self.dfd = self._open_direct()
-        return self.dfd
-
-    def _open_direct(self) -> int | None:
-        """An O_DIRECT descriptor of the file we are reading, or None."""
-        try:
-            dfd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | _O_DIRECT)
-        except OSError as e:
-            if e.errno == errno.EINVAL:
-                self.tier._no_direct(e)  # a file system without O_DIRECT (older tmpfs, some FUSE)
-            return None
-        try:
-            st = os.fstat(dfd)
-            same = (st.st_ino, st.st_dev) == (self.st.st_ino, self.st.st_dev)
-        except OSError:
-            same = False
-        if not same:  # replaced since we opened it: its bytes would not match the header we read
-            os.close(dfd)
-            return None
-        return dfd
-
-    def close(self) -> None:
-        if self.dfd is not None:
-            os.close(self.dfd)
-            self.dfd = None
-
-
-def _address(buf: memoryview) -> int:
-    """The address of the first byte of ``buf``."""
-    return np.frombuffer(buf, dtype=np.uint8).ctypes.data
-
-
 def _run_all(pool: ThreadPoolExecutor, fn, items: list) -> None:
     """``fn(item)`` for every item on ``pool``; returns when all are done, raising the first error."""
     futures: list[Future] = []
@@ -733,76 +632,3 @@ def _run_all(pool: ThreadPoolExecutor, fn, items: list) -> None:
     wait(futures)
     for f in futures:
         f.result()
-
-
-def _write_all(fd: int, parts: list) -> None:
-    """``writev`` all of ``parts``, continuing after short writes."""
-    views = [memoryview(p) for p in parts]
-    while views:
-        n = os.writev(fd, views)
-        if n == 0:
-            raise OSError(errno.ENOSPC, "no progress writing chunk")
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views.pop(0)
-        if n:
-            views[0] = views[0][n:]
-
-
-class _SharedUsage:
-    """Bytes of chunk files in a directory, shared by every process using it (one 8-byte file,
-    updated under ``flock``), so several processes on one ``disk_path`` keep one cap.
-
-    Each process adds what it writes (at reservation) and subtracts what it removes itself;
-    a file another process removed is only forgotten. A process starting up sets it to the
-    bytes it found. The file is opened per update (no descriptor held: a file system can
-    still be remounted read-only); when it cannot be updated, callers count locally.
-    """
-
-    def __init__(self, root: Path) -> None:
-        self.path = root / USAGE_FILE
-
-    def _update(self, fn) -> int | None:
-        try:
-            fd = open_file(str(self.path), os.O_RDWR | os.O_CREAT)  # never through a link, never a FIFO
-        except OSError:
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            raw = os.pread(fd, 8, 0)
-            total = max(0, fn(int.from_bytes(raw, "little", signed=True) if len(raw) == 8 else 0))
-            os.pwrite(fd, total.to_bytes(8, "little", signed=True), 0)
-            return total
-        except OSError:
-            return None
-        finally:
-            os.close(fd)  # releases the lock
-
-    def add(self, delta: int) -> int | None:
-        """Add ``delta`` bytes; the new total, or None if the shared count cannot be updated."""
-        return self._update(lambda total: total + delta)
-
-    def set(self, total: int) -> None:
-        self._update(lambda _: total)
-
-
-def _unlink(path: str) -> bool:
-    """Remove ``path``; True if this call removed it."""
-    try:
-        os.unlink(path)
-        return True
-    except OSError:
-        return False
-
-
-def open_regular(path: str) -> int:
-    """A read-only fd of ``path`` if it is a regular file; OSError otherwise.
-
-    Never blocks: a FIFO or device named like a chunk would block a plain open (and every
-    lookup after it) forever; ``O_NONBLOCK`` has no effect on a regular file's reads.
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise OSError(errno.EINVAL, "not a regular file", path)
-    return fd

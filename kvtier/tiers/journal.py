@@ -30,12 +30,12 @@ on a FIFO, and only when it is a regular file.
 
 from __future__ import annotations
 
-import errno
 import os
-import stat
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+
+from kvtier.tiers.files import open_file
 
 JOURNAL_FILE = ".kvtier-journal"
 MAX_KEY = 32
@@ -43,7 +43,6 @@ MAGIC = b"\xc5\x4b"  # starts every record: where a reader resynchronizes after 
 _BODY = len(MAGIC) + 1 + MAX_KEY + 8 + 4  # magic, key length, key (zero-padded), file size, writer id
 RECORD = _BODY + 4  # ... then the CRC-32 of the body
 MAX_BYTES = RECORD * (1 << 18)  # ~12 MiB: 262,144 records
-_OPEN = os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
 
 
 def _encode(key: bytes, size: int, origin: int = 0) -> bytes:
@@ -86,19 +85,6 @@ def parse(data: bytes, end_is_final: bool = False) -> tuple[list[tuple[bytes, in
             nxt = max(pos + 1, n - len(MAGIC) + 1)
         pos = nxt
     return out, pos
-
-
-def open_file(path: str, flags: int, mode: int = 0o644) -> int:
-    """A descriptor of ``path`` if it is a regular file (no link followed, never blocking);
-    OSError otherwise."""
-    fd = os.open(path, flags | _OPEN, mode)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", path)
-    except OSError:
-        os.close(fd)
-        raise
-    return fd
 
 
 def _generation(fd: int) -> int:

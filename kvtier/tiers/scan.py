@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 from kvtier.layout import HEADER_SIZE, CorruptChunk, decode_header
 from kvtier.tiers.base import StoredChunk
-from kvtier.tiers.disk import open_regular
+from kvtier.tiers.files import open_file
 
 
 def scan_disk(path: str) -> Iterator[StoredChunk]:
@@ -15,7 +15,7 @@ def scan_disk(path: str) -> Iterator[StoredChunk]:
     for root, _dirs, files in os.walk(path):
         for name in files:
             try:
-                with open(open_regular(os.path.join(root, name)), "rb") as f:
+                with open(open_file(os.path.join(root, name)), "rb") as f:
                     header = decode_header(f.read(HEADER_SIZE))
             except (OSError, CorruptChunk):
                 continue
