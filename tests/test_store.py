@@ -6,8 +6,8 @@ import time
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
 from conftest import bounded
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvtier.config import KVTierConfig

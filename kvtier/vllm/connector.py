@@ -402,24 +402,37 @@ class KVTierConnector(KVConnectorBase_V1):
                 new.req_id, tokens, new.num_computed_tokens,
                 nst.get(new.req_id, 0) - len(spec.get(new.req_id, ())), new.block_ids[0], True))
         cached = scheduler_output.scheduled_cached_reqs
-        for i, req_id in enumerate(cached.req_ids):
-            req = self._requests.get(req_id)
+        requests, resumed, c = self._requests, cached.resumed_req_ids, self.config.chunk_size
+        loading = self.ledger.allocated()
+        # Every running request, every step (a decode batch of hundreds): plain loops. A request
+        # that gets no block, loads nothing and stays inside a chunk can have nothing planned:
+        # only its work is counted (the ledger would find no new full chunk to save).
+        quiet_tokens, quiet_attention = 0, 0.0
+        for req_id, computed, new_blocks in zip(cached.req_ids, cached.num_computed_tokens, cached.new_block_ids):
+            n = nst.get(req_id, 0)
+            if spec:
+                n -= len(spec.get(req_id, ()))
+            if new_blocks is None and (computed + n) // c == computed // c and req_id not in loading \
+                    and req_id not in resumed:
+                quiet_tokens += n
+                quiet_attention += n * (computed + n / 2)
+                continue
+            req = requests.get(req_id)
             if req is None:
                 continue
-            new_blocks = cached.new_block_ids[i]
-            steps.append(ScheduledRequest(
-                req_id, req.all_token_ids, cached.num_computed_tokens[i],
-                nst.get(req_id, 0) - len(spec.get(req_id, ())),
-                None if new_blocks is None else new_blocks[0], req_id in cached.resumed_req_ids))
+            steps.append(ScheduledRequest(req_id, req.all_token_ids, computed, n,
+                                          None if new_blocks is None else new_blocks[0], req_id in resumed))
         # Parked loads end at the engine's count of this step, which vLLM set after the allocation.
         parked = [ScheduledRequest(i, self._requests[i].all_token_ids, self._requests[i].num_computed_tokens,
                                    0, None, False) for i in self.ledger.parked_ids() if i in self._requests]
         plan = self.ledger.on_step(steps, parked)
+        plan.work_tokens += quiet_tokens
+        plan.work_attention += quiet_attention
         busy = scheduler_output.total_num_scheduled_tokens > 0
         for spec in plan.parked_loads:  # off the batch: every load, or a large one beside running requests
             large = spec.end - spec.start >= self.large_load_tokens
             spec.background = self.config.load_mode == "async" or (busy and large)
-        kept = frozenset(r for r in cached.req_ids if r not in cached.resumed_req_ids)
+        kept = frozenset(cached.req_ids).difference(resumed)
         fresh = frozenset(self._fresh_blocks(scheduler_output, plan)) if self._sees_all_allocations else None
         return KVTierMetadata(plan, kept, fresh)
 

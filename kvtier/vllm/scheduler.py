@@ -41,7 +41,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from kvtier.costs import CostModel
@@ -93,7 +93,7 @@ class StepPlan:
     promote: list[bytes] = field(default_factory=list)  # chunks to copy up to the cpu tier (background)
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledRequest:
     """One request scheduled in a step, as the engine reports it.
 
@@ -150,6 +150,9 @@ class PrefixLedger:
         self.block_size = block_size
         self.hash_name = hash_name
         self.reqs: dict[str, _Req] = {}
+        # Requests allocated with external tokens since the last plan: a step's bookkeeping touches
+        # these, not every request the engine holds (a decode step of 512 requests plans no load).
+        self._allocated: dict[str, _Req] = {}
         self._step_leases: deque[list] = deque()  # per planned step not yet reported, oldest first
         self._planned_at = 0.0  # when the engine last planned a step (time.monotonic())
         self.worker_keys: set[bytes] = set()  # chunks in workers' cpu tiers (other processes)
@@ -256,6 +259,8 @@ class PrefixLedger:
         r.block_ids = list(block_ids)
         r.external = max(0, int(num_external_tokens))
         r.parked = parked and r.external > 0
+        if r.external:
+            self._allocated[req_id] = r
         d = self._decisions.pop(req_id, None)
         if d is not None and self.costs is not None:
             self.stats["cost_skipped_tokens"] += d.skipped_tokens
@@ -311,9 +316,13 @@ class PrefixLedger:
         r = self.reqs.get(req_id)
         return r is not None and r.load_failed
 
+    def allocated(self) -> Collection[str]:
+        """Requests allocated with tokens to load since the last plan (not planned yet)."""
+        return self._allocated.keys()
+
     def parked_ids(self) -> list[str]:
         """Requests allocated for a parked load in this scheduling pass, not planned yet."""
-        return [i for i, r in self.reqs.items() if r.parked and r.external]
+        return [i for i, r in self._allocated.items() if r.parked and r.external]
 
     # ------------------------------------------------------------ one step
     def _plan_load(self, req_id: str, r: _Req, tokens: Sequence[int], end: int, leases: list) -> LoadSpec:
@@ -352,10 +361,15 @@ class PrefixLedger:
             if r is not None and r.parked and r.external:
                 plan.parked_loads.append(self._plan_load(p.req_id, r, p.token_ids, p.num_computed_tokens,
                                                          step_leases))
-        for s in scheduled:
-            plan.work_tokens += s.num_new_tokens
-            plan.work_attention += s.num_new_tokens * (s.num_computed_tokens + s.num_new_tokens / 2)
-            r = self.reqs.setdefault(s.req_id, _Req())
+        reqs = self.reqs
+        work_tokens, work_attention = 0, 0.0
+        for s in scheduled:  # every running request, every step: kept to plain local arithmetic
+            new, computed = s.num_new_tokens, s.num_computed_tokens
+            work_tokens += new
+            work_attention += new * (computed + new / 2)
+            r = reqs.get(s.req_id)
+            if r is None:
+                r = reqs[s.req_id] = _Req()
             if s.replace_blocks:
                 r.block_ids = list(s.block_ids or ())
             elif s.block_ids:
@@ -363,9 +377,11 @@ class PrefixLedger:
             tokens = s.token_ids
             # --- load: the range ends at the engine's count of this step.
             if r.external:
-                plan.loads.append(self._plan_load(s.req_id, r, tokens, s.num_computed_tokens, step_leases))
+                plan.loads.append(self._plan_load(s.req_id, r, tokens, computed, step_leases))
             # --- saves: full chunks computed by the end of this step, not stored yet.
-            done = min(s.num_computed_tokens + s.num_new_tokens, len(tokens))
+            done = min(computed + new, len(tokens))
+            if done // c <= r.chunks_considered:  # a decode step inside a chunk: nothing to save
+                continue
             n_full = min(done // c, len(r.block_ids) * bs // c)
             if self.saves and n_full > r.chunks_considered:
                 keys = self.keys(tokens, n_full, s.req_id)
@@ -378,10 +394,13 @@ class PrefixLedger:
                     saving.update(keys[i] for i in todo)
                     self.stats["save_chunks"] += len(todo)
                 r.chunks_considered = n_full
+        plan.work_tokens += work_tokens
+        plan.work_attention += work_attention
         # An allocation the engine did not schedule (should not happen) must not leak a load.
-        for r in self.reqs.values():
+        for r in self._allocated.values():
             r.external = 0
             r.parked = False
+        self._allocated.clear()
         if self._to_promote:
             plan.promote, self._to_promote = list(self._to_promote), {}
         self._step_leases.append(step_leases)
@@ -407,6 +426,7 @@ class PrefixLedger:
 
     def on_finished(self, req_id: str) -> None:
         self.reqs.pop(req_id, None)
+        self._allocated.pop(req_id, None)
         self._decisions.pop(req_id, None)
         self._chains.pop(req_id, None)
 

@@ -106,7 +106,8 @@ class Harness:
         for key in self.ledger.keys(prompt, n_chunks):
             assert self.store.put(key, torch.zeros(self.store.layout.nbytes, dtype=torch.uint8))
 
-    def step(self) -> None:
+    def step(self):
+        """One scheduling step through vLLM's scheduler, checked; returns its SchedulerOutput."""
         from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
 
         sched = self.scheduler
@@ -139,6 +140,7 @@ class Harness:
                                 sampled_token_ids=sampled, kv_connector_output=KVConnectorOutput())
         sched.update_from_output(so, out)
         del before
+        return so
 
     def _check_save_fence(self, so) -> None:
         """A block that a recent step's save reads and that this step hands to a request (its
@@ -316,3 +318,19 @@ def test_random_direct(tiny_model, seed):
     h.run()
     print("seed", seed, "preempted", len(h.preempted), "loads", h.loads, "fences", h.fences)
     assert len(h.calls) >= 8 and h.step_no > 8  # every request was asked about and ran to its end
+
+
+def test_decode_steps_plan_a_save_when_generated_tokens_fill_a_chunk(tiny_model):
+    """Decode steps inside a chunk plan nothing (the connector does not even hand them to the
+    ledger, issue 28); the step whose generated token completes a chunk plans its save, and the
+    steps after plan nothing again."""
+    h = Harness(tiny_model, num_blocks=64, budget=512)
+    prompt = _prompt(5, CHUNK - 6)
+    h.add("A", prompt, max_tokens=30)
+    saves: list[tuple[int, list[int]]] = []
+    while h.scheduler.has_requests():
+        meta = h.step().kv_connector_metadata
+        saves += [(h.step_no, s.chunk_indices) for s in meta.saves if s.req_id == "A"]
+    # Step 1 computes the prompt (250 tokens, no full chunk); decode step k makes 250 + k tokens
+    # computed by its end, and the chunk's 256th token is computed in the 7th step.
+    assert saves == [(7, [0])], saves
