@@ -9,6 +9,8 @@ JSON line each:
 - ``{"op": "get", "seeds": [..]}`` -> ``{"ok": [bool], "same": [bool], "s": seconds}``: ``same[i]``
   is whether hit ``i`` holds exactly the payload of its seed (a miss counts as the same);
 - ``{"op": "contains", "seeds": [..]}`` -> ``{"ok": [bool], "s": seconds}``
+- ``{"op": "store_get", "seeds": [..]}`` -> ``{"ok": [bool], "s": seconds}``: through a
+  :class:`kvtier.store.Store` over the tier (which bounds a hung transfer by the tier's deadline)
 - ``{"op": "stats"}`` -> the tier's counters.
 
 A chunk's key and payload follow from its seed alone, so every host knows what a chunk must hold.
@@ -57,7 +59,16 @@ def make_tier(args: dict) -> Tier:
     return tier
 
 
+def over_store(tier: Tier):
+    """A store whose only tier below a small cpu tier is ``tier``."""
+    from kvtier.config import KVTierConfig
+    from kvtier.store import Store
+
+    return Store(KVTierConfig(cpu_bytes=64 * LAYOUT.nbytes, tiers=("cpu",)), LAYOUT, pin=False, tiers=[tier])
+
+
 def serve(tier: Tier) -> None:
+    store = None
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         req = json.loads(line)
@@ -72,6 +83,13 @@ def serve(tier: Tier) -> None:
                 out = {"ok": ok, "same": same}
             elif req["op"] == "contains":
                 out = {"ok": tier.contains([key_of(s) for s in req["seeds"]])}
+            elif req["op"] == "store_get":
+                store = store or over_store(tier)
+                refs = store.get([key_of(s) for s in req["seeds"]])
+                out = {"ok": [r is not None for r in refs]}
+                for r in refs:
+                    if r is not None:
+                        r.release()
             elif req["op"] == "stats":
                 s = tier.stats()
                 out = {"hits": s.hits, "misses": s.misses, "errors": s.errors, "puts": s.puts, **s.extra}

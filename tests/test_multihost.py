@@ -186,3 +186,44 @@ def lose_a_segment(holders: list, peers: list[Peer]) -> None:
     for peer in (b, c):
         got = peer.call("get", seeds)
         assert all(got["ok"]) and all(got["same"])
+
+
+def test_mooncake_calls_to_a_host_cut_off_are_bounded(three_hosts):
+    """Mooncake's calls take no timeout of their own: a lookup while the master's host is cut
+    off waited its 30 s RPC timeout, a read from a holder whose host is cut off 47-60 s. The
+    tier sets MC_RPC_TIMEOUT_MS from op_timeout_s (2 s) and the store stops waiting for a read
+    after the tier's deadline (kvtier/tiers/calls.py): each costs about 2 s, then misses."""
+    require_mooncake()
+    from kvtier.local_mooncake import MooncakeMaster, MooncakeSegment
+
+    hosts = three_hosts
+    master = MooncakeMaster(host=hosts.addr(0), wrap=hosts.wrap(0))
+    holders, peers = [], []
+    try:
+        holders = [MooncakeSegment(master, 64 << 20, host=hosts.addr(i), wrap=hosts.wrap(i)) for i in (1, 2)]
+        peers = [Peer(hosts.wrap(i), master=master.address, metadata=master.metadata_url) for i in (0, 1)]
+        for p in peers:
+            p.wait_ready()
+        near, far = peers  # near: on the master's host; far: on host B
+        seeds = list(range(24))
+        assert all(near.call("put", seeds)["ok"])
+        hosts.link_down(2)  # host C's holder: the reads of its chunks hang in Mooncake
+        try:
+            got = near.call("store_get", seeds, timeout_s=30)
+            assert got["s"] < 4.0, f"a read from a host cut off took {got['s']:.1f} s"
+            assert 0 < got["ok"].count(False), "no chunk was on the holder cut off"
+        finally:
+            hosts.link_up(2)
+        hosts.link_down(0)  # the master's host
+        try:
+            got = far.call("contains", seeds, timeout_s=60)
+            assert got["ok"] == [False] * len(seeds) and got["s"] < 4.0, f"lookup took {got['s']:.1f} s"
+            assert far.call("contains", seeds)["s"] < 0.5  # the breaker: misses without calling Mooncake
+        finally:
+            hosts.link_up(0)
+    finally:
+        for p in peers:
+            p.close()
+        for h in holders:
+            h.stop()
+        master.stop()
