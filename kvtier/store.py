@@ -222,6 +222,8 @@ class Store:
         for tier in self.tiers:
             if first >= n:
                 break
+            if self._deadlines.hung(tier.name):
+                continue  # its reads are skipped until a hung one returns: a hit there could not load
             answer = self._call(tier, "contains", keys[first:])
             if answer is None:
                 continue

@@ -570,3 +570,33 @@ def test_a_hung_write_behind_put_is_not_waited_for_and_keeps_its_slot(tmp_path):
         assert time.monotonic() < deadline
         time.sleep(0.01)
     s.close(5)
+
+
+def test_lookups_skip_a_tier_whose_read_hangs(tmp_path):
+    """A tier that bounds its own lookups (the mooncake tier: Mooncake's RPC timeout) but not its
+    reads: while a read hangs, its reads are skipped, so lookups do not claim its chunks either
+    (each such claim would be a load reported failed, then recomputed)."""
+    class LookupsBounded(HangingDisk):
+        def deadline(self, op, nbytes):
+            return None if op == "contains" else 0.2
+
+        def contains(self, keys):
+            self.lookups = getattr(self, "lookups", 0) + 1
+            return DiskTier.contains(self, keys)
+
+    low = LookupsBounded(tmp_path)
+    keys = [key(i) for i in range(3)]
+    assert low.put(keys, [payload(i) for i in range(3)]) == [True] * 3
+    s = make_store(cpu_chunks=8, lower=[low])
+    assert s.lookup(keys) == 3 and low.lookups == 1
+    low.hang.set()
+    assert bounded(lambda: s.get(keys[:1]), 5) == [None]
+    assert s.lookup(keys) == 0 and low.lookups == 1  # not asked while its read hangs
+    low.let_go.set()
+    deadline = time.monotonic() + 5
+    while s._deadlines.hung("hanging"):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    low.hang.clear()
+    assert s.lookup(keys) == 3 and low.lookups == 2
+    s.close(5)

@@ -14,8 +14,9 @@ Object name: ``prefix + hex(chunk key)``; namespaces are in the chunk keys alrea
 
 Failures are misses: ``contains``/``get_into`` answer False, ``put`` False, each kind of
 failure logged once per ``retry_after_s`` in one line. A lost master (RPC failures) opens a
-circuit breaker: for ``retry_after_s`` the tier answers without calling Mooncake (whose calls
-to a dead master block for seconds), then one caller probes. Mooncake's client reconnects
+circuit breaker: the tier answers without calling Mooncake (whose calls to a lost master
+block until ``MC_RPC_TIMEOUT_MS``) while a thread of the breaker's asks the master every
+``retry_after_s`` (never a caller: that may be the engine's thread). Mooncake's client reconnects
 and mounts its segment again when the master is back. A lost segment holder makes the
 objects in it fail to transfer (misses) until the master drops the segment (its
 ``client_ttl``). Connecting runs in a background thread, which calls Mooncake's ``setup``
@@ -127,7 +128,7 @@ class MooncakeTier(Tier):
         self._lock = threading.Lock()
         self._stats = TierStats("mooncake", capacity_bytes=self.segment_bytes)
         self._stats.extra.update(skipped=0, breaker_open=0, connected=0)
-        self._breaker = Breaker(retry_after_s)
+        self._breaker = Breaker(retry_after_s, probe=self._master_answers)
         self._logged: dict[str, float] = {}
         self._regions: list[tuple[int, int, object]] = []  # (start, end, owner) registered for good
         self._headers = np.zeros(HEADER_SLOTS * HEADER_SIZE, dtype=np.uint8)
@@ -249,6 +250,17 @@ class MooncakeTier(Tier):
         with self._lock:
             self._stats.extra["skipped"] += n
         return None
+
+    def _master_answers(self) -> bool:
+        """The breaker's probe, on its own thread (never a caller's: with the master's host cut
+        off, each call waits out MC_RPC_TIMEOUT_MS): the client is healthy and one lookup is answered."""
+        store = self._store
+        if store is None or store.health_check() != 0:
+            return False
+        if any(c in RPC_CODES for c in store.batch_is_exist([self.prefix + "probe"])):
+            return False
+        log.info("mooncake tier: master %s answers again", self.master)
+        return True
 
     def _answered(self, op: str, codes: Sequence[int]) -> None:
         """Close or open the breaker from one call's return codes; log failures (rate limited)."""
@@ -416,6 +428,7 @@ class MooncakeTier(Tier):
             yield from scan_store(store, self.admin_url, self.prefix)
 
     def close(self) -> None:
+        self._breaker.close()
         with self._lock:
             self._closed = True
             store, self._store = self._store, None
