@@ -10,7 +10,7 @@
 # and where they do not, records the lmcache_* configurations as skipped with the exact error and runs
 # the others.
 # STEP: tests (tests/gpu), async1 (gpu_async auto,async), async2 (sync,native),
-# vllm1 / vllm2 (gpu_vllm parts; vllm1_short: part 1 without the cpu-tier-only engine; vllm_lmcache: LMCache's engine, between vllm1 and vllm2), writer (bench_writer_gil: the disk tier's writers vs the engine thread), writer_ab (its variants: one thread, a writer process), writer_process (that one only), random (gpu_engine_random, with the save-fence check and its control), random_disk (the same over a disk tier), docs_A+B (gpu_docs configurations A and B; LMCache's: lmcache_cpu, lmcache_cpu4g_disk, lmcache_cpu4g_disk_dropped), lmcache_check (LMCache's import check alone), disk_read (bench_disk_read), remote (bench_remote: the remote tiers on this host's cores; the kit of benchmarks/gpu_remote/prepare.sh staged first), pd_single / pd_pd (gpu_pd: one engine, then prefill/decode through kvtier; two calls). Results land in $OUT (default /tmp/kvtier-gpu).
+# vllm1 / vllm2 (gpu_vllm parts; vllm1_short: part 1 without the cpu-tier-only engine; vllm_lmcache: LMCache's engine, between vllm1 and vllm2), writer (bench_writer_gil: the disk tier's writers vs the engine thread), writer_ab (its variants: one thread, a writer process), writer_process (that one only), random (gpu_engine_random, with the save-fence check and its control), random_disk (the same over a disk tier), docs_A+B (gpu_docs configurations A and B; LMCache's: lmcache_cpu, lmcache_cpu4g_disk, lmcache_cpu4g_disk_dropped), lmcache_check (LMCache's import check alone), disk_read (bench_disk_read), sched_hooks (bench_sched_hooks: kvtier's scheduler hooks per decode step vs vLLM's own, on this host's CPU), remote (bench_remote: the remote tiers on this host's cores; the kit of benchmarks/gpu_remote/prepare.sh staged first), pd_single / pd_pd (gpu_pd: one engine, then prefill/decode through kvtier; two calls). Results land in $OUT (default /tmp/kvtier-gpu).
 set -uo pipefail
 OUT=${OUT:-/tmp/kvtier-gpu}
 mkdir -p "$OUT"
@@ -50,6 +50,8 @@ case "$step" in
     cp "${GPU_VLLM_STATE:-/tmp/kvtier-gpu-vllm}/docs.json" "$OUT/docs_state.json" ;;
   lmcache_check) python3 benchmarks/gpu_lmcache/phase.py --check ;;
   disk_read) python3 benchmarks/bench_disk_read.py --out "$OUT/disk_read_h200.json" ;;
+  sched_hooks)  # kvtier's scheduler-side hooks per step on this host's CPU (issue 28), vLLM 0.24's Scheduler
+    python3 benchmarks/bench_sched_hooks.py --json "$OUT/sched_hooks_gpu_host.json" --label gpu_host ;;
   remote)  # bench_remote on the GPU host (issue 26.4); needs the remote kit staged on this machine:
     # bash benchmarks/gpu_remote/prepare.sh here, then carry [".gpu-remote"]: bash .gpu-remote/bin/stage.sh
     ( source "$(dirname "$0")/gpu_remote/env.sh" && \
