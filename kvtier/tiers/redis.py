@@ -348,6 +348,8 @@ class RedisTier(Tier):
             conn = reader = None
             try:
                 conn = _connection(pool)  # connects (redis-py 5.3+): may fail like a command
+                if getattr(conn, "_sock", None) is None:
+                    conn.connect()  # a pool that hands out connections unconnected
                 sock = getattr(conn, "_sock", None)
                 if sock is None:
                     raise ReplyError("this redis-py connection has no socket to use")
