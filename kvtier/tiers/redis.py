@@ -298,15 +298,16 @@ class RedisTier(Tier):
 
     # ---- Tier -----------------------------------------------------------------------------
     def contains(self, keys: Sequence[bytes]) -> list[bool]:
+        """One ``EXISTS`` of all of a chunk's values per chunk (they share a cluster slot: the
+        ``{NAME}`` hash tag), which counts the values present."""
         names = [self._name(k) for k in keys]
 
         def read(reader: ReplyReader, i: int) -> bool:
-            replies = [reader.integer() for _ in range(self._pieces)]
-            for r in replies:
-                self._check_moved(r)
-            return all(r == 1 for r in replies)
+            n = reader.integer()
+            self._check_moved(n)
+            return n == self._pieces
 
-        frame = lambda i: [p for n in self._piece_names(names[i]) for p in encode_command((b"EXISTS", n))]  # noqa: E731
+        frame = lambda i: encode_command((b"EXISTS", *self._piece_names(names[i])))  # noqa: E731
         return self._per_key(names, frame, read, False)
 
     def get_into(self, keys: Sequence[bytes], dests: Sequence[Buffer]) -> list[bool]:
@@ -443,8 +444,8 @@ class RedisTier(Tier):
 
     def _delete_names(self, names: Sequence[bytes]) -> None:
         """Remove the chunks stored under ``names`` (first values), every piece of each."""
-        frame = lambda i: [p for n in self._piece_names(names[i]) for p in encode_command((b"UNLINK", n))]  # noqa: E731
-        self._per_key(names, frame, lambda reader, i: [reader.integer() for _ in range(self._pieces)], None)
+        frame = lambda i: encode_command((b"UNLINK", *self._piece_names(names[i])))  # noqa: E731
+        self._per_key(names, frame, lambda reader, i: reader.integer(), None)
 
     def stats(self) -> TierStats:
         with self._lock:

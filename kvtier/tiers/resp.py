@@ -24,25 +24,38 @@ from collections.abc import Sequence
 
 Arg = bytes | memoryview | Sequence[bytes | memoryview]  # a value in parts is sent as one bulk string
 _IOV_MAX = 1024  # buffers one sendmsg takes (Linux's UIO_MAXIOV)
+_INLINE = 16 << 10  # parts smaller than this are copied together into one buffer before sending
 
 
 def encode_command(args: Sequence[Arg]) -> list[bytes | memoryview]:
-    """The RESP framing of one command around its arguments, which are not copied."""
-    out: list[bytes | memoryview] = []
-    head = [b"*%d\r\n" % len(args)]
+    """The RESP framing of one command around its arguments (bytes or 1-D byte memoryviews),
+    which are not copied here."""
+    out: list[bytes | memoryview] = [b"*%d\r\n" % len(args)]
     for arg in args:
-        parts = [arg] if isinstance(arg, (bytes, memoryview)) else list(arg)
-        head.append(b"$%d\r\n" % sum(memoryview(p).nbytes for p in parts))
-        out.append(b"".join(head))
-        out.extend(parts)
-        head = [b"\r\n"]
-    out.append(b"".join(head))
+        if isinstance(arg, (bytes, memoryview)):
+            out += (b"$%d\r\n" % len(arg), arg, b"\r\n")
+        else:
+            out.append(b"$%d\r\n" % sum(len(p) for p in arg))
+            out += arg
+            out.append(b"\r\n")
     return out
 
 
 def send_parts(sock: socket.socket, parts: Sequence[bytes | memoryview]) -> None:
-    """All of ``parts``, in order, with as few ``sendmsg`` calls as the kernel allows."""
-    views = [v for v in (memoryview(p).cast("B") for p in parts) if len(v)]
+    """All of ``parts``, in order: small ones joined (one copy of a few KiB), large ones handed to
+    the kernel as they are, with as few ``sendmsg`` calls as it allows."""
+    views: list[memoryview] = []
+    small: list[bytes | memoryview] = []
+    for p in parts:
+        if len(p) < _INLINE:
+            small.append(p)
+            continue
+        if small:
+            views.append(memoryview(b"".join(small)))
+            small = []
+        views.append(memoryview(p).cast("B"))
+    if small:
+        views.append(memoryview(b"".join(small)))
     i = 0
     while i < len(views):
         sent = sock.sendmsg(views[i:i + _IOV_MAX])
@@ -51,8 +64,6 @@ def send_parts(sock: socket.socket, parts: Sequence[bytes | memoryview]) -> None
             i += 1
         if sent:
             views[i] = views[i][sent:]
-
-_LINE_MAX = 1 << 16  # a status or error line longer than this is not Redis speaking
 
 
 class ReplyError(Exception):
