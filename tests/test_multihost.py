@@ -11,6 +11,7 @@ others. The engine flow over the same setup is benchmarks/multihost.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -140,26 +141,33 @@ def run_scenario(hosts: Hosts, cluster: RedisClusterProcs, peers: list[Peer]) ->
         hosts.link_up(1)
 
 
-def test_three_hosts_share_a_mooncake_pool_and_lose_a_segment(three_hosts):
+@contextlib.contextmanager
+def mooncake_pool(hosts: Hosts, holders_on: list[int], peers_on: list[int], master_args: tuple = ()):
+    """A mooncake_master on host A, a segment holder on each host of ``holders_on`` and a peer
+    process on each of ``peers_on`` (ready); all stopped on exit."""
     require_mooncake()
     from kvtier.local_mooncake import MooncakeMaster, MooncakeSegment
 
-    hosts = three_hosts
-    # A silent holder's segment is dropped after 2 s (the master's default is 10).
-    master = MooncakeMaster(host=hosts.addr(0), wrap=hosts.wrap(0), extra_args=("--client_ttl=2",))
+    master = MooncakeMaster(host=hosts.addr(0), wrap=hosts.wrap(0), extra_args=master_args)
     holders, peers = [], []
     try:
-        holders = [MooncakeSegment(master, 64 << 20, host=hosts.addr(i), wrap=hosts.wrap(i)) for i in range(3)]
-        peers = [Peer(hosts.wrap(i), master=master.address, metadata=master.metadata_url) for i in range(3)]
+        holders = [MooncakeSegment(master, 64 << 20, host=hosts.addr(i), wrap=hosts.wrap(i)) for i in holders_on]
+        peers = [Peer(hosts.wrap(i), master=master.address, metadata=master.metadata_url) for i in peers_on]
         for p in peers:
             p.wait_ready()
-        lose_a_segment(holders, peers)
+        yield master, holders, peers
     finally:
         for p in peers:
             p.close()
         for h in holders:
             h.stop()
         master.stop()
+
+
+def test_three_hosts_share_a_mooncake_pool_and_lose_a_segment(three_hosts):
+    # A silent holder's segment is dropped after 2 s (the master's default is 10).
+    with mooncake_pool(three_hosts, [0, 1, 2], [0, 1, 2], ("--client_ttl=2",)) as (_, holders, peers):
+        lose_a_segment(holders, peers)
 
 
 def lose_a_segment(holders: list, peers: list[Peer]) -> None:
@@ -193,18 +201,8 @@ def test_mooncake_calls_to_a_host_cut_off_are_bounded(three_hosts):
     off waited its 30 s RPC timeout, a read from a holder whose host is cut off 47-60 s. The
     tier sets MC_RPC_TIMEOUT_MS from op_timeout_s (2 s) and the store stops waiting for a read
     after the tier's deadline (kvtier/tiers/calls.py): each costs about 2 s, then misses."""
-    require_mooncake()
-    from kvtier.local_mooncake import MooncakeMaster, MooncakeSegment
-
     hosts = three_hosts
-    master = MooncakeMaster(host=hosts.addr(0), wrap=hosts.wrap(0))
-    holders, peers = [], []
-    try:
-        holders = [MooncakeSegment(master, 64 << 20, host=hosts.addr(i), wrap=hosts.wrap(i)) for i in (1, 2)]
-        peers = [Peer(hosts.wrap(i), master=master.address, metadata=master.metadata_url) for i in (0, 1)]
-        for p in peers:
-            p.wait_ready()
-        near, far = peers  # near: on the master's host; far: on host B
+    with mooncake_pool(hosts, [1, 2], [0, 1]) as (_, _, (near, far)):  # near: on the master's host
         seeds = list(range(24))
         assert all(near.call("put", seeds)["ok"])
         hosts.link_down(2)  # host C's holder: the reads of its chunks hang in Mooncake
@@ -221,9 +219,3 @@ def test_mooncake_calls_to_a_host_cut_off_are_bounded(three_hosts):
             assert far.call("contains", seeds)["s"] < 0.5  # the breaker: misses without calling Mooncake
         finally:
             hosts.link_up(0)
-    finally:
-        for p in peers:
-            p.close()
-        for h in holders:
-            h.stop()
-        master.stop()
