@@ -6,9 +6,10 @@ fi
 export PYTHONPATH=/tmp/remote/site:/tmp/site:$PWD PYTHONUNBUFFERED=1
 # Only the libraries this machine lacks (its own libssl, libz... stay in use).
 rm -rf /tmp/remote/need && mkdir -p /tmp/remote/need
+have=$(ldconfig -p | awk 'NR > 1 {print $1}')  # the sonames this machine's loader knows
 for f in /tmp/remote/lib/*; do
   n=$(basename "$f")
-  ldconfig -p | grep -q " $n " || ln -s "$f" "/tmp/remote/need/$n"
+  grep -qxF "$n" <<< "$have" || ln -s "$f" "/tmp/remote/need/$n"
 done
 echo "gpu_remote: libraries taken from the kit: $(ls /tmp/remote/need | tr '\n' ' ')"
 export LD_LIBRARY_PATH=/tmp/remote/need${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
