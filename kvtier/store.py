@@ -222,8 +222,6 @@ class Store:
         for tier in self.tiers:
             if first >= n:
                 break
-            if self._deadlines.hung(tier.name):
-                continue  # its reads are skipped until a hung one returns: a hit there could not load
             answer = self._call(tier, "contains", keys[first:])
             if answer is None:
                 continue
@@ -658,7 +656,11 @@ class Store:
     def _call(self, tier: Tier, op: str, *args: object, nbytes: int = 0,
               hold: Sequence[ChunkRef] = ()) -> list | None:
         """``tier.op(*args)``, or None where the tier raised (a bug) or overran its deadline
-        (:mod:`kvtier.tiers.calls`: ``hold``, the slots it writes into, stay held until it returns)."""
+        (:mod:`kvtier.tiers.calls`: ``hold``, the slots it writes into, stay held until it returns).
+        While a call of the tier is hung, every call to it is None at once: its reads are skipped,
+        so a lookup's hit there could not load either."""
+        if self._deadlines.hung(tier.name):
+            return None
         t0 = time.perf_counter()
         try:
             limit = tier.deadline(op, nbytes)

@@ -8,8 +8,8 @@ waiting then, so the engine's thread, or a parked load, waits at most that long.
 
 A call that overran may still write into its destination buffers when it returns. Its slots are
 held (:meth:`ChunkRef.share`) until then, so the pool cannot hand them to another chunk that the
-late write would overwrite. Until it returns, the tier is skipped (misses): one hung call per
-tier, not one per request.
+late write would overwrite. Until it returns, the store skips the tier (misses): one hung call
+per tier, not one per request.
 """
 
 from __future__ import annotations
@@ -46,10 +46,8 @@ class DeadlineCalls:
 
     def call(self, tier: str, fn: Callable[..., list], args: Sequence[object], limit: float,
              hold: Sequence[ChunkRef] = ()) -> list | None:
-        """``fn(*args)``, or None if ``tier`` is hung or the call takes longer than ``limit``
-        seconds; ``hold``: the slots the call writes into, kept from reuse until it returns."""
-        if tier in self._hung:
-            return None
+        """``fn(*args)``, or None if the call takes longer than ``limit`` seconds (the caller skips a
+        :meth:`hung` tier); ``hold``: the slots the call writes into, kept from reuse until it returns."""
         future: Future = Future()
         self._start_threads()
         self._work.put((future, fn, args))

@@ -105,8 +105,9 @@ class MooncakeTier(Tier):
         memory this process adds to the pool (0: a pure client). ``buffer_bytes``: Mooncake's
         own transfer buffer. ``admin_url``: the master's admin HTTP server, for :meth:`scan`
         (default ``http://HOST:9003``). Waits up to ``wait_s`` for the first connection.
-        ``op_timeout_s`` / ``slow_bytes_per_s``: the store's deadline for a lookup or read
-        (:meth:`deadline`), as the redis tier's socket timeout."""
+        ``op_timeout_s``: the longest call to the master (``MC_RPC_TIMEOUT_MS``); with
+        ``slow_bytes_per_s``, the store's deadline for a read or write (:meth:`deadline`), as the
+        redis tier's socket timeout."""
         self._mc = import_store(op_timeout_s)
         host, _, port = master.rpartition(":")
         if not host or not port.isdigit():
