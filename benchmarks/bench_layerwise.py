@@ -55,9 +55,10 @@ def main() -> None:
     paged = PagedKV.from_vllm({f"model.layers.{i}.self_attn.attn": t for i, t in enumerate(layers)})
     layout = ChunkLayout(L, C, H * D, DT)
     store = Store(KVTierConfig(chunk_size=C, tiers=("cpu",), cpu_bytes=(3 * n // C + 4) * layout.nbytes), layout)
-    w = KVWorker(store, paged, C)  # layer groups (the default)
+    # Saves copy like loads here (the engine's default on a GPU is one save copy of all layers).
+    w = KVWorker(store, paged, C, save_in_step=True)  # layer groups (the default for loads)
     w_all = KVWorker(store, paged, C, layers_per_copy=L)  # one copy of all layers
-    w_one = KVWorker(store, paged, C, layers_per_copy=1)  # one copy per layer
+    w_one = KVWorker(store, paged, C, layers_per_copy=1, save_layers_per_copy=1)  # one copy per layer
     for x in (w, w_all, w_one):
         x.warm_up()
     keys = [f"lw-{i}".encode().ljust(16, b"\0") for i in range(n // C)]

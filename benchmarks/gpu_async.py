@@ -10,7 +10,12 @@ running requests, p50/p99, and the TTFT of the arriving ones:
 - ``async``: every load in kvtier's load thread (``load_mode: async``);
 - ``auto``: kvtier's default (async scheduling on: inline when the engine is idle or the
   load is small, background beside running requests);
-- ``native``: vLLM's own CPU offload (``kv_offloading_size``).
+- ``native``: vLLM's own CPU offload (``kv_offloading_size``);
+- ``alone``: vLLM with no connector (async scheduling on): its arrivals are computed, and what
+  the engine does around an arrival without kvtier shows (the first arrival's wait, say);
+- ``lmcache``: LMCache 0.5.3 through vLLM's ``LMCacheConnectorV1`` (issue 30), ``local_cpu`` of the
+  same 24 GiB as ``native`` (kit: benchmarks/gpu_lmcache/prepare.sh); skipped with LMCache's
+  exact error where its compiled ops do not load.
 
     python3 benchmarks/gpu_async.py                 # on the GPU machine
     python3 benchmarks/gpu_async.py --cpu           # dry run: tiny model on vLLM's CPU engine
@@ -51,8 +56,20 @@ def main() -> int:
                      disk_settle_s=3.0)
         modes = args.modes.split(",")
     result = {"command": "python3 benchmarks/gpu_async.py " + " ".join(sys.argv[1:])}
+    others = {"alone": ({}, {})} if "alone" in modes else {}
+    if "lmcache" in modes:
+        from gpu_lmcache import phase as lmcache
+
+        error = lmcache.ready()
+        if error is None:
+            env = lmcache.QUIET | lmcache.settings("lmcache_cpu", "24GiB", "24GiB", STATE / "lmcache-disk")
+            others["lmcache"] = ({"kv_transfer_config": lmcache.CONNECTOR}, env)
+        else:
+            result["lmcache"] = {"skipped": error}
+            modes = [m for m in modes if m != "lmcache"]
     per_token = kv_bytes_per_token(model, 4 if args.cpu else 2)  # float32 on the CPU dry run, bf16 on the GPU
-    result |= bench_arrivals(model, engine, per_token, vocab, modes, STATE / "async-disk", disk=args.disk, trace=args.trace, out=lambda s: print(s, flush=True), **sizes)
+    result |= bench_arrivals(model, engine, per_token, vocab, modes, STATE / "async-disk", disk=args.disk,
+                             trace=args.trace, others=others, out=lambda s: print(s, flush=True), **sizes)
     try:
         import torch
         import vllm

@@ -107,18 +107,9 @@ def run_phase(model: str, steps: list[dict[str, Any]], env: dict[str, str], engi
         timeout = float(os.environ.get("LMCACHE_PHASE_TIMEOUT_S", "420"))
     from kvtier.vllm.phases import DEMO_ENGINE, run_engine_child
 
-    if not _CHECKED:
-        try:
-            proc = subprocess.run([sys.executable, str(HERE), "--check"], capture_output=True, text=True,
-                                  env={**os.environ, **QUIET}, timeout=240)
-            out = (proc.stdout + proc.stderr).strip()
-            print(out.splitlines()[-1] if proc.returncode == 0 and out else out, flush=True)
-            _CHECKED.append(None if proc.returncode == 0 else (proc.stdout.strip() or proc.stderr.strip())[-3000:])
-        except subprocess.TimeoutExpired:
-            _CHECKED.append("LMCache's import check did not finish in 240 s")
-            print(_CHECKED[0], flush=True)
-    if _CHECKED[0] is not None:
-        return {"skipped": _CHECKED[0]}
+    error = ready()
+    if error is not None:
+        return {"skipped": error}
     steps = [s | {"files": STEP_FILES} if s["op"] in ("drop_page_cache", "settle")
              else s | {"marks": STEP_MARKS} if s["op"] == "metrics" else s for s in steps]
     spec = {"model": model, "steps": steps, "kvtier": None, "lmcache_env": env,
@@ -130,6 +121,22 @@ def run_phase(model: str, steps: list[dict[str, Any]], env: dict[str, str], engi
         return {"skipped": "LMCache ran degraded (every token recomputed), so these would be vLLM alone's "
                            "figures:\n" + "\n".join(log["degraded"])[-2500:], "degraded_result": result}
     return result
+
+
+def ready() -> str | None:
+    """None where LMCache can run here, else why not: :func:`check` in a process of its own (so this
+    one never touches the GPU), once per process."""
+    if not _CHECKED:
+        try:
+            proc = subprocess.run([sys.executable, str(HERE), "--check"], capture_output=True, text=True,
+                                  env={**os.environ, **QUIET}, timeout=240)
+            out = (proc.stdout + proc.stderr).strip()
+            print(out.splitlines()[-1] if proc.returncode == 0 and out else out, flush=True)
+            _CHECKED.append(None if proc.returncode == 0 else (proc.stdout.strip() or proc.stderr.strip())[-3000:])
+        except subprocess.TimeoutExpired:
+            _CHECKED.append("LMCache's import check did not finish in 240 s")
+            print(_CHECKED[0], flush=True)
+    return _CHECKED[0]
 
 
 PROBE = """import sys, importlib.util, torch

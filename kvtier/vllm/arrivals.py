@@ -36,9 +36,11 @@ def bench_arrivals(model: str, engine: dict[str, Any], kv_bytes_per_token: int, 
                    disk_dir: str | Path, *, running: int, context: int, prefix: int, new_tokens: int,
                    arrivals: int, interval_s: float, settle_s: float, disk_settle_s: float, disk: bool = True,
                    native_gib: float = 24.0, trace: str | None = None,
+                   others: dict[str, tuple[dict[str, Any], dict[str, str]]] | None = None,
                    out: Callable[[str], None] = print) -> dict[str, Any]:
     """Each of ``modes`` (auto, async, sync: kvtier's ``load_mode``; native: vLLM's own CPU
-    offload) in its own engine; returns ``{"modes": {mode: {itl_p50_ms, itl_p99_ms, ttft_p50_s,
+    offload; a name in ``others``: another connector, its engine arguments and the environment
+    its engine process needs) in its own engine; returns ``{"modes": {mode: {itl_p50_ms, itl_p99_ms, ttft_p50_s,
     detail}, mode_disk: ...}, "no_arrivals": {mode: ...}, ...}``. The cpu tier is sized to hold
     the arrivals and the running prompts, not the disk arrivals stored before them."""
     rnd = random.Random(5)
@@ -57,6 +59,10 @@ def bench_arrivals(model: str, engine: dict[str, Any], kv_bytes_per_token: int, 
                "async": ({**engine, "async_scheduling": True}, {**kv, "load_mode": "async"}),
                "sync": ({**engine, "async_scheduling": False}, {**kv, "load_mode": "sync"}),
                "native": ({**engine, "kv_offloading_size": native_gib, "kv_offloading_backend": "native"}, None)}
+    envs = {}
+    for name, (args, env) in (others or {}).items():
+        configs[name] = ({**engine, "async_scheduling": True, **args}, None)
+        envs[name] = env
     result: dict[str, Any] = {
         "workload": {"running": running, "context": context, "new_tokens": new_tokens, "arrival_prefix": prefix,
                      "arrivals": arrivals, "interval_s": interval_s}, "kvtier": kv, "modes": {}, "no_arrivals": {}}
@@ -69,7 +75,7 @@ def bench_arrivals(model: str, engine: dict[str, Any], kv_bytes_per_token: int, 
             os.environ["KVTIER_TRACE"] = str(Path(trace) / f"trace_{mode}.jsonl")
         try:
             r = run_mode({**spec, "engine": eng, "kvtier": kvc, "disk_arrivals": disk_arrivals if kvc else [],
-                          "keep_times": bool(trace)})
+                          "keep_times": bool(trace), "env": envs.get(mode, {})})
         finally:
             os.environ.pop("KVTIER_TRACE", None)
         if trace:
@@ -104,6 +110,7 @@ def _child(spec: dict) -> dict:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
+    os.environ.update(spec.get("env") or {})  # another connector's settings, before its engine starts
     llm = start_llm(spec["model"], {"skip_tokenizer_init": True, **spec["engine"]}, spec["kvtier"])
     one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
 

@@ -530,7 +530,7 @@ class KVTierConnector(KVConnectorBase_V1):
         if paged.num_layers != self.layout.num_layers:
             raise ConfigError(f"kvtier: the engine registered {paged.num_layers} KV cache tensors, "
                               f"its config lists {self.layout.num_layers} layers")
-        self.worker = KVWorker(self.store, paged, self.config.chunk_size)
+        self.worker = KVWorker(self.store, paged, self.config.chunk_size, save_in_step=self.commit_saves_in_step)
         costs = getattr(self.store, "costs", None)
         worker = self.worker
 

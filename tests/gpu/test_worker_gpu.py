@@ -205,6 +205,10 @@ def test_gpu_layer_groups_follow_min_run_bytes():
     w = KVWorker(None, paged, 256)
     assert MIN_RUN_BYTES == 4 << 20
     assert w.groups == [(0, 8), (8, 16), (16, 24), (24, 32)]
+    # Saves: one copy of every layer (nothing waits for them in the step), by groups where the
+    # step commits them (a prefill instance).
+    assert w.save_groups == [(0, 32)]
+    assert KVWorker(None, paged, 256, save_in_step=True).save_groups == w.groups
 
 
 def test_vllm_032_gpu_layout_mid_chunk_load_and_round_trip(store):

@@ -13,6 +13,7 @@ moves data with kvtier.transfer (one scatter/gather per request).
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -332,6 +333,18 @@ def test_failed_request_commits_nothing_and_returns_its_slots(store):
     assert store.pool.free_slots == free - 1  # the skipped chunk's slot is back; the committed one is held
 
 
+@contextmanager
+def _four_layers(**kw):
+    """A cpu-tier store and a worker over 4 layers of random KV, copying layers 2 at a time."""
+    st = Store(KVTierConfig(chunk_size=C, tiers=("cpu",), cpu_bytes=8 * 2**20), ChunkLayout(4, C, H * D, torch.float32))
+    try:
+        caches = [torch.randn(NB, H, BS, 2 * D) for _ in range(4)]
+        paged = PagedKV.from_vllm({f"l.{i}": c for i, c in enumerate(caches)}, block_size=BS)
+        yield st, caches, KVWorker(st, paged, C, layers_per_copy=2, **kw)
+    finally:
+        st.close()
+
+
 def test_layer_groups_copy_once_all_their_layers_are_due(monkeypatch):
     """layers_per_copy=2 on 4 layers: a load copies a group at its first layer's hook; a save
     copies a group only once every layer of it has been written (hooks in any order), and the
@@ -348,12 +361,7 @@ def test_layer_groups_copy_once_all_their_layers_are_due(monkeypatch):
 
         monkeypatch.setattr(worker_mod, name, spy)
     n_layers = 4
-    st = Store(KVTierConfig(chunk_size=C, tiers=("cpu",), cpu_bytes=8 * 2**20),
-               ChunkLayout(n_layers, C, H * D, torch.float32))
-    try:
-        caches = [torch.randn(NB, H, BS, 2 * D) for _ in range(n_layers)]
-        w = KVWorker(st, PagedKV.from_vllm({f"l.{i}": c for i, c in enumerate(caches)}, block_size=BS), C,
-                     layers_per_copy=2)
+    with _four_layers() as (st, caches, w):
         assert w.groups == [(0, 2), (2, 4)]
         key = b"group-load".ljust(16, b"\0")
         assert st.put(key, torch.randn(2, n_layers, C, H * D).view(torch.uint8).reshape(-1))
@@ -377,8 +385,52 @@ def test_layer_groups_copy_once_all_their_layers_are_due(monkeypatch):
         saved = ref.data[:w.chunk_nbytes].view(torch.float32).view(2, n_layers, C, H * D)
         assert not (saved[:, :2] == 3.0).all() and (saved[:, 2:] == 3.0).all()
         ref.release()
-    finally:
-        st.close()
+
+
+def test_a_save_group_of_every_layer_is_one_copy_after_the_last_hook(monkeypatch):
+    """save_layers_per_copy=4 on 4 layers (a GPU's default when nothing waits for the saves in
+    the step): loads still copy by groups of 2, a save is one gather of every layer once the
+    last of them is written, and it holds what the layers held then."""
+    import kvtier.vllm.worker as worker_mod
+
+    calls = []
+    real = worker_mod.gather
+
+    def spy(paged, mapping, bufs, skip=0, **kw):
+        calls.append(kw.get("layers"))
+        return real(paged, mapping, bufs, skip, **kw)
+
+    monkeypatch.setattr(worker_mod, "gather", spy)
+    n_layers = 4
+    with _four_layers(save_layers_per_copy=4) as (st, caches, w):
+        assert w.groups == [(0, 2), (2, 4)] and w.save_groups == [(0, 4)]
+        for i, c in enumerate(caches):
+            c.fill_(float(i + 1))
+        out = b"whole-save".ljust(16, b"\0")
+        w.start_save([SaveSpec("r", [0], [out], list(range(8, 16)))])
+        for layer in (3, 0, 1):
+            w.save_layer(layer)
+        assert calls == []  # layer 2 is not written yet
+        w.save_layer(2)
+        assert calls == [(0, 4)]
+        for c in caches:
+            c.fill_(9.0)  # after the copy: not in the chunk
+        w.finish_save()
+        assert calls == [(0, 4)]
+        ref = st.get([out])[0]
+        saved = ref.data[:w.chunk_nbytes].view(torch.float32).view(2, n_layers, C, H * D)
+        for layer in range(n_layers):
+            assert bool((saved[:, layer] == float(layer + 1)).all())
+        ref.release()
+
+
+def test_saves_copy_like_loads_unless_told_otherwise():
+    """On CPU (copies are synchronous, one layer at a time) saves follow ``layers_per_copy``;
+    ``save_in_step`` changes nothing there (its effect is on a GPU: tests/gpu)."""
+    paged = PagedKV.from_vllm(_cpu_cache(), block_size=BS)
+    assert KVWorker(None, paged, C).save_groups == [(0, 1), (1, 2)]
+    assert KVWorker(None, paged, C, save_in_step=True).save_groups == [(0, 1), (1, 2)]
+    assert KVWorker(None, paged, C, layers_per_copy=2).save_groups == [(0, 2)]
 
 
 def test_cpu_copies_one_layer_at_a_time():
@@ -493,6 +545,54 @@ def test_parked_load_of_a_partly_covered_chunk_loads_its_covered_part(store, bac
     w.park_load([LoadSpec("q", 256, end, 1, keys[1:2], block_ids[:10])])
     done, failed = w.finished_parked()
     assert done == {"q"} and failed and w.stats["failed_chunks"] == 1
+
+
+def test_background_loads_in_batches_load_and_fail_what_a_whole_load_does(tmp_path, monkeypatch):
+    """The load thread fetches chunks from the disk tier and copies them in batches (on a GPU one
+    batch's copy overlaps the next one's read). Over random loads (start mid-chunk, end inside the
+    last chunk, chunks missing in the middle) batches of 1 or 2 chunks write the same slots, report
+    the same failed blocks and count the same tokens as one batch of everything."""
+    import random
+
+    import kvtier.vllm.worker as worker_mod
+
+    config = KVTierConfig(chunk_size=C, tiers=("disk",), disk_path=str(tmp_path), writer="threads")
+    with Store(config, ChunkLayout(L, C, H * D, torch.float32), pin=False) as store:
+        ns = Namespace("batches", "float32", L, H, D)
+        keys = chunk_keys(ns, list(range(9, 9 + 4 * C)), C)
+        for k in keys:
+            assert store.put(k, torch.randn(2, L, C, H * D).view(torch.uint8).reshape(-1))
+        assert store.flush(10) and store.cpu is None
+        gets = []
+        get = store.get
+        monkeypatch.setattr(store, "get", lambda ks: (gets.append(len(ks)), get(ks))[1])
+        rnd = random.Random(7)
+        for trial in range(40):
+            start = rnd.randrange(0, 4 * C - 1)
+            end = rnd.randrange(start + 1, 4 * C + 1)
+            first = start // C
+            want = keys[first:-(-end // C)]
+            missing = {i for i in range(len(want)) if rnd.random() < 0.25}
+            ks = [b"gone-%d".ljust(16, b"\0") % i if i in missing else k for i, k in enumerate(want)]
+            table = rnd.sample(range(NB), -(-end // BS))
+            outcomes = []
+            for per_batch in (None, 1, 2):
+                caches = _cpu_cache()
+                w = KVWorker(store, PagedKV.from_vllm(caches, block_size=BS), C)
+                monkeypatch.setattr(worker_mod, "PARKED_BATCH_BYTES", (per_batch or 64) * w.chunk_nbytes)
+                gets.clear()
+                w.park_load([LoadSpec("r", start, end, first, ks, table)])  # not in memory: the load thread's
+                w.drain_parked(10)
+                done, failed = w.finished_parked()
+                assert done == {"r"}
+                assert len(gets) == -(-len(ks) // (per_batch or 64)), (per_batch, gets)
+                outcomes.append((failed, w.stats["loaded_tokens"], w.stats["failed_chunks"],
+                                 [c.clone() for c in caches.values()]))
+            whole = outcomes[0]
+            assert whole[1] > 0 or missing, (trial, whole)
+            for got in outcomes[1:]:
+                assert got[:3] == whole[:3], (trial, start, end, missing)
+                assert all(torch.equal(a, b) for a, b in zip(got[3], whole[3])), (trial, start, end, missing)
 
 
 def test_chunk_slots_match_the_block_table_over_random_tables(store):
