@@ -7,7 +7,9 @@ thread's name; kvtier's own threads are named ``kvtier-*``, everything else is t
 host line up. ``cpu``: the thread's CPU time inside the span; ``dur`` well above it is time the
 thread waited (for the GIL held by another thread of the process, or for a core). Lines are
 buffered and written by :func:`flush` (the connector calls it after each hook). Off by default;
-when off a span costs one attribute check.
+when off a span costs one attribute check. Python's garbage collections of at least
+:data:`GC_MIN_S` are recorded too (``gc``, with the generation and the objects collected): a
+collection holds the GIL, so every thread of the process stands still for it.
 
     KVTIER_TRACE=/tmp/kv.jsonl python3 my_serving_script.py
     python3 -m kvtier.trace /tmp/kv.jsonl        # per-name count, total, median, max
@@ -16,6 +18,7 @@ when off a span costs one attribute check.
 from __future__ import annotations
 
 import atexit
+import gc
 import json
 import os
 import statistics
@@ -59,8 +62,24 @@ def flush() -> None:
         os.write(_fd, "".join(lines).encode())
 
 
+GC_MIN_S = 0.001  # shorter collections are not recorded (a young generation's take ~0.1 ms)
+_gc_started: dict[int, float] = {}
+
+
+def _on_gc(phase: str, info: dict) -> None:
+    """``gc.callbacks`` hook: a ``gc`` line for each collection of at least :data:`GC_MIN_S`."""
+    me = threading.get_ident()
+    if phase == "start":
+        _gc_started[me] = time.perf_counter()
+        return
+    t = _gc_started.pop(me, None)
+    if t is not None and (dur := time.perf_counter() - t) >= GC_MIN_S:
+        record("gc", t, dur, generation=info.get("generation"), collected=info.get("collected"))
+
+
 if ON:
     atexit.register(flush)
+    gc.callbacks.append(_on_gc)
 
 
 @contextmanager

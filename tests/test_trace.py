@@ -26,6 +26,26 @@ def test_spans_split_waiting_from_work(tmp_path):
     assert s["spins"]["median_s"] >= 0.05 and s["spins"]["wait_p99_s"] < 0.5 * s["spins"]["median_s"]
 
 
+GARBAGE = """
+import gc
+from kvtier import trace
+trace.GC_MIN_S = 0.0
+junk = [[i] for i in range(300_000)]  # many tracked objects: a full collection walks them
+gc.collect()
+"""
+
+
+def test_garbage_collections_are_spans(tmp_path):
+    """A collection holds the GIL (every thread of an engine stands still): it is a span of its own,
+    with its generation, so a stall that no kvtier span explains can be told apart."""
+    import json
+
+    path = tmp_path / "trace.jsonl"
+    subprocess.run([sys.executable, "-c", GARBAGE], check=True, env={**os.environ, "KVTIER_TRACE": str(path)})
+    full = [d for d in map(json.loads, path.read_text().splitlines()) if d["name"] == "gc" and d["generation"] == 2]
+    assert full and full[-1]["dur"] > 0 and full[-1]["thread"] == "MainThread"
+
+
 def test_off_by_default_records_nothing(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "KVTIER_TRACE"}
     out = subprocess.run([sys.executable, "-c", "from kvtier import trace; print(trace.ON)"], env=env,
