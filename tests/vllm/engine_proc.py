@@ -334,7 +334,7 @@ def _child(cfg: dict) -> None:
             torn(self, failed_blocks)
             return failed_blocks, failed_reqs
 
-        def checked_run_parked(self, specs, after=None):
+        def checked_run_parked(self, specs, after=None, batched=False):
             """Parked loads: inline ones run here (main thread, guarded); background ones in the
             load thread, beside the forward: no sentinels there (the forward may read those
             slots), the plan check above still holds."""
@@ -344,7 +344,7 @@ def _child(cfg: dict) -> None:
                 guard_below(self, specs)
             before_load(self, specs)
             try:
-                reqs, failed_blocks, ld = orig_run_parked(self, specs, after)
+                reqs, failed_blocks, ld = orig_run_parked(self, specs, after, batched)
             finally:
                 if main:
                     guard["slots"] = None
