@@ -17,7 +17,10 @@ load then misses and is recomputed.
 
 If the child dies, the parent's reader sees the pipe close, releases the slots it held and
 the store goes on writing from its own threads (logged once): a tier failing never stops
-the engine.
+the engine. A put that overruns its tier's deadline (:meth:`Tier.deadline`: Mooncake's puts
+to a holder that stopped answering block until it answers) is left running: the child skips
+that tier until the call returns and writes on to the others, and answers for that chunk only
+then, so the parent keeps its slot while the late call may still read it.
 
 The parent never blocks on the child: commands go down a non-blocking pipe, and what a
 stopped child leaves unread waits in a backlog the ack reader pushes on as the child goes
@@ -179,6 +182,26 @@ def _spec_file(spec: dict) -> int:
         raise
 
 
+class _Chunk:
+    """One chunk's write in the child: answered once every tier's put returned, the late ones
+    (past their deadline, their answer dropped) included, so the parent holds the slot until then."""
+
+    def __init__(self, seq: int, answer: Callable[[int, int], None]) -> None:
+        self.seq, self.answer = seq, answer
+        self.stored = 0  # mask of the tiers that stored it in time
+        self._open = 1  # the writing thread, and each put still running
+        self._lock = threading.Lock()
+
+    def late(self, change: int, done: bool = False) -> None:
+        """``change``: +1 before a put with a deadline, -1 when it returned; ``done``: the writing
+        thread is through the tiers. The last of them answers."""
+        with self._lock:
+            self._open += change - done
+            last = self._open == 0
+        if last:
+            self.answer(self.seq, self.stored)
+
+
 def _child(spec: dict) -> int:
     """The child: write each requested slot to the lower tiers, answer which stored it."""
     import msgspec
@@ -187,6 +210,7 @@ def _child(spec: dict) -> int:
     from kvtier.layout import LayoutMsg, layout_from_msg
     from kvtier.tiers import make_tier
     from kvtier.tiers.base import never_protected
+    from kvtier.tiers.calls import DeadlineCalls
 
     # The engine process adds its Mooncake segment to the pool; this child only writes into it.
     config = KVTierConfig.from_dict({**spec["config"], "mooncake_segment_bytes": 0})
@@ -199,24 +223,38 @@ def _child(spec: dict) -> int:
     ack_lock = threading.Lock()
     work: queue.Queue[tuple[int, int, int, bytes] | None] = queue.Queue()
     ack = os.fdopen(spec["ack_fd"], "wb", buffering=0)
+    deadlines = DeadlineCalls(on_overrun=lambda name: None)  # it logs each overrun itself
+
+    def answer(seq: int, stored: int) -> None:
+        with ack_lock:
+            try:
+                ack.write(_ACK.pack(seq, stored))
+            except OSError:  # the parent is gone: its slots with it; finish the writes anyway
+                pass
 
     def write() -> None:
         while (item := work.get()) is not None:
             seq, slot, mask, key = item
             data = pool[slot * slot_bytes:(slot + 1) * slot_bytes]
-            stored = 0
+            chunk = _Chunk(seq, answer)
             for i, tier in enumerate(tiers):
-                if mask >> i & 1:
-                    try:
-                        if tier.put([key], [data])[0]:
-                            stored |= 1 << i
-                    except Exception:  # a tier must not raise; if one does, that write failed
-                        log.exception("kvtier writer: tier %s raised in put", tier.name)
-            with ack_lock:
+                if not mask >> i & 1 or deadlines.hung(tier.name):
+                    continue
                 try:
-                    ack.write(_ACK.pack(seq, stored))
-                except OSError:  # the parent is gone: its slots with it; finish the writes anyway
-                    pass
+                    limit = tier.deadline("put", len(data))
+                    if limit is None:
+                        got = tier.put([key], [data])
+                    else:
+                        chunk.late(+1)
+                        got = deadlines.call(tier.name, tier.put, ([key], [data]), limit,
+                                             on_return=lambda c=chunk: c.late(-1))
+                        if got is not None:
+                            chunk.late(-1)
+                    if got is not None and got[0]:
+                        chunk.stored |= 1 << i
+                except Exception:  # a tier must not raise; if one does, that write failed
+                    log.exception("kvtier writer: tier %s raised in put", tier.name)
+            chunk.late(0, done=True)
 
     threads = [threading.Thread(target=write, daemon=True) for _ in range(config.write_threads)]
     for t in threads:

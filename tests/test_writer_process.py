@@ -321,3 +321,52 @@ def test_close_with_a_stopped_child_keeps_to_its_timeout(tmp_path):
     t0 = time.monotonic()
     s.close(timeout=1.0)
     assert time.monotonic() - t0 < 1.8
+
+
+def _until(fn, timeout: float, what: str):
+    """Poll ``fn`` until it is truthy; its last value, or a failure naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while not (got := fn()):
+        assert time.monotonic() < deadline, f"{what} within {timeout} s"
+        time.sleep(0.05)
+    return got
+
+
+def test_a_put_that_hangs_in_the_child_is_given_up_on_and_the_disk_goes_on(tmp_path, mooncake_master):
+    """Mooncake's put to a segment holder that stopped answering (SIGSTOP here) blocks until the holder
+    answers. The child waits for it only up to the tier's deadline: it then skips Mooncake until that
+    call returns and writes every later chunk to disk (before, its two threads hung in Mooncake and
+    nothing more reached the disk). A chunk whose put is still running is answered only once the put
+    returned, so the parent holds its slot as long as the late call may read it."""
+    from kvtier.local_mooncake import MooncakeSegment
+
+    holder = MooncakeSegment(mooncake_master, 64 << 20)
+    try:
+        with process_store(tmp_path, tiers=("cpu", "disk", "mooncake"), mooncake_master=mooncake_master.address,
+                           mooncake_metadata=mooncake_master.metadata_url, mooncake_segment_bytes=0,
+                           op_timeout_s=1.0, write_threads=2) as s:
+            disk, mooncake = s.lower
+            probe = iter(make_keys(200))
+
+            def lands_in_mooncake() -> bool:  # the child's Mooncake client connects in the background
+                k = next(probe)
+                assert s.put(k, make_payload(0))
+                return bounded(lambda: _until(lambda: not s.pending_writes(), 10, "the write answered")
+                               and mooncake.contains([k]) == [True], 15)
+
+            _until(lands_in_mooncake, 30, "a chunk written to Mooncake by the child")
+            os.kill(holder.proc.pid, signal.SIGSTOP)
+            keys = make_keys(12)
+            for i, k in enumerate(keys):
+                assert s.put(k, make_payload(i))
+            _until(lambda: disk.contains(keys) == [True] * 12, 20, "every chunk on disk while Mooncake hangs")
+            assert 1 <= s.pending_writes() <= 2, "the chunks whose Mooncake put still runs keep their slots"
+            time.sleep(1.5)  # past another deadline: still held, the hung calls have not returned
+            assert 1 <= s.pending_writes() <= 2
+            os.kill(holder.proc.pid, signal.SIGCONT)
+            assert s.flush(30) and s.pending_writes() == 0
+        got = read_back(tmp_path / "disk", keys)
+        assert all(b is not None and np.array_equal(b, make_payload(i)) for i, b in enumerate(got))
+    finally:
+        os.kill(holder.proc.pid, signal.SIGCONT)
+        holder.stop()

@@ -45,9 +45,10 @@ class DeadlineCalls:
         return tier in self._hung
 
     def call(self, tier: str, fn: Callable[..., list], args: Sequence[object], limit: float,
-             hold: Sequence[ChunkRef] = ()) -> list | None:
+             hold: Sequence[ChunkRef] = (), on_return: Callable[[], None] | None = None) -> list | None:
         """``fn(*args)``, or None if the call takes longer than ``limit`` seconds (the caller skips a
-        :meth:`hung` tier); ``hold``: the slots the call writes into, kept from reuse until it returns."""
+        :meth:`hung` tier); ``hold``: the slots the call writes into, kept from reuse until it returns;
+        ``on_return``: called (on the call's thread) when a call that overran returns at last."""
         future: Future = Future()
         self._start_threads()
         self._work.put((future, fn, args))
@@ -61,12 +62,18 @@ class DeadlineCalls:
         log.warning("kvtier: a %s call took longer than %.1fs; answering misses for that tier until it "
                     "returns (its %d destination slot(s) are held until then)", tier, limit, len(kept))
         self._on_overrun(tier)
-        future.add_done_callback(lambda f: self._returned(tier, f, kept))
+        future.add_done_callback(lambda f: self._returned(tier, f, kept, on_return))
         return None
 
-    def _returned(self, tier: str, future: Future, kept: list[ChunkRef]) -> None:
+    def _returned(self, tier: str, future: Future, kept: list[ChunkRef],
+                  on_return: Callable[[], None] | None) -> None:
         for ref in kept:
             ref.release()
+        if on_return is not None:
+            try:
+                on_return()
+            except Exception:  # noqa: BLE001 - the caller's hook; the tier is released either way
+                log.exception("kvtier: a late call's return hook raised")
         with self._lock:
             self._hung[tier] -= 1
             if not self._hung[tier]:
