@@ -189,14 +189,18 @@ class _Chunk:
     def __init__(self, seq: int, answer: Callable[[int, int], None]) -> None:
         self.seq, self.answer = seq, answer
         self.stored = 0  # mask of the tiers that stored it in time
-        self._open = 1  # the writing thread, and each put still running
+        self._open = 1  # the writing thread, until it is through the tiers, and each put running
         self._lock = threading.Lock()
 
-    def late(self, change: int, done: bool = False) -> None:
-        """``change``: +1 before a put with a deadline, -1 when it returned; ``done``: the writing
-        thread is through the tiers. The last of them answers."""
+    def hold(self) -> None:
+        """A put with a deadline starts: the chunk is not answered before it returns."""
         with self._lock:
-            self._open += change - done
+            self._open += 1
+
+    def release(self) -> None:
+        """A put returned, or the writing thread is through the tiers; the last one answers."""
+        with self._lock:
+            self._open -= 1
             last = self._open == 0
         if last:
             self.answer(self.seq, self.stored)
@@ -244,17 +248,14 @@ def _child(spec: dict) -> int:
                     limit = tier.deadline("put", len(data))
                     if limit is None:
                         got = tier.put([key], [data])
-                    else:
-                        chunk.late(+1)
-                        got = deadlines.call(tier.name, tier.put, ([key], [data]), limit,
-                                             on_return=lambda c=chunk: c.late(-1))
-                        if got is not None:
-                            chunk.late(-1)
+                    else:  # released when the put returns: in time, raising, or past the deadline
+                        chunk.hold()
+                        got = deadlines.call(tier.name, tier.put, ([key], [data]), limit, on_return=chunk.release)
                     if got is not None and got[0]:
                         chunk.stored |= 1 << i
                 except Exception:  # a tier must not raise; if one does, that write failed
                     log.exception("kvtier writer: tier %s raised in put", tier.name)
-            chunk.late(0, done=True)
+            chunk.release()
 
     threads = [threading.Thread(target=write, daemon=True) for _ in range(config.write_threads)]
     for t in threads:

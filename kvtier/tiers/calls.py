@@ -48,8 +48,11 @@ class DeadlineCalls:
              hold: Sequence[ChunkRef] = (), on_return: Callable[[], None] | None = None) -> list | None:
         """``fn(*args)``, or None if the call takes longer than ``limit`` seconds (the caller skips a
         :meth:`hung` tier); ``hold``: the slots the call writes into, kept from reuse until it returns;
-        ``on_return``: called (on the call's thread) when a call that overran returns at last."""
+        ``on_return``: called once the call is over, in time, raising or past its deadline (on the
+        thread that ran it)."""
         future: Future = Future()
+        if on_return is not None:
+            future.add_done_callback(lambda _: self._hook(on_return))
         self._start_threads()
         self._work.put((future, fn, args))
         try:
@@ -62,18 +65,19 @@ class DeadlineCalls:
         log.warning("kvtier: a %s call took longer than %.1fs; answering misses for that tier until it "
                     "returns (its %d destination slot(s) are held until then)", tier, limit, len(kept))
         self._on_overrun(tier)
-        future.add_done_callback(lambda f: self._returned(tier, f, kept, on_return))
+        future.add_done_callback(lambda f: self._returned(tier, f, kept))
         return None
 
-    def _returned(self, tier: str, future: Future, kept: list[ChunkRef],
-                  on_return: Callable[[], None] | None) -> None:
+    @staticmethod
+    def _hook(on_return: Callable[[], None]) -> None:
+        try:
+            on_return()
+        except Exception:  # noqa: BLE001 - the caller's hook; the call's own ending goes on
+            log.exception("kvtier: a tier call's return hook raised")
+
+    def _returned(self, tier: str, future: Future, kept: list[ChunkRef]) -> None:
         for ref in kept:
             ref.release()
-        if on_return is not None:
-            try:
-                on_return()
-            except Exception:  # noqa: BLE001 - the caller's hook; the tier is released either way
-                log.exception("kvtier: a late call's return hook raised")
         with self._lock:
             self._hung[tier] -= 1
             if not self._hung[tier]:
