@@ -275,6 +275,43 @@ def test_op_timeout_bounds_every_concurrent_caller(redis_server):
     tier.close()
 
 
+def test_a_call_woken_by_another_callers_failure_is_not_retried(redis_server):
+    """CI flake of the test above, made certain: the first caller to time out disconnects the
+    node's pools, which wakes every other caller's read with the connection closed and no reply.
+    That looked like a connection a restarted server had closed, so each retried on a new
+    connection and waited its timeout again. A call with a 4 s timeout (a big read) woken that
+    way at 1 s waited 5 s in all."""
+    import threading
+
+    slow = N / 3.5  # one chunk's read gets a 4 s socket timeout; a lookup, op_timeout_s = 1 s
+    tier = RedisTier([redis_server.url], SMALL_LAYOUT, op_timeout_s=1.0, connect_timeout_s=1.0,
+                     slow_bytes_per_s=slow)
+    keys = make_keys(1)
+    assert tier._timeout(N) == 4.0 and tier._timeout(0) == 1.0
+    assert tier.contains(keys) == [False]
+    waited: dict[str, float] = {}
+
+    def read() -> None:
+        t = time.monotonic()
+        assert tier.get_into(keys, zeros()) == [False]
+        waited["read"] = time.monotonic() - t
+
+    redis_server.pause()
+    try:
+        reader = threading.Thread(target=read)
+        reader.start()
+        time.sleep(0.1)  # the read is waiting for its reply
+        t = time.monotonic()
+        assert tier.contains(keys) == [False]  # times out at 1 s, opens the breaker
+        waited["lookup"] = time.monotonic() - t
+        reader.join(10)
+    finally:
+        redis_server.resume()
+    assert waited["lookup"] < 1.5, waited
+    assert waited["read"] < 1.6, f"{waited}: the read was woken by the lookup's failure; it must not wait again"
+    tier.close()
+
+
 # ---- chunks in several values -------------------------------------------------------------
 PIECE = 4096  # SMALL_LAYOUT's 16 KiB chunks in 4 values
 

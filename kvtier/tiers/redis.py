@@ -155,6 +155,7 @@ class RedisTier(Tier):
         self.retry_after_s = retry_after_s
         self.op_timeout_s = op_timeout_s
         self.slow_bytes_per_s = slow_bytes_per_s
+        self._quick_s = min(0.25, op_timeout_s / 4)  # a failure sooner than this came at once: retried
         if piece_bytes <= 0:
             raise ValueError(f"piece_bytes must be > 0, got {piece_bytes}")
         self.piece_bytes = piece_bytes
@@ -163,7 +164,7 @@ class RedisTier(Tier):
             socket_connect_timeout=connect_timeout_s,
             # One immediate retry on a broken connection (a server restarted since the last
             # call); none after a wait, so a hung server costs one op_timeout, then the breaker.
-            retry=_QuickRetry(min(0.25, op_timeout_s / 4)),
+            retry=_QuickRetry(self._quick_s),
             health_check_interval=0,
         )
         self._lock = threading.Lock()
@@ -341,10 +342,13 @@ class RedisTier(Tier):
         """Send the commands framed in ``parts`` on a connection of ``node`` held alone, and return
         ``read(reader)``, which must read every reply. None (and the breaker opened) if the server
         failed. A connection broken before any reply (a server restarted since the last call) is
-        retried once; never after a timeout: a hung server costs one op_timeout, then the breaker."""
+        retried once; never after a timeout: a hung server costs one op_timeout, then the breaker.
+        Nor after a wait: another caller's failure disconnects the node's pools, which closes this
+        caller's connection under it, unanswered, after it waited; the breaker is open by then."""
         if not node.breaker.allow():
             return None
         pool = node.client_for(self._timeout(nbytes)).connection_pool
+        start = time.monotonic()
         for attempt in (0, 1):
             conn = reader = None
             try:
@@ -362,7 +366,9 @@ class RedisTier(Tier):
                     conn.disconnect()  # in an unknown state: half a reply may be unread
                     pool.release(conn)
                 unanswered = reader is None or reader.received == 0
-                if attempt == 0 and unanswered and not isinstance(e, (TimeoutError, redis.TimeoutError)):
+                at_once = time.monotonic() - start < self._quick_s
+                timed_out = isinstance(e, (TimeoutError, redis.TimeoutError))
+                if attempt == 0 and unanswered and at_once and not timed_out and node.breaker.allow():
                     continue
                 self._node_failed(node, e)
                 return None
