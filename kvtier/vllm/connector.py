@@ -26,13 +26,17 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import itertools
 import logging
 import math
 import os
 import sys
 import time
 import weakref
+from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 import torch
 
@@ -110,8 +114,8 @@ class KVTierMetadata(KVConnectorMetadata):
         self.work = (plan.work_tokens, plan.work_attention)  # timed by the worker (kvtier.costs)
         self.promote = plan.promote  # copied up to the worker's cpu tier in the background
         # What KVWorker.fence_saves needs to know which saves still copying to wait for before
-        # the step writes: the requests that keep their blocks (scheduled, not resumed), and the
-        # blocks handed to requests in this step (None: not known, under MultiConnector).
+        # the step writes: the blocks handed to requests in this step, or, where those are not
+        # known (None, under MultiConnector), the requests that keep their blocks (scheduled, not resumed).
         self.kept = kept
         self.fresh = fresh
 
@@ -266,6 +270,26 @@ def load_config(vllm_config: "VllmConfig", block_size: int) -> KVTierConfig:
     return config
 
 
+def quiet_split(req_ids: Sequence[str], computed: Sequence[int], new: np.ndarray, new_blocks: Sequence,
+                chunk: int, busy: Collection[str], extend: Callable[[str, list[int]], bool]
+                ) -> tuple[list[int], int, float]:
+    """Of a step's running requests, the quiet ones have nothing to plan: not in ``busy`` (loading,
+    resumed), and no chunk completed by their ``new`` tokens after ``computed``. Their new blocks
+    go onto the ledger's tables (``extend``; a request it does not know is planned instead).
+    Returns (indices of the others, the quiet ones' tokens and attention work). In numpy: a decode
+    batch of hundreds passes here every step (issue 28), ~3x faster than a loop."""
+    cp = np.fromiter(computed, np.int64, len(computed))
+    quiet = cp % chunk + new < chunk
+    if busy:
+        quiet &= np.fromiter((r not in busy for r in req_ids), bool, len(req_ids))
+    if new_blocks.count(None) != len(new_blocks):  # each request gets a block every block_size tokens
+        for i in [i for i, b in enumerate(new_blocks) if b is not None]:
+            if quiet[i] and not extend(req_ids[i], new_blocks[i][0]):
+                quiet[i] = False
+    n = np.where(quiet, new, 0)
+    return np.flatnonzero(~quiet).tolist(), int(n.sum()), int(n @ (2 * cp + n)) / 2
+
+
 class KVTierConnector(KVConnectorBase_V1):
     """kvtier as a vLLM v1 KV connector (``kv_role`` ``kv_both``, ``kv_producer`` or ``kv_consumer``:
     :func:`kv_role`)."""
@@ -404,23 +428,21 @@ class KVTierConnector(KVConnectorBase_V1):
         cached = scheduler_output.scheduled_cached_reqs
         requests, resumed, c = self._requests, cached.resumed_req_ids, self.config.chunk_size
         loading = self.ledger.allocated()
-        # Every running request, every step (a decode batch of hundreds): plain loops. A request
-        # that gets no block, loads nothing and stays inside a chunk can have nothing planned:
-        # only its work is counted (the ledger would find no new full chunk to save).
-        quiet_tokens, quiet_attention = 0, 0.0
-        for req_id, computed, new_blocks in zip(cached.req_ids, cached.num_computed_tokens, cached.new_block_ids):
-            n = nst.get(req_id, 0)
-            if spec:
-                n -= len(spec.get(req_id, ()))
-            if new_blocks is None and (computed + n) // c == computed // c and req_id not in loading \
-                    and req_id not in resumed:
-                quiet_tokens += n
-                quiet_attention += n * (computed + n / 2)
-                continue
+        # Every running request, every step (a decode batch of hundreds): the quiet ones, which have
+        # nothing to plan, are told apart in numpy; only their work is counted.
+        ids = cached.req_ids
+        new = np.fromiter(map(nst.get, ids, itertools.repeat(0)), np.int64, len(ids))
+        if spec:
+            new -= np.fromiter((len(spec.get(r, ())) for r in ids), np.int64, len(ids))
+        planned = loading | resumed if loading else resumed  # never quiet
+        loud, quiet_tokens, quiet_attention = quiet_split(ids, cached.num_computed_tokens, new, cached.new_block_ids,
+                                                          c, planned, self.ledger.extend_blocks)
+        for i in loud:
+            req_id, new_blocks = ids[i], cached.new_block_ids[i]
             req = requests.get(req_id)
             if req is None:
                 continue
-            steps.append(ScheduledRequest(req_id, req.all_token_ids, computed, n,
+            steps.append(ScheduledRequest(req_id, req.all_token_ids, cached.num_computed_tokens[i], int(new[i]),
                                           None if new_blocks is None else new_blocks[0], req_id in resumed))
         # Parked loads end at the engine's count of this step, which vLLM set after the allocation.
         parked = [ScheduledRequest(i, self._requests[i].all_token_ids, self._requests[i].num_computed_tokens,
@@ -432,9 +454,9 @@ class KVTierConnector(KVConnectorBase_V1):
         for spec in plan.parked_loads:  # off the batch: every load, or a large one beside running requests
             large = spec.end - spec.start >= self.large_load_tokens
             spec.background = self.config.load_mode == "async" or (busy and large)
-        kept = frozenset(cached.req_ids).difference(resumed)
-        fresh = frozenset(self._fresh_blocks(scheduler_output, plan)) if self._sees_all_allocations else None
-        return KVTierMetadata(plan, kept, fresh)
+        if self._sees_all_allocations:  # the worker's save fence tests blocks; the requests kept are not needed
+            return KVTierMetadata(plan, None, frozenset(self._fresh_blocks(scheduler_output, plan)))
+        return KVTierMetadata(plan, frozenset(cached.req_ids).difference(resumed), None)
 
     def _fresh_blocks(self, scheduler_output: "SchedulerOutput", plan: StepPlan) -> set[int]:
         """Blocks handed to requests in this step that the step may write: a new or resumed

@@ -424,6 +424,15 @@ class PrefixLedger:
                 lease.release()
         return time.monotonic() - self._planned_at if self._planned_at else 0.0
 
+    def extend_blocks(self, req_id: str, block_ids: Sequence[int]) -> bool:
+        """A running request's new blocks, in a step that plans nothing for it (no load, no chunk
+        completed): appended to its table without a plan. False if the ledger does not know it."""
+        r = self.reqs.get(req_id)
+        if r is None:
+            return False
+        r.block_ids.extend(block_ids)
+        return True
+
     def on_finished(self, req_id: str) -> None:
         self.reqs.pop(req_id, None)
         self._allocated.pop(req_id, None)
