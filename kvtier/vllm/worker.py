@@ -300,12 +300,13 @@ class KVWorker:
           off the engine's steps; reported once every copy is done.
         """
         inline, background = [], []
-        reads = False  # a chunk is read from a lower tier of this process's store: batches overlap reads and copies
+        lower = bool(getattr(self.store, "lower", None))  # this process's store has tiers below its cpu tier
+        reads = False  # a chunk is read from such a tier: batches overlap reads and copies
         for spec in specs:
             held = self._in_memory(spec.keys)
             if spec.background or not held:
                 background.append(spec)
-                reads |= not held and bool(getattr(self.store, "lower", None))
+                reads |= lower and not held
             else:
                 inline.append(spec)
         if inline:
