@@ -277,7 +277,8 @@ def quiet_split(req_ids: Sequence[str], computed: Sequence[int], new: np.ndarray
     resumed), and no chunk completed by their ``new`` tokens after ``computed``. Their new blocks
     go onto the ledger's tables (``extend``; a request it does not know is planned instead).
     Returns (indices of the others, the quiet ones' tokens and attention work). In numpy: a decode
-    batch of hundreds passes here every step (issue 28), ~3x faster than a loop."""
+    batch of hundreds passes here every step (issue 28); at 512 requests ~1.8x faster than a loop
+    (49 vs 89 us), below ~100 slower (11 us of fixed cost)."""
     cp = np.fromiter(computed, np.int64, len(computed))
     quiet = cp % chunk + new < chunk
     if busy:
