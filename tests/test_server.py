@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import msgspec
@@ -26,6 +27,7 @@ from kvtier.config import KVTierConfig
 from kvtier.layout import ChunkLayout
 from kvtier.server import protocol as P
 from kvtier.server.client import RemoteStore
+from kvtier.server.shm import SharedRegion
 
 LAYOUT = ChunkLayout(2, 16, 8, torch.float16)  # 1 KiB chunks
 TIMEOUT = 1.0  # server's client timeout in these tests
@@ -427,6 +429,47 @@ def test_dead_server_means_misses_then_reconnect_after_restart():
         store.close()
         proc.terminate()
         assert proc.wait(30) == 0
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_a_region_the_background_thread_maps_is_pinned_by_the_next_get_or_allocate(monkeypatch):
+    """vLLM captures CUDA graphs at start-up; a cudaHostRegister on another thread meanwhile breaks
+    the capture and the engine dies. Seen on an H100: a P/D prefill engine's first Hello timed out
+    while the server reserved 64 GiB, the background thread connected and pinned the region during
+    the capture. The background thread never pins; the thread that loads or saves does."""
+    pins: list[str] = []
+    real_pin = SharedRegion.pin
+
+    def pin(region: SharedRegion) -> bool:
+        pins.append(threading.current_thread().name)
+        return real_pin(region)
+
+    monkeypatch.setattr(SharedRegion, "pin", pin)
+    me = threading.current_thread().name
+    tmp = tempfile.mkdtemp(prefix="kvs-", dir="/tmp")
+    addr = f"ipc://{tmp}/s.sock"
+    store = RemoteStore(client_config(addr), LAYOUT, "m", pin=True)  # no server yet: not connected
+    proc = None
+    try:
+        assert not store.connected
+        for restart in range(2):  # the first connection, then one after the server restarted
+            proc = start_server(addr)
+            assert store.wait_connected(10)
+            assert pins == [me] * restart  # mapped by the background thread, not pinned there
+            assert store.put(key(restart), payload(restart))  # allocates: pinned here, once
+            (ref,) = store.get([key(restart)])
+            assert torch.equal(ref.data, payload(restart))
+            ref.release()
+            assert pins == [me] * (restart + 1)
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+            assert store.lookup([key(restart)]) == 0  # the session is gone: reconnects in the background
+        proc = None
+    finally:
+        store.close()
+        if proc is not None:
+            proc.terminate()
+            proc.wait(30)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -10,7 +10,10 @@ raises here. Lookups answer 0, ``get`` answers misses, ``allocate`` answers None
 save is skipped). A background thread pings the server (keeping this client's session
 and its slot references alive) and reconnects once it is back, remapping the shared
 memory if the server restarted. References from an earlier session are dead: their
-``release`` does nothing and their ``commit`` is dropped.
+``release`` does nothing and their ``commit`` is dropped. The background thread makes no
+CUDA call: a region it maps is pinned by the next ``get`` or ``allocate``, on a thread that
+loads or saves (a ``cudaHostRegister`` on another thread during vLLM's CUDA graph capture at
+start-up breaks the capture and the engine dies).
 
 A reference's :meth:`RemoteRef.valid` tells whether the server still holds the slot for
 this client (the slot's generation in shared memory is unchanged): call it *after*
@@ -42,6 +45,9 @@ from kvtier.server import protocol as P
 from kvtier.server.shm import SharedRegion
 
 log = logging.getLogger(__name__)
+
+# How long a Hello may take once the server answered a ping: its first Hello opens the store.
+HELLO_WAIT_MS = 60_000
 
 
 class RemoteRef:
@@ -132,6 +138,8 @@ class RemoteStore:
         self._client = 0
         self._epoch = 0
         self._region: SharedRegion | None = None
+        self._pin_due = False  # the region was mapped by the background thread and is not pinned yet
+        self._unpin_due: list[SharedRegion] = []  # regions of a server that restarted, still pinned
         self._welcome: P.Welcome | None = None
         self._retry_at = 0.0
         self._last_sent = 0.0
@@ -142,7 +150,7 @@ class RemoteStore:
         self.reconnects = 0
         if connect:
             with self._lock:
-                self._connect()
+                self._connect(pin=True)
         self._thread = threading.Thread(target=self._background, name="kvtier-remote", daemon=True)
         self._thread.start()
 
@@ -163,8 +171,9 @@ class RemoteStore:
         self._releases.clear()
         self._reserve.clear()
 
-    def _connect(self) -> bool:
-        """Open a session (caller holds the lock); False (and retry later) when the server does not answer."""
+    def _connect(self, pin: bool) -> bool:
+        """Open a session (caller holds the lock); False (and retry later) when the server does not answer.
+        ``pin``: pin a newly mapped region now (False on the background thread: :meth:`_pin_for_copies`)."""
         if self._pid != os.getpid():  # forked: the parent's socket and context are not ours
             self._ctx, self._sock, self._pid = None, None, os.getpid()
             self._drop_session()
@@ -183,7 +192,12 @@ class RemoteStore:
         self._sock = sock
         hello = P.Hello(label=self.label, layout=P.layout_to_msg(self.layout), token=self.config.server_token,
                         pid=os.getpid())
-        rep = self._roundtrip(hello, self._connect_ms)
+        # A live server answers a ping at once; its first Hello opens the store, reserving the shared
+        # memory (seconds for tens of GiB), so the Hello may take longer than connect_timeout_s.
+        if not isinstance(self._roundtrip(P.Ping(), self._connect_ms), P.Ok):
+            self._reset_socket()
+            return False
+        rep = self._roundtrip(hello, max(self._connect_ms, HELLO_WAIT_MS))
         if not isinstance(rep, P.Welcome):
             if isinstance(rep, P.Error):
                 log.error("kvtier: server %s refused this client: %s (%s)", self.address, rep.message, rep.code)
@@ -198,11 +212,12 @@ class RemoteStore:
                 region = SharedRegion.open(rep.shm_path)
                 if region.server_id != rep.server_id or region.slot_bytes != rep.slot_bytes:
                     raise ValueError("shared region does not match the server's description")
-                if self._pin:
-                    region.pin()
                 old, self._region = self._region, region
                 if old is not None:
-                    old.unpin()  # old references keep the old mapping alive; they are dead anyway
+                    self._unpin_due.append(old)  # old references keep the old mapping alive; they are dead anyway
+                self._pin_due = self._pin
+                if pin:
+                    self._pin_for_copies()
         except (OSError, ValueError) as e:
             log.error("kvtier: cannot map the server's shared memory %s: %s", rep.shm_path, e)
             self._reset_socket()
@@ -300,7 +315,7 @@ class RemoteStore:
                 if now >= self._retry_at and self._lock.acquire(timeout=0.5):
                     try:
                         if not self._closed and not self._client:
-                            if self._connect():
+                            if self._connect(pin=False):
                                 log.info("kvtier: connected to server %s", self.address)
                     finally:
                         self._lock.release()
@@ -314,6 +329,15 @@ class RemoteStore:
                             self._request(P.Ping())
                     finally:
                         self._lock.release()
+
+    def _pin_for_copies(self) -> None:
+        """Pin the mapped region before its slots are handed out for copies (lock held), and unpin
+        those of a server that restarted. On the threads that load and save only (see the module doc)."""
+        if self._pin_due and self._region is not None:
+            self._pin_due = False
+            self._region.pin()
+        while self._unpin_due:
+            self._unpin_due.pop().unpin()
 
     def wait_connected(self, timeout: float = 10.0) -> bool:
         deadline = time.monotonic() + timeout
@@ -378,6 +402,7 @@ class RemoteStore:
                 epoch = self._epoch + 0
                 rep = self._request(P.Get(keys=part))
                 if isinstance(rep, P.Slots) and len(rep.slots) == len(part) and self._epoch == epoch:
+                    self._pin_for_copies()
                     out += [None if s < 0 else self._ref(s, g, epoch) for s, g in zip(rep.slots, rep.gens)]
                 else:
                     out += [None] * len(part)
@@ -394,6 +419,7 @@ class RemoteStore:
                 rep = self._request(P.Allocate(n=k))
                 if not isinstance(rep, P.Slots) or self._epoch != epoch:
                     break
+                self._pin_for_copies()
                 out += [self._ref(s, g, epoch) for s, g in zip(rep.slots, rep.gens)]
             if len(rep.slots) < k:
                 break
@@ -498,8 +524,10 @@ class RemoteStore:
             self._closed = True
             self._drop_session()
             self._reset_socket()
-            if self._region is not None:
-                self._region.unpin()
+            for region in [self._region, *self._unpin_due]:
+                if region is not None:
+                    region.unpin()
+            self._unpin_due.clear()
         self._wake.set()
         self._thread.join(timeout)
         if self._ctx is not None:
