@@ -473,6 +473,48 @@ def test_a_region_the_background_thread_maps_is_pinned_by_the_next_get_or_alloca
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def test_a_reconnect_in_the_background_holds_the_lookups_no_longer_than_connect_timeout():
+    """The first Hello may take long (the server opens its store) and the constructor waits for it;
+    the background thread does not: it connects under the client's lock, which every lookup of the
+    engine's thread takes. A server that answers pings and never welcomes holds a lookup for
+    connect_timeout_s at most (it held it for the whole 60 s Hello wait)."""
+    tmp = tempfile.mkdtemp(prefix="kvs-", dir="/tmp")
+    addr = f"ipc://{tmp}/s.sock"
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.bind(addr)
+    stop = threading.Event()
+    hellos = []
+
+    def serve() -> None:  # Ping: Ok; Hello: no answer, as a server stuck opening its store
+        while not stop.is_set():
+            if not sock.poll(20):
+                continue
+            frames = sock.recv_multipart()
+            req = P.decode_request(frames[-1])
+            if isinstance(req, P.Ping):
+                sock.send_multipart(frames[:-1] + [P.encode(P.Ok(rid=req.rid))])
+            elif isinstance(req, P.Hello):
+                hellos.append(time.monotonic())
+
+    server_thread = threading.Thread(target=serve, daemon=True)
+    server_thread.start()
+    store = RemoteStore(client_config(addr), LAYOUT, "m", connect=False)  # connect_timeout_s 0.5
+    try:
+        assert wait_for(lambda: hellos, 5), "the background thread sent no Hello"
+        t0 = time.monotonic()
+        assert store.lookup([key(1)]) == 0
+        assert time.monotonic() - t0 < 0.5 + 0.5
+    finally:
+        store.close()
+        stop.set()
+        server_thread.join(5)
+        sock.close(0)
+        ctx.term()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 # ------------------------------------------------------------------ SIGTERM flushes to disk
 def test_sigterm_flushes_write_behind_to_disk(tmp_path):
     from kvtier.store import Store

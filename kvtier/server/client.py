@@ -46,7 +46,7 @@ from kvtier.server.shm import SharedRegion
 
 log = logging.getLogger(__name__)
 
-# How long a Hello may take once the server answered a ping: its first Hello opens the store.
+# How long the constructor's Hello may take once the server answered a ping: its first Hello opens the store.
 HELLO_WAIT_MS = 60_000
 
 
@@ -150,7 +150,7 @@ class RemoteStore:
         self.reconnects = 0
         if connect:
             with self._lock:
-                self._connect(pin=True)
+                self._connect(foreground=True)
         self._thread = threading.Thread(target=self._background, name="kvtier-remote", daemon=True)
         self._thread.start()
 
@@ -171,9 +171,11 @@ class RemoteStore:
         self._releases.clear()
         self._reserve.clear()
 
-    def _connect(self, pin: bool) -> bool:
+    def _connect(self, foreground: bool) -> bool:
         """Open a session (caller holds the lock); False (and retry later) when the server does not answer.
-        ``pin``: pin a newly mapped region now (False on the background thread: :meth:`_pin_for_copies`)."""
+        ``foreground``: the caller's thread at start-up, which waits for a Hello that opens the server's
+        store and pins a newly mapped region now. The background thread does neither: it holds the lock
+        that lookups take, and a CUDA call there could break a capture (:meth:`_pin_for_copies`)."""
         if self._pid != os.getpid():  # forked: the parent's socket and context are not ours
             self._ctx, self._sock, self._pid = None, None, os.getpid()
             self._drop_session()
@@ -193,11 +195,11 @@ class RemoteStore:
         hello = P.Hello(label=self.label, layout=P.layout_to_msg(self.layout), token=self.config.server_token,
                         pid=os.getpid())
         # A live server answers a ping at once; its first Hello opens the store, reserving the shared
-        # memory (seconds for tens of GiB), so the Hello may take longer than connect_timeout_s.
+        # memory (seconds for tens of GiB), so at start-up the Hello may take longer than connect_timeout_s.
         if not isinstance(self._roundtrip(P.Ping(), self._connect_ms), P.Ok):
             self._reset_socket()
             return False
-        rep = self._roundtrip(hello, max(self._connect_ms, HELLO_WAIT_MS))
+        rep = self._roundtrip(hello, max(self._connect_ms, HELLO_WAIT_MS) if foreground else self._connect_ms)
         if not isinstance(rep, P.Welcome):
             if isinstance(rep, P.Error):
                 log.error("kvtier: server %s refused this client: %s (%s)", self.address, rep.message, rep.code)
@@ -216,7 +218,7 @@ class RemoteStore:
                 if old is not None:
                     self._unpin_due.append(old)  # old references keep the old mapping alive; they are dead anyway
                 self._pin_due = self._pin
-                if pin:
+                if foreground:
                     self._pin_for_copies()
         except (OSError, ValueError) as e:
             log.error("kvtier: cannot map the server's shared memory %s: %s", rep.shm_path, e)
@@ -315,7 +317,7 @@ class RemoteStore:
                 if now >= self._retry_at and self._lock.acquire(timeout=0.5):
                     try:
                         if not self._closed and not self._client:
-                            if self._connect(pin=False):
+                            if self._connect(foreground=False):
                                 log.info("kvtier: connected to server %s", self.address)
                     finally:
                         self._lock.release()
