@@ -560,7 +560,7 @@ def evict(path: str, start: int = 0, length: int = 0) -> None:
         os.close(fd)
 
 
-def resident(path: str, offset: int = 0, length: int = 1) -> int:
+def resident(path: str, offset: int, length: int) -> int:
     """How many pages of ``[offset, offset + length)`` of ``path`` are in the page cache (``length``
     0: to the end), asked with ``mincore`` over a private mapping: unlike :func:`page_cached`,
     asking reads nothing in."""
