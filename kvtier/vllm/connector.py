@@ -699,7 +699,7 @@ class KVTierConnector(KVConnectorBase_V1):
 
     # ================================================================ vLLM's metrics (kvtier.vllm.stats)
     def get_kv_connector_stats(self) -> KVTierStats | None:
-        """The totals of the counters that changed since the last report: loads, saves and tiers
+        """The totals of kvtier's counters (every one, in every report): loads, saves and tiers
         (worker), lookups (scheduler); vLLM calls it every step on both sides, merges, logs and
         exports the reports (:mod:`kvtier.vllm.stats`)."""
         try:
@@ -714,19 +714,19 @@ class KVTierConnector(KVConnectorBase_V1):
             store_counts = {} if metrics is None else {
                 "promoted_chunks": metrics.value("kvtier_promoted_chunks_total"),
                 "dropped_writes": metrics.value("kvtier_dropped_writes_total")}
-            changed: dict[str, Any] = self._totals.take(worker_counters(self.worker.stats, self.store.tiers,
+            report: dict[str, Any] = self._totals.take(worker_counters(self.worker.stats, self.store.tiers,
                                                                         store_counts))
             latency = self.store.metrics.take_recent_latency()
             if latency:
-                changed[LATENCY] = [list(x) for x in latency]
+                report[LATENCY] = [list(x) for x in latency]
         elif self.ledger is not None:
-            changed = self._totals.take(scheduler_counters(self.ledger.stats))
+            report = self._totals.take(scheduler_counters(self.ledger.stats))
         else:
             return None
         host = self._host.take()
         if host:
-            changed[STEP_HOST] = host
-        return KVTierStats(data=changed) if changed else None
+            report[STEP_HOST] = host
+        return KVTierStats(data=report) if report else None
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVTierStats:

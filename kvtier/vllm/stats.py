@@ -1,8 +1,8 @@
 """kvtier's counters in vLLM's own metrics: its periodic "KV Transfer metrics" log line and its
 Prometheus ``/metrics`` (``vllm:kvtier_*``), through the connector stats API (vLLM 0.24-0.33).
 
-Each connector reports, in a step where a counter changed, the *totals* of the counters that
-changed, under its own source id (``TOTALS``: source -> name -> total): the scheduler's its lookups
+Each connector reports, in every step once a counter is above zero, the *totals* of its counters,
+under its own source id (``TOTALS``: source -> name -> total): the scheduler's its lookups
 and the prompt tokens it took from kvtier, the worker's its loads, saves, load errors and each tier's
 counters of that process (hits, misses, puts, evictions, errors, corrupt chunks, bytes read and
 written); beside them the latency of each tier operation since the last report (``LATENCY``: a list
@@ -11,10 +11,12 @@ of every worker and the scheduler, logs them per interval and passes each to
 :class:`KVTierPromMetrics`, which adds to its counters (labelled by engine, and tier) what a source's
 totals grew by since it last saw them.
 
-Totals, not increments, because vLLM may drop a report: vLLM 0.24's offline ``LLM`` records the
-stats of a step only when the step has request outputs, so the first step of a chunked prefill,
-where the lookups and loads happen, was lost. A dropped report of totals costs nothing: the next
-one carries them. Latencies and step times are samples; a dropped report loses its samples.
+Every total in every report, because vLLM may drop a report: vLLM 0.24's offline ``LLM`` records
+the stats of a step only when the step has request outputs, so the steps of a chunked prefill, where
+the lookups and loads happen, are lost. A report of only what changed lost those counts for good
+when nothing changed after them (the GPU runs' ``tokens_from_kvtier`` read 0); with every total in
+every report, a dropped one costs nothing: the next carries the same totals. Latencies and step
+times are samples; a dropped report loses its samples.
 """
 
 from __future__ import annotations
@@ -84,18 +86,17 @@ _SOURCES = itertools.count()
 
 
 class Totals:
-    """One connector's counters for vLLM's reports: the totals of those that changed since the last
-    report, under a source id of its own (one per connector of one process)."""
+    """One connector's counters for vLLM's reports: all their totals, under a source id of its own
+    (one per connector of one process)."""
 
     def __init__(self, side: str) -> None:
         self.source = f"{side}:{os.getpid()}:{next(_SOURCES)}"
-        self._last: dict[str, float] = {}
 
     def take(self, now: dict[str, float]) -> dict[str, Any]:
-        """``{TOTALS: {source: {name: total}}}`` of the counters that changed; {} when none did."""
-        changed = {k: v for k, v in now.items() if v != self._last.get(k, 0.0)}
-        self._last = dict(now)
-        return {TOTALS: {self.source: changed}} if changed else {}
+        """``{TOTALS: {source: {name: total}}}`` of every counter above zero, changed or not (a
+        dropped report must not lose a count); {} while every counter is zero."""
+        above = {k: v for k, v in now.items() if v}
+        return {TOTALS: {self.source: above}} if above else {}
 
 
 def _merge_totals(a: dict[str, dict[str, float]], b: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:

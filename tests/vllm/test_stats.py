@@ -11,7 +11,7 @@ from kvtier.tiers.disk import DiskTier
 from kvtier.vllm.stats import KVTierPromMetrics, KVTierStats, Totals, worker_counters
 
 
-def test_reports_carry_totals_of_what_changed_and_merge(tmp_path):
+def test_reports_carry_every_total_and_merge(tmp_path):
     layout = ChunkLayout(1, 16, 8, torch.float16)
     disk = DiskTier(tmp_path, 1 << 20, layout)
     keys = [bytes([i]) * 16 for i in range(3)]
@@ -26,8 +26,11 @@ def test_reports_carry_totals_of_what_changed_and_merge(tmp_path):
         "disk.bytes_read": disk.file_bytes, "disk.bytes_written": 3 * disk.file_bytes}}}
     disk.get_into(keys[1:], [dest, dest])
     second = totals.take(worker_counters(worker, [disk]))
-    assert second == {"totals": {totals.source: {"disk.hits": 3, "disk.bytes_read": 3 * disk.file_bytes}}}
-    assert totals.take(worker_counters(worker, [disk])) == {}
+    assert second == {"totals": {totals.source: {
+        "loaded_tokens": 512, "load_errors": 1, "disk.hits": 3, "disk.puts": 3,
+        "disk.bytes_read": 3 * disk.file_bytes, "disk.bytes_written": 3 * disk.file_bytes}}}
+    assert totals.take(worker_counters(worker, [disk])) == second  # unchanged: carried again
+    assert Totals("worker").take({"lookups": 0.0}) == {}  # nothing counted yet: no report
     other = Totals("worker")  # another rank's connector: its own source
     assert other.source != totals.source
     merged = KVTierStats(data=first).aggregate(KVTierStats(data=second)).aggregate(
@@ -72,6 +75,21 @@ def test_a_report_vllm_drops_loses_no_count():
     assert value("vllm:kvtier_lookups_total", labels) == lookups
     prom.observe(reports[2], engine_idx=0)  # an old report seen again (late, or twice) adds nothing
     assert value("vllm:kvtier_loaded_tokens_total", labels) == loaded
+
+
+def test_a_dropped_report_whose_counts_never_change_again_is_still_counted():
+    """The GPU runs' case: a request's lookups and loads happen in a step without outputs (dropped by
+    vLLM 0.24's LLM), and nothing changes after it; the next report must carry those totals."""
+    prom, value = _prom({0: ["m", "0"]})
+    worker, scheduler = Totals("worker"), Totals("scheduler")
+    for step, (loaded, lookups) in enumerate([(0.0, 1.0), (256.0, 1.0), (256.0, 1.0)]):
+        report = KVTierStats(data=worker.take({"loaded_tokens": loaded})).aggregate(
+            KVTierStats(data=scheduler.take({"lookups": lookups})))
+        if step != 1:  # the step that loaded had no outputs: its report is dropped
+            prom.observe(report.data, engine_idx=0)
+    labels = {"model_name": "m", "engine": "0"}
+    assert value("vllm:kvtier_loaded_tokens_total", labels) == 256
+    assert value("vllm:kvtier_lookups_total", labels) == 1
 
 
 def test_store_latency_is_kept_for_vllm_only_when_asked(tmp_path):
