@@ -663,10 +663,7 @@ class Store:
             return None
         t0 = time.perf_counter()
         try:
-            limit = tier.deadline(op, nbytes)
-            if limit is None:
-                return getattr(tier, op)(*args)
-            return self._deadlines.call(tier.name, getattr(tier, op), args, limit, hold)
+            return self._deadlines.call_tier(tier, op, args, nbytes, hold)
         except Exception:  # a tier must not raise; if one does, it is a miss, not a crash
             log.exception("kvtier: tier %s raised in %s; treating as a miss", tier.name, op)
             self.metrics.tier_exceptions.labels(tier.name).inc()

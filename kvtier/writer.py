@@ -193,7 +193,7 @@ class _Chunk:
         self._lock = threading.Lock()
 
     def hold(self) -> None:
-        """A put with a deadline starts: the chunk is not answered before it returns."""
+        """A put starts: the chunk is not answered before it returns (one past its deadline included)."""
         with self._lock:
             self._open += 1
 
@@ -244,13 +244,9 @@ def _child(spec: dict) -> int:
             for i, tier in enumerate(tiers):
                 if not mask >> i & 1 or deadlines.hung(tier.name):
                     continue
+                chunk.hold()  # released when the put is over: in time, raising, or past its deadline
                 try:
-                    limit = tier.deadline("put", len(data))
-                    if limit is None:
-                        got = tier.put([key], [data])
-                    else:  # released when the put returns: in time, raising, or past the deadline
-                        chunk.hold()
-                        got = deadlines.call(tier.name, tier.put, ([key], [data]), limit, on_return=chunk.release)
+                    got = deadlines.call_tier(tier, "put", ([key], [data]), len(data), on_return=chunk.release)
                     if got is not None and got[0]:
                         chunk.stored |= 1 << i
                 except Exception:  # a tier must not raise; if one does, that write failed

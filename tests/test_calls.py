@@ -44,3 +44,35 @@ def test_on_return_runs_when_a_call_past_its_deadline_returns_at_last():
     gate.set()
     assert done.wait(5)
     calls.close()
+
+
+class _Tier:
+    """A tier's surface call_tier uses: its name, a deadline per op (None: none), its ops."""
+
+    name = "t"
+
+    def __init__(self, limit: float | None, put) -> None:
+        self.limit, self.put = limit, put
+
+    def deadline(self, op: str, nbytes: int) -> float | None:
+        return self.limit
+
+
+@pytest.mark.parametrize("limit", [None, 5.0])
+def test_call_tier_runs_on_return_once_with_or_without_a_deadline(limit):
+    """The store and the writer child call a tier through call_tier: on its thread where the tier
+    sets no deadline, through call() where it does; the hook runs once either way, raising too."""
+    calls, _ = _calls()
+    ran: list[int] = []
+    assert calls.call_tier(_Tier(limit, lambda keys: [True] * len(keys)), "put", ([b"k"],), 1,
+                           on_return=lambda: ran.append(1)) == [True]
+
+    def broken(keys) -> list:
+        raise RuntimeError("a tier bug")
+
+    with pytest.raises(RuntimeError):
+        calls.call_tier(_Tier(limit, broken), "put", ([b"k"],), 1, on_return=lambda: ran.append(2))
+    calls.close()  # the threads finish what they hold: each call's hook has run
+    for t in calls._threads:
+        t.join(5)
+    assert sorted(ran) == [1, 2]

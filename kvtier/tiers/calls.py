@@ -20,8 +20,12 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from typing import TYPE_CHECKING
 
 from kvtier.memory import ChunkRef
+
+if TYPE_CHECKING:
+    from kvtier.tiers.base import Tier
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +71,22 @@ class DeadlineCalls:
         self._on_overrun(tier)
         future.add_done_callback(lambda f: self._returned(tier, f, kept))
         return None
+
+    def call_tier(self, tier: "Tier", op: str, args: Sequence[object], nbytes: int, hold: Sequence[ChunkRef] = (),
+                  on_return: Callable[[], None] | None = None) -> list | None:
+        """``tier.op(*args)`` moving ``nbytes``: through :meth:`call` where the tier sets that call a
+        deadline (:meth:`Tier.deadline`), else on this thread. ``on_return`` runs once the call is
+        over either way; what the tier raises, the caller gets."""
+        handed = False
+        try:
+            limit = tier.deadline(op, nbytes)
+            if limit is None:
+                return getattr(tier, op)(*args)
+            handed = True  # call() runs on_return
+            return self.call(tier.name, getattr(tier, op), args, limit, hold, on_return)
+        finally:
+            if on_return is not None and not handed:
+                self._hook(on_return)
 
     @staticmethod
     def _hook(on_return: Callable[[], None]) -> None:
