@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kvtier.vllm.phases import drop_page_cache_now, run_engine_child, shutdown_engine, start_llm
+from kvtier.vllm.phases import drop_page_cache_now, reset_prefix_cache, run_engine_child, shutdown_engine, start_llm
 
 MARK = "@@KVTIER-ARRIVALS@@"
 # The scenario scaled down to vLLM's CPU engine (kvtier bench vllm --arrivals, gpu_async.py --cpu):
@@ -127,7 +127,7 @@ def _child(spec: dict) -> dict:
     out = {}
     runs = [("no_arrivals", []), ("arrivals", spec["arrivals"])] + ([("arrivals_disk", disk)] if disk else [])
     for run, arrivals in runs:
-        llm.reset_prefix_cache()
+        reset_prefix_cache(llm)
         time.sleep(1.0)
         out[run] = _measure(llm.llm_engine, spec, arrivals, drop_page_cache=run == "arrivals_disk")
     shutdown_engine(llm)

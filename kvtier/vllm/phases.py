@@ -7,7 +7,8 @@ survives but what kvtier put on disk. The parent sends a JSON spec; the child st
 Steps:
 - ``{"op": "ttft", "prompt": [ids]}``: time of one request generating one token (its TTFT).
 - ``{"op": "generate", "prompts": [[ids]], "max_tokens": n}``: greedy outputs and wall time.
-- ``{"op": "reset_prefix_cache"}``: empty vLLM's own prefix cache (kvtier keeps its copy).
+- ``{"op": "reset_prefix_cache"}``: empty vLLM's own prefix cache (kvtier keeps its copy); waits
+  until vLLM agrees (:func:`reset_prefix_cache`), ``tries`` in its result.
 - ``{"op": "metrics"}``: kvtier's counters in vLLM's metrics so far (``vllm:kvtier_*``, summed over
   labels; the engine needs ``disable_log_stats=False``); ``"marks": [...]``: the metrics whose name
   holds one of these instead of "kvtier".
@@ -194,6 +195,30 @@ def _top2(out: Any) -> list[list[float]]:
     return [[tok, lp.logprob] for tok, lp in best]
 
 
+def reset_prefix_cache(llm: Any, wait_s: float = 60.0) -> int:
+    """Empty the ``LLM``'s own prefix cache, for certain; returns the tries it took.
+
+    vLLM refuses the reset (returns False, logs a warning) while any block is held, and a connector
+    may hold a finished request's blocks until its save is done: LMCache's does, for a step or more.
+    A benchmark that went on would time vLLM's own prefix-cache hits as the connector's (the H100 run
+    of 6f17f61 timed LMCache's 32K "hits" at 24 ms, faster than the link). Between tries the engine
+    runs a 1-token request (a connector reports its saves done at a step); after ``wait_s``, raises.
+    """
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    deadline = time.monotonic() + wait_s
+    tries = 1
+    while llm.reset_prefix_cache() is False:  # None (an old vLLM) counts as done
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"vLLM refused to reset its prefix cache {tries} times in {wait_s:.0f} s: "
+                               "blocks are still held (a running request, or a connector's unfinished save)")
+        llm.generate([TokensPrompt(prompt_token_ids=[7])], SamplingParams(max_tokens=1), use_tqdm=False)
+        time.sleep(0.01)
+        tries += 1
+    return tries
+
+
 def start_llm(model: str, engine: dict[str, Any], kvtier: dict[str, Any] | None, kv_role: str = "kv_both") -> Any:
     """vLLM's ``LLM`` with ``engine`` kwargs, and kvtier as its connector in ``kv_role`` when ``kvtier``
     is a config dict."""
@@ -244,8 +269,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         elif op == "settle":
             results["steps"].append({"op": op, **wait_writes_quiet(step["path"], step.get("files", "*.kvc"))})
         elif op == "reset_prefix_cache":
-            llm.reset_prefix_cache()
-            results["steps"].append({"op": op})
+            results["steps"].append({"op": op, "tries": reset_prefix_cache(llm)})
         elif op == "profile_start":
             llm.start_profile(step.get("prefix"))
         elif op == "profile_stop":

@@ -37,7 +37,7 @@ import threading
 import time
 from pathlib import Path
 
-from kvtier.vllm.phases import kill_process_group, shutdown_engine
+from kvtier.vllm.phases import kill_process_group, reset_prefix_cache, shutdown_engine
 
 MARK = "@@KVT@@"
 SENTINEL = -12345.0  # written below a load's start while it runs; no KV value is ever this
@@ -427,7 +427,7 @@ def _child(cfg: dict) -> None:
         try:
             if cmd == "generate":
                 if req.get("reset"):
-                    llm.reset_prefix_cache()
+                    reset_prefix_cache(llm)
                 mt = req["max_tokens"]
                 mts = mt if isinstance(mt, list) else [mt] * len(req["prompts"])
                 sps = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in mts]
@@ -468,6 +468,8 @@ def _child(cfg: dict) -> None:
                 _reply({"ok": True})
             elif cmd == "staggered":
                 _reply(_staggered(llm, req["prompts"], req["max_tokens"], req["after_tokens"]))
+            elif cmd == "reset_while_held":
+                _reply(_reset_while_held(llm, req["prompt"]))
             elif cmd == "abort_while_loading":
                 _reply(_abort_while_loading(llm, req["prompts"], req["abort"], req["max_tokens"]))
             elif cmd == "flush":
@@ -494,7 +496,7 @@ def _staggered(llm, prompts: list[list[int]], max_tokens: list[int], after_token
     from vllm.inputs import TokensPrompt
 
     eng = llm.llm_engine
-    llm.reset_prefix_cache()
+    reset_prefix_cache(llm)
     ids = [str(10**9 + time.monotonic_ns() % 10**6 * 100 + i) for i in range(len(prompts))]
     outputs: dict[str, list[int]] = {}
     added = 0
@@ -507,6 +509,25 @@ def _staggered(llm, prompts: list[list[int]], max_tokens: list[int], after_token
         for o in eng.step():
             outputs[o.request_id.split("-")[0]] = list(o.outputs[0].token_ids)
     return {"outputs": [outputs.get(i) for i in ids]}
+
+
+def _reset_while_held(llm, prompt: list[int]) -> dict:
+    """Reset vLLM's prefix cache while a request holds blocks: vLLM refuses, reset_prefix_cache
+    steps the engine until it agrees; then ``prompt`` again finds nothing cached."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    sp = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    llm.generate([TokensPrompt(prompt_token_ids=prompt)], sp, use_tqdm=False)  # its blocks are cached
+    eng = llm.llm_engine
+    eng.add_request(str(10**9 + 7), TokensPrompt(prompt_token_ids=prompt[: len(prompt) // 2]),
+                    SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    while not any(o.outputs and o.outputs[0].token_ids for o in eng.step()):
+        pass
+    refused = llm.reset_prefix_cache()
+    tries = reset_prefix_cache(llm)
+    (again,) = llm.generate([TokensPrompt(prompt_token_ids=prompt)], sp, use_tqdm=False)
+    return {"plain_reset": refused, "tries": tries, "cached_after": again.num_cached_tokens}
 
 
 def _abort_while_loading(llm, prompts: list[list[int]], abort: int, max_tokens: int) -> dict:
@@ -524,7 +545,7 @@ def _abort_while_loading(llm, prompts: list[list[int]], abort: int, max_tokens: 
     pool = sched.kv_cache_manager.block_pool
     stores = {id(c.store): c.store for c in INSTANCES}
     host = lambda: sum(st.pool.free_slots for st in stores.values())  # noqa: E731
-    llm.reset_prefix_cache()
+    reset_prefix_cache(llm)
     before = {"free_blocks": pool.get_num_free_blocks(), "free_host_slots": host()}
     sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     ids = [str(10**9 + time.monotonic_ns() % 10**6 * 100 + i) for i in range(len(prompts))]  # LLM parses ids as ints

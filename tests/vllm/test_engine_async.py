@@ -71,6 +71,17 @@ def test_failed_load_poisons_no_chunk(small_pair):
     SUMMARY["hit_tokens"] += second["cached"][0]
 
 
+def test_a_reset_refused_while_blocks_are_held_is_retried_until_vllm_agrees(small_pair):
+    """vLLM refuses to reset its prefix cache while a request holds blocks (as LMCache's connector
+    holds a finished request's until its save is done); a benchmark that went on timed vLLM's own
+    prefix-cache hits as the connector's. kvtier.vllm.phases.reset_prefix_cache steps until done."""
+    base, _ = small_pair
+    got = base.call("reset_while_held", prompt=_tokens(21, 300))
+    assert got["plain_reset"] is False, "vLLM reset its cache while a request held blocks: nothing was tested"
+    assert got["tries"] > 1
+    assert got["cached_after"] == 0, f"the prefix cache still held the prompt after the reset: {got}"
+
+
 @pytest.fixture(scope="module")
 def lossy_pair(tiny_model, engines):
     # kvtier's defaults but the cost policy: on the CPU engine a parked load's measured round trip
