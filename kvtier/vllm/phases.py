@@ -199,7 +199,7 @@ def reset_prefix_cache(llm: Any, wait_s: float = 60.0) -> int:
     """Empty the ``LLM``'s own prefix cache, for certain; returns the tries it took.
 
     vLLM refuses the reset (returns False, logs a warning) while any block is held, and a connector
-    may hold a finished request's blocks until its save is done: LMCache's does, for a step or more.
+    may hold a finished request's blocks until its save is done (LMCache's engine was refused so).
     A benchmark that went on would time vLLM's own prefix-cache hits as the connector's (the H100 run
     of 6f17f61 timed LMCache's 32K "hits" at 24 ms, faster than the link). Between tries the engine
     runs a 1-token request (a connector reports its saves done at a step); after ``wait_s``, raises.
