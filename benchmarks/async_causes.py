@@ -5,7 +5,9 @@ A spike is a gap between two tokens of a running request over twice the median g
 run. For each mode and run: how many spikes, their extra time, and which kvtier spans
 (``KVTIER_TRACE``) overlapped them, with the overlap per span name (a span of kvtier's own threads,
 ``name [kvtier-load]``, overlaps without holding up the engine's thread); and the durations of the
-load thread's work per arrival (planning, enqueueing copies).
+load thread's work per arrival (planning, enqueueing copies). ``stacks_in_spikes_ms``: where the
+engine's thread was during the spikes, from its sampled stacks (``KVTIER_TRACE_SAMPLE_MS``, which
+``gpu_async.py --trace`` sets to 5; innermost frame first), for the time no span accounts for.
 
     python3 benchmarks/async_causes.py DIR [--out FILE.json]
 """
@@ -58,14 +60,22 @@ def analyse(run: dict, spans: list[dict]) -> dict:
                 overlap[_label(s)][1] += o
     by_name: dict[str, list[float]] = defaultdict(list)
     for s in window:
-        by_name[s["name"]].append(s["dur"])
+        if s["name"] != "sample":
+            by_name[s["name"]].append(s["dur"])
+    stacks: dict[str, float] = defaultdict(float)  # KVTIER_TRACE_SAMPLE_MS: the engine thread's stacks
+    for a, b in merged:
+        for s in window:
+            o = min(b, s["t"] + s["dur"]) - max(a, s["t"])
+            if s["name"] == "sample" and o > 0:
+                stacks[" < ".join(s["stack"][:6])] += o
     return {
         "median_itl_ms": 1e3 * med,
         "spikes": len(merged),
         "spike_extra_ms": 1e3 * sum(b - a - med for a, b in merged),
         "worst_spikes_ms": sorted((round(1e3 * (b - a), 2) for a, b in merged), reverse=True)[:8],
         "spans_in_spikes": {k: {"count": v[0], "overlap_ms": round(1e3 * v[1], 2)}
-                            for k, v in sorted(overlap.items(), key=lambda kv: -kv[1][1])},
+                            for k, v in sorted(overlap.items(), key=lambda kv: -kv[1][1]) if k != "sample"},
+        "stacks_in_spikes_ms": {k: round(1e3 * v, 2) for k, v in sorted(stacks.items(), key=lambda kv: -kv[1])[:8]},
         "spans_in_window": {k: {"count": len(d), "total_ms": round(1e3 * sum(d), 2),
                                 "max_ms": round(1e3 * max(d), 2)} for k, d in sorted(by_name.items())},
     }

@@ -27,8 +27,8 @@ LOAD_MODES = ("auto", "sync", "async")
 LOAD_POLICIES = ("auto", "always")
 WRITERS = ("auto", "threads", "process")
 ENV_PREFIX = "KVTIER_"
-# KVTIER_* variables that are not settings: the config file, and kvtier.trace's output file.
-ENV_NOT_SETTINGS = (ENV_PREFIX + "CONFIG_FILE", ENV_PREFIX + "TRACE")
+# KVTIER_* variables that are not settings: the config file, and kvtier.trace's output file and sampling.
+ENV_NOT_SETTINGS = (ENV_PREFIX + "CONFIG_FILE", ENV_PREFIX + "TRACE", ENV_PREFIX + "TRACE_SAMPLE_MS")
 # cpu_bytes 0 or "auto": sized from the host (see auto_cpu_bytes; docs/config.md, cpu_bytes).
 AUTO_CPU_SHARE = 0.25  # of the host's memory (the container's limit when lower)
 AUTO_CPU_RESERVE = 4 * 2**30  # of the memory available now, left to everything else

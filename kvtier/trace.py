@@ -11,6 +11,13 @@ when off a span costs one attribute check. Python's garbage collections of at le
 :data:`GC_MIN_S` are recorded too (``gc``, with the generation and the objects collected): a
 collection holds the GIL, so every thread of the process stands still for it.
 
+Where a step is late and no span says why, ``KVTIER_TRACE_SAMPLE_MS=5`` (with ``KVTIER_TRACE``)
+samples the main thread's stack every 5 ms into a ring of the last 2 s. When the engine's next step
+comes at least :data:`GAP_S` after the previous one (:func:`mark_step`, called at each step's close),
+the samples of the gap are written as ``sample`` lines: one per run of equal stacks, with ``stack``
+(innermost frame first) and ``n`` samples. They show what the engine's thread was doing, or waiting
+in, while no hook of kvtier's ran.
+
     KVTIER_TRACE=/tmp/kv.jsonl python3 my_serving_script.py
     python3 -m kvtier.trace /tmp/kv.jsonl        # per-name count, total, median, max
 """
@@ -25,7 +32,7 @@ import statistics
 import sys
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -80,6 +87,66 @@ def _on_gc(phase: str, info: dict) -> None:
 if ON:
     atexit.register(flush)
     gc.callbacks.append(_on_gc)
+
+
+SAMPLE_S = float(os.environ.get("KVTIER_TRACE_SAMPLE_MS") or 0) / 1e3 if ON else 0.0
+GAP_S = 0.03  # a step this long after the previous one has its samples written
+_RING_S = 2.0  # samples kept; a longer gap (an idle engine waiting for requests) is written in part
+_ring: deque[tuple[float, tuple[str, ...]]] = deque(maxlen=max(1, int(_RING_S / SAMPLE_S)) if SAMPLE_S else 1)
+_last_step: list[float] = []  # the previous mark_step's time
+_written_to = 0.0  # samples up to here are written already (both sides of one process mark steps)
+
+
+def _stack(frame, depth: int = 14) -> tuple[str, ...]:
+    out = []
+    while frame is not None and len(out) < depth:
+        out.append(f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_code.co_name}:{frame.f_lineno}")
+        frame = frame.f_back
+    return tuple(out)
+
+
+def _sample_main_thread(main: int) -> None:
+    while True:
+        time.sleep(SAMPLE_S)
+        frame = sys._current_frames().get(main)
+        _ring.append((time.perf_counter(), _stack(frame)))
+
+
+def mark_step(now: float | None = None) -> None:
+    """A step of the engine closed: if it came :data:`GAP_S` or more after the previous one, write
+    the main thread's samples of the gap (``sample`` lines). No-op unless sampling is on."""
+    global _written_to
+    if not SAMPLE_S:
+        return
+    now = time.perf_counter() if now is None else now
+    start = _last_step[0] if _last_step else now
+    _last_step[:] = [now]
+    if now - start < GAP_S:
+        return
+    run: list[tuple[float, tuple[str, ...]]] = []
+    for t, stack in [x for x in list(_ring) if max(start, _written_to) < x[0] <= now]:
+        if run and stack != run[-1][1]:
+            _write_run(run)
+            run = []
+        run.append((t, stack))
+    if run:
+        _write_run(run)
+    _written_to = now
+
+
+def _write_run(run: list[tuple[float, tuple[str, ...]]]) -> None:
+    first = run[0][0] - SAMPLE_S
+    record("sample", first, run[-1][0] - first, stack=list(run[0][1]), n=len(run))
+
+
+def start_sampling() -> bool:
+    """Start the main thread's sampler of this process (once); False when sampling is off."""
+    if not SAMPLE_S or getattr(start_sampling, "started", False):
+        return bool(SAMPLE_S)
+    start_sampling.started = True  # type: ignore[attr-defined]
+    threading.Thread(target=_sample_main_thread, args=(threading.main_thread().ident,),
+                     name="kvtier-trace-sampler", daemon=True).start()
+    return True
 
 
 @contextmanager

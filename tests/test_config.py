@@ -71,6 +71,14 @@ def test_bad_env_value_is_reported():
         KVTierConfig.from_sources({}, env={"KVTIER_CHUNK_SIZE": "big"})
 
 
+def test_trace_variables_are_not_settings():
+    """KVTIER_TRACE and KVTIER_TRACE_SAMPLE_MS configure kvtier.trace; an engine started with them
+    must not refuse them as unknown settings (gpu_async --trace's CPU dry run did, for the second)."""
+    c = KVTierConfig.from_sources({}, env={"KVTIER_TRACE": "/tmp/t.jsonl", "KVTIER_TRACE_SAMPLE_MS": "5",
+                                           "KVTIER_CHUNK_SIZE": "128"})
+    assert c.chunk_size == 128
+
+
 def test_bad_yaml(tmp_path):
     y = tmp_path / "bad.yaml"
     y.write_text("chunk_size: [\n")

@@ -90,3 +90,45 @@ def test_lines_name_their_thread_and_spike_causes_set_kvtier_threads_apart(tmp_p
              {"t": 0.30, "dur": 0.01, "name": "hook.get_finished", "thread": "MainThread"}]
     got = causes.analyse(run, spans)["spans_in_spikes"]
     assert set(got) == {"worker.plan_loads [kvtier-load]", "hook.get_finished"}
+
+
+SAMPLED = """
+import time
+from kvtier import trace
+assert trace.start_sampling()
+def engine_waits_in_here():
+    time.sleep(0.12)
+trace.mark_step()
+engine_waits_in_here()  # a late step: its samples are written
+trace.mark_step()
+time.sleep(0.01)  # a step on time: nothing written
+trace.mark_step()
+trace.flush()
+"""
+
+
+def test_a_late_step_writes_what_the_main_thread_was_doing(tmp_path):
+    """KVTIER_TRACE_SAMPLE_MS: the first arrival's 133 ms wait on the H100 had no span of kvtier's on
+    any thread; the main thread's sampled stacks of such a gap say where it was."""
+    import json
+
+    path = tmp_path / "trace.jsonl"
+    subprocess.run([sys.executable, "-c", SAMPLED], check=True,
+                   env={**os.environ, "KVTIER_TRACE": str(path), "KVTIER_TRACE_SAMPLE_MS": "2"})
+    samples = [d for d in map(json.loads, path.read_text().splitlines()) if d["name"] == "sample"]
+    inside = [d for d in samples if any("engine_waits_in_here" in f for f in d["stack"])]
+    assert inside, samples
+    assert inside[0]["stack"][0].startswith("<string>:engine_waits_in_here:")  # innermost frame first
+    assert 0.08 <= sum(d["dur"] for d in inside) <= 0.2
+    assert all(d["t"] + d["dur"] <= inside[-1]["t"] + inside[-1]["dur"] + 0.03 for d in samples), \
+        "samples of the step on time were written"
+
+
+def test_sampling_is_off_without_its_setting(tmp_path):
+    path = tmp_path / "trace.jsonl"
+    script = "from kvtier import trace; print(trace.start_sampling()); trace.mark_step(); trace.flush()"
+    env = {k: v for k, v in os.environ.items() if k != "KVTIER_TRACE_SAMPLE_MS"}
+    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True,
+                         env={**env, "KVTIER_TRACE": str(path)})
+    assert out.stdout.strip() == "False"
+    assert not path.exists()

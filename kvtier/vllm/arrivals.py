@@ -73,6 +73,7 @@ def bench_arrivals(model: str, engine: dict[str, Any], kv_bytes_per_token: int, 
         if trace:
             Path(trace).mkdir(parents=True, exist_ok=True)
             os.environ["KVTIER_TRACE"] = str(Path(trace) / f"trace_{mode}.jsonl")
+            os.environ.setdefault("KVTIER_TRACE_SAMPLE_MS", "5")  # the engine thread's stacks in late steps
         try:
             r = run_mode({**spec, "engine": eng, "kvtier": kvc, "disk_arrivals": disk_arrivals if kvc else [],
                           "keep_times": bool(trace), "env": envs.get(mode, {})})

@@ -187,6 +187,7 @@ class StepHostTime:
     adds its own time; the step closes at a hook that marks its boundary."""
 
     def __init__(self, side: str, most: int = 4096) -> None:
+        trace.start_sampling()  # KVTIER_TRACE_SAMPLE_MS: what the engine's thread does in a late step
         self.side = side
         self._trace_name = f"step_host.{side}"
         self._now = 0.0
@@ -197,6 +198,7 @@ class StepHostTime:
         self._now += seconds
 
     def close(self) -> None:
+        trace.mark_step()
         if self._now > 0:
             if len(self._steps) < self._most:
                 self._steps.append(self._now)
