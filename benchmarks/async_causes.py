@@ -52,29 +52,28 @@ def analyse(run: dict, spans: list[dict]) -> dict:
     hi = max(b for _, b in gaps)
     window = [s for s in spans if s["t"] + s["dur"] >= lo and s["t"] <= hi]
     overlap: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    stacks: dict[str, float] = defaultdict(float)  # KVTIER_TRACE_SAMPLE_MS: the engine thread's stacks
     for a, b in merged:
         for s in window:
             o = min(b, s["t"] + s["dur"]) - max(a, s["t"])
-            if o > 0:
+            if o <= 0:
+                continue
+            if s["name"] == "sample":
+                stacks[" < ".join(s["stack"][:6])] += o
+            else:
                 overlap[_label(s)][0] += 1
                 overlap[_label(s)][1] += o
     by_name: dict[str, list[float]] = defaultdict(list)
     for s in window:
         if s["name"] != "sample":
             by_name[s["name"]].append(s["dur"])
-    stacks: dict[str, float] = defaultdict(float)  # KVTIER_TRACE_SAMPLE_MS: the engine thread's stacks
-    for a, b in merged:
-        for s in window:
-            o = min(b, s["t"] + s["dur"]) - max(a, s["t"])
-            if s["name"] == "sample" and o > 0:
-                stacks[" < ".join(s["stack"][:6])] += o
     return {
         "median_itl_ms": 1e3 * med,
         "spikes": len(merged),
         "spike_extra_ms": 1e3 * sum(b - a - med for a, b in merged),
         "worst_spikes_ms": sorted((round(1e3 * (b - a), 2) for a, b in merged), reverse=True)[:8],
         "spans_in_spikes": {k: {"count": v[0], "overlap_ms": round(1e3 * v[1], 2)}
-                            for k, v in sorted(overlap.items(), key=lambda kv: -kv[1][1]) if k != "sample"},
+                            for k, v in sorted(overlap.items(), key=lambda kv: -kv[1][1])},
         "stacks_in_spikes_ms": {k: round(1e3 * v, 2) for k, v in sorted(stacks.items(), key=lambda kv: -kv[1])[:8]},
         "spans_in_window": {k: {"count": len(d), "total_ms": round(1e3 * sum(d), 2),
                                 "max_ms": round(1e3 * max(d), 2)} for k, d in sorted(by_name.items())},

@@ -93,8 +93,8 @@ SAMPLE_S = float(os.environ.get("KVTIER_TRACE_SAMPLE_MS") or 0) / 1e3 if ON else
 GAP_S = 0.03  # a step this long after the previous one has its samples written
 _RING_S = 2.0  # samples kept; a longer gap (an idle engine waiting for requests) is written in part
 _ring: deque[tuple[float, tuple[str, ...]]] = deque(maxlen=max(1, int(_RING_S / SAMPLE_S)) if SAMPLE_S else 1)
-_last_step: list[float] = []  # the previous mark_step's time
-_written_to = 0.0  # samples up to here are written already (both sides of one process mark steps)
+_last_step: float | None = None  # the previous mark_step's, of either side (both mark steps in one process)
+_sampling = False  # this process's sampler is running
 
 
 def _stack(frame, depth: int = 14) -> tuple[str, ...]:
@@ -112,26 +112,24 @@ def _sample_main_thread(main: int) -> None:
         _ring.append((time.perf_counter(), _stack(frame)))
 
 
-def mark_step(now: float | None = None) -> None:
+def mark_step() -> None:
     """A step of the engine closed: if it came :data:`GAP_S` or more after the previous one, write
     the main thread's samples of the gap (``sample`` lines). No-op unless sampling is on."""
-    global _written_to
+    global _last_step
     if not SAMPLE_S:
         return
-    now = time.perf_counter() if now is None else now
-    start = _last_step[0] if _last_step else now
-    _last_step[:] = [now]
+    now = time.perf_counter()
+    start, _last_step = (now if _last_step is None else _last_step), now
     if now - start < GAP_S:
         return
     run: list[tuple[float, tuple[str, ...]]] = []
-    for t, stack in [x for x in list(_ring) if max(start, _written_to) < x[0] <= now]:
+    for t, stack in [x for x in list(_ring) if start < x[0] <= now]:  # list(): a snapshot the sampler cannot change
         if run and stack != run[-1][1]:
             _write_run(run)
             run = []
         run.append((t, stack))
     if run:
         _write_run(run)
-    _written_to = now
 
 
 def _write_run(run: list[tuple[float, tuple[str, ...]]]) -> None:
@@ -141,9 +139,10 @@ def _write_run(run: list[tuple[float, tuple[str, ...]]]) -> None:
 
 def start_sampling() -> bool:
     """Start the main thread's sampler of this process (once); False when sampling is off."""
-    if not SAMPLE_S or getattr(start_sampling, "started", False):
+    global _sampling
+    if not SAMPLE_S or _sampling:
         return bool(SAMPLE_S)
-    start_sampling.started = True  # type: ignore[attr-defined]
+    _sampling = True
     threading.Thread(target=_sample_main_thread, args=(threading.main_thread().ident,),
                      name="kvtier-trace-sampler", daemon=True).start()
     return True
