@@ -19,7 +19,11 @@ runs, each on a prompt vLLM's prefix cache does not hold (``reset_prefix_cache``
 - ``cold_lmcache_s``, ``lmcache_cpu_hit_s`` (issue 30): the same steps as kvtier's with LMCache 0.5.3
   (vLLM's LMCacheConnectorV1, local_cpu of kvtier's cpu_bytes, chunks of 256 tokens; settings in
   benchmarks/gpu_lmcache/phase.py), from ``--part lmcache`` run before part 2; None where that part
-  did not run, and ``lmcache`` says why where LMCache could not (the exact error).
+  did not run, and ``lmcache`` says why where LMCache could not (the exact error); ``lmcache.log``: what
+  LMCache's retrieves moved (tokens, GB, ms, from its own log lines).
+- ``hits_faster_than_link``: the connector hits timed below ``link_limit_s``, which cannot have loaded
+  their whole prompt over the link (on the H100, LMCache's "hits" were timed at vLLM's own prefix-cache
+  speed even after a reset vLLM agreed to).
 
     python3 benchmarks/gpu_vllm.py --part 1 && python3 benchmarks/gpu_vllm.py --part 2
     (LMCache: --part lmcache between the two, after its kit: benchmarks/gpu_lmcache/prepare.sh)
@@ -240,9 +244,20 @@ def rows(p1: dict, p2: dict, limits: dict, prompts: dict, reps: int, lm: dict | 
                           "kvtier_cpu_cpu_only": [s["s"] for s in c[reps:]],
                           "cold_lmcache": [s["s"] for s in m[:reps]], "lmcache_cpu": [s["s"] for s in m[reps:]]},
                "outputs": outs,
+               "hits_faster_than_link": None,
                "outputs_match": all(o == outs["vllm"] for o in outs.values())}
+        row["hits_faster_than_link"] = faster_than_link(row)
         out.append(row)
     return out
+
+
+def faster_than_link(row: dict) -> list[str]:
+    """The connector hits of ``row`` timed below the time the host link needs for their bytes: such a
+    hit did not load its whole prompt over the link (vLLM's own prefix cache served it, or the
+    connector moved less), so it must not be read as that connector's load time."""
+    link = row.get("link_limit_s")
+    names = ("kvtier_cpu_hit_s", "native_offload_hit_s", "lmcache_cpu_hit_s", "kvtier_cpu_hit_cpu_only_s")
+    return [] if not link else [n for n in names if row.get(n) is not None and row[n] < link]
 
 
 def main() -> int:
@@ -282,7 +297,8 @@ def main() -> int:
                                 "kvtier_restart": p2["restart"]["startup_s"],
                                 "native": p2["native"]["startup_s"] if p2["native"] else None,
                                 "lmcache": lm.get("startup_s") if lm else None},
-                  "lmcache": None if lm is None else {"settings": lm.get("settings"), "skipped": lm.get("skipped")},
+                  "lmcache": None if lm is None else {"settings": lm.get("settings"), "skipped": lm.get("skipped"),
+                                                      "log": lm.get("lmcache_log")},
                   "rows": rows(p1, p2, limits, prompts, args.reps, lm)}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))
@@ -292,6 +308,8 @@ def main() -> int:
         print(" ".join(f"{k:>20}" for k in keys))
         for r in result["rows"]:
             print(" ".join(f"{r[k]:>20.4f}" if isinstance(r[k], float) else f"{str(r[k]):>20}" for k in keys))
+            if r["hits_faster_than_link"]:
+                print(f"  {r['tokens']} tokens: faster than the link allows, not a load: {r['hits_faster_than_link']}")
     return 0
 
 

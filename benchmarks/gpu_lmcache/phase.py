@@ -22,8 +22,8 @@ configurations, so a device call is never lost to a missing package.
 
 LMCache also keeps serving when its engine fails to start (it recomputes every token, "degraded
 mode") or when its compiled ops do not load (it runs them in torch): the child reads LMCache's
-lines in its own log (the engine core writes there too) and reports its lookups, hit tokens and
-any such failure (``lmcache_log``); a degraded run is recorded as skipped, with LMCache's message,
+lines in its own log (the engine core writes there too) and reports its lookups, hit tokens, what
+each retrieve moved (tokens, GB, ms) and any such failure (``lmcache_log``); a degraded run is recorded as skipped, with LMCache's message,
 rather than as LMCache's figures.
 
     python3 benchmarks/gpu_lmcache/phase.py --check    # the import check alone (no engine)
@@ -52,6 +52,10 @@ QUIET = {"LMCACHE_TRACK_USAGE": "false", "PYTHONHASHSEED": "0"}
 DEGRADED = ("degraded mode", "stays on the torch baseline", "Failed to initialize LMCacheManager",
             "Failed during post_init")
 HITS = re.compile(r"LMCache hit tokens: (\d+)")
+# One line per retrieve (LMCache 0.5.3, cache_engine.py): what it moved, so a "hit" timed faster than
+# the host link can be checked against the bytes it really loaded.
+RETRIEVED = re.compile(r"Retrieved (\d+) out of (\d+) required tokens \(from (\d+) total tokens\)\. "
+                       r"size: ([\d.]+) gb, cost ([\d.]+) ms")
 STEP_FILES = "*"  # drop_page_cache / settle: LMCache's files
 STEP_MARKS = ["prefix_cache", "kvtier", "lmcache"]  # metrics: vLLM's connector and prefix-cache counters
 
@@ -116,7 +120,10 @@ def run_phase(model: str, steps: list[dict[str, Any]], env: dict[str, str], engi
             "engine": {**DEMO_ENGINE, **engine, "kv_transfer_config": CONNECTOR}}
     result = run_engine_child([sys.executable, str(HERE)], spec, MARK, timeout)
     log = result.get("lmcache_log", {})
-    print(f"LMCache's log: {log.get('lookups')} lookups, {log.get('hit_tokens')} hit tokens", flush=True)
+    got = log.get("retrieves") or {}
+    print(f"LMCache's log: {log.get('lookups')} lookups, {log.get('hit_tokens')} hit tokens; "
+          f"{got.get('count')} retrieves moved {got.get('retrieved_tokens')} tokens ({got.get('gb')} GB) "
+          f"in {got.get('ms')} ms", flush=True)
     if log.get("degraded"):
         return {"skipped": "LMCache ran degraded (every token recomputed), so these would be vLLM alone's "
                            "figures:\n" + "\n".join(log["degraded"])[-2500:], "degraded_result": result}
@@ -195,18 +202,31 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 
 def read_own_log() -> dict[str, Any]:
     """What LMCache logged in this engine (its engine core writes to this process's stdout: the
-    parent's log file): the lookups it answered, their hit tokens, and any sign that it ran degraded."""
+    parent's log file): :func:`summarize_log` of it."""
     try:
         text = Path("/proc/self/fd/1").read_text(errors="replace")
     except OSError as e:
         return {"error": repr(e)}
+    return summarize_log(text)
+
+
+def summarize_log(text: str) -> dict[str, Any]:
+    """The lookups LMCache answered and their hit tokens, its retrieves (tokens asked and moved, GB,
+    ms; each retrieve in order), and any sign that it ran degraded."""
     lines = text.splitlines()
     hits = [int(m.group(1)) for line in lines if (m := HITS.search(line))]
+    got = [(int(m.group(1)), int(m.group(2)), int(m.group(3)), float(m.group(4)), float(m.group(5)))
+           for line in lines if (m := RETRIEVED.search(line))]
     degraded = []
     for i, line in enumerate(lines):
         if any(d in line for d in DEGRADED):
             degraded.append("\n".join(lines[i:i + 25]))  # the message and the traceback it carries
-    return {"lookups": len(hits), "hit_tokens": sum(hits), "degraded": degraded[:4]}
+    retrieves = {"count": len(got), "retrieved_tokens": sum(g[0] for g in got),
+                 "required_tokens": sum(g[1] for g in got), "gb": round(sum(g[3] for g in got), 4),
+                 "ms": round(sum(g[4] for g in got), 3),
+                 "each": [{"retrieved": g[0], "required": g[1], "prompt": g[2], "gb": g[3], "ms": g[4]}
+                          for g in got[:200]]}
+    return {"lookups": len(hits), "hit_tokens": sum(hits), "retrieves": retrieves, "degraded": degraded[:4]}
 
 
 if __name__ == "__main__":

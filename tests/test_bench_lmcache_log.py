@@ -1,0 +1,52 @@
+"""The GPU benchmarks' reading of LMCache's log and their check of hits against the host link (issue 30).
+
+LMCache's own lines are the only record of what its retrieves moved; a "hit" timed below the link's
+time for its bytes must be flagged, not tabled as a load (the H100 runs timed LMCache's 32K hits at
+29 ms against a 78 ms link).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+from gpu_lmcache.phase import summarize_log  # noqa: E402
+
+# Lines in the formats of LMCache 0.5.3 (cache_engine.py, vllm_v1_adapter.py), among vLLM's.
+LOG = """\
+INFO 12-06 03:36:47 [core.py:100] engine started
+[2026-12-06 03:36:50,001] LMCache INFO: Reqid: 1, Total tokens 32768, LMCache hit tokens: 32767, need to load: 32767
+[2026-12-06 03:36:50,031] LMCache INFO: [req_id=1] Retrieved 32767 out of 32767 required tokens (from 32767 \
+total tokens). size: 4.0000 gb, cost 80.1250 ms, throughput: 49.9220 GB/s;
+[2026-12-06 03:36:51,001] LMCache INFO: Reqid: 2, Total tokens 32768, LMCache hit tokens: 32767, need to load: 15
+[2026-12-06 03:36:51,004] LMCache INFO: [req_id=2] Retrieved 256 out of 15 required tokens (from 32767 \
+total tokens). size: 0.0312 gb, cost 1.5000 ms, throughput: 20.8333 GB/s;
+"""
+
+
+def test_retrieves_are_summed_and_kept_in_order():
+    got = summarize_log(LOG)
+    assert got["lookups"] == 2 and got["hit_tokens"] == 65534
+    r = got["retrieves"]
+    assert r["count"] == 2
+    assert r["retrieved_tokens"] == 32767 + 256 and r["required_tokens"] == 32767 + 15
+    assert r["gb"] == 4.0312 and r["ms"] == 81.625
+    assert [e["retrieved"] for e in r["each"]] == [32767, 256]
+    assert got["degraded"] == []
+
+
+def test_a_degraded_engine_is_reported_with_its_message():
+    got = summarize_log(LOG + "LMCache ERROR: Failed to initialize LMCacheManager: no GPU\nTraceback ...\n")
+    assert len(got["degraded"]) == 1 and "no GPU" in got["degraded"][0]
+
+
+def test_hits_below_the_link_time_are_flagged_and_loads_above_it_are_not():
+    from gpu_vllm import faster_than_link
+
+    row = {"link_limit_s": 0.078, "kvtier_cpu_hit_s": 0.106, "native_offload_hit_s": 0.113,
+           "lmcache_cpu_hit_s": 0.029, "kvtier_cpu_hit_cpu_only_s": None}
+    assert faster_than_link(row) == ["lmcache_cpu_hit_s"]
+    assert faster_than_link({**row, "link_limit_s": None}) == []
