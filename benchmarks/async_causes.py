@@ -7,7 +7,8 @@ run. For each mode and run: how many spikes, their extra time, and which kvtier 
 ``name [kvtier-load]``, overlaps without holding up the engine's thread); and the durations of the
 load thread's work per arrival (planning, enqueueing copies). ``stacks_in_spikes_ms``: where the
 engine's thread was during the spikes, from its sampled stacks (``KVTIER_TRACE_SAMPLE_MS``, which
-``gpu_async.py --trace`` sets to 5; innermost frame first), for the time no span accounts for.
+``gpu_async.py --trace`` sets to 5; innermost frame first), for the time no span accounts for; a load
+thread's stacks are listed apart, as ``[kvtier-load_0] stack``.
 
     python3 benchmarks/async_causes.py DIR [--out FILE.json]
 """
@@ -59,7 +60,8 @@ def analyse(run: dict, spans: list[dict]) -> dict:
             if o <= 0:
                 continue
             if s["name"] == "sample":
-                stacks[" < ".join(s["stack"][:6])] += o
+                where, thread = " < ".join(s["stack"][:6]), s.get("thread", "MainThread")
+                stacks[where if thread == "MainThread" else f"[{thread}] {where}"] += o
             else:
                 overlap[_label(s)][0] += 1
                 overlap[_label(s)][1] += o

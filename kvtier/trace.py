@@ -12,11 +12,13 @@ when off a span costs one attribute check. Python's garbage collections of at le
 collection holds the GIL, so every thread of the process stands still for it.
 
 Where a step is late and no span says why, ``KVTIER_TRACE_SAMPLE_MS=5`` (with ``KVTIER_TRACE``)
-samples the main thread's stack every 5 ms into a ring of the last 2 s. When the engine's next step
-comes at least :data:`GAP_S` after the previous one (:func:`mark_step`, called at each step's close),
-the samples of the gap are written as ``sample`` lines: one per run of equal stacks, with ``stack``
-(innermost frame first) and ``n`` samples. They show what the engine's thread was doing, or waiting
-in, while no hook of kvtier's ran.
+samples the stacks of the main thread and of kvtier's load threads (:data:`SAMPLED_THREADS`) every
+5 ms into a ring of the last 2 s. When the engine's next step comes at least :data:`GAP_S` after the
+previous one (:func:`mark_step`, called at each step's close), the samples of the gap are written as
+``sample`` lines: one per thread and run of equal stacks, with ``thread``, ``stack`` (innermost frame
+first) and ``n`` samples. They show what the engine's thread was doing, or waiting in, while no hook
+of kvtier's ran, and where a load thread waited meanwhile (on the H100 a parked load's enqueue took
+188 ms of wall time for 4 ms of CPU while the engine's step stood still).
 
     KVTIER_TRACE=/tmp/kv.jsonl python3 my_serving_script.py
     python3 -m kvtier.trace /tmp/kv.jsonl        # per-name count, total, median, max
@@ -92,7 +94,11 @@ if ON:
 SAMPLE_S = float(os.environ.get("KVTIER_TRACE_SAMPLE_MS") or 0) / 1e3 if ON else 0.0
 GAP_S = 0.03  # a step this long after the previous one has its samples written
 _RING_S = 2.0  # samples kept; a longer gap (an idle engine waiting for requests) is written in part
-_ring: deque[tuple[float, tuple[str, ...]]] = deque(maxlen=max(1, int(_RING_S / SAMPLE_S)) if SAMPLE_S else 1)
+SAMPLED_THREADS = ("kvtier-load",)  # name prefixes of the threads sampled beside the main thread
+_IDLE = "thread.py:_worker:"  # a load thread's innermost frame while its pool waits for work: not sampled
+_RING_THREADS = 4  # ring room per sample: the main thread and up to three load threads
+_ring: deque[tuple[float, str, tuple[str, ...]]] = deque(
+    maxlen=max(1, int(_RING_S / SAMPLE_S) * _RING_THREADS) if SAMPLE_S else 1)
 _last_step: float | None = None  # the previous mark_step's, of either side (both mark steps in one process)
 _sampling = False  # this process's sampler is running
 
@@ -105,16 +111,25 @@ def _stack(frame, depth: int = 14) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _sample_main_thread(main: int) -> None:
+def _sample_threads(main: int) -> None:
+    names: dict[int, str] = {}
     while True:
         time.sleep(SAMPLE_S)
-        frame = sys._current_frames().get(main)
-        _ring.append((time.perf_counter(), _stack(frame)))
+        frames = sys._current_frames()
+        if any(i not in names for i in frames):  # a thread started: learn its name once
+            names = {t.ident: t.name for t in threading.enumerate() if t.ident is not None}
+        now = time.perf_counter()
+        for ident, frame in frames.items():
+            name = "MainThread" if ident == main else names.get(ident, "")
+            if ident == main or name.startswith(SAMPLED_THREADS):
+                stack = _stack(frame)
+                if ident == main or not (stack and stack[0].startswith(_IDLE)):
+                    _ring.append((now, name, stack))
 
 
 def mark_step() -> None:
     """A step of the engine closed: if it came :data:`GAP_S` or more after the previous one, write
-    the main thread's samples of the gap (``sample`` lines). No-op unless sampling is on."""
+    the sampled threads' stacks of the gap (``sample`` lines). No-op unless sampling is on."""
     global _last_step
     if not SAMPLE_S:
         return
@@ -122,28 +137,30 @@ def mark_step() -> None:
     start, _last_step = (now if _last_step is None else _last_step), now
     if now - start < GAP_S:
         return
-    run: list[tuple[float, tuple[str, ...]]] = []
-    for t, stack in [x for x in list(_ring) if start < x[0] <= now]:  # list(): a snapshot the sampler cannot change
+    runs: dict[str, list[tuple[float, tuple[str, ...]]]] = {}  # per thread: the current run of equal stacks
+    for t, thread, stack in [x for x in list(_ring) if start < x[0] <= now]:  # list(): a snapshot
+        run = runs.setdefault(thread, [])
         if run and stack != run[-1][1]:
-            _write_run(run)
-            run = []
+            _write_run(thread, run)
+            run.clear()
         run.append((t, stack))
-    if run:
-        _write_run(run)
+    for thread, run in runs.items():
+        if run:
+            _write_run(thread, run)
 
 
-def _write_run(run: list[tuple[float, tuple[str, ...]]]) -> None:
+def _write_run(thread: str, run: list[tuple[float, tuple[str, ...]]]) -> None:
     first = run[0][0] - SAMPLE_S
-    record("sample", first, run[-1][0] - first, stack=list(run[0][1]), n=len(run))
+    record("sample", first, run[-1][0] - first, thread=thread, stack=list(run[0][1]), n=len(run))
 
 
 def start_sampling() -> bool:
-    """Start the main thread's sampler of this process (once); False when sampling is off."""
+    """Start this process's sampler of its main and load threads (once); False when sampling is off."""
     global _sampling
     if not SAMPLE_S or _sampling:
         return bool(SAMPLE_S)
     _sampling = True
-    threading.Thread(target=_sample_main_thread, args=(threading.main_thread().ident,),
+    threading.Thread(target=_sample_threads, args=(threading.main_thread().ident,),
                      name="kvtier-trace-sampler", daemon=True).start()
     return True
 

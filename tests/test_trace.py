@@ -87,16 +87,28 @@ def test_lines_name_their_thread_and_spike_causes_set_kvtier_threads_apart(tmp_p
     ticks = [0.01 * i for i in range(20)] + [0.5 + 0.01 * i for i in range(20)]  # one 0.31 s gap
     run = {"added": {}, "token_times": {"r0": ticks}}
     spans = [{"t": 0.25, "dur": 0.1, "name": "worker.plan_loads", "thread": "kvtier-load"},
-             {"t": 0.30, "dur": 0.01, "name": "hook.get_finished", "thread": "MainThread"}]
-    got = causes.analyse(run, spans)["spans_in_spikes"]
-    assert set(got) == {"worker.plan_loads [kvtier-load]", "hook.get_finished"}
+             {"t": 0.30, "dur": 0.01, "name": "hook.get_finished", "thread": "MainThread"},
+             {"t": 0.26, "dur": 0.05, "name": "sample", "thread": "MainThread", "stack": ["a.py:f:1"]},
+             {"t": 0.26, "dur": 0.05, "name": "sample", "thread": "kvtier-load_0", "stack": ["b.py:g:2"]}]
+    got = causes.analyse(run, spans)
+    assert set(got["spans_in_spikes"]) == {"worker.plan_loads [kvtier-load]", "hook.get_finished"}
+    assert set(got["stacks_in_spikes_ms"]) == {"a.py:f:1", "[kvtier-load_0] b.py:g:2"}
 
 
 SAMPLED = """
-import time
+import threading, time
+from concurrent.futures import ThreadPoolExecutor
 from kvtier import trace
 assert trace.start_sampling()
+def load_waits_in_here():
+    time.sleep(0.1)
+def not_sampled():
+    time.sleep(0.1)
+idle = ThreadPoolExecutor(1, thread_name_prefix="kvtier-load-idle")
+idle.submit(int).result()  # its thread now waits for work: nothing of interest
 def engine_waits_in_here():
+    threading.Thread(target=load_waits_in_here, name="kvtier-load_0").start()
+    threading.Thread(target=not_sampled, name="engine-helper").start()
     time.sleep(0.12)
 trace.mark_step()
 engine_waits_in_here()  # a late step: its samples are written
@@ -107,7 +119,7 @@ trace.flush()
 """
 
 
-def test_a_late_step_writes_what_the_main_thread_was_doing(tmp_path):
+def test_a_late_step_writes_what_the_main_and_load_threads_were_doing(tmp_path):
     """KVTIER_TRACE_SAMPLE_MS: the first arrival's 133 ms wait on the H100 had no span of kvtier's on
     any thread; the main thread's sampled stacks of such a gap say where it was."""
     import json
@@ -120,6 +132,13 @@ def test_a_late_step_writes_what_the_main_thread_was_doing(tmp_path):
     assert inside, samples
     assert inside[0]["stack"][0].startswith("<string>:engine_waits_in_here:")  # innermost frame first
     assert 0.08 <= sum(d["dur"] for d in inside) <= 0.2
+    assert {d["thread"] for d in inside} == {"MainThread"}
+    # A load thread's wait in the same gap is written apart; threads of no interest are not sampled.
+    load = [d for d in samples if any("load_waits_in_here" in f for f in d["stack"])]
+    assert load and {d["thread"] for d in load} == {"kvtier-load_0"}
+    assert 0.05 <= sum(d["dur"] for d in load) <= 0.15
+    assert not [d for d in samples if any("not_sampled" in f for f in d["stack"])]
+    assert not [d for d in samples if d["thread"].startswith("kvtier-load-idle")], "an idle pool thread was sampled"
     assert all(d["t"] + d["dur"] <= inside[-1]["t"] + inside[-1]["dur"] + 0.03 for d in samples), \
         "samples of the step on time were written"
 
