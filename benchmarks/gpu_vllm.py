@@ -290,7 +290,8 @@ def main() -> int:
         result = {"command": "python3 benchmarks/gpu_vllm.py " + " ".join(sys.argv[1:]),
                   "vllm_version": vllm.__version__,
                   "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU dry run)",
-                  "model": "Llama-3.1-8B shape, dummy weights" if not args.cpu else "tiny", "engine": engine,
+                  "model": ("Llama-3.1-8B shape, dummy weights (kvtier.vllm.phases.use_kv_sensitive_dummy_weights)"
+                            if not args.cpu else "tiny"), "engine": engine,
                   "kvtier": kv, "reps": args.reps, "limits": limits,
                   "page_cache_dropped_before_restart": p2["page_cache_dropped"],
                   "startup_s": {"vllm": p1["base"]["startup_s"], "kvtier": p1["kvtier"]["startup_s"],

@@ -23,6 +23,7 @@ Steps:
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import signal
@@ -221,16 +222,81 @@ def reset_prefix_cache(llm: Any, wait_s: float = 60.0) -> int:
 
 def start_llm(model: str, engine: dict[str, Any], kvtier: dict[str, Any] | None, kv_role: str = "kv_both") -> Any:
     """vLLM's ``LLM`` with ``engine`` kwargs, and kvtier as its connector in ``kv_role`` when ``kvtier``
-    is a config dict."""
+    is a config dict. With ``load_format="dummy"`` the weights are :func:`use_kv_sensitive_dummy_weights`'."""
     from vllm import LLM
     from vllm.config import KVTransferConfig
 
     kw = dict(engine)
+    if kw.get("load_format") == "dummy":
+        use_kv_sensitive_dummy_weights()  # this process, and the engine processes forked from it
+        _register_general_plugin("kvtier_dummy_weights", "kvtier.vllm.phases:use_kv_sensitive_dummy_weights")
     if kvtier is not None:
         kw["kv_transfer_config"] = KVTransferConfig(
             kv_connector="KVTierConnector", kv_connector_module_path="kvtier.vllm", kv_role=kv_role,
             kv_connector_extra_config=kvtier)
     return LLM(model=model, **kw)
+
+
+def use_kv_sensitive_dummy_weights() -> None:
+    """Make vLLM's dummy weights (``load_format="dummy"``) those of a model whose output depends on its KV.
+
+    vLLM draws every dummy weight from U(-1e-3, 1e-3), norms included: every layer's output is then so
+    small that the greedy tokens follow the last token alone (on the H100, two-token cycles at every
+    prompt length), and a benchmark comparing outputs would pass whatever a connector loaded. Here
+    norm weights (the 1-D tensors of a Llama) are 1 and matrices U(-b, b) with b = sqrt(3 / fan_in)
+    (unit-variance projections), from a generator seeded per tensor as vLLM's is, so every engine
+    process of a benchmark holds the same weights. :func:`start_llm` patches its own process (the
+    engine processes vLLM forks inherit it) and registers this as a vLLM general plugin, which every
+    process vLLM spawns (its CPU workers) runs at start-up. Integer and 1-byte tensors keep vLLM's own
+    initialisation (scalars too).
+    """
+    import torch
+    from vllm.model_executor.model_loader import dummy_loader, weight_utils
+
+    vllms = weight_utils.initialize_single_dummy_weight
+    if getattr(vllms, "kvtier_scaled", False):
+        return
+
+    @torch.no_grad()
+    def scaled(param: torch.Tensor, low: float = -1e-3, high: float = 1e-3, seed: int = 1234) -> None:
+        if (param.device.type == "meta" or param.dim() == 0 or not torch.is_floating_point(param)
+                or param.element_size() < 2):
+            vllms(param, low, high, seed)
+        elif param.dim() == 1:
+            param.fill_(1.0)
+        else:
+            bound = (3.0 / param.shape[-1]) ** 0.5
+            gen = torch.Generator(device=param.device).manual_seed(seed)
+            tmp = torch.empty(param.shape, dtype=torch.float32, device=param.device)
+            param.copy_(tmp.uniform_(-bound, bound, generator=gen))
+
+    scaled.kvtier_scaled = True  # type: ignore[attr-defined]
+    weight_utils.initialize_single_dummy_weight = scaled  # vLLM 0.24's initialize_dummy_weights calls it
+    if hasattr(dummy_loader, "initialize_single_dummy_weight"):  # vLLM 0.32's loader imported it by name
+        dummy_loader.initialize_single_dummy_weight = scaled
+
+
+def _register_general_plugin(name: str, target: str) -> None:
+    """Make ``target`` ("module:function") a vLLM general plugin for the engines this process starts.
+
+    vLLM runs the entry points of group ``vllm.general_plugins`` in each of its processes, and Python
+    finds entry points in any ``*.dist-info`` directory on the path: one is written to a temporary
+    directory put on ``PYTHONPATH``, which the engine's processes inherit, spawned ones included.
+    """
+    import importlib
+    import shutil
+
+    if any(Path(d, f"{name}-0.dist-info").is_dir() for d in sys.path if d):
+        return
+    root = Path(tempfile.mkdtemp(prefix="kvtier-plugin-"))
+    info = root / f"{name}-0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0\n")
+    (info / "entry_points.txt").write_text(f"[vllm.general_plugins]\n{name} = {target}\n")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
+    sys.path.insert(0, str(root))
+    importlib.invalidate_caches()
+    atexit.register(shutil.rmtree, root, True)
 
 
 def _child(spec: dict[str, Any]) -> dict[str, Any]:
