@@ -18,10 +18,12 @@ from gpu_lmcache.phase import summarize_log  # noqa: E402
 # Lines in the formats of LMCache 0.5.3 (cache_engine.py, vllm_v1_adapter.py), among vLLM's.
 LOG = """\
 INFO 12-06 03:36:47 [core.py:100] engine started
-[2026-12-06 03:36:50,001] LMCache INFO: Reqid: 1, Total tokens 32768, LMCache hit tokens: 32767, need to load: 32767
+[2026-12-06 03:36:50,001] LMCache INFO: Reqid: 1, Total tokens 32768, Inference Engine computed tokens: 0, \
+LMCache hit tokens: 32767, need to load: 32767
 [2026-12-06 03:36:50,031] LMCache INFO: [req_id=1] Retrieved 32767 out of 32767 required tokens (from 32767 \
 total tokens). size: 4.0000 gb, cost 80.1250 ms, throughput: 49.9220 GB/s;
-[2026-12-06 03:36:51,001] LMCache INFO: Reqid: 2, Total tokens 32768, LMCache hit tokens: 32767, need to load: 15
+[2026-12-06 03:36:51,001] LMCache INFO: Reqid: 2, Total tokens 32768, Inference Engine computed tokens: 32752, \
+LMCache hit tokens: 32767, need to load: 15
 [2026-12-06 03:36:51,004] LMCache INFO: [req_id=2] Retrieved 256 out of 15 required tokens (from 32767 \
 total tokens). size: 0.0312 gb, cost 1.5000 ms, throughput: 20.8333 GB/s;
 """
@@ -30,6 +32,8 @@ total tokens). size: 0.0312 gb, cost 1.5000 ms, throughput: 20.8333 GB/s;
 def test_retrieves_are_summed_and_kept_in_order():
     got = summarize_log(LOG)
     assert got["lookups"] == 2 and got["hit_tokens"] == 65534
+    # The second "hit" was vLLM's own prefix cache (32,752 tokens) and 15 of LMCache's.
+    assert [(e["vllm_computed"], e["need_to_load"]) for e in got["each_lookup"]] == [(0, 32767), (32752, 15)]
     r = got["retrieves"]
     assert r["count"] == 2
     assert r["retrieved_tokens"] == 32767 + 256 and r["required_tokens"] == 32767 + 15

@@ -52,6 +52,9 @@ QUIET = {"LMCACHE_TRACK_USAGE": "false", "PYTHONHASHSEED": "0"}
 DEGRADED = ("degraded mode", "stays on the torch baseline", "Failed to initialize LMCacheManager",
             "Failed during post_init")
 HITS = re.compile(r"LMCache hit tokens: (\d+)")
+# The same lookup line (LMCache 0.5.3, vllm_v1_adapter.py) names what vLLM's own prefix cache already
+# held and what LMCache is to load: a "hit" the prefix cache served shows there.
+LOOKUP = re.compile(r"Inference Engine computed tokens: (\d+), LMCache hit tokens: (\d+), need to load: (\d+)")
 # One line per retrieve (LMCache 0.5.3, cache_engine.py): what it moved, so a "hit" timed faster than
 # the host link can be checked against the bytes it really loaded.
 RETRIEVED = re.compile(r"Retrieved (\d+) out of (\d+) required tokens \(from (\d+) total tokens\)\. "
@@ -211,12 +214,15 @@ def read_own_log() -> dict[str, Any]:
 
 
 def summarize_log(text: str) -> dict[str, Any]:
-    """The lookups LMCache answered and their hit tokens, its retrieves (tokens asked and moved, GB,
-    ms; each retrieve in order), and any sign that it ran degraded."""
+    """The lookups LMCache answered and their hit tokens (each: what vLLM's prefix cache already held,
+    LMCache's hit, what it is to load), its retrieves (tokens asked and moved, GB, ms; each in order),
+    and any sign that it ran degraded."""
     lines = text.splitlines()
     hits = [int(m.group(1)) for line in lines if (m := HITS.search(line))]
     got = [(int(m.group(1)), int(m.group(2)), int(m.group(3)), float(m.group(4)), float(m.group(5)))
            for line in lines if (m := RETRIEVED.search(line))]
+    looked = [{"vllm_computed": int(m.group(1)), "hit": int(m.group(2)), "need_to_load": int(m.group(3))}
+              for line in lines if (m := LOOKUP.search(line))]
     degraded = []
     for i, line in enumerate(lines):
         if any(d in line for d in DEGRADED):
@@ -226,7 +232,8 @@ def summarize_log(text: str) -> dict[str, Any]:
                  "ms": round(sum(g[4] for g in got), 3),
                  "each": [{"retrieved": g[0], "required": g[1], "prompt": g[2], "gb": g[3], "ms": g[4]}
                           for g in got[:200]]}
-    return {"lookups": len(hits), "hit_tokens": sum(hits), "retrieves": retrieves, "degraded": degraded[:4]}
+    return {"lookups": len(hits), "hit_tokens": sum(hits), "each_lookup": looked[:200], "retrieves": retrieves,
+            "degraded": degraded[:4]}
 
 
 if __name__ == "__main__":
