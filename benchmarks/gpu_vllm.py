@@ -244,7 +244,6 @@ def rows(p1: dict, p2: dict, limits: dict, prompts: dict, reps: int, lm: dict | 
                           "kvtier_cpu_cpu_only": [s["s"] for s in c[reps:]],
                           "cold_lmcache": [s["s"] for s in m[:reps]], "lmcache_cpu": [s["s"] for s in m[reps:]]},
                "outputs": outs,
-               "hits_faster_than_link": None,
                "outputs_match": all(o == outs["vllm"] for o in outs.values())}
         row["hits_faster_than_link"] = faster_than_link(row)
         out.append(row)

@@ -23,8 +23,8 @@ configurations, so a device call is never lost to a missing package.
 LMCache also keeps serving when its engine fails to start (it recomputes every token, "degraded
 mode") or when its compiled ops do not load (it runs them in torch): the child reads LMCache's
 lines in its own log (the engine core writes there too) and reports its lookups, hit tokens, what
-each retrieve moved (tokens, GB, ms) and any such failure (``lmcache_log``); a degraded run is recorded as skipped, with LMCache's message,
-rather than as LMCache's figures.
+each retrieve moved (tokens, GB, ms) and any such failure (``lmcache_log``); a degraded run is
+recorded as skipped, with LMCache's message, rather than as LMCache's figures.
 
     python3 benchmarks/gpu_lmcache/phase.py --check    # the import check alone (no engine)
 """

@@ -266,9 +266,7 @@ def use_kv_sensitive_dummy_weights() -> None:
             param.fill_(1.0)
         else:
             bound = (3.0 / param.shape[-1]) ** 0.5
-            gen = torch.Generator(device=param.device).manual_seed(seed)
-            tmp = torch.empty(param.shape, dtype=torch.float32, device=param.device)
-            param.copy_(tmp.uniform_(-bound, bound, generator=gen))
+            param.uniform_(-bound, bound, generator=torch.Generator(device=param.device).manual_seed(seed))
 
     scaled.kvtier_scaled = True  # type: ignore[attr-defined]
     weight_utils.initialize_single_dummy_weight = scaled  # vLLM 0.24's initialize_dummy_weights calls it
