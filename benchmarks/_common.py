@@ -40,9 +40,11 @@ def merge_json(path: str | None, label: str, payload: dict) -> None:
         json.dump(doc, f, indent=1)
 
 
-def tiny_engine_pair(engine: dict, kvtier: dict, cpu: bool, sync_loads: bool = False):
+def tiny_engine_pair(engine: dict, kvtier: dict | None, cpu: bool, sync_loads: bool = False,
+                     lmcache: dict[str, str] | None = None):
     """(engine kwargs, vLLM alone, vLLM + kvtier, log dir): two engine processes on a tiny
-    float32 Llama made here. ``cpu``: a dry run on vLLM's CPU engine with async scheduling forced."""
+    float32 Llama made here. ``cpu``: a dry run on vLLM's CPU engine with async scheduling forced.
+    ``lmcache``: LMCache's settings; the second engine then runs LMCache instead of kvtier."""
     sys.path.insert(0, str(ROOT / "tests" / "vllm"))
     from engine_proc import EngineProc
 
@@ -56,8 +58,8 @@ def tiny_engine_pair(engine: dict, kvtier: dict, cpu: bool, sync_loads: bool = F
     logs = Path(tempfile.mkdtemp())
     t0 = time.time()
     base = EngineProc(model, engine, None, log_path=str(logs / "base.log"), wait=False, timeout=900)
-    kv = EngineProc(model, engine, kvtier, log_path=str(logs / "kvtier.log"), wait=False, timeout=900,
-                    sync_loads=sync_loads)
+    kv = EngineProc(model, engine, kvtier, log_path=str(logs / "connector.log"), wait=False, timeout=900,
+                    sync_loads=sync_loads, lmcache=lmcache)
     base.wait_ready()
     kv.wait_ready()
     print(f"engines up in {time.time() - t0:.0f} s", flush=True)

@@ -8,7 +8,12 @@ chunks the worker fetches turned into misses (with noise written into the failed
 Each seed: vLLM alone once, then kvtier three rounds; every round must equal vLLM alone.
 Engines run in child processes (tests/vllm/engine_proc.py), CUDA graphs on.
 
+``--connector lmcache`` runs the same workload and the same loss with LMCache 0.5.3 (issue 30:
+local_cpu, its 256-token chunks as kvtier's): the lost chunks are misses of its storage manager,
+its own path for a chunk found at lookup and unreadable at load (engine_proc._lossy_lmcache).
+
     python3 benchmarks/gpu_engine_faults.py --out benchmarks/results/gpu_engine_faults_h200.json
+    python3 benchmarks/gpu_engine_faults.py --connector lmcache --out benchmarks/results/gpu_engine_faults_lmcache_h200.json
 """
 
 from __future__ import annotations
@@ -37,13 +42,26 @@ def main() -> int:
     ap.add_argument("--sync-loads", action="store_true",
                     help="control: kvtier's former synchronous loads under async scheduling (expected to crash)")
     ap.add_argument("--cpu", action="store_true", help="dry run on vLLM's CPU engine (async scheduling forced)")
+    ap.add_argument("--connector", choices=["kvtier", "lmcache"], default="kvtier")
     args = ap.parse_args()
     import torch
     import vllm
 
-    engine, base, kv, logs = tiny_engine_pair(ENGINE, {}, args.cpu, sync_loads=args.sync_loads)
+    lmcache = None
+    if args.connector == "lmcache":
+        from gpu_lmcache import phase as lmcache_phase
+
+        error = None if args.cpu else lmcache_phase.ready()  # its compiled ops need CUDA
+        if error is not None:
+            Path(args.out).write_text(json.dumps({"command": "python3 " + " ".join(sys.argv), "skipped": error}))
+            print("LMCache cannot run here:", error)
+            return 1
+        lmcache = lmcache_phase.QUIET | lmcache_phase.settings("lmcache_cpu", "2GiB", "2GiB", Path("/unused"))
+    engine, base, kv, logs = tiny_engine_pair(ENGINE, {} if lmcache is None else None, args.cpu,
+                                              sync_loads=args.sync_loads, lmcache=lmcache)
     result = {"command": "python3 " + " ".join(sys.argv), "vllm_version": vllm.__version__,
               "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+              "connector": args.connector, "lmcache_settings": lmcache,
               "engine": engine, "loss_p": args.p, "sync_loads": args.sync_loads, "seeds": []}
     ok = True
     try:
@@ -62,7 +80,8 @@ def main() -> int:
                    "chunks_lost": after["counters"]["faults_injected"] - before["counters"]["faults_injected"],
                    "loaded_tokens": after["worker"].get("loaded_tokens", 0) - before["worker"].get("loaded_tokens", 0),
                    "preemptions_total": after["counters"]["preemptions"],
-                   "load_errors_total": after["store"]["load_errors"]}
+                   "load_errors_total": after["store"].get("load_errors"),  # kvtier's (LMCache: None)
+                   "torn_tokens_total": after["counters"].get("torn_tokens")}  # LMCache's (kvtier: None)
             ok &= all(r["outputs_match"] for r in rounds)
             result["seeds"].append(row)
             print(json.dumps(row), flush=True)
@@ -70,17 +89,25 @@ def main() -> int:
         ok = False
         result["error"] = f"{type(e).__name__}: {e}"
         print("ERROR", result["error"], flush=True)
-        for name in ("base.log", "kvtier.log"):
+        for name in ("base.log", "connector.log"):
             text = (logs / name).read_text(errors="replace")
             tail = [ln for ln in text.splitlines() if "Error" in ln or "assert" in ln or "Traceback" in ln][-20:]
             result[f"{name}_errors"] = tail
     finally:
         base.close()
         kv.close()
-    text = (logs / "kvtier.log").read_text(errors="replace").splitlines()
+    text = (logs / "connector.log").read_text(errors="replace").splitlines()
+    # The keys keep their first name (results committed before LMCache ran): the connector's log.
     result["kvtier_log_recoveries"] = [ln for ln in text if "Recovered from KV load failure" in ln][-30:]
-    result["kvtier_log_connector"] = [ln for ln in text if "kvtier connector" in ln][:2]
+    result["kvtier_log_connector"] = [ln for ln in text if "kvtier connector" in ln or "LMCache" in ln][:4]
+    result["recoveries_total"] = sum("Recovered from KV load failure" in ln for ln in text)
+    if lmcache is not None:  # LMCache that failed to start recomputes everything: equal outputs, nothing tested
+        result["lmcache_degraded"] = [ln for ln in text if any(m in ln for m in lmcache_phase.DEGRADED)][:4]
+        ok &= not result["lmcache_degraded"]
     result["all_outputs_match"] = ok
+    # A run where no chunk was lost tested nothing: it fails too.
+    result["chunks_lost_total"] = sum(row["chunks_lost"] for row in result["seeds"])
+    ok &= result["chunks_lost_total"] > 0
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print("all rounds equal vLLM alone:", ok)

@@ -20,6 +20,8 @@ multi-process mode, and then instruments it:
   ``slow_saves`` (GPU) starts every save copy ``cycles`` GPU clock cycles after the forward
   that wrote its KV, on a stream of its own, so the engine runs ahead of its saves;
   ``no_fence`` turns ``KVWorker.fence_saves`` off (the bug it prevents, to show it is caught);
+- runs LMCache (0.5.3, vLLM's ``LMCacheConnectorV1``) instead of kvtier when given its ``LMCACHE_*``
+  settings, with the same ``lose_chunks`` fault (:func:`_lossy_lmcache`), for side-by-side runs;
 - runs vLLM's async scheduler on CPU when the engine config asks for
   ``async_scheduling=True`` (vLLM's CPU platform turns it off; its engine runs it fine).
 
@@ -51,9 +53,17 @@ class EngineProc:
 
     def __init__(self, model: str, engine: dict, kvtier: dict | None, multiprocess: bool = False,
                  log_path: str | None = None, env: dict | None = None, timeout: float = 300.0,
-                 wait: bool = True, sync_loads: bool = False, wrap: list[str] | None = None) -> None:
-        """``wrap``: a command prefix for the child (``ip netns exec NS``: an engine on another host)."""
-        cfg = {"model": model, "engine": engine, "kvtier": kvtier, "sync_loads": sync_loads}
+                 wait: bool = True, sync_loads: bool = False, wrap: list[str] | None = None,
+                 lmcache: dict[str, str] | None = None) -> None:
+        """``wrap``: a command prefix for the child (``ip netns exec NS``: an engine on another host).
+        ``lmcache``: LMCache's ``LMCACHE_*`` settings; LMCache is then the connector (``kvtier`` None)."""
+        if lmcache is not None:
+            if kvtier is not None:
+                raise ValueError("one connector per engine: kvtier or lmcache, not both")
+            engine = dict(engine, kv_transfer_config={"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"})
+            env = {**(env or {}), **lmcache}
+        cfg = {"model": model, "engine": engine, "kvtier": kvtier, "sync_loads": sync_loads,
+               "lmcache": lmcache is not None}
         e = dict(os.environ)
         e.update({"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
                   "VLLM_ENABLE_V1_MULTIPROCESSING": "1" if multiprocess else "0",
@@ -410,6 +420,8 @@ def _child(cfg: dict) -> None:
         kv_worker.KVWorker._plan_loads_now = checked_plan
         kv_worker.KVWorker.finish_load = checked_finish_load
         kv_worker.scatter = checked_scatter
+    if cfg.get("lmcache"):
+        _lossy_lmcache(faults, fault_args, loss, counters)
     try:
         opts = dict(skip_tokenizer_init=True, enforce_eager=True, dtype="float32", disable_log_stats=True)
         opts.update(kw)  # a GPU run may turn CUDA graphs on (enforce_eager=False)
@@ -487,6 +499,55 @@ def _child(cfg: dict) -> None:
 
             traceback.print_exc()
             _reply({"error": str(e), "type": type(e).__name__})
+
+
+def _lossy_lmcache(faults: set[str], fault_args: dict, loss: dict, counters: dict) -> None:
+    """``lose_chunks`` for LMCache 0.5.3, as for kvtier: chunks its ``StorageManager.batched_get``
+    returns become misses, at random (``p``, ``seed``), which is LMCache's own path for a chunk it
+    found at lookup and cannot read at load ("in the storage, but it can't be retrieved"): its retrieve
+    stops at the first such chunk and its adapter reports the blocks after it to vLLM as invalid. Those
+    blocks then get noise (a torn load), so a block reported but not recomputed shows in the output."""
+    import torch
+    from lmcache.v1.cache_engine import LMCacheEngine
+    from lmcache.v1.storage_backend.storage_manager import StorageManager
+
+    real_get, real_retrieve = StorageManager.batched_get, LMCacheEngine.retrieve
+    lock = threading.Lock()
+
+    def batched_get(self, keys, location=None):
+        got = real_get(self, keys, location)
+        if "lose_chunks" not in faults:
+            return got
+        got = list(got)
+        with lock:
+            if loss["rnd"] is None:
+                loss["rnd"] = random.Random(fault_args.get("seed", 0))
+            for i, obj in enumerate(got):
+                if obj is not None and loss["rnd"].random() < fault_args.get("p", 0.15):
+                    obj.ref_count_down()  # what LMCache does with a chunk it will not use
+                    got[i] = None
+                    counters["faults_injected"] += 1
+        return got
+
+    def retrieve(self, tokens, mask=None, **kw):
+        got = real_retrieve(self, tokens, mask, **kw)
+        if "lose_chunks" in faults:
+            wanted = torch.ones(len(tokens), dtype=torch.bool) if mask is None else mask.cpu().bool()
+            lost = wanted & ~got.cpu().bool()
+            if lost.any():
+                slots = kw["slot_mapping"][lost.to(kw["slot_mapping"].device)]
+                for kv in kw["kvcaches"]:  # vLLM's layouts: (2, blocks, block size, ...) or (blocks, 2, ...)
+                    bs = kv.shape[2]
+                    blocks, offsets = slots // bs, slots % bs
+                    if kv.shape[0] == 2:
+                        kv[:, blocks, offsets] = torch.randn_like(kv[:, blocks, offsets])
+                    else:
+                        kv[blocks, :, offsets] = torch.randn_like(kv[blocks, :, offsets])
+                counters["torn_tokens"] = counters.get("torn_tokens", 0) + int(lost.sum())
+        return got
+
+    StorageManager.batched_get = batched_get
+    LMCacheEngine.retrieve = retrieve
 
 
 def _staggered(llm, prompts: list[list[int]], max_tokens: list[int], after_tokens: list[int]) -> dict:
