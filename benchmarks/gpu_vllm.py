@@ -14,6 +14,9 @@ runs, each on a prompt vLLM's prefix cache does not hold (``reset_prefix_cache``
 - ``link_limit_s``: KV bytes / pinned host->device ``copy_`` bandwidth, measured here;
   ``disk_limit_s``: KV bytes / sequential read bandwidth of kvtier's chunk files, measured here;
 - ``outputs_match``: 16 greedy tokens of the first prompt, equal in every configuration;
+  ``outputs_diverge_at``: for each configuration whose tokens differ from vLLM alone's, the first
+  position that differs (0: the first token, computed from the loaded KV, is already another;
+  a late position on one configuration alone is more likely a near-tie of the logits);
 - ``cold_kvtier_cpu_only_s``, ``kvtier_cpu_hit_cpu_only_s``: the kvtier figures again in an engine
   with the cpu tier only, where no disk tier writes chunks behind the requests;
 - ``cold_lmcache_s``, ``lmcache_cpu_hit_s`` (issue 30): the same steps as kvtier's with LMCache 0.5.3
@@ -245,9 +248,18 @@ def rows(p1: dict, p2: dict, limits: dict, prompts: dict, reps: int, lm: dict | 
                           "cold_lmcache": [s["s"] for s in m[:reps]], "lmcache_cpu": [s["s"] for s in m[reps:]]},
                "outputs": outs,
                "outputs_match": all(o == outs["vllm"] for o in outs.values())}
+        row["outputs_diverge_at"] = diverge_at(outs)
         row["hits_faster_than_link"] = faster_than_link(row)
         out.append(row)
     return out
+
+
+def diverge_at(outputs: dict[str, list[int] | None]) -> dict[str, int]:
+    """Each configuration whose greedy tokens differ from ``outputs["vllm"]``, with the first position
+    that differs (a shorter answer differs where it ends)."""
+    want = outputs["vllm"]
+    return {name: next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+            for name, got in outputs.items() if got is not None and got != want}
 
 
 def faster_than_link(row: dict) -> list[str]:
@@ -308,6 +320,8 @@ def main() -> int:
         print(" ".join(f"{k:>20}" for k in keys))
         for r in result["rows"]:
             print(" ".join(f"{r[k]:>20.4f}" if isinstance(r[k], float) else f"{str(r[k]):>20}" for k in keys))
+            if r["outputs_diverge_at"]:
+                print(f"  {r['tokens']} tokens: outputs differ from vLLM alone's at {r['outputs_diverge_at']}")
             if r["hits_faster_than_link"]:
                 print(f"  {r['tokens']} tokens: faster than the link allows, not a load: {r['hits_faster_than_link']}")
     return 0

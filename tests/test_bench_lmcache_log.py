@@ -54,3 +54,12 @@ def test_hits_below_the_link_time_are_flagged_and_loads_above_it_are_not():
            "lmcache_cpu_hit_s": 0.029, "kvtier_cpu_hit_cpu_only_s": None}
     assert faster_than_link(row) == ["lmcache_cpu_hit_s"]
     assert faster_than_link({**row, "link_limit_s": None}) == []
+
+
+def test_outputs_that_differ_from_vllm_alone_are_named_with_where_they_diverge():
+    from gpu_vllm import diverge_at
+
+    outs = {"vllm": [5, 6, 7, 8], "kvtier_cpu": [5, 6, 7, 8], "native": [5, 6, 9, 8], "lmcache": [1, 6, 7, 8],
+            "short": [5, 6], "skipped": None}
+    assert diverge_at(outs) == {"native": 2, "lmcache": 0, "short": 2}
+    assert diverge_at({"vllm": [1, 2], "kvtier_cpu": [1, 2]}) == {}
