@@ -13,7 +13,8 @@ local_cpu, its 256-token chunks as kvtier's): the lost chunks are misses of its 
 its own path for a chunk found at lookup and unreadable at load (engine_proc._lossy_lmcache).
 
     python3 benchmarks/gpu_engine_faults.py --out benchmarks/results/gpu_engine_faults_h200.json
-    python3 benchmarks/gpu_engine_faults.py --connector lmcache --out benchmarks/results/gpu_engine_faults_lmcache_h200.json
+    python3 benchmarks/gpu_engine_faults.py --connector lmcache \
+        --out benchmarks/results/gpu_engine_faults_lmcache_h200.json
 """
 
 from __future__ import annotations

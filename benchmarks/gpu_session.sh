@@ -15,6 +15,15 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/kvtier-gpu}
 mkdir -p "$OUT"
+# Everything printed also goes to $OUT/session.log: a call stopped at its limit returns nothing it
+# piped, but what is under $OUT comes back (a lease lost a whole step's figures that way).
+exec > >(tee -a "$OUT/session.log") 2>&1
+# The device returns 8 files at most: a step's traces travel as one archive, and the cost model's
+# decisions (kvtier.trace "sched.cost" lines) as one small file beside it.
+pack() {  # pack NAME DIR: $OUT/NAME.tgz of DIR's files, sched.cost lines to $OUT/NAME_costs.jsonl
+  zcat -f "$2"/trace_*.jsonl* 2>/dev/null | grep '"sched.cost"' > "$OUT/$1_costs.jsonl"
+  tar czf "$OUT/$1.tgz" -C "$(dirname "$2")" "$(basename "$2")" && rm -rf "$2"
+}
 export PYTHONUNBUFFERED=1
 rm -rf /tmp/kvtier-gpu-vllm/async-disk  # what a killed run left (the disk holds 64 GiB)
 if [ -d /tmp/lmc-stage ]; then  # LMCache staged on this machine (issue 30): installed once; gpu_docs checks it
@@ -30,10 +39,11 @@ case "$step" in
   async1)
     python3 benchmarks/gpu_async.py --modes auto,async --trace "$OUT/async_trace" --out "$OUT/gpu_async_h200_part1.json"
     python3 benchmarks/async_causes.py "$OUT/async_trace" --out "$OUT/async_causes_h200.json" > /dev/null
-    gzip "$OUT"/async_trace/* ;;
-  async2) python3 benchmarks/gpu_async.py --modes sync,native --out "$OUT/gpu_async_h200_part2.json" ;;
+    pack async1_trace "$OUT/async_trace" ;;
+  async2) python3 benchmarks/gpu_async.py --modes sync,native --trace "$OUT/async2_trace" \
+            --out "$OUT/gpu_async_h200_part2.json"; pack async2_trace "$OUT/async2_trace" ;;
   async3) python3 benchmarks/gpu_async.py --modes alone,lmcache --trace "$OUT/async3_trace" \
-            --out "$OUT/gpu_async_h200_part3.json" && gzip "$OUT"/async3_trace/* ;;
+            --out "$OUT/gpu_async_h200_part3.json"; pack async3_trace "$OUT/async3_trace" ;;
   faults_lmcache)  # gpu_engine_faults with LMCache (issue 30), then kvtier: 15 % of the chunks lost at load
     timeout 300 python3 benchmarks/gpu_engine_faults.py --connector lmcache --out "$OUT/gpu_engine_faults_lmcache_h200.json"
     python3 benchmarks/gpu_engine_faults.py --out "$OUT/gpu_engine_faults_h200.json" ;;

@@ -185,6 +185,17 @@ class CostModel:
             return 0, 0.0, 0.0
         return best + 1, float(load[best]), float(saved[best])
 
+    def snapshot(self, tiers: Iterable[str]) -> dict[str, object]:
+        """What the model assumes now (for traces): per tier of ``tiers`` the read time of a chunk in
+        ms (``measured``: from real reads, else the seed) and the backlog in ms; the compute fit
+        (c s, a s/token, b s/token^2; None while the seed rate stands) and the load overhead in ms."""
+        now = time.monotonic()
+        names = sorted(set(tiers))
+        return {"read_ms": {t: round(self.read_s(t) * 1e3, 4) for t in names},
+                "measured": [t for t in names if t in self._read_s],
+                "backlog_ms": {t: round(self.backlog_s(t, now) * 1e3, 3) for t in names},
+                "fit": self._fit, "overhead_ms": round(self.load_overhead_s * 1e3, 3)}
+
     def promise(self, tier_chunks: dict[str, int]) -> None:
         """Loads were decided: count their reads as each tier's backlog."""
         now = time.monotonic()

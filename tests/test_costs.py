@@ -342,3 +342,32 @@ def test_load_overhead_sample_is_bounded():
     assert m.load_overhead_s <= 0.25 * 1.0 + 1e-9
     m.observe_load_wait(0.001, 0.5)  # faster than predicted: no negative overhead
     assert m.load_overhead_s >= 0.0
+
+
+def test_a_traced_lookup_records_what_its_decision_assumed(slow_store, monkeypatch):
+    """KVTIER_TRACE: each cost decision is a ``sched.cost`` line with the read time per tier (seed or
+    measured), the backlog and the compute fit, to set against what the load then took (on the H100 a
+    cold-page-cache disk load took 2-8x the compute it replaced, and no trace said what was assumed)."""
+    import json
+
+    from kvtier import trace
+
+    store, disk = slow_store
+    store.costs = model(token_s=1e-4)
+    ledger = PrefixLedger(store, NS, CHUNK, CHUNK, costs=store.costs, load_policy="auto")
+    tokens, keys = prompt_and_keys(ledger, 6)
+    for i, k in enumerate(keys):
+        assert disk.put([k], [payload(i)]) == [True]
+    monkeypatch.setattr(trace, "ON", True)
+    monkeypatch.setattr(trace, "_lines", [])
+    ledger.num_new_matched_tokens(tokens, 0, "r1")
+    (line,) = [json.loads(s) for s in trace._lines if '"sched.cost"' in s]
+    assert line["req"] == "r1" and line["found"] == 6 and line["computed"] == 0
+    assert line["measured"] == [] and set(line["read_ms"]) == {"disk"}  # the disk's seed: never read yet
+    assert line["fit"] is not None and line["take"] in range(7)
+    disk.delay = 0.02
+    (ref,) = store.get([keys[5]])  # a timed read: the disk's estimate is measured now
+    ref.release()
+    ledger.num_new_matched_tokens(tokens, 0, "r2")
+    last = json.loads([s for s in trace._lines if '"sched.cost"' in s][-1])
+    assert last["req"] == "r2" and "disk" in last["measured"] and last["read_ms"]["disk"] > 15

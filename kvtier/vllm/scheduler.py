@@ -44,6 +44,7 @@ from collections import deque
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
+from kvtier import trace
 from kvtier.costs import CostModel
 from kvtier.keys import KeyChain, Namespace, chunk_keys
 
@@ -235,6 +236,10 @@ class PrefixLedger:
         if hit <= num_computed_tokens or self.load_policy != "auto":
             return max(0, hit - num_computed_tokens)
         take, load_s, saved_s = self.costs.chunks_to_load(num_computed_tokens, tiers, n, limit)
+        if trace.ON:  # what the decision assumed, to set against what the load or the compute then took
+            trace.record("sched.cost", time.perf_counter(), req=req_id, computed=num_computed_tokens, found=len(tiers),
+                         take=take, load_s=round(load_s, 5), saved_s=round(saved_s, 5),
+                         **self.costs.snapshot(tiers))
         claim = max(num_computed_tokens, min((first + take) * c, limit))
         if req_id is not None:
             self._decisions[req_id] = _Decision(hit - claim, load_s, saved_s, tiers[:take])
