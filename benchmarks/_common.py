@@ -41,10 +41,11 @@ def merge_json(path: str | None, label: str, payload: dict) -> None:
 
 
 def tiny_engine_pair(engine: dict, kvtier: dict | None, cpu: bool, sync_loads: bool = False,
-                     lmcache: dict[str, str] | None = None):
+                     lmcache: dict[str, str] | None = None, connector_engine: dict | None = None):
     """(engine kwargs, vLLM alone, vLLM + kvtier, log dir): two engine processes on a tiny
     float32 Llama made here. ``cpu``: a dry run on vLLM's CPU engine with async scheduling forced.
-    ``lmcache``: LMCache's settings; the second engine then runs LMCache instead of kvtier."""
+    ``lmcache``: LMCache's settings; the second engine then runs LMCache instead of kvtier.
+    ``connector_engine``: engine kwargs of the second engine only (LMCache's failure policy)."""
     sys.path.insert(0, str(ROOT / "tests" / "vllm"))
     from engine_proc import EngineProc
 
@@ -58,8 +59,8 @@ def tiny_engine_pair(engine: dict, kvtier: dict | None, cpu: bool, sync_loads: b
     logs = Path(tempfile.mkdtemp())
     t0 = time.time()
     base = EngineProc(model, engine, None, log_path=str(logs / "base.log"), wait=False, timeout=900)
-    kv = EngineProc(model, engine, kvtier, log_path=str(logs / "connector.log"), wait=False, timeout=900,
-                    sync_loads=sync_loads, lmcache=lmcache)
+    kv = EngineProc(model, {**engine, **(connector_engine or {})}, kvtier, log_path=str(logs / "connector.log"),
+                    wait=False, timeout=900, sync_loads=sync_loads, lmcache=lmcache)
     base.wait_ready()
     kv.wait_ready()
     print(f"engines up in {time.time() - t0:.0f} s", flush=True)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 from _common import ROOT, tiny_engine_pair
@@ -44,6 +45,9 @@ def main() -> int:
                     help="control: kvtier's former synchronous loads under async scheduling (expected to crash)")
     ap.add_argument("--cpu", action="store_true", help="dry run on vLLM's CPU engine (async scheduling forced)")
     ap.add_argument("--connector", choices=["kvtier", "lmcache"], default="kvtier")
+    ap.add_argument("--policy", choices=["fail", "recompute"], default=None,
+                    help="LMCache's engine: vLLM's kv_load_failure_policy (default: vLLM's own, 'fail'; kvtier sets "
+                         "'recompute' itself)")
     args = ap.parse_args()
     import torch
     import vllm
@@ -58,11 +62,12 @@ def main() -> int:
             print("LMCache cannot run here:", error)
             return 1
         lmcache = lmcache_phase.QUIET | lmcache_phase.settings("lmcache_cpu", "2GiB", "2GiB", Path("/unused"))
+    policy = {"kv_transfer_config": {"kv_load_failure_policy": args.policy}} if lmcache and args.policy else None
     engine, base, kv, logs = tiny_engine_pair(ENGINE, {} if lmcache is None else None, args.cpu,
-                                              sync_loads=args.sync_loads, lmcache=lmcache)
+                                              sync_loads=args.sync_loads, lmcache=lmcache, connector_engine=policy)
     result = {"command": "python3 " + " ".join(sys.argv), "vllm_version": vllm.__version__,
               "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
-              "connector": args.connector, "lmcache_settings": lmcache,
+              "connector": args.connector, "lmcache_settings": lmcache, "policy": args.policy,
               "engine": engine, "loss_p": args.p, "sync_loads": args.sync_loads, "seeds": []}
     ok = True
     try:
@@ -74,7 +79,13 @@ def main() -> int:
             rounds = []
             for _ in range(args.rounds):
                 got = kv.generate(prompts, 64, reset=True)
-                rounds.append({"outputs_match": got["outputs"] == want, "cached_tokens": sum(got["cached"])})
+                # A request vLLM ended with an error (policy 'fail') is short; a full-length answer that
+                # differs read wrong KV.
+                differ = [i for i, (o, w) in enumerate(zip(got["outputs"], want)) if o != w]
+                rounds.append({"outputs_match": got["outputs"] == want, "cached_tokens": sum(got["cached"]),
+                               "finish": dict(Counter(got.get("finish", []))),
+                               "differ_full_length": sum(len(got["outputs"][i]) == len(want[i]) for i in differ),
+                               "differ_short": sum(len(got["outputs"][i]) < len(want[i]) for i in differ)})
             kv.call("fault", faults=[])
             after = kv.stats()
             row = {"seed": seed, "rounds": rounds,

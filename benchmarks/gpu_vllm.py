@@ -17,6 +17,8 @@ runs, each on a prompt vLLM's prefix cache does not hold (``reset_prefix_cache``
   ``outputs_diverge_at``: for each configuration whose tokens differ from vLLM alone's, the first
   position that differs (0: the first token, computed from the loaded KV, is already another;
   a late position on one configuration alone is more likely a near-tie of the logits);
+  ``hit_first_token_equal``: per configuration, for each prompt, whether the first token of its hit
+  equals that of its cold run (every prompt of every length, not only the generated one);
 - ``cold_kvtier_cpu_only_s``, ``kvtier_cpu_hit_cpu_only_s``: the kvtier figures again in an engine
   with the cpu tier only, where no disk tier writes chunks behind the requests;
 - ``cold_lmcache_s``, ``lmcache_cpu_hit_s`` (issue 30): the same steps as kvtier's with LMCache 0.5.3
@@ -100,9 +102,14 @@ def _saving_steps(prompts: dict[int, list[list[int]]]) -> list[dict]:
     return steps + [s for g in gen for s in (reset, g)]
 
 
-def part_lmcache(model, engine, kv, prompts) -> dict:
-    """LMCache (local_cpu of kvtier's cpu_bytes) through the steps kvtier runs in part 1."""
+def part_lmcache(model, engine, kv, prompts, v1_runner: bool = False) -> dict:
+    """LMCache (local_cpu of kvtier's cpu_bytes) through the steps kvtier runs in part 1. ``v1_runner``:
+    on vLLM's V1 model runner (``VLLM_USE_V2_MODEL_RUNNER=0``), where the connector's ``start_load_kv``
+    always gets the step's attention metadata (on the V2 runner a full-CUDA-graph step gives it none,
+    and LMCache 0.5.3 then loads nothing: docs/vllm.md)."""
     env = lmcache.settings("lmcache_cpu", kv["cpu_bytes"], kv["cpu_bytes"], STATE / "lmcache-disk")
+    if v1_runner:
+        env["VLLM_USE_V2_MODEL_RUNNER"] = "0"
     t = time.time()
     try:
         result = lmcache.run_phase(model, _saving_steps(prompts), env, engine)
@@ -249,9 +256,40 @@ def rows(p1: dict, p2: dict, limits: dict, prompts: dict, reps: int, lm: dict | 
                "outputs": outs,
                "outputs_match": all(o == outs["vllm"] for o in outs.values())}
         row["outputs_diverge_at"] = diverge_at(outs)
+        row["hit_first_token_equal"] = {
+            name: got for name, got in (("apc", first_tokens_equal(b[0::2], b[1::2])),
+                                        ("kvtier_cpu", first_tokens_equal(k[:reps], k[reps:])),
+                                        ("kvtier_cpu_only", first_tokens_equal(c[:reps], c[reps:])),
+                                        ("native", first_tokens_equal(nat[:reps], nat[reps:])),
+                                        ("lmcache_cpu", first_tokens_equal(m[:reps], m[reps:]))) if got is not None}
         row["hits_faster_than_link"] = faster_than_link(row)
         out.append(row)
     return out
+
+
+def lmcache_check(lm: dict, prompts: dict, reps: int) -> dict:
+    """What one LMCache run did per length: its cold and hit TTFT (medians), whether each hit's first
+    token equals its cold run's, and how many retrieves its log shows (``--part lmcache_v1``)."""
+    if "steps" not in lm:
+        return {"skipped": lm.get("skipped")}
+    ttfts, out = _ttfts(lm, 1), {}
+    for i, n in enumerate(prompts):
+        m = ttfts[i * 2 * reps:(i + 1) * 2 * reps]
+        out[n] = {"cold_s": statistics.median(s["s"] for s in m[:reps]),
+                  "hit_s": statistics.median(s["s"] for s in m[reps:]),
+                  "cached": [s["cached"] for s in m[reps:]],
+                  "first_token_equal": first_tokens_equal(m[:reps], m[reps:])}
+    return {"settings": lm.get("settings"), "by_length": out,
+            "retrieves": (lm.get("lmcache_log") or {}).get("retrieves", {}).get("count")}
+
+
+def first_tokens_equal(colds: list[dict], hits: list[dict]) -> list[bool] | None:
+    """Per prompt, whether its hit's first token equals its cold run's (the hit's token is computed
+    over the loaded KV, so it shows a wrong load on every prompt, not only the generated one); None
+    where there are no hits or the steps carry no tokens."""
+    if not hits or any("tokens" not in s for s in colds + hits):
+        return None
+    return [h["tokens"][:1] == c["tokens"][:1] for c, h in zip(colds, hits)]
 
 
 def diverge_at(outputs: dict[str, list[int] | None]) -> dict[str, int]:
@@ -273,8 +311,9 @@ def faster_than_link(row: dict) -> list[str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=["1", "2", "all", "lmcache"], default="all",
-                    help="lmcache: LMCache's engine only (issue 30), kept for part 2's table")
+    ap.add_argument("--part", choices=["1", "2", "all", "lmcache", "lmcache_v1"], default="all",
+                    help="lmcache: LMCache's engine only (issue 30), kept for part 2's table; lmcache_v1: the same "
+                         "on vLLM's V1 model runner, reported apart (lmcache_v1_runner)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--cpu", action="store_true", help="dry run: tiny model, vLLM's CPU engine")
     ap.add_argument("--no-cpu-only", action="store_true", help="part 1 without the cpu-tier-only engine")
@@ -290,11 +329,17 @@ def main() -> int:
         (STATE / "part1.json").write_text(json.dumps(p1))
     if args.part == "lmcache":
         (STATE / "lmcache.json").write_text(json.dumps(part_lmcache(model, engine, kv, prompts)))
+    if args.part == "lmcache_v1":
+        v1 = part_lmcache(model, engine, kv, prompts, v1_runner=True)
+        (STATE / "lmcache_v1.json").write_text(json.dumps(v1))
+        print(json.dumps(lmcache_check(v1, prompts, args.reps)), flush=True)
     if args.part in ("2", "all"):
         p2 = part2(model, engine, kv, prompts, args.reps, None if args.cpu else 24.0)
         limits = link_and_disk(per_token, kv["disk_path"])
         p1 = json.loads((STATE / "part1.json").read_text())
         lm = json.loads((STATE / "lmcache.json").read_text()) if (STATE / "lmcache.json").exists() else None
+        v1 = STATE / "lmcache_v1.json"
+        v1 = lmcache_check(json.loads(v1.read_text()), prompts, args.reps) if v1.exists() else None
         import torch
         import vllm
 
@@ -311,6 +356,7 @@ def main() -> int:
                                 "lmcache": lm.get("startup_s") if lm else None},
                   "lmcache": None if lm is None else {"settings": lm.get("settings"), "skipped": lm.get("skipped"),
                                                       "log": lm.get("lmcache_log")},
+                  "lmcache_v1_runner": v1,
                   "rows": rows(p1, p2, limits, prompts, args.reps, lm)}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))

@@ -63,3 +63,19 @@ def test_outputs_that_differ_from_vllm_alone_are_named_with_where_they_diverge()
             "short": [5, 6], "skipped": None}
     assert diverge_at(outs) == {"native": 2, "lmcache": 0, "short": 2}
     assert diverge_at({"vllm": [1, 2], "kvtier_cpu": [1, 2]}) == {}
+
+
+def test_a_hit_whose_first_token_differs_from_its_cold_run_is_flagged_per_prompt():
+    from gpu_vllm import first_tokens_equal, lmcache_check
+
+    cold = [{"op": "ttft", "s": 1.0, "cached": 0, "tokens": [t]} for t in (11, 12, 13)]
+    hits = [{"op": "ttft", "s": 0.1, "cached": 2047, "tokens": [t]} for t in (11, 99, 13)]
+    assert first_tokens_equal(cold, hits) == [True, False, True]
+    assert first_tokens_equal(cold, []) is None
+    warm_up = {"op": "ttft", "s": 0.5, "cached": 0, "tokens": [1]}
+    run = {"steps": [warm_up, *cold, *hits], "settings": {"LMCACHE_LOCAL_CPU": "True"},
+           "lmcache_log": {"retrieves": {"count": 0}}}
+    got = lmcache_check(run, {2048: None}, 3)
+    assert got["by_length"][2048]["first_token_equal"] == [True, False, True]
+    assert got["by_length"][2048]["hit_s"] == 0.1 and got["retrieves"] == 0
+    assert lmcache_check({"skipped": "no CUDA"}, {2048: None}, 3) == {"skipped": "no CUDA"}

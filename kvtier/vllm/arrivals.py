@@ -112,6 +112,9 @@ def _child(spec: dict) -> dict:
     from vllm.inputs import TokensPrompt
 
     os.environ.update(spec.get("env") or {})  # another connector's settings, before its engine starts
+    # allocator_counters travels to the engine's worker as a function (collective_rpc), which vLLM
+    # sends only with pickle allowed: local processes of this benchmark alone.
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     llm = start_llm(spec["model"], {"skip_tokenizer_init": True, **spec["engine"]}, spec["kvtier"])
     one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
 
@@ -130,9 +133,36 @@ def _child(spec: dict) -> dict:
     for run, arrivals in runs:
         reset_prefix_cache(llm)
         time.sleep(1.0)
+        before = _worker_counters(llm)
         out[run] = _measure(llm.llm_engine, spec, arrivals, drop_page_cache=run == "arrivals_disk")
+        out[run]["allocator"] = {"before": before, "after": _worker_counters(llm)}
     shutdown_engine(llm)
     return out
+
+
+ALLOCATOR_COUNTERS = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams",
+                      "reserved_bytes.all.current")
+HOST_COUNTERS = ("num_host_alloc", "num_host_free", "host_alloc_time.total", "host_free_time.total")
+
+
+def allocator_counters(worker: object = None) -> dict[str, Any]:
+    """torch's CUDA allocator counters in this process (run in the engine's worker by
+    ``collective_rpc``): a device allocation retried after freeing cached memory, or a pinned host
+    allocation, can stall every thread's CUDA calls; these show whether one happened during a run.
+    Empty without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    dev, host = torch.cuda.memory_stats(), getattr(torch.cuda, "host_memory_stats", dict)()
+    return {**{k: dev.get(k) for k in ALLOCATOR_COUNTERS}, **{k: host.get(k) for k in HOST_COUNTERS}}
+
+
+def _worker_counters(llm) -> list | dict:
+    try:
+        return llm.collective_rpc(allocator_counters)
+    except Exception as e:  # a figure of the harness's, never a reason to lose the run's
+        return {"error": f"{type(e).__name__}: {e}"}
 
 
 def _measure(eng, spec: dict, arrivals: list[list[int]], drop_page_cache: bool) -> dict:

@@ -56,11 +56,13 @@ class EngineProc:
                  wait: bool = True, sync_loads: bool = False, wrap: list[str] | None = None,
                  lmcache: dict[str, str] | None = None) -> None:
         """``wrap``: a command prefix for the child (``ip netns exec NS``: an engine on another host).
-        ``lmcache``: LMCache's ``LMCACHE_*`` settings; LMCache is then the connector (``kvtier`` None)."""
+        ``lmcache``: LMCache's ``LMCACHE_*`` settings; LMCache is then the connector (``kvtier`` None), with
+        ``engine["kv_transfer_config"]``'s other keys (``kv_load_failure_policy``) if given."""
         if lmcache is not None:
             if kvtier is not None:
                 raise ValueError("one connector per engine: kvtier or lmcache, not both")
-            engine = dict(engine, kv_transfer_config={"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"})
+            engine = dict(engine, kv_transfer_config={"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both",
+                                                      **(engine.get("kv_transfer_config") or {})})
             env = {**(env or {}), **lmcache}
         cfg = {"model": model, "engine": engine, "kvtier": kvtier, "sync_loads": sync_loads,
                "lmcache": lmcache is not None}
@@ -446,7 +448,8 @@ def _child(cfg: dict) -> None:
                 outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in req["prompts"]], sps,
                                     use_tqdm=False)
                 _reply({"outputs": [list(o.outputs[0].token_ids) for o in outs],
-                        "cached": [o.num_cached_tokens for o in outs]})
+                        "cached": [o.num_cached_tokens for o in outs],
+                        "finish": [str(o.outputs[0].finish_reason) for o in outs]})
             elif cmd == "stats":
                 from kvtier.vllm.connector import INSTANCES
 
