@@ -285,8 +285,6 @@ def _child(cfg: dict) -> None:
                         return got
                     spec = by_keys.get(id(keys))
                     with loss_lock:
-                        if loss["rnd"] is None:
-                            loss["rnd"] = random.Random(fault_args.get("seed", 0))
                         for i, ref in enumerate(got):
                             index = None if spec is None else spec.first_chunk + i
                             if "index" in fault_args:
@@ -294,7 +292,7 @@ def _child(cfg: dict) -> None:
                                 if hit:
                                     fault_args["times"] = fault_args.get("times", 1) - 1
                             else:
-                                hit = loss["rnd"].random() < fault_args.get("p", 0.15)
+                                hit = _lose_next(loss, fault_args)
                             if hit and ref is not None:
                                 ref.release()
                                 got[i] = None
@@ -504,6 +502,14 @@ def _child(cfg: dict) -> None:
             _reply({"error": str(e), "type": type(e).__name__})
 
 
+def _lose_next(loss: dict, fault_args: dict) -> bool:
+    """``lose_chunks`` at random: whether the next chunk is lost (probability ``p``), from the
+    generator seeded with ``seed`` at the first draw after the fault was set. The caller holds its lock."""
+    if loss["rnd"] is None:
+        loss["rnd"] = random.Random(fault_args.get("seed", 0))
+    return loss["rnd"].random() < fault_args.get("p", 0.15)
+
+
 def _lossy_lmcache(faults: set[str], fault_args: dict, loss: dict, counters: dict) -> None:
     """``lose_chunks`` for LMCache 0.5.3, as for kvtier: chunks its ``StorageManager.batched_get``
     returns become misses, at random (``p``, ``seed``), which is LMCache's own path for a chunk it
@@ -523,10 +529,8 @@ def _lossy_lmcache(faults: set[str], fault_args: dict, loss: dict, counters: dic
             return got
         got = list(got)
         with lock:
-            if loss["rnd"] is None:
-                loss["rnd"] = random.Random(fault_args.get("seed", 0))
             for i, obj in enumerate(got):
-                if obj is not None and loss["rnd"].random() < fault_args.get("p", 0.15):
+                if obj is not None and _lose_next(loss, fault_args):
                     obj.ref_count_down()  # what LMCache does with a chunk it will not use
                     got[i] = None
                     counters["faults_injected"] += 1
