@@ -7,7 +7,11 @@ H200 prefills Llama-8B at ~5 GB/s of KV, faster than a disk without its page cac
 - **Reads**: seconds per chunk of each tier, an exponential average over the store's
   real batched reads (``observe_read``), plus a fixed copy cost per chunk into the
   engine's cache. Before a tier was read, a conservative seed (:data:`SEED_READ_GBPS`);
-  background promotions read the slow tiers too, so the seed is soon replaced.
+  background promotions read the slow tiers too, so the seed is soon replaced. The disk is two
+  tiers here: ``disk`` (its device) and ``disk~cached`` (its files in the page cache, ~10x
+  faster), told apart by a probe of the first and last chunk's files, both when a read is timed
+  and when a hit is costed (``Store.cost_tiers``): reads the page cache served never make a cold
+  hit look cheap (on an H100, four cold 32K-token hits took 2-8x their compute that way).
 - **Compute**: step time = ``c + a * tokens + b * attention``, fitted by least squares
   over the engine's recent steps (``observe_step``; attention = sum over the step's
   requests of new tokens x their mean context). Before enough prefill steps were seen,
@@ -36,7 +40,10 @@ import numpy as np
 
 # Read speeds assumed before a tier was measured (GB/s of chunk payload). Low on purpose:
 # loading from a slow tier makes serving slower, a missed win only leaves it as fast.
-SEED_READ_GBPS = {"cpu": 1000.0, "disk": 2.0, "redis": 0.5, "server": 10.0}
+# A tier whose reads come from the page cache or from its device at very different speeds (the disk)
+# is timed, and its hits are costed, under two names: "disk" (the device) and "disk~cached".
+CACHED = "~cached"
+SEED_READ_GBPS = {"cpu": 1000.0, "disk": 2.0, f"disk{CACHED}": 8.0, "redis": 0.5, "server": 10.0}
 # Host -> engine cache copy (GB/s): PCIe on a GPU, a memory copy on CPU.
 COPY_GBPS = {"cuda": 25.0, "cpu": 5.0}
 # Fixed cost of one load beside its reads, until parked loads measured it (``observe_load_wait``):

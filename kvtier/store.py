@@ -30,7 +30,7 @@ import torch
 from prometheus_client import Counter
 
 from kvtier.config import KVTierConfig
-from kvtier.costs import CostModel
+from kvtier.costs import CACHED, CostModel
 from kvtier.hostcopy import copy_bytes
 from kvtier.layout import ChunkLayout, payload_bytes
 from kvtier.memory import ChunkRef, HostPool
@@ -212,6 +212,23 @@ class Store:
         """Number of leading ``keys`` held by some tier (a hint: ``get`` may still miss)."""
         return len(self.locate(keys))
 
+    def _page_cached(self, tier: Tier, keys: Sequence[bytes]) -> bool:
+        """Whether ``tier`` (one that can tell: the disk) holds the first and last of ``keys`` in the
+        page cache; False where it cannot tell."""
+        return hasattr(tier, "page_cached") and bool(self._call(tier, "page_cached", [keys[0], keys[-1]]))
+
+    def cost_tiers(self, keys: Sequence[bytes], tiers: Sequence[str]) -> list[str]:
+        """``tiers`` (the tier of each chunk of ``keys``, as :meth:`locate` answers) with a tier whose
+        first and last chunks of the hit are in the page cache renamed ``<tier>~cached``: the cost
+        model times and costs the two apart."""
+        out = list(tiers)
+        for tier in self.lower:
+            mine = [i for i, t in enumerate(tiers) if t == tier.name]
+            if mine and self._page_cached(tier, [keys[mine[0]], keys[mine[-1]]]):
+                for i in mine:
+                    out[i] = tier.name + CACHED
+        return out
+
     def locate(self, keys: Sequence[bytes]) -> list[str]:
         """The name of the fastest tier holding each leading key, up to the first key none holds."""
         t0 = time.perf_counter()
@@ -289,10 +306,12 @@ class Store:
                     break  # host memory full of chunks in use: the rest are misses
                 slots.append((i, ref))
             t_read = time.perf_counter()
-            answer = self._call(tier, "get_into", [keys[i] for i, _ in slots], [ref.data.numpy() for _, ref in slots],
+            asked = [keys[i] for i, _ in slots]
+            timed_as = tier.name + CACHED if asked and self._page_cached(tier, asked) else tier.name
+            answer = self._call(tier, "get_into", asked, [ref.data.numpy() for _, ref in slots],
                                 nbytes=len(slots) * self.layout.nbytes, hold=[ref for _, ref in slots])
             answer = answer or [False] * len(slots)
-            self.costs.observe_read(tier.name, sum(answer), time.perf_counter() - t_read)
+            self.costs.observe_read(timed_as, sum(answer), time.perf_counter() - t_read)
             still = []
             for (i, ref), ok in zip(slots, answer):
                 if ok:

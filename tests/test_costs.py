@@ -98,13 +98,19 @@ def test_config_settings():
 
 
 class SlowDisk(DiskTier):
-    """A real disk tier whose reads take ``delay`` seconds more per chunk."""
+    """A real disk tier whose reads take ``delay`` seconds more per chunk: a slow device, so its files
+    count as out of the page cache (``warm`` None) unless a test says otherwise (the real probe is
+    tested in test_disk_tier.py)."""
 
     delay = 0.0
+    warm: bool | None = None
 
     def get_into(self, keys, dests):
         time.sleep(self.delay * len(keys))
         return super().get_into(keys, dests)
+
+    def page_cached(self, keys):
+        return self.warm
 
 
 def payload(i: int) -> np.ndarray:
@@ -371,3 +377,33 @@ def test_a_traced_lookup_records_what_its_decision_assumed(slow_store, monkeypat
     ledger.num_new_matched_tokens(tokens, 0, "r2")
     last = json.loads([s for s in trace._lines if '"sched.cost"' in s][-1])
     assert last["req"] == "r2" and "disk" in last["measured"] and last["read_ms"]["disk"] > 15
+
+
+def test_page_cached_disk_chunks_are_timed_and_costed_apart_from_cold_ones(slow_store):
+    """On the H100 the disk's estimate came from reads the page cache served; after the page cache was
+    dropped, four 32K-token hits were loaded from the device at ~1.4 GB/s, 2-8x slower than computing
+    them. Reads are now timed under ``disk`` or ``disk~cached`` by whether the page cache held the
+    files, and a lookup costs a hit by the same probe: a fast cached read no longer makes a cold
+    hit look cheap."""
+    store, disk = slow_store
+    store.costs = model(token_s=1e-4)  # a chunk computes in 1.6 ms
+    ledger = PrefixLedger(store, NS, CHUNK, CHUNK, costs=store.costs, load_policy="auto")
+    tokens, keys = prompt_and_keys(ledger, 6)
+    for i, k in enumerate(keys):
+        assert disk.put([k], [payload(i)]) == [True]
+    disk.warm = True  # page-cached reads: fast
+    for k in keys[:2]:
+        (ref,) = store.get([k])
+        ref.release()
+        store.cpu.delete([k])  # back to the disk only
+    assert store.costs.read_s("disk~cached") < 0.005
+    assert "disk" not in store.costs.snapshot(["disk"])["measured"]  # a cached read says nothing of the device
+    disk.warm = False
+    disk.delay = 0.02  # cold: the device's speed, 20 ms a chunk
+    (ref,) = store.get([keys[5]])
+    ref.release()
+    store.cpu.delete([keys[5]])
+    assert store.costs.read_s("disk") > 0.015 and store.costs.read_s("disk~cached") < 0.005
+    assert ledger.num_new_matched_tokens(tokens, 0, "cold") == 0  # cold: slower than computing
+    disk.warm = True
+    assert ledger.num_new_matched_tokens(tokens, 0, "warm") == 6 * CHUNK  # cached: a win

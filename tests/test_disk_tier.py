@@ -921,3 +921,19 @@ def test_a_huge_journal_is_skipped_not_read_on_every_lookup(tmp_chunk_dir):
     writer = DiskTier(tmp_chunk_dir, 100 * FILE, SMALL_LAYOUT)
     writer.put(keys[:1], [make_payload(0)])
     assert reader.contains(keys[:1]) == [True]
+
+
+def test_page_cached_tells_a_file_in_the_page_cache_from_one_on_the_device(tmp_chunk_dir):
+    """The cost model's probe (DiskTier.page_cached): a chunk just written is in the page cache, an
+    evicted one is not, and the probe reads in nothing past the page it asks about."""
+    tier = direct_tier(tmp_chunk_dir)
+    keys = make_keys(3)
+    assert tier.put(keys, [make_payload(i) for i in range(3)]) == [True] * 3
+    assert tier.page_cached(keys) is True
+    evict_checked([tier._path(k) for k in keys[1:]])
+    assert tier.page_cached(keys[:1]) is True
+    assert tier.page_cached(keys) is False  # one of them is on the device only
+    assert resident(tier._path(keys[2]), 0, 0) <= 1  # a refused read brings in one page at most
+    assert tier.page_cached([b"\x00" * 32]) is None  # no such file: cannot tell
+    tier.nowait_probe = False
+    assert tier.page_cached(keys[:1]) is None

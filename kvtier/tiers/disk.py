@@ -411,6 +411,30 @@ class DiskTier(Tier):
             self._made_dirs.discard(key[:1].hex())
             return False
 
+    def page_cached(self, keys: Sequence[bytes]) -> bool | None:
+        """Whether the files of ``keys`` look held by the page cache: the last page of each is asked
+        with a read that may not wait (``RWF_NOWAIT``). None where that cannot be asked here or a
+        file is gone. For the cost model: a cold file reads at the device's speed, a cached one at
+        the memory's (on an H100 host 0.8-1.4 GB/s against ~13 GB/s)."""
+        if not self.nowait_probe:
+            return None
+        byte = bytearray(1)
+        for key in keys:
+            try:
+                fd = os.open(self._path(key), os.O_RDONLY)
+            except OSError:
+                return None
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # a refused read reads in its page only
+                os.preadv(fd, [byte], max(0, os.fstat(fd).st_size - 1), RWF_NOWAIT)
+            except BlockingIOError:
+                return False
+            except OSError:  # EOPNOTSUPP (tmpfs), EINVAL: cannot tell
+                return None
+            finally:
+                os.close(fd)
+        return True
+
     def get_into(self, keys: Sequence[bytes], dests: Sequence[Buffer]) -> list[bool]:
         outs = [self._dest(d) for _, d in zip(keys, dests, strict=True)]  # wrong sizes raise before any read
         self._catch_up(keys)

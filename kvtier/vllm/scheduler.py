@@ -235,6 +235,9 @@ class PrefixLedger:
         hit = min((first + len(tiers)) * c, limit)
         if hit <= num_computed_tokens or self.load_policy != "auto":
             return max(0, hit - num_computed_tokens)
+        cost_tiers = getattr(self.store, "cost_tiers", None)  # a disk chunk in the page cache reads ~10x faster
+        if cost_tiers is not None:
+            tiers = cost_tiers(keys[first:first + len(tiers)], tiers)
         take, load_s, saved_s = self.costs.chunks_to_load(num_computed_tokens, tiers, n, limit)
         if trace.ON:  # what the decision assumed, to set against what the load or the compute then took
             trace.record("sched.cost", time.perf_counter(), req=req_id, computed=num_computed_tokens, found=len(tiers),
