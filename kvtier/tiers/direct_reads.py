@@ -7,8 +7,10 @@ without filling the page cache with a chunk that now lives in host memory.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
+import mmap
 import os
 from typing import Protocol
 
@@ -21,6 +23,7 @@ log = logging.getLogger("kvtier.tiers.disk")
 ALIGN = 4096
 O_DIRECT = getattr(os, "O_DIRECT", 0)
 RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class DirectPolicy(Protocol):
@@ -131,3 +134,28 @@ class DirectReads:
 def address(buf: memoryview) -> int:
     """The address of the first byte of ``buf``."""
     return np.frombuffer(buf, dtype=np.uint8).ctypes.data
+
+
+def resident_pages(fd: int, offset: int, length: int) -> int:
+    """How many pages of ``[offset, offset + length)`` of the open file ``fd`` are in the page cache,
+    asked with ``mincore`` over a private mapping of just that range: asking reads nothing in (a
+    read with ``RWF_NOWAIT`` that is refused still starts reading the page, so a second probe of a
+    cold file would find it cached). Raises OSError where the range cannot be mapped."""
+    first = offset - offset % mmap.ALLOCATIONGRANULARITY
+    size = os.fstat(fd).st_size
+    end = min(size, offset + length)
+    if end <= first:
+        return 0
+    pages = -(-(end - first) // mmap.PAGESIZE)
+    m = mmap.mmap(fd, end - first, access=mmap.ACCESS_COPY, offset=first)
+    try:
+        base = ctypes.c_char.from_buffer(m)
+        vec = (ctypes.c_ubyte * pages)()
+        rc = _libc.mincore(ctypes.c_void_p(ctypes.addressof(base)), ctypes.c_size_t(end - first), vec)
+        del base  # before the mapping closes
+        if rc != 0:
+            raise OSError(ctypes.get_errno(), "mincore failed")
+        skip = (offset - first) // mmap.PAGESIZE
+        return sum(v & 1 for v in vec[skip:])
+    finally:
+        m.close()
