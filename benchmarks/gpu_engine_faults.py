@@ -63,12 +63,15 @@ def main() -> int:
             return 1
         lmcache = lmcache_phase.QUIET | lmcache_phase.settings("lmcache_cpu", "2GiB", "2GiB", Path("/unused"))
     policy = {"kv_transfer_config": {"kv_load_failure_policy": args.policy}} if lmcache and args.policy else None
-    engine, base, kv, logs = tiny_engine_pair(ENGINE, {} if lmcache is None else None, args.cpu,
+    # kvtier loads every hit: on the H100 (lease of 2026-12-06) its cost model computed this tiny model's
+    # prompts instead, no chunk was fetched and nothing was lost (the run then fails: it tested nothing).
+    kvtier = {"load_policy": "always"} if lmcache is None else None
+    engine, base, kv, logs = tiny_engine_pair(ENGINE, kvtier, args.cpu,
                                               sync_loads=args.sync_loads, lmcache=lmcache, connector_engine=policy)
     result = {"command": "python3 " + " ".join(sys.argv), "vllm_version": vllm.__version__,
               "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
               "connector": args.connector, "lmcache_settings": lmcache, "policy": args.policy,
-              "engine": engine, "loss_p": args.p, "sync_loads": args.sync_loads, "seeds": []}
+              "engine": engine, "kvtier": kvtier, "loss_p": args.p, "sync_loads": args.sync_loads, "seeds": []}
     ok = True
     try:
         for seed in [int(s) for s in args.seeds.split(",")]:

@@ -75,10 +75,13 @@ def main() -> int:
     import torch
     import vllm
 
-    kvtier = {"chunk_size": 64, "tiers": ["cpu"], "cpu_bytes": "256MiB"}
+    # Every hit loaded: on a GPU the cost model computes a tiny model's short prompts instead, and the
+    # loads (what this checks) would not happen.
+    kvtier = {"chunk_size": 64, "tiers": ["cpu"], "cpu_bytes": "256MiB", "load_policy": "always"}
     if args.disk:
         kvtier = {"chunk_size": 64, "tiers": ["cpu", "disk"], "cpu_bytes": "4MiB", "writer": "process",
-                  "disk_path": tempfile.mkdtemp(prefix="kvtier-random-disk-"), "disk_bytes": "1GiB"}
+                  "disk_path": tempfile.mkdtemp(prefix="kvtier-random-disk-"), "disk_bytes": "1GiB",
+                  "load_policy": "always"}
     engine, base, kv, logs = tiny_engine_pair(ENGINE, kvtier, args.cpu)
     faults_from = args.scenarios - args.scenarios // 3
     slow_from = args.scenarios // 3
