@@ -207,6 +207,12 @@ def link_and_disk(per_token: int, disk_path: str) -> dict:
     return out
 
 
+def _of_length(ttfts: list[dict], i: int, per_length: int) -> list[dict]:
+    """The timed steps of the ``i``-th prompt length: each part times ``per_length`` steps per length
+    (``reps`` cold then ``reps`` hits, or ``reps`` hits alone), lengths in order."""
+    return ttfts[i * per_length:(i + 1) * per_length]
+
+
 def rows(p1: dict, p2: dict, limits: dict, prompts: dict, reps: int, lm: dict | None = None) -> list[dict]:
     med = lambda xs: statistics.median(xs) if xs else None  # noqa: E731
     lm = lm if lm and "steps" in lm else None
@@ -223,12 +229,8 @@ def rows(p1: dict, p2: dict, limits: dict, prompts: dict, reps: int, lm: dict | 
             if r is not None}
     out = []
     for i, n in enumerate(prompts):
-        b = base[i * 2 * reps:(i + 1) * 2 * reps]
-        k = kvr[i * 2 * reps:(i + 1) * 2 * reps]
-        nat = native[i * 2 * reps:(i + 1) * 2 * reps]
-        c = cpu_only[i * 2 * reps:(i + 1) * 2 * reps]
-        d = restart[i * reps:(i + 1) * reps]
-        m = lmc[i * 2 * reps:(i + 1) * 2 * reps]
+        b, k, nat, c, m = (_of_length(t, i, 2 * reps) for t in (base, kvr, native, cpu_only, lmc))
+        d = _of_length(restart, i, reps)
         kv_bytes = n * limits["kv_bytes_per_token"]
         outs = {name: g[i]["outputs"][0] for name, g in gens.items()}
         row = {"tokens": n, "kv_bytes": kv_bytes,
@@ -274,7 +276,7 @@ def lmcache_check(lm: dict, prompts: dict, reps: int) -> dict:
         return {"skipped": lm.get("skipped")}
     ttfts, out = _ttfts(lm, 1), {}
     for i, n in enumerate(prompts):
-        m = ttfts[i * 2 * reps:(i + 1) * 2 * reps]
+        m = _of_length(ttfts, i, 2 * reps)
         out[n] = {"cold_s": statistics.median(s["s"] for s in m[:reps]),
                   "hit_s": statistics.median(s["s"] for s in m[reps:]),
                   "cached": [s["cached"] for s in m[reps:]],
