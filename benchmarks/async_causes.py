@@ -57,7 +57,7 @@ def analyse(run: dict, spans: list[dict]) -> dict:
     # Gaps that began before the first arrival belong to the running requests' own admission (their
     # prompts computed in steps of the batch budget): reported apart. Merged with the rest, they made
     # a 0.5-0.7 s "first-arrival stall" in two H100 runs that no arrival caused.
-    first_arrival = min(run["added"].values()) if run["added"] else float("inf")
+    first_arrival = min(run["added"].values()) if run["added"] else float("-inf")  # none: no split
     admission = _merge([g for g in spikes if g[0] < first_arrival])
     merged = _merge([g for g in spikes if g[0] >= first_arrival])
     lo = min(a for a, _ in gaps)
