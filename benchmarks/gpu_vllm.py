@@ -21,6 +21,8 @@ runs, each on a prompt vLLM's prefix cache does not hold (``reset_prefix_cache``
   equals that of its cold run (every prompt of every length, not only the generated one);
 - ``cold_kvtier_cpu_only_s``, ``kvtier_cpu_hit_cpu_only_s``: the kvtier figures again in an engine
   with the cpu tier only, where no disk tier writes chunks behind the requests;
+- ``cold_kvtier_nosave_s`` (``--nosave``): the cold runs again with kvtier present and saving nothing
+  (vLLM's ``kv_role: kv_consumer``): what kvtier's hooks cost a prefill, apart from its saves;
 - ``cold_lmcache_s``, ``lmcache_cpu_hit_s`` (issue 30): the same steps as kvtier's with LMCache 0.5.3
   (vLLM's LMCacheConnectorV1, local_cpu of kvtier's cpu_bytes, chunks of 256 tokens; settings in
   benchmarks/gpu_lmcache/phase.py), from ``--part lmcache`` run before part 2; None where that part
@@ -41,6 +43,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import statistics
 import sys
 import time
@@ -122,8 +125,9 @@ def part_lmcache(model, engine, kv, prompts, v1_runner: bool = False) -> dict:
     return {**result, "settings": env}
 
 
-def part1(model, engine, kv, prompts, reps, cpu_only: bool = True) -> dict:
-    """vLLM alone (cold, APC hit) and kvtier (cold with saves, cpu-tier hit)."""
+def part1(model, engine, kv, prompts, reps, cpu_only: bool = True, nosave: bool = False) -> dict:
+    """vLLM alone (cold, APC hit) and kvtier (cold with saves, cpu-tier hit); with ``nosave`` kvtier's
+    cold runs again as a consumer, which saves nothing."""
     reset = {"op": "reset_prefix_cache"}
     warm = {"op": "ttft", "prompt": prompts[min(prompts)][0][:64]}
     gen = [{"op": "generate", "prompts": [prompts[n][0]], "max_tokens": 16} for n in prompts]
@@ -139,15 +143,22 @@ def part1(model, engine, kv, prompts, reps, cpu_only: bool = True) -> dict:
     t = time.time()
     kvr = run_phase(model, kv_steps, kv, engine)
     print(f"kvtier: {time.time() - t:.0f} s (start-up {kvr['startup_s']:.0f} s)", flush=True)
+    nosave_run = None
+    if nosave:  # a fresh disk directory: a consumer would load what the run above saved
+        t = time.time()
+        fresh = kv["disk_path"] + "-nosave"
+        shutil.rmtree(fresh, ignore_errors=True)
+        nosave_run = run_phase(model, kv_steps, kv | {"disk_path": fresh}, engine, kv_role="kv_consumer")
+        print(f"kvtier, saving nothing: {time.time() - t:.0f} s", flush=True)
     if not cpu_only:
-        return {"base": base, "kvtier": kvr, "kvtier_cpu_only": None}
+        return {"base": base, "kvtier": kvr, "kvtier_cpu_only": None, "kvtier_nosave": nosave_run}
     # The same with the cpu tier only: no disk tier writing chunks behind the requests, to
     # measure what that costs the engine.
     t = time.time()
     cpu_only = run_phase(model, kv_steps, {k: v for k, v in kv.items() if not k.startswith("disk")} |
                          {"tiers": ["cpu"]}, engine)
     print(f"kvtier, cpu tier only: {time.time() - t:.0f} s", flush=True)
-    return {"base": base, "kvtier": kvr, "kvtier_cpu_only": cpu_only}
+    return {"base": base, "kvtier": kvr, "kvtier_cpu_only": cpu_only, "kvtier_nosave": nosave_run}
 
 
 def part2(model, engine, kv, prompts, reps, native_gib: float | None) -> dict:
@@ -220,6 +231,7 @@ def rows(p1: dict, p2: dict, limits: dict, prompts: dict, reps: int, lm: dict | 
     base = _ttfts(p1["base"], 1)
     kvr = _ttfts(p1["kvtier"], 1)
     cpu_only = _ttfts(p1["kvtier_cpu_only"], 1) if p1.get("kvtier_cpu_only") else []
+    nosave = _ttfts(p1["kvtier_nosave"], 1) if p1.get("kvtier_nosave") else []
     restart = _ttfts(p2["restart"], 1)
     native = _ttfts(p2["native"], 1) if p2["native"] else []
     gens = {name: [s for s in r["steps"] if s["op"] == "generate"]
@@ -231,6 +243,7 @@ def rows(p1: dict, p2: dict, limits: dict, prompts: dict, reps: int, lm: dict | 
     for i, n in enumerate(prompts):
         b, k, nat, c, m = (_of_length(t, i, 2 * reps) for t in (base, kvr, native, cpu_only, lmc))
         d = _of_length(restart, i, reps)
+        ns = _of_length(nosave, i, 2 * reps)
         kv_bytes = n * limits["kv_bytes_per_token"]
         outs = {name: g[i]["outputs"][0] for name, g in gens.items()}
         row = {"tokens": n, "kv_bytes": kv_bytes,
@@ -241,6 +254,7 @@ def rows(p1: dict, p2: dict, limits: dict, prompts: dict, reps: int, lm: dict | 
                "native_offload_hit_s": med([s["s"] for s in nat[reps:]]),
                "cold_kvtier_cpu_only_s": med([s["s"] for s in c[:reps]]),
                "kvtier_cpu_hit_cpu_only_s": med([s["s"] for s in c[reps:]]),
+               "cold_kvtier_nosave_s": med([s["s"] for s in ns[:reps]]),
                "cold_lmcache_s": med([s["s"] for s in m[:reps]]),
                "lmcache_cpu_hit_s": med([s["s"] for s in m[reps:]]),
                "link_limit_s": kv_bytes / limits["h2d_bytes_per_s"] if limits.get("h2d_bytes_per_s") else None,
@@ -319,6 +333,8 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--cpu", action="store_true", help="dry run: tiny model, vLLM's CPU engine")
     ap.add_argument("--no-cpu-only", action="store_true", help="part 1 without the cpu-tier-only engine")
+    ap.add_argument("--nosave", action="store_true",
+                    help="part 1 also runs kvtier's cold steps as a consumer, which saves nothing (issue 28)")
     ap.add_argument("--out", default="benchmarks/results/gpu_vllm_h200.json")
     args = ap.parse_args()
     STATE.mkdir(parents=True, exist_ok=True)
@@ -327,7 +343,7 @@ def main() -> int:
     prompts = _prompts(vocab, lengths, args.reps)
     per_token = kv_bytes_per_token(model, 4 if args.cpu else 2)  # float32 on the CPU dry run, bf16 on the GPU
     if args.part in ("1", "all"):
-        p1 = part1(model, engine, kv, prompts, args.reps, not args.no_cpu_only)
+        p1 = part1(model, engine, kv, prompts, args.reps, not args.no_cpu_only, args.nosave)
         (STATE / "part1.json").write_text(json.dumps(p1))
     if args.part == "lmcache":
         (STATE / "lmcache.json").write_text(json.dumps(part_lmcache(model, engine, kv, prompts)))
@@ -363,8 +379,9 @@ def main() -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))
         keys = ["tokens", "cold_s", "cold_kvtier_s", "apc_hit_s", "kvtier_cpu_hit_s", "kvtier_disk_hit_s",
-                "native_offload_hit_s", "link_limit_s", "disk_limit_s", "cold_kvtier_cpu_only_s",
-                "kvtier_cpu_hit_cpu_only_s", "cold_lmcache_s", "lmcache_cpu_hit_s", "outputs_match"]
+                "native_offload_hit_s", "link_limit_s", "disk_limit_s", "cold_kvtier_nosave_s",
+                "cold_kvtier_cpu_only_s", "kvtier_cpu_hit_cpu_only_s", "cold_lmcache_s", "lmcache_cpu_hit_s",
+                "outputs_match"]
         print(" ".join(f"{k:>20}" for k in keys))
         for r in result["rows"]:
             print(" ".join(f"{r[k]:>20.4f}" if isinstance(r[k], float) else f"{str(r[k]):>20}" for k in keys))
