@@ -9,9 +9,9 @@
 # /tmp/site once); gpu_docs checks that LMCache's compiled ops load before its first LMCache engine,
 # and where they do not, records the lmcache_* configurations as skipped with the exact error and runs
 # the others.
-# STEP: tests (tests/gpu), async1 (gpu_async auto,async), async2 (sync,native), async3 (alone: vLLM with no
+# STEP: tests (tests/gpu), async1 (gpu_async auto,async; ASYNC1_MODES=auto: auto only), async2 (sync,native), async3 (alone: vLLM with no
 # connector, and lmcache: LMCache's local_cpu, issue 30),
-# vllm1 / vllm2 (gpu_vllm parts; vllm1_short: part 1 without the cpu-tier-only engine; vllm1_nosave: the same plus kvtier's cold runs as a consumer that saves nothing (issue 28); vllm_lmcache: LMCache's engine, between vllm1 and vllm2; vllm_lmcache_v1: the same on vLLM's V1 model runner), writer (bench_writer_gil: the disk tier's writers vs the engine thread), writer_ab (its variants: one thread, a writer process), writer_process (that one only), random (gpu_engine_random, with the save-fence check and its control), random_disk (the same over a disk tier), docs_A+B (gpu_docs configurations A and B; LMCache's: lmcache_cpu, lmcache_cpu4g_disk, lmcache_cpu4g_disk_dropped), lmcache_check (LMCache's import check alone), disk_read (bench_disk_read), sched_hooks (bench_sched_hooks: kvtier's scheduler hooks per decode step vs vLLM's own, on this host's CPU), remote (bench_remote: the remote tiers on this host's cores; the kit of benchmarks/gpu_remote/prepare.sh staged first), pd_single / pd_pd (gpu_pd: one engine, then prefill/decode through kvtier; two calls), faults_lmcache (gpu_engine_faults with LMCache under vLLM's default failure policy and under 'recompute', then kvtier). Results land in $OUT (default /tmp/kvtier-gpu).
+# vllm1 / vllm2 (gpu_vllm parts; vllm1_short: part 1 without the cpu-tier-only engine; vllm1_nosave: the same plus kvtier's cold runs as a consumer that saves nothing (issue 28); vllm_lmcache: LMCache's engine, between vllm1 and vllm2; vllm_lmcache_v1: the same on vLLM's V1 model runner), writer (bench_writer_gil: the disk tier's writers vs the engine thread), writer_ab (its variants: one thread, a writer process), writer_process (that one only), random (gpu_engine_random, with the save-fence check and its control), random_disk (the same over a disk tier), docs_A+B (gpu_docs configurations A and B; LMCache's: lmcache_cpu, lmcache_cpu4g_disk, lmcache_cpu4g_disk_dropped), lmcache_check (LMCache's import check alone), disk_read (bench_disk_read), sched_hooks (bench_sched_hooks: kvtier's scheduler hooks per decode step vs vLLM's own, on this host's CPU), remote (bench_remote: the remote tiers on this host's cores; the kit of benchmarks/gpu_remote/prepare.sh staged first), pd_single / pd_pd (gpu_pd: one engine, then prefill/decode through kvtier; two calls), faults_lmcache (gpu_engine_faults with LMCache under vLLM's default failure policy, FAULTS_FAIL=0: not, and under 'recompute', then kvtier). Results land in $OUT (default /tmp/kvtier-gpu).
 set -uo pipefail
 OUT=${OUT:-/tmp/kvtier-gpu}
 mkdir -p "$OUT"
@@ -37,7 +37,8 @@ case "$step" in
     nvidia-smi --query-gpu=name,driver_version,pcie.link.gen.current,pcie.link.width.current --format=csv
     python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/gpu_tests_h200_vllm024.txt" | tail -6 ;;
   async1)
-    python3 benchmarks/gpu_async.py --modes auto,async --trace "$OUT/async_trace" --out "$OUT/gpu_async_h200_part1.json"
+    python3 benchmarks/gpu_async.py --modes "${ASYNC1_MODES:-auto,async}" --trace "$OUT/async_trace" \
+      --out "$OUT/gpu_async_h200_part1.json"
     python3 benchmarks/async_causes.py "$OUT/async_trace" --out "$OUT/async_causes_h200.json" > /dev/null
     pack async1_trace "$OUT/async_trace" ;;
   async2) python3 benchmarks/gpu_async.py --modes sync,native --trace "$OUT/async2_trace" \
@@ -45,7 +46,7 @@ case "$step" in
   async3) python3 benchmarks/gpu_async.py --modes alone,lmcache --trace "$OUT/async3_trace" \
             --out "$OUT/gpu_async_h200_part3.json"; pack async3_trace "$OUT/async3_trace" ;;
   faults_lmcache)  # gpu_engine_faults with LMCache (issue 30), then kvtier: 15 % of the chunks lost at load
-    timeout 300 python3 benchmarks/gpu_engine_faults.py --connector lmcache \
+    [ "${FAULTS_FAIL:-1}" = 1 ] && timeout 300 python3 benchmarks/gpu_engine_faults.py --connector lmcache \
       --out "$OUT/gpu_engine_faults_lmcache_h200.json"
     timeout 300 python3 benchmarks/gpu_engine_faults.py --connector lmcache --policy recompute \
       --out "$OUT/gpu_engine_faults_lmcache_recompute_h200.json"
