@@ -212,10 +212,10 @@ class Store:
         """Number of leading ``keys`` held by some tier (a hint: ``get`` may still miss)."""
         return len(self.locate(keys))
 
-    def _page_cached(self, tier: Tier, keys: Sequence[bytes]) -> bool:
-        """Whether ``tier`` (one that can tell: the disk) holds the first and last of ``keys`` in the
-        page cache; False where it cannot tell."""
-        return hasattr(tier, "page_cached") and bool(self._call(tier, "page_cached", [keys[0], keys[-1]]))
+    def _page_cached(self, tier: Tier, first: bytes, last: bytes) -> bool:
+        """Whether ``tier`` (one that can tell: the disk) holds the chunks ``first`` and ``last`` (a
+        hit's ends) in the page cache; False where it cannot tell."""
+        return hasattr(tier, "page_cached") and bool(self._call(tier, "page_cached", [first, last]))
 
     def cost_tiers(self, keys: Sequence[bytes], tiers: Sequence[str]) -> list[str]:
         """``tiers`` (the tier of each chunk of ``keys``, as :meth:`locate` answers) with a tier whose
@@ -224,7 +224,7 @@ class Store:
         out = list(tiers)
         for tier in self.lower:
             mine = [i for i, t in enumerate(tiers) if t == tier.name]
-            if mine and self._page_cached(tier, [keys[mine[0]], keys[mine[-1]]]):
+            if mine and self._page_cached(tier, keys[mine[0]], keys[mine[-1]]):
                 for i in mine:
                     out[i] = tier.name + CACHED
         return out
@@ -307,7 +307,7 @@ class Store:
                 slots.append((i, ref))
             t_read = time.perf_counter()
             asked = [keys[i] for i, _ in slots]
-            timed_as = tier.name + CACHED if asked and self._page_cached(tier, asked) else tier.name
+            timed_as = tier.name + CACHED if asked and self._page_cached(tier, asked[0], asked[-1]) else tier.name
             answer = self._call(tier, "get_into", asked, [ref.data.numpy() for _, ref in slots],
                                 nbytes=len(slots) * self.layout.nbytes, hold=[ref for _, ref in slots])
             answer = answer or [False] * len(slots)

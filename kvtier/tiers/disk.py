@@ -425,7 +425,7 @@ class DiskTier(Tier):
                 last = max(0, os.fstat(fd).st_size - 1)
                 if resident_pages(fd, last, 1) == 0:
                     return False
-            except (OSError, ValueError):  # ValueError: mmap of an empty file
+            except OSError:
                 return None
             finally:
                 os.close(fd)

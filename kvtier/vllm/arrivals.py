@@ -200,15 +200,16 @@ def _measure(eng, spec: dict, arrivals: list[list[int]], drop_page_cache: bool) 
             while len(ts) < n:
                 ts.append(time.perf_counter())
     running = [ts for rid, ts in times.items() if rid not in added]
-    itl = [b - a for ts in running for a, b in zip(ts, ts[1:])]
+    gaps = [(a, b - a) for ts in running for a, b in zip(ts, ts[1:])]  # (when it began, how long)
+    itl = [g for _, g in gaps]
     # Only the window in which arrivals happen (and the same window without them).
     first = min(ts[0] for ts in running)
     window = spec["interval_s"] * (len(spec["arrivals"]) + 2)
-    itl_w = [b - a for ts in running for a, b in zip(ts, ts[1:]) if a - first < window]
+    itl_w = [g for a, g in gaps if a - first < window]
     # The same window from the first arrival (or when it was due) on: without the running requests'
     # own admission, which a connector that computes their cached prompts makes slow (issue 28).
     since = min(added.values()) if added else t0 + spec["interval_s"]
-    itl_since = [b - a for ts in running for a, b in zip(ts, ts[1:]) if a >= since and a - first < window]
+    itl_since = [g for a, g in gaps if a >= since and a - first < window]
     ttft = [times[r][0] - added[r] for r in added]
     return {"itl_p50_ms": 1e3 * statistics.median(itl_w), "itl_p99_ms": 1e3 * _p99(itl_w),
             "itl_p99_from_first_arrival_ms": 1e3 * _p99(itl_since) if itl_since else None,
