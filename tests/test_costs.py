@@ -42,12 +42,39 @@ def test_fit_recovers_step_costs():
         tokens = int(rng.integers(1, 4096))
         ctx = int(rng.integers(0, 32768))
         att = tokens * (ctx + tokens / 2)
-        steps.append((tokens, att, 0.004 + 2e-5 * tokens + 3e-10 * att))
-    c, a, b = _fit_steps(steps, 256)
+        reads = float(rng.integers(0, 64 * 32768))  # the context of the step's decodes
+        steps.append((tokens, att, reads, 0.004 + 2e-5 * tokens + 3e-10 * att + 4e-8 * reads))
+    c, a, b, d = _fit_steps(steps, 256)
     assert c == pytest.approx(0.004, rel=1e-3) and a == pytest.approx(2e-5, rel=1e-3)
-    assert b == pytest.approx(3e-10, rel=1e-3)
-    decode_only = [(8, 8 * 1000.0, 0.01)] * 50  # no step computed a chunk: per-token cost unknown
+    assert b == pytest.approx(3e-10, rel=1e-3) and d == pytest.approx(4e-8, rel=1e-3)
+    decode_only = [(8, 0.0, 8 * 1000.0, 0.01)] * 50  # no step computed a chunk: per-token cost unknown
     assert _fit_steps(decode_only, 256) is None
+    big_decodes = [(512, 0.0, 512 * 1000.0, 0.03)] * 50  # a chunk of tokens, but no prefill among them
+    assert _fit_steps(big_decodes, 256) is None
+
+
+def test_decode_steps_do_not_inflate_the_prefill_estimate():
+    """On an H100 (Llama-8B shape) a decode reads its whole context's KV for one query (~4e-8 s per
+    token of context), a prefill computes a tile of queries per read (~1e-9 s per token-context pair):
+    a window of mostly decode steps must not fit the prefill's attention cost from the decodes. Here
+    8 steps prefill prompts of 2-4K tokens, then 240 decode steps of 32 requests whose contexts grow
+    from 2K to 34K tokens, their work counted by the ledger's on_step; a 32K-token prefill must still
+    be estimated near its true cost (before the decodes' context was a term of its own: 7.1 s for 1.22 s)."""
+    m = CostModel(256, 256 * 131072, "cuda", max_step_tokens=8192)
+    ledger = PrefixLedger(None, NS, CHUNK, CHUNK, saves=False)
+
+    def step(computed: list[int], new: int, seconds: float) -> None:
+        plan = ledger.on_step([ScheduledRequest(f"r{i}", range(cp + new + 1), cp, new, None, False)
+                               for i, cp in enumerate(computed)])
+        m.observe_step(plan.work_tokens, plan.work_attention, seconds, context=plan.work_context)
+
+    for tokens in np.random.default_rng(3).integers(2048, 4097, 8).tolist():  # fresh prompts, from their start
+        step([0], tokens, 0.007 + 2e-5 * tokens + 1e-9 * tokens * tokens / 2)
+    for k in range(240):
+        computed = [2048 + 136 * k + i for i in range(32)]  # one new token each: each reads its context
+        step(computed, 1, 0.007 + 2e-5 * 32 + 4e-8 * sum(computed))
+    true_s = 0.007 * 4 + 2e-5 * 32768 + 1e-9 * 32768**2 / 2  # as compute_s counts a 32K prefill's steps
+    assert m.compute_s(0, 32768) == pytest.approx(true_s, rel=0.25), m.snapshot([])["fit"]
 
 
 def test_decisions_follow_measured_speeds():

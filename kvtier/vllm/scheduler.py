@@ -45,7 +45,7 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from kvtier import trace
-from kvtier.costs import CostModel
+from kvtier.costs import QUERY_TILE, CostModel
 from kvtier.keys import KeyChain, Namespace, chunk_keys
 
 log = logging.getLogger(__name__)
@@ -87,10 +87,12 @@ class StepPlan:
     loads: list[LoadSpec] = field(default_factory=list)  # read by this step's forward
     saves: list[SaveSpec] = field(default_factory=list)
     parked_loads: list[LoadSpec] = field(default_factory=list)  # requests waiting off the batch
-    # What the engine computes in this step: new tokens, and the sum over requests of new tokens x
-    # their mean context (the attention term of kvtier.costs); the worker times the step against it.
+    # What the engine computes in this step (kvtier.costs): new tokens; over requests of QUERY_TILE new
+    # tokens or more, new tokens x their mean context; over the others (decodes), their context length.
+    # The worker times the step against it.
     work_tokens: int = 0
     work_attention: float = 0.0
+    work_context: float = 0.0
     promote: list[bytes] = field(default_factory=list)  # chunks to copy up to the cpu tier (background)
 
 
@@ -370,11 +372,14 @@ class PrefixLedger:
                 plan.parked_loads.append(self._plan_load(p.req_id, r, p.token_ids, p.num_computed_tokens,
                                                          step_leases))
         reqs = self.reqs
-        work_tokens, work_attention = 0, 0.0
+        work_tokens, work_attention, work_context = 0, 0.0, 0
         for s in scheduled:  # every running request, every step: kept to plain local arithmetic
             new, computed = s.num_new_tokens, s.num_computed_tokens
             work_tokens += new
-            work_attention += new * (computed + new / 2)
+            if new >= QUERY_TILE:
+                work_attention += new * (computed + new / 2)
+            elif new:
+                work_context += computed + new
             r = reqs.get(s.req_id)
             if r is None:
                 r = reqs[s.req_id] = _Req()
@@ -404,6 +409,7 @@ class PrefixLedger:
                 r.chunks_considered = n_full
         plan.work_tokens += work_tokens
         plan.work_attention += work_attention
+        plan.work_context += work_context
         # An allocation the engine did not schedule (should not happen) must not leak a load.
         for r in self._allocated.values():
             r.external = 0
