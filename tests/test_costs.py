@@ -346,6 +346,32 @@ def test_parked_load_wait_is_measured_as_the_load_overhead(slow_store):
     assert store.costs.load_overhead_s == 0.0
 
 
+def test_hits_admitted_behind_others_computing_in_the_same_round_are_loaded(slow_store):
+    """On an H100, 32 requests whose 1K-token prompts the cpu tier held arrived together; each was
+    weighed alone (its ~21 ms of compute against a load's 50-105 ms round trip) and all were computed,
+    in four 8K-token steps of ~190 ms. A request computed behind others in its step waits for theirs:
+    that time counts for loading it. Each round (one step's admissions) starts over."""
+    store, _ = slow_store
+    store.costs = model(token_s=1e-4)  # a 4-chunk hit computes in 6.4 ms
+    store.costs.load_overhead_s = 0.01  # a load: 10 ms, more than computing one hit alone
+    ledger = PrefixLedger(store, NS, CHUNK, CHUNK, costs=store.costs, load_policy="auto")
+    tokens, keys = prompt_and_keys(ledger, 4)
+    for i, k in enumerate(keys):
+        store.put(k, payload(i))
+    for rnd in range(2):
+        got = []
+        for n in range(4):
+            rid = f"r{rnd}-{n}"
+            got.append(ledger.num_new_matched_tokens(tokens, 0, rid))
+            ledger.on_alloc(rid, list(range(5)), got[-1])
+        # The first is computed (alone it is faster); behind its 67 tokens the others are loaded.
+        assert got == [0] + [4 * CHUNK] * 3, got
+        ledger.on_step([ScheduledRequest(f"r{rnd}-{n}", tokens, 0, len(tokens), None, False) for n in range(4)])
+    # A request looked up but not allocated (no budget left) puts nothing ahead of the next one.
+    assert ledger.num_new_matched_tokens(tokens, 0, "x") == 0
+    assert ledger.num_new_matched_tokens(tokens, 0, "y") == 0
+
+
 def test_waiting_for_budget_after_a_load_is_not_its_cost(slow_store):
     """A busy engine keeps a request whose load finished waiting for budget, as it would have
     without the load: that wait is not counted against loading."""
