@@ -12,10 +12,16 @@ H200 prefills Llama-8B at ~5 GB/s of KV, faster than a disk without its page cac
   faster), told apart by a probe of the first and last chunk's files, both when a read is timed
   and when a hit is costed (``Store.cost_tiers``): reads the page cache served never make a cold
   hit look cheap (on an H100, four cold 32K-token hits took 2-8x their compute that way).
-- **Compute**: step time = ``c + a * tokens + b * attention``, fitted by least squares
-  over the engine's recent steps (``observe_step``; attention = sum over the step's
-  requests of new tokens x their mean context). Before enough prefill steps were seen,
-  a seed rate in GB/s of KV (config ``prefill_gbps``).
+- **Compute**: step time = ``c + a * tokens + b * attention + d * context``, fitted by least
+  squares over the engine's recent steps (``observe_step``). Attention is two terms because it
+  costs two ways: a request computing a tile of queries or more (:data:`QUERY_TILE`) is
+  compute-bound, ``attention`` sums its new tokens x their mean context; one with fewer (a
+  decode) reads its whole context's KV for them, ``context`` sums its context length. On an H100
+  (Llama-8B shape) the read costs ~4e-8 s per token of context, the compute ~5e-10 s per
+  token-context pair: fitted as one term over a window of mostly decode steps, a 32K-token
+  prefill was estimated at 7.7 s instead of 1.2 s, and cold disk hits were loaded for it. A hit's
+  compute is estimated from ``c``, ``a`` and ``b`` only. Before enough prefill steps were seen, a
+  seed rate in GB/s of KV (config ``prefill_gbps``).
 - **Backlog**: reads already promised to a tier delay the next load from it.
 - **Overhead**: a load has a fixed cost beside its reads (a parked request waits a scheduling
   round trip), measured by the scheduler: the wait of each parked load from its allocation until
@@ -59,7 +65,10 @@ _MAX_OVERHEAD_RISE_S = 0.05
 SEED_PREFILL_GBPS = {"cuda": 5.0, "cpu": 0.05}
 _READ_WEIGHT = 0.25  # weight of a new read in the running average
 _STEPS_KEPT = 256  # engine steps the compute fit uses
-_MIN_PREFILL_STEPS = 4  # steps with at least a chunk of new tokens before the fit is trusted
+_MIN_PREFILL_STEPS = 4  # steps with at least a chunk of new tokens, not all decodes, before the fit is trusted
+# Flash attention computes a request's queries in tiles: below one tile, its attention costs the read
+# of its context's KV (``context`` of a step), from one tile up the products (``attention``).
+QUERY_TILE = 64
 _REFIT_EVERY = 8
 
 
@@ -78,9 +87,9 @@ class CostModel:
         self._lock = threading.Lock()
         self._read_s: dict[str, float] = {}
         self._busy_until: dict[str, float] = {}
-        self._steps: deque[tuple[int, float, float]] = deque(maxlen=_STEPS_KEPT)
+        self._steps: deque[tuple[int, float, float, float]] = deque(maxlen=_STEPS_KEPT)
         self._new_steps = 0
-        self._fit: tuple[float, float, float] | None = None  # (c, a, b) once trusted
+        self._fit: tuple[float, float, float, float] | None = None  # (c, a, b, d) once trusted
         # Observations for the scheduler's model when it lives in another process (take_observations);
         # bounded: an engine that never asks for them (or shares this model) loses only old ones.
         self._outbox: deque[tuple] = deque(maxlen=1024)
@@ -105,14 +114,16 @@ class CostModel:
                          self.load_overhead_s + _MAX_OVERHEAD_RISE_S)
             self.load_overhead_s += _READ_WEIGHT * (sample - self.load_overhead_s)
 
-    def observe_step(self, tokens: int, attention: float, seconds: float) -> None:
-        """An engine step computed ``tokens`` new tokens with ``attention`` token-context products."""
+    def observe_step(self, tokens: int, attention: float, seconds: float, context: float = 0.0) -> None:
+        """An engine step computed ``tokens`` new tokens with ``attention`` token-context products (of
+        requests computing a tile of queries or more) and ``context`` tokens of context read (by the
+        others: decodes)."""
         if tokens <= 0 or seconds <= 0:
             return
         with self._lock:
-            self._steps.append((tokens, attention, seconds))
+            self._steps.append((tokens, attention, context, seconds))
             self._new_steps += 1
-            self._outbox.append(("step", tokens, attention, seconds))
+            self._outbox.append(("step", tokens, attention, seconds, context))
 
     def take_observations(self) -> list[tuple]:
         """Observations since the last call, for a model in another process (:meth:`absorb`)."""
@@ -138,6 +149,7 @@ class CostModel:
         return per + self.copy_s
 
     def _coefficients(self) -> tuple[float, float, float]:
+        """(c, a, b) of computing a hit's tokens; d, the decodes' reads of their context, is no part of it."""
         with self._lock:
             if self._new_steps >= _REFIT_EVERY or (self._fit is None and self._new_steps):
                 self._new_steps = 0
@@ -145,7 +157,7 @@ class CostModel:
                 if fit is not None:
                     self._fit = fit
             if self._fit is not None:
-                return self._fit
+                return self._fit[:3]
         return 0.0, self._seed_token_s, 0.0
 
     def compute_s(self, start: int, end: int) -> float:
@@ -161,13 +173,19 @@ class CostModel:
         now = time.monotonic() if now is None else now
         return max(0.0, self._busy_until.get(tier, 0.0) - now)
 
-    def chunks_to_load(self, start: int, chunk_tiers: Sequence[str], end: int, limit: int) -> tuple[int, float, float]:
+    def chunks_to_load(self, start: int, chunk_tiers: Sequence[str], end: int, limit: int,
+                       ahead: int = 0) -> tuple[int, float, float]:
         """How many of the hit's chunks to load: (chunks, predicted load s, predicted compute s saved).
 
         The request has ``start`` tokens computed; chunk ``i`` of the hit (tokens from
         ``(start // chunk_size + i) * chunk_size``) is in tier ``chunk_tiers[i]``; the prompt
         ends at ``end``; a load ends at ``limit`` tokens at most. Loading ``k`` chunks costs
         their reads (after each tier's backlog) and saves computing the tokens they cover.
+        ``ahead``: tokens that other requests admitted in the same scheduling round compute in the
+        step this one would be computed in. Computed, its first token waits for theirs too; loaded,
+        it runs in a later step. (On an H100 a burst of 32 requests with cached 1K-token prompts,
+        each weighed alone, was computed in four 8K-token steps of ~190 ms, where loading them
+        would have taken one round trip and ~80 ms of copies.)
         Vectorized over the chunks: a 32K-token hit is decided in tens of microseconds.
         """
         c = self.chunk_size
@@ -185,7 +203,7 @@ class CostModel:
         steps_full = math.ceil((end - start) / self.max_step_tokens)
         rest = end - stops
         saved = (steps_full - np.ceil(rest / self.max_step_tokens)) * c0 + a * (stops - start) \
-            + b * (stops.astype(np.float64) ** 2 - start * start) / 2
+            + b * (stops.astype(np.float64) ** 2 - start * start) / 2 + a * ahead
         gain = saved - load
         best = n - 1 - int(np.argmax(gain[::-1]))  # the most chunks among equal gains: less work for the engine
         if gain[best] < 0:
@@ -195,7 +213,8 @@ class CostModel:
     def snapshot(self, tiers: Iterable[str]) -> dict[str, object]:
         """What the model assumes now (for traces): per tier of ``tiers`` the read time of a chunk in
         ms (``measured``: from real reads, else the seed) and the backlog in ms; the compute fit
-        (c s, a s/token, b s/token^2; None while the seed rate stands) and the load overhead in ms."""
+        (c s, a s/token, b s/token^2, d s/token of decode context; None while the seed rate stands) and the
+        load overhead in ms."""
         now = time.monotonic()
         names = sorted(set(tiers))
         return {"read_ms": {t: round(self.read_s(t) * 1e3, 4) for t in names},
@@ -214,22 +233,26 @@ class CostModel:
                 self._busy_until[tier] = start + n * self.read_s(tier)
 
 
-def _fit_steps(steps: list[tuple[int, float, float]], chunk_size: int) -> tuple[float, float, float] | None:
-    """Least-squares (c, a, b) of seconds = c + a * tokens + b * attention, all >= 0; None when
-    too few steps computed a chunk or more (decode steps alone do not tell the per-token cost)."""
-    if sum(1 for t, _, _ in steps if t >= chunk_size) < _MIN_PREFILL_STEPS:
+def _fit_steps(steps: list[tuple[int, float, float, float]],
+               chunk_size: int) -> tuple[float, float, float, float] | None:
+    """Least-squares (c, a, b, d) of seconds = c + a * tokens + b * attention + d * context, all >= 0,
+    from (tokens, attention, context, seconds) steps; None when too few steps computed a chunk or more
+    (decode steps alone do not tell the per-token cost)."""
+    # A step of a chunk or more that is all decodes (context, no attention: a large batch) tells nothing
+    # of a prefill's attention; one that tells neither (a caller counting tokens only) is taken as a prefill.
+    if sum(1 for t, att, ctx, _ in steps if t >= chunk_size and (att > 0 or not ctx)) < _MIN_PREFILL_STEPS:
         return None
-    x = np.array([(1.0, t, att) for t, att, _ in steps])
-    y = np.array([s for _, _, s in steps])
-    cols = [0, 1, 2]
+    x = np.array([(1.0, t, att, ctx) for t, att, ctx, _ in steps])
+    y = np.array([s for *_, s in steps])
+    cols = [0, 1, 2, 3]
     while cols:  # drop a term fitted negative, then fit again without it
         coef, *_ = np.linalg.lstsq(x[:, cols], y, rcond=None)
         neg = [cols[i] for i, v in enumerate(coef) if v < 0]
         if not neg:
-            out = [0.0, 0.0, 0.0]
+            out = [0.0, 0.0, 0.0, 0.0]
             for i, v in zip(cols, coef):
                 out[i] = float(v)
-            return (out[0], out[1], out[2]) if out[1] > 0 or out[2] > 0 else None
+            return (out[0], out[1], out[2], out[3]) if out[1] > 0 or out[2] > 0 else None
         cols = [i for i in cols if i not in neg]
     return None
 
@@ -241,7 +264,8 @@ class StepClock:
     _MAX_PENDING = 64  # steps not yet finished on the device; older ones are given up
 
     def __init__(self, device, observe) -> None:
-        """``device``: the engine's cache device (None: time nothing); ``observe(tokens, attention, s)``."""
+        """``device``: the engine's cache device (None: time nothing); ``observe(tokens, attention, s, context)``
+        (as :meth:`CostModel.observe_step`)."""
         self._observe = observe if device is not None else None
         self._device = device
         self._cuda = device is not None and device.type == "cuda"
@@ -249,24 +273,24 @@ class StepClock:
         self._pending: deque[tuple] = deque()
         self._spare: list = []
 
-    def start(self, tokens: int, attention: float) -> None:
+    def start(self, tokens: int, attention: float, context: float = 0.0) -> None:
         """A forward that computes ``tokens`` new tokens begins (called before its first layer)."""
         self._open = None
         if self._observe is None or tokens <= 0:
             return
         self._poll()
-        self._open = (tokens, attention, self._mark())
+        self._open = (tokens, attention, context, self._mark())
 
     def stop(self) -> None:
         """The forward's work is issued (after its last layer)."""
         if self._open is None:
             return
-        tokens, attention, begin = self._open
+        tokens, attention, context, begin = self._open
         self._open = None
         if not self._cuda:
-            self._observe(tokens, attention, time.perf_counter() - begin)
+            self._observe(tokens, attention, time.perf_counter() - begin, context)
             return
-        self._pending.append((tokens, attention, begin, self._mark()))
+        self._pending.append((tokens, attention, context, begin, self._mark()))
         if len(self._pending) > self._MAX_PENDING:
             *_, a, b = self._pending.popleft()
             self._spare += [a, b]
@@ -281,7 +305,7 @@ class StepClock:
         return event
 
     def _poll(self) -> None:
-        while self._pending and self._pending[0][3].query():
-            tokens, attention, begin, end = self._pending.popleft()
-            self._observe(tokens, attention, begin.elapsed_time(end) / 1e3)
+        while self._pending and self._pending[0][-1].query():
+            tokens, attention, context, begin, end = self._pending.popleft()
+            self._observe(tokens, attention, begin.elapsed_time(end) / 1e3, context)
             self._spare += [begin, end]

@@ -42,12 +42,39 @@ def test_fit_recovers_step_costs():
         tokens = int(rng.integers(1, 4096))
         ctx = int(rng.integers(0, 32768))
         att = tokens * (ctx + tokens / 2)
-        steps.append((tokens, att, 0.004 + 2e-5 * tokens + 3e-10 * att))
-    c, a, b = _fit_steps(steps, 256)
+        reads = float(rng.integers(0, 64 * 32768))  # the context of the step's decodes
+        steps.append((tokens, att, reads, 0.004 + 2e-5 * tokens + 3e-10 * att + 4e-8 * reads))
+    c, a, b, d = _fit_steps(steps, 256)
     assert c == pytest.approx(0.004, rel=1e-3) and a == pytest.approx(2e-5, rel=1e-3)
-    assert b == pytest.approx(3e-10, rel=1e-3)
-    decode_only = [(8, 8 * 1000.0, 0.01)] * 50  # no step computed a chunk: per-token cost unknown
+    assert b == pytest.approx(3e-10, rel=1e-3) and d == pytest.approx(4e-8, rel=1e-3)
+    decode_only = [(8, 0.0, 8 * 1000.0, 0.01)] * 50  # no step computed a chunk: per-token cost unknown
     assert _fit_steps(decode_only, 256) is None
+    big_decodes = [(512, 0.0, 512 * 1000.0, 0.03)] * 50  # a chunk of tokens, but no prefill among them
+    assert _fit_steps(big_decodes, 256) is None
+
+
+def test_decode_steps_do_not_inflate_the_prefill_estimate():
+    """On an H100 (Llama-8B shape) a decode reads its whole context's KV for one query (~4e-8 s per
+    token of context), a prefill computes a tile of queries per read (~1e-9 s per token-context pair):
+    a window of mostly decode steps must not fit the prefill's attention cost from the decodes. Here
+    8 steps prefill prompts of 2-4K tokens, then 240 decode steps of 32 requests whose contexts grow
+    from 2K to 34K tokens, their work counted by the ledger's on_step; a 32K-token prefill must still
+    be estimated near its true cost (before the decodes' context was a term of its own: 7.1 s for 1.22 s)."""
+    m = CostModel(256, 256 * 131072, "cuda", max_step_tokens=8192)
+    ledger = PrefixLedger(None, NS, CHUNK, CHUNK, saves=False)
+
+    def step(computed: list[int], new: int, seconds: float) -> None:
+        plan = ledger.on_step([ScheduledRequest(f"r{i}", range(cp + new + 1), cp, new, None, False)
+                               for i, cp in enumerate(computed)])
+        m.observe_step(plan.work_tokens, plan.work_attention, seconds, context=plan.work_context)
+
+    for tokens in np.random.default_rng(3).integers(2048, 4097, 8).tolist():  # fresh prompts, from their start
+        step([0], tokens, 0.007 + 2e-5 * tokens + 1e-9 * tokens * tokens / 2)
+    for k in range(240):
+        computed = [2048 + 136 * k + i for i in range(32)]  # one new token each: each reads its context
+        step(computed, 1, 0.007 + 2e-5 * 32 + 4e-8 * sum(computed))
+    true_s = 0.007 * 4 + 2e-5 * 32768 + 1e-9 * 32768**2 / 2  # as compute_s counts a 32K prefill's steps
+    assert m.compute_s(0, 32768) == pytest.approx(true_s, rel=0.25), m.snapshot([])["fit"]
 
 
 def test_decisions_follow_measured_speeds():
@@ -317,6 +344,32 @@ def test_parked_load_wait_is_measured_as_the_load_overhead(slow_store):
     time.sleep(0.02)
     ledger.on_loads_finished(["x"], step_s=0.005)
     assert store.costs.load_overhead_s == 0.0
+
+
+def test_hits_admitted_behind_others_computing_in_the_same_round_are_loaded(slow_store):
+    """On an H100, 32 requests whose 1K-token prompts the cpu tier held arrived together; each was
+    weighed alone (its ~21 ms of compute against a load's 50-105 ms round trip) and all were computed,
+    in four 8K-token steps of ~190 ms. A request computed behind others in its step waits for theirs:
+    that time counts for loading it. Each round (one step's admissions) starts over."""
+    store, _ = slow_store
+    store.costs = model(token_s=1e-4)  # a 4-chunk hit computes in 6.4 ms
+    store.costs.load_overhead_s = 0.01  # a load: 10 ms, more than computing one hit alone
+    ledger = PrefixLedger(store, NS, CHUNK, CHUNK, costs=store.costs, load_policy="auto")
+    tokens, keys = prompt_and_keys(ledger, 4)
+    for i, k in enumerate(keys):
+        store.put(k, payload(i))
+    for rnd in range(2):
+        got = []
+        for n in range(4):
+            rid = f"r{rnd}-{n}"
+            got.append(ledger.num_new_matched_tokens(tokens, 0, rid))
+            ledger.on_alloc(rid, list(range(5)), got[-1])
+        # The first is computed (alone it is faster); behind its 67 tokens the others are loaded.
+        assert got == [0] + [4 * CHUNK] * 3, got
+        ledger.on_step([ScheduledRequest(f"r{rnd}-{n}", tokens, 0, len(tokens), None, False) for n in range(4)])
+    # A request looked up but not allocated (no budget left) puts nothing ahead of the next one.
+    assert ledger.num_new_matched_tokens(tokens, 0, "x") == 0
+    assert ledger.num_new_matched_tokens(tokens, 0, "y") == 0
 
 
 def test_waiting_for_budget_after_a_load_is_not_its_cost(slow_store):

@@ -48,7 +48,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from kvtier.config import ConfigError, KVTierConfig
-from kvtier.costs import CostModel, StepClock
+from kvtier.costs import QUERY_TILE, CostModel, StepClock
 from kvtier import trace
 from kvtier.keys import Namespace, rank_keys
 from kvtier.layout import ChunkLayout, dtype_name
@@ -111,7 +111,8 @@ class KVTierMetadata(KVConnectorMetadata):
         self.loads = plan.loads
         self.saves = plan.saves
         self.parked_loads = plan.parked_loads
-        self.work = (plan.work_tokens, plan.work_attention)  # timed by the worker (kvtier.costs)
+        # Timed by the worker (kvtier.costs).
+        self.work = (plan.work_tokens, plan.work_attention, plan.work_context)
         self.promote = plan.promote  # copied up to the worker's cpu tier in the background
         # What KVWorker.fence_saves needs to know which saves still copying to wait for before
         # the step writes: the blocks handed to requests in this step, or, where those are not
@@ -272,13 +273,14 @@ def load_config(vllm_config: "VllmConfig", block_size: int) -> KVTierConfig:
 
 def quiet_split(req_ids: Sequence[str], computed: Sequence[int], new: np.ndarray, new_blocks: Sequence,
                 chunk: int, busy: Collection[str], extend: Callable[[str, list[int]], bool]
-                ) -> tuple[list[int], int, float]:
+                ) -> tuple[list[int], int, float, float]:
     """Of a step's running requests, the quiet ones have nothing to plan: not in ``busy`` (loading,
     resumed), and no chunk completed by their ``new`` tokens after ``computed``. Their new blocks
     go onto the ledger's tables (``extend``; a request it does not know is planned instead).
-    Returns (indices of the others, the quiet ones' tokens and attention work). In numpy: a decode
-    batch of hundreds passes here every step (issue 28); at 512 requests ~1.8x faster than a loop
-    (49 vs 89 us), below ~100 slower (11 us of fixed cost)."""
+    Returns (indices of the others, the quiet ones' tokens, attention and context work), counted as
+    :meth:`PrefixLedger.on_step` does (attention: requests of QUERY_TILE new tokens or more; context:
+    the others, decodes). In numpy: a decode batch of hundreds passes here every step (issue 28); at
+    512 requests ~1.8x faster than a loop (49 vs 89 us), below ~100 slower (11 us of fixed cost)."""
     cp = np.fromiter(computed, np.int64, len(computed))
     quiet = cp % chunk + new < chunk
     if busy:
@@ -288,7 +290,12 @@ def quiet_split(req_ids: Sequence[str], computed: Sequence[int], new: np.ndarray
             if quiet[i] and not extend(req_ids[i], new_blocks[i][0]):
                 quiet[i] = False
     n = np.where(quiet, new, 0)
-    return np.flatnonzero(~quiet).tolist(), int(n.sum()), int(n @ (2 * cp + n)) / 2
+    loud = np.flatnonzero(~quiet).tolist()
+    if n.max(initial=0) < QUERY_TILE:  # decodes only, the usual batch: each reads its context
+        return loud, int(n.sum()), 0.0, int(np.minimum(n, 1) @ (cp + n))
+    tiled = n * (n >= QUERY_TILE)  # new tokens of requests computing a tile of queries or more
+    reads = n - tiled  # of the others, each reading its context (np.minimum: 1 where any)
+    return loud, int(n.sum()), int(tiled @ (2 * cp + tiled)) / 2, int(np.minimum(reads, 1) @ (cp + reads))
 
 
 class KVTierConnector(KVConnectorBase_V1):
@@ -436,8 +443,8 @@ class KVTierConnector(KVConnectorBase_V1):
         if spec:
             new -= np.fromiter((len(spec.get(r, ())) for r in ids), np.int64, len(ids))
         planned = loading | resumed if loading else resumed  # never quiet
-        loud, quiet_tokens, quiet_attention = quiet_split(ids, cached.num_computed_tokens, new, cached.new_block_ids,
-                                                          c, planned, self.ledger.extend_blocks)
+        loud, quiet_tokens, quiet_attention, quiet_context = quiet_split(
+            ids, cached.num_computed_tokens, new, cached.new_block_ids, c, planned, self.ledger.extend_blocks)
         for i in loud:
             req_id, new_blocks = ids[i], cached.new_block_ids[i]
             req = requests.get(req_id)
@@ -451,6 +458,7 @@ class KVTierConnector(KVConnectorBase_V1):
         plan = self.ledger.on_step(steps, parked)
         plan.work_tokens += quiet_tokens
         plan.work_attention += quiet_attention
+        plan.work_context += quiet_context
         busy = scheduler_output.total_num_scheduled_tokens > 0
         for spec in plan.parked_loads:  # off the batch: every load, or a large one beside running requests
             large = spec.end - spec.start >= self.large_load_tokens
@@ -557,11 +565,12 @@ class KVTierConnector(KVConnectorBase_V1):
         costs = getattr(self.store, "costs", None)
         worker = self.worker
 
-        def observe(tokens: int, attention: float, seconds: float) -> None:  # measured compute, beside predictions
+        # Measured compute, beside predictions.
+        def observe(tokens: int, attention: float, seconds: float, context: float) -> None:
             worker._count("step_us", int(seconds * 1e6))
             worker._count("step_tokens", tokens)
             if costs is not None:
-                costs.observe_step(tokens, attention, seconds)
+                costs.observe_step(tokens, attention, seconds, context)
 
         self._clock = StepClock(paged.device, observe)
         self.store.metrics.keep_recent_latency()  # forwarded to vLLM's metrics (get_kv_connector_stats)

@@ -45,7 +45,7 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from kvtier import trace
-from kvtier.costs import CostModel
+from kvtier.costs import QUERY_TILE, CostModel
 from kvtier.keys import KeyChain, Namespace, chunk_keys
 
 log = logging.getLogger(__name__)
@@ -87,10 +87,12 @@ class StepPlan:
     loads: list[LoadSpec] = field(default_factory=list)  # read by this step's forward
     saves: list[SaveSpec] = field(default_factory=list)
     parked_loads: list[LoadSpec] = field(default_factory=list)  # requests waiting off the batch
-    # What the engine computes in this step: new tokens, and the sum over requests of new tokens x
-    # their mean context (the attention term of kvtier.costs); the worker times the step against it.
+    # What the engine computes in this step (kvtier.costs): new tokens; over requests of QUERY_TILE new
+    # tokens or more, new tokens x their mean context; over the others (decodes), their context length.
+    # The worker times the step against it.
     work_tokens: int = 0
     work_attention: float = 0.0
+    work_context: float = 0.0
     promote: list[bytes] = field(default_factory=list)  # chunks to copy up to the cpu tier (background)
 
 
@@ -166,6 +168,11 @@ class PrefixLedger:
         # The latest lookup's cost decision per request, for counters and the tiers' backlog when the
         # engine allocates (never for the hit: every lookup decides afresh).
         self._decisions: dict[str, _Decision] = {}
+        # Tokens the engine computes in this scheduling round for the requests allocated so far, and
+        # per request looked up in it, what it computes if allocated as decided (chunks_to_load's
+        # ``ahead``); both start over when the round's step is planned (on_step).
+        self._round_tokens = 0
+        self._to_compute: dict[str, int] = {}
         self._to_promote: dict[bytes, None] = {}  # keys for the next step's plan, in order
         # Counters for tests and logs.
         self.stats = {"queries": 0, "lookups": 0, "load_tokens": 0, "loads": 0,
@@ -211,11 +218,18 @@ class PrefixLedger:
     # ------------------------------------------------------------ lookups
     def num_new_matched_tokens(self, token_ids: Sequence[int], num_computed_tokens: int,
                                req_id: str | None = None) -> int:
-        """Tokens beyond ``num_computed_tokens`` that the store can supply; no side effects.
+        """Tokens beyond ``num_computed_tokens`` that the store can supply; no side effects on the
+        store (the decision is kept for when the engine allocates).
 
         Only chunks from the one holding ``num_computed_tokens`` on are asked about:
         chunks below it are computed already, whether or not a tier still holds them.
         """
+        got = self._matched(token_ids, num_computed_tokens, req_id)
+        if req_id is not None:
+            self._to_compute[req_id] = max(0, len(token_ids) - num_computed_tokens - got)
+        return got
+
+    def _matched(self, token_ids: Sequence[int], num_computed_tokens: int, req_id: str | None) -> int:
         self.stats["queries"] += 1
         n = len(token_ids)
         c = self.chunk_size
@@ -238,10 +252,10 @@ class PrefixLedger:
         cost_tiers = getattr(self.store, "cost_tiers", None)  # a disk chunk in the page cache reads ~10x faster
         if cost_tiers is not None:
             tiers = cost_tiers(keys[first:first + len(tiers)], tiers)
-        take, load_s, saved_s = self.costs.chunks_to_load(num_computed_tokens, tiers, n, limit)
+        take, load_s, saved_s = self.costs.chunks_to_load(num_computed_tokens, tiers, n, limit, self._round_tokens)
         if trace.ON:  # what the decision assumed, to set against what the load or the compute then took
             trace.record("sched.cost", time.perf_counter(), req=req_id, computed=num_computed_tokens, found=len(tiers),
-                         take=take, load_s=round(load_s, 5), saved_s=round(saved_s, 5),
+                         take=take, load_s=round(load_s, 5), saved_s=round(saved_s, 5), ahead=self._round_tokens,
                          **self.costs.snapshot(tiers))
         claim = max(num_computed_tokens, min((first + take) * c, limit))
         if req_id is not None:
@@ -266,6 +280,7 @@ class PrefixLedger:
         r = self.reqs.setdefault(req_id, _Req())
         r.block_ids = list(block_ids)
         r.external = max(0, int(num_external_tokens))
+        self._round_tokens += self._to_compute.pop(req_id, 0)
         r.parked = parked and r.external > 0
         if r.external:
             self._allocated[req_id] = r
@@ -361,6 +376,8 @@ class PrefixLedger:
         """Plan one step: loads and saves of the ``scheduled`` requests, and the loads of
         ``parked`` ones (:meth:`parked_ids`, with the engine's count of this step)."""
         plan = StepPlan()
+        self._round_tokens = 0  # this round's admissions are in; the next round starts empty
+        self._to_compute.clear()
         step_leases: list = []
         saving: set[bytes] = set()
         c, bs = self.chunk_size, self.block_size
@@ -370,11 +387,14 @@ class PrefixLedger:
                 plan.parked_loads.append(self._plan_load(p.req_id, r, p.token_ids, p.num_computed_tokens,
                                                          step_leases))
         reqs = self.reqs
-        work_tokens, work_attention = 0, 0.0
+        work_tokens, work_attention, work_context = 0, 0.0, 0
         for s in scheduled:  # every running request, every step: kept to plain local arithmetic
             new, computed = s.num_new_tokens, s.num_computed_tokens
             work_tokens += new
-            work_attention += new * (computed + new / 2)
+            if new >= QUERY_TILE:
+                work_attention += new * (computed + new / 2)
+            elif new:
+                work_context += computed + new
             r = reqs.get(s.req_id)
             if r is None:
                 r = reqs[s.req_id] = _Req()
@@ -404,6 +424,7 @@ class PrefixLedger:
                 r.chunks_considered = n_full
         plan.work_tokens += work_tokens
         plan.work_attention += work_attention
+        plan.work_context += work_context
         # An allocation the engine did not schedule (should not happen) must not leak a load.
         for r in self._allocated.values():
             r.external = 0

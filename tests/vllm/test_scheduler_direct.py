@@ -15,6 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvtier.costs import QUERY_TILE
 from kvtier.vllm.scheduler import PrefixLedger
 
 BLOCK = 32
@@ -382,7 +383,7 @@ def test_quiet_split_matches_a_plain_loop_over_random_steps():
         n = int(rng.integers(0, 40))
         ids = [f"r{i}" for i in range(n)]
         computed = [int(x) for x in rng.integers(0, 4 * CHUNK, n)]
-        new = rng.choice([1, 1, 1, 2, 40, 300], n).astype(np.int64)
+        new = rng.choice([1, 1, 1, 2, 40, 63, 64, 300], n).astype(np.int64)
         blocks = [None if rng.random() < 0.6 else ([int(rng.integers(0, 999))],) for _ in range(n)]
         planned = {r for r in ids if rng.random() < 0.1}
         known = {r for r in ids if rng.random() < 0.9}
@@ -394,16 +395,42 @@ def test_quiet_split_matches_a_plain_loop_over_random_steps():
             tables[req_id].extend(got)
             return True
 
-        loud, tokens, attention = quiet_split(ids, computed, new, blocks, CHUNK, planned, extend)
-        want_loud, want_tokens, want_attention = [], 0, 0.0
+        loud, tokens, attention, context = quiet_split(ids, computed, new, blocks, CHUNK, planned, extend)
+        want_loud, want_tokens, want_attention, want_context = [], 0, 0.0, 0
         want_tables: dict[str, list[int]] = {r: [] for r in known}
         for i, (r, cp, k, b) in enumerate(zip(ids, computed, new.tolist(), blocks)):
             if (cp + k) // CHUNK == cp // CHUNK and r not in planned and (b is None or r in known):
                 if b is not None:
                     want_tables[r].extend(b[0])
                 want_tokens += k
-                want_attention += k * (cp + k / 2)
+                if k >= QUERY_TILE:
+                    want_attention += k * (cp + k / 2)
+                else:
+                    want_context += cp + k
             else:
                 want_loud.append(i)
-        assert (loud, tokens, tables) == (want_loud, want_tokens, want_tables)
+        assert (loud, tokens, context, tables) == (want_loud, want_tokens, want_context, want_tables)
         assert attention == pytest.approx(want_attention)
+
+
+def test_decode_work_is_counted_as_context_and_prefill_work_as_attention():
+    """kvtier.costs fits a decode's read of its context apart from a prefill's attention (on an H100
+    a decode's costs ~80x more per token of context): both producers of a step's work, the ledger's
+    on_step (the requests it plans) and quiet_split (the connector's quiet ones), count a decode's and
+    a short tail's context, and a prefill's new tokens x their mean context."""
+    import numpy as np
+
+    from kvtier.keys import Namespace
+    from kvtier.vllm.connector import quiet_split
+    from kvtier.vllm.scheduler import ScheduledRequest
+
+    # (computed, new), none completing a chunk: a decode, a tail just short of a tile, a prefill.
+    work = {"decode": (4 * CHUNK + 10, 1), "tail": (2 * CHUNK + 20, QUERY_TILE - 1), "prefill": (5 * CHUNK, 200)}
+    want = (1 + QUERY_TILE - 1 + 200, 200 * (5 * CHUNK + 100), (4 * CHUNK + 11) + (2 * CHUNK + 20 + QUERY_TILE - 1))
+    ledger = PrefixLedger(None, Namespace("m", "float16", 2, 1, 64), CHUNK, BLOCK, saves=False)
+    plan = ledger.on_step([ScheduledRequest(r, list(range(cp + n + 1)), cp, n, None, False)
+                           for r, (cp, n) in work.items()])
+    assert (plan.work_tokens, plan.work_attention, plan.work_context) == want
+    computed, new = zip(*work.values())
+    loud, *counted = quiet_split(list(work), computed, np.array(new), [None] * 3, CHUNK, set(), lambda *_: True)
+    assert loud == [] and tuple(counted) == want
