@@ -125,9 +125,11 @@ def part_lmcache(model, engine, kv, prompts, v1_runner: bool = False) -> dict:
     return {**result, "settings": env}
 
 
-def part1(model, engine, kv, prompts, reps, cpu_only: bool = True, nosave: bool = False) -> dict:
+def part1(model, engine, kv, prompts, reps, cpu_only: bool = True, nosave: bool = False,
+          trace: str | None = None) -> dict:
     """vLLM alone (cold, APC hit) and kvtier (cold with saves, cpu-tier hit); with ``nosave`` kvtier's
-    cold runs again as a consumer, which saves nothing."""
+    cold runs again as a consumer, which saves nothing. ``trace``: a directory for the spans of both
+    kvtier engines (``KVTIER_TRACE``, trace_kvtier.jsonl and trace_nosave.jsonl)."""
     reset = {"op": "reset_prefix_cache"}
     warm = {"op": "ttft", "prompt": prompts[min(prompts)][0][:64]}
     gen = [{"op": "generate", "prompts": [prompts[n][0]], "max_tokens": 16} for n in prompts]
@@ -141,6 +143,7 @@ def part1(model, engine, kv, prompts, reps, cpu_only: bool = True, nosave: bool 
     base = run_phase(model, base_steps, None, engine)
     print(f"vllm alone: {time.time() - t:.0f} s (start-up {base['startup_s']:.0f} s)", flush=True)
     t = time.time()
+    _trace_to(trace, "kvtier")
     kvr = run_phase(model, kv_steps, kv, engine)
     print(f"kvtier: {time.time() - t:.0f} s (start-up {kvr['startup_s']:.0f} s)", flush=True)
     nosave_run = None
@@ -148,8 +151,10 @@ def part1(model, engine, kv, prompts, reps, cpu_only: bool = True, nosave: bool 
         t = time.time()
         fresh = kv["disk_path"] + "-nosave"
         shutil.rmtree(fresh, ignore_errors=True)
+        _trace_to(trace, "nosave")
         nosave_run = run_phase(model, kv_steps, kv | {"disk_path": fresh}, engine, kv_role="kv_consumer")
         print(f"kvtier, saving nothing: {time.time() - t:.0f} s", flush=True)
+    _trace_to(None, "")
     if not cpu_only:
         return {"base": base, "kvtier": kvr, "kvtier_cpu_only": None, "kvtier_nosave": nosave_run}
     # The same with the cpu tier only: no disk tier writing chunks behind the requests, to
@@ -159,6 +164,14 @@ def part1(model, engine, kv, prompts, reps, cpu_only: bool = True, nosave: bool 
                          {"tiers": ["cpu"]}, engine)
     print(f"kvtier, cpu tier only: {time.time() - t:.0f} s", flush=True)
     return {"base": base, "kvtier": kvr, "kvtier_cpu_only": cpu_only, "kvtier_nosave": nosave_run}
+
+
+def _trace_to(trace: str | None, name: str) -> None:
+    """Engines started after this write kvtier's spans to ``trace``/trace_``name``.jsonl (none: off)."""
+    os.environ.pop("KVTIER_TRACE", None)
+    if trace:
+        Path(trace).mkdir(parents=True, exist_ok=True)
+        os.environ["KVTIER_TRACE"] = str(Path(trace) / f"trace_{name}.jsonl")
 
 
 def part2(model, engine, kv, prompts, reps, native_gib: float | None) -> dict:
@@ -335,6 +348,8 @@ def main() -> int:
     ap.add_argument("--no-cpu-only", action="store_true", help="part 1 without the cpu-tier-only engine")
     ap.add_argument("--nosave", action="store_true",
                     help="part 1 also runs kvtier's cold steps as a consumer, which saves nothing (issue 28)")
+    ap.add_argument("--trace", default=None, help="part 1: a directory for kvtier's spans (KVTIER_TRACE) in its "
+                    "cold runs, with and without saving")
     ap.add_argument("--out", default="benchmarks/results/gpu_vllm_h200.json")
     args = ap.parse_args()
     STATE.mkdir(parents=True, exist_ok=True)
@@ -343,7 +358,8 @@ def main() -> int:
     prompts = _prompts(vocab, lengths, args.reps)
     per_token = kv_bytes_per_token(model, 4 if args.cpu else 2)  # float32 on the CPU dry run, bf16 on the GPU
     if args.part in ("1", "all"):
-        p1 = part1(model, engine, kv, prompts, args.reps, not args.no_cpu_only, args.nosave)
+        p1 = part1(model, engine, kv, prompts, args.reps, not args.no_cpu_only, args.nosave, args.trace)
+        p1["traced"] = bool(args.trace)
         (STATE / "part1.json").write_text(json.dumps(p1))
     if args.part == "lmcache":
         (STATE / "lmcache.json").write_text(json.dumps(part_lmcache(model, engine, kv, prompts)))
@@ -368,6 +384,7 @@ def main() -> int:
                             if not args.cpu else "tiny"), "engine": engine,
                   "kvtier": kv, "reps": args.reps, "limits": limits,
                   "page_cache_dropped_before_restart": p2["page_cache_dropped"],
+                  "kvtier_cold_runs_traced": p1.get("traced", False),
                   "startup_s": {"vllm": p1["base"]["startup_s"], "kvtier": p1["kvtier"]["startup_s"],
                                 "kvtier_restart": p2["restart"]["startup_s"],
                                 "native": p2["native"]["startup_s"] if p2["native"] else None,
