@@ -82,7 +82,9 @@ case "$step" in
   vllm1) python3 benchmarks/gpu_vllm.py --part 1 --out "$OUT/gpu_vllm_h200.json" ;;
   vllm1_short) python3 benchmarks/gpu_vllm.py --part 1 --no-cpu-only --out "$OUT/gpu_vllm_h200.json" ;;
   vllm1_nosave) python3 benchmarks/gpu_vllm.py --part 1 --no-cpu-only --nosave --trace "$OUT/vllm1_trace" \
-                  --out "$OUT/gpu_vllm_h200.json"; pack vllm1_trace "$OUT/vllm1_trace" ;;
+                  --out "$OUT/gpu_vllm_h200.json"
+                python3 benchmarks/cold_causes.py "$OUT/vllm1_trace" --out "$OUT/cold_causes_h200.json"
+                pack vllm1_trace "$OUT/vllm1_trace" ;;
   vllm_lmcache) python3 benchmarks/gpu_vllm.py --part lmcache ;;  # kept in /tmp/kvtier-gpu-vllm for vllm2's table
   vllm_lmcache_v1) python3 benchmarks/gpu_vllm.py --part lmcache_v1 ;;  # the same on vLLM's V1 runner (vllm2 reports it)
   vllm2) python3 benchmarks/gpu_vllm.py --part 2 --out "$OUT/gpu_vllm_h200.json" ;;
