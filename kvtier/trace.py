@@ -86,9 +86,23 @@ def _on_gc(phase: str, info: dict) -> None:
         record("gc", t, dur, generation=info.get("generation"), collected=info.get("collected"))
 
 
+def _after_fork_in_child() -> None:
+    """A forked child (vLLM's engine process) starts with an empty buffer: the lines in it are the
+    parent's, which writes them itself (inherited, they were written twice); so are the sampled
+    stacks. Its lock may have been held by a thread that does not exist in the child, and no sampler
+    thread survives the fork."""
+    global _lock, _sampling
+    _lines.clear()
+    _gc_started.clear()
+    _ring.clear()
+    _lock = threading.Lock()
+    _sampling = False
+
+
 if ON:
     atexit.register(flush)
     gc.callbacks.append(_on_gc)
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 SAMPLE_S = float(os.environ.get("KVTIER_TRACE_SAMPLE_MS") or 0) / 1e3 if ON else 0.0

@@ -1,5 +1,6 @@
 """kvtier.trace: spans record the thread's CPU time, so a step's host time splits into work and waiting."""
 
+import json
 import os
 import subprocess
 import sys
@@ -159,3 +160,26 @@ def test_sampling_is_off_without_its_setting(tmp_path):
                          env={**env, "KVTIER_TRACE": str(path)})
     assert out.stdout.strip() == "False"
     assert not path.exists()
+
+
+FORKED = """
+import os
+from kvtier import trace
+trace.record("before.fork", 1.0)
+pid = os.fork()
+if pid == 0:  # vLLM forks its engine process from the one that holds the LLM
+    trace.record("in.child", 2.0)
+    trace.flush()
+    os._exit(0)
+os.waitpid(pid, 0)
+trace.flush()
+"""
+
+
+def test_a_forked_child_does_not_write_its_parents_buffered_lines_again(tmp_path):
+    """On the H100 every line the benchmark's process buffered before vLLM forked its engine was in the
+    trace twice: the engine process inherited the buffer and flushed it as its own."""
+    path = tmp_path / "t.jsonl"
+    subprocess.run([sys.executable, "-c", FORKED], check=True, env={**os.environ, "KVTIER_TRACE": str(path)})
+    names = [json.loads(line)["name"] for line in path.read_text().splitlines()]
+    assert sorted(names) == ["before.fork", "in.child"]
