@@ -11,7 +11,7 @@
 # the others.
 # STEP: tests (tests/gpu), async1 (gpu_async auto,async; ASYNC1_MODES=auto: auto only), async2 (sync,native), async3 (alone: vLLM with no
 # connector, and lmcache: LMCache's local_cpu, issue 30),
-# vllm1 / vllm2 (gpu_vllm parts; vllm1_short: part 1 without the cpu-tier-only engine; vllm1_nosave: the same plus kvtier's cold runs as a consumer that saves nothing (issue 28), both kvtier engines traced; vllm_lmcache: LMCache's engine, between vllm1 and vllm2; vllm_lmcache_v1: the same on vLLM's V1 model runner), writer (bench_writer_gil: the disk tier's writers vs the engine thread), writer_ab (its variants: one thread, a writer process), writer_process (that one only), random (gpu_engine_random, with the save-fence check and its control), random_disk (the same over a disk tier), docs_A+B (gpu_docs configurations A and B; LMCache's: lmcache_cpu, lmcache_cpu4g_disk, lmcache_cpu4g_disk_dropped), lmcache_check (LMCache's import check alone), disk_read (bench_disk_read), sched_hooks (bench_sched_hooks: kvtier's scheduler hooks per decode step vs vLLM's own, on this host's CPU), remote (bench_remote: the remote tiers on this host's cores; the kit of benchmarks/gpu_remote/prepare.sh staged first), pd_single / pd_pd (gpu_pd: one engine, then prefill/decode through kvtier; two calls), faults_lmcache (gpu_engine_faults with LMCache under vLLM's default failure policy, FAULTS_FAIL=0: not, and under 'recompute', then kvtier), faults (kvtier's run only). Results land in $OUT (default /tmp/kvtier-gpu).
+# vllm1 / vllm2 (gpu_vllm parts; vllm1_short: part 1 without the cpu-tier-only engine; vllm1_nosave: the same plus kvtier's cold runs as a consumer that saves nothing (issue 28), both kvtier engines traced; vllm1_uva: part 1 with KVTIER_TRANSFER_MODE=uva; vllm_lmcache: LMCache's engine, between vllm1 and vllm2; vllm_lmcache_v1: the same on vLLM's V1 model runner), writer (bench_writer_gil: the disk tier's writers vs the engine thread), writer_ab (its variants: one thread, a writer process), writer_process (that one only), random (gpu_engine_random, with the save-fence check and its control), random_disk (the same over a disk tier), docs_A+B (gpu_docs configurations A and B; LMCache's: lmcache_cpu, lmcache_cpu4g_disk, lmcache_cpu4g_disk_dropped), lmcache_check (LMCache's import check alone), disk_read (bench_disk_read), sched_hooks (bench_sched_hooks: kvtier's scheduler hooks per decode step vs vLLM's own, on this host's CPU), remote (bench_remote: the remote tiers on this host's cores; the kit of benchmarks/gpu_remote/prepare.sh staged first), pd_single / pd_pd (gpu_pd: one engine, then prefill/decode through kvtier; two calls), faults_lmcache (gpu_engine_faults with LMCache under vLLM's default failure policy, FAULTS_FAIL=0: not, and under 'recompute', then kvtier), faults (kvtier's run only), save_tail (bench_save_tail). Results land in $OUT (default /tmp/kvtier-gpu).
 set -uo pipefail
 OUT=${OUT:-/tmp/kvtier-gpu}
 mkdir -p "$OUT"
@@ -85,6 +85,10 @@ case "$step" in
                   --out "$OUT/gpu_vllm_h200.json"
                 python3 benchmarks/cold_causes.py "$OUT/vllm1_trace" --out "$OUT/cold_causes_h200.json"
                 pack vllm1_trace "$OUT/vllm1_trace" ;;
+  vllm1_uva)  # kvtier's transfers in its uva path (the kernels write host memory: no copy engine), issue 28
+    KVTIER_TRANSFER_MODE=uva python3 benchmarks/gpu_vllm.py --part 1 --no-cpu-only --out "$OUT/gpu_vllm_h200.json" ;;
+  save_tail)  # what a step's save costs the end of that step, per transfer path (issue 28)
+    python3 benchmarks/bench_save_tail.py --out "$OUT/save_tail_h200.json" ;;
   vllm_lmcache) python3 benchmarks/gpu_vllm.py --part lmcache ;;  # kept in /tmp/kvtier-gpu-vllm for vllm2's table
   vllm_lmcache_v1) python3 benchmarks/gpu_vllm.py --part lmcache_v1 ;;  # the same on vLLM's V1 runner (vllm2 reports it)
   vllm2) python3 benchmarks/gpu_vllm.py --part 2 --out "$OUT/gpu_vllm_h200.json" ;;
