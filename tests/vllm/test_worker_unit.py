@@ -226,6 +226,28 @@ def test_full_pool_skips_save(store):
     assert store.contains(keys[:2]) == [False, False]
 
 
+def test_saves_are_planned_at_the_first_layer_hook_not_at_the_step_start(store):
+    """The step's start is where the GPU waits for the forward's first launch (an H100 spent 0.5 ms
+    planning an 8K-token save there): ``start_save`` only takes the specs, the first layer's hook
+    plans them (host slots taken), and what is saved is the same."""
+    w = KVWorker(store, PagedKV.from_vllm(_cpu_cache(), block_size=BS), C)
+    keys = chunk_keys(Namespace("unit-lazy", "float32", L, H, D), list(range(800)), C)
+    free = store.pool.free_slots
+    w.start_save([SaveSpec("r", [0, 1], keys[:2], list(range(20)))])
+    assert store.pool.free_slots == free  # nothing planned yet
+    w.save_layer(0)
+    assert store.pool.free_slots == free - 2
+    w.save_layer(1)
+    w.finish_save()
+    w.drain_saves()
+    assert store.contains(keys[:2]) == [True, True] and w.stats["saved_chunks"] == 2
+    # Saves no hook ran for are planned and copied at finish_save, as before.
+    w.start_save([SaveSpec("r", [2], keys[2:3], list(range(24)))])
+    w.finish_save()
+    w.drain_saves()
+    assert store.contains(keys[2:3]) == [True]
+
+
 # ---------------------------------------------------------------------- layer by layer
 def _loaded(cache, block_ids, lo, hi, chunk, base):
     """Tokens [lo, hi) of ``cache`` hold chunk ``chunk`` (token t at row t - base)."""
@@ -324,9 +346,9 @@ def test_failed_request_commits_nothing_and_returns_its_slots(store):
     keys = chunk_keys(ns, list(range(600)), C)
     free = store.pool.free_slots
     w.start_save([SaveSpec("ok", [0], keys[:1], list(range(8))), SaveSpec("bad", [1], keys[1:2], list(range(8, 24)))])
-    assert store.pool.free_slots == free - 2
     for layer in range(L):
         w.save_layer(layer)
+    assert store.pool.free_slots == free - 2
     w.finish_save(skip_reqs={"bad"})
     assert store.contains(keys[:2]) == [True, False]
     assert w.stats["saved_chunks"] == 1 and w.stats["skipped_saves"] == 1
@@ -450,6 +472,7 @@ def test_block_ids_past_the_cache_fail_the_load_and_skip_the_save(store):
     assert w._loads is None and store.pool.free_slots == free
     assert all((c == SENTINEL).all() for c in caches.values())
     w.start_save([SaveSpec("s", [0], [b"never".ljust(16, b"\0")], bad)])
+    w.finish_save()
     assert w._saves is None and w.stats["skipped_saves"] == 1 and store.pool.free_slots == free
 
 
