@@ -31,6 +31,8 @@ if [ -d /tmp/lmc-stage ]; then  # LMCache staged on this machine (issue 30): ins
 fi
 for step in "$@"; do
 [[ "$step" = vllm1* ]] && rm -rf /tmp/kvtier-gpu-vllm/disk
+# gpu_vllm's engines log vLLM's INFO lines, whose timed start-up parts its JSON keeps (startup_log)
+if [[ "$step" = vllm* ]]; then export VLLM_LOGGING_LEVEL=INFO; else unset VLLM_LOGGING_LEVEL; fi
 echo "== $step ($(date -u +%T))"
 case "$step" in
   tests)

@@ -392,6 +392,9 @@ def main() -> int:
                   "lmcache": None if lm is None else {"settings": lm.get("settings"), "skipped": lm.get("skipped"),
                                                       "log": lm.get("lmcache_log")},
                   "lmcache_v1_runner": v1,
+                  "startup_log": {name: run.get("startup_lines") for name, run in (
+                      ("vllm", p1["base"]), ("kvtier", p1["kvtier"]), ("kvtier_nosave", p1.get("kvtier_nosave")),
+                      ("kvtier_restart", p2["restart"]), ("native", p2["native"])) if run},
                   "rows": rows(p1, p2, limits, prompts, args.reps, lm)}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))

@@ -98,3 +98,14 @@ def test_same_keys_in_another_process():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONHASHSEED": "123", "PATH": ""}).stdout.strip()
     assert out.split(",") == [k.hex() for k in chunk_keys(NS, toks, CS)]
+
+
+@pytest.mark.parametrize("hash_name,want", [
+    ("blake3", ["9a87d8ad34d238a1dfa775160f9dfb69", "5705051f86b7e877569fbf8ac7bb6f41"]),
+    ("xxh3_128", ["bf30e5894f34a55b43164ec85f5e3385", "1868ca441f5088934583268ee7a22e42"]),
+])
+def test_keys_do_not_change_between_versions(hash_name, want):
+    """Chunks on disk and in Redis outlive the process that wrote them: a release that computed other
+    keys for the same tokens would miss every chunk stored before it, silently. A change of the key
+    format must change these values on purpose (and say so in the release notes)."""
+    assert [k.hex() for k in chunk_keys(NS, list(range(40)), CS, hash_name)] == want

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from kvtier.trace import summarize
 
 SCRIPT = """
@@ -183,3 +185,36 @@ def test_a_forked_child_does_not_write_its_parents_buffered_lines_again(tmp_path
     subprocess.run([sys.executable, "-c", FORKED], check=True, env={**os.environ, "KVTIER_TRACE": str(path)})
     names = [json.loads(line)["name"] for line in path.read_text().splitlines()]
     assert sorted(names) == ["before.fork", "in.child"]
+
+
+def test_cold_causes_sets_each_cold_request_against_the_spans_in_it(tmp_path, monkeypatch):
+    """benchmarks/cold_causes.py: per length, the first ``reps`` TTFT windows are the cold runs; the
+    spans that start inside one count toward it (kvtier's own threads by name apart), the hits and
+    what lies outside do not."""
+    import importlib.util
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench))
+    spec = importlib.util.spec_from_file_location("cold_causes", bench / "cold_causes.py")
+    causes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(causes)
+
+    def ttft(t, dur, tokens=2048):
+        return {"t": t, "dur": dur, "name": "phase.ttft", "thread": "MainThread", "tokens": tokens}
+
+    spans = [ttft(0.0, 0.050), ttft(1.0, 0.060), ttft(2.0, 0.020),  # cold, cold, then a hit
+             {"t": 0.010, "dur": 0.0, "name": "worker.step", "thread": "MainThread"},
+             {"t": 0.011, "dur": 0.002, "name": "step_host.worker", "thread": "MainThread"},
+             {"t": 0.020, "dur": 0.030, "name": "worker.wait_saves", "thread": "kvtier-save_0"},
+             {"t": 1.010, "dur": 0.0, "name": "worker.step", "thread": "MainThread"},
+             {"t": 1.020, "dur": 0.0, "name": "worker.step", "thread": "MainThread"},
+             {"t": 1.011, "dur": 0.004, "name": "step_host.worker", "thread": "MainThread"},
+             {"t": 2.005, "dur": 0.009, "name": "step_host.worker", "thread": "MainThread"},  # the hit's
+             {"t": 0.500, "dur": 0.1, "name": "gc", "thread": "MainThread"}]  # between requests
+    path = tmp_path / "trace_kvtier.jsonl"
+    path.write_text("".join(json.dumps(s) + "\n" for s in spans))
+    row = causes.summarize(path, reps=2)[2048]
+    assert row["ttft_ms"] == pytest.approx(55.0) and row["steps"] == 1.5 and row["host_ms"] == pytest.approx(3.0)
+    assert row["per_name_ms"]["worker.wait_saves [kvtier-save_0]"] == pytest.approx(15.0)  # median of 30 and 0
+    assert "gc" not in row["per_name_ms"]

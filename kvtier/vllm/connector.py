@@ -327,7 +327,8 @@ class KVTierConnector(KVConnectorBase_V1):
         self.layout = ChunkLayout(layers, self.config.chunk_size, width, dtype, mla)
         # In process, or a client of a `kvtier serve` process (same methods).
         open_store = get_remote_store if self.config.server else get_store
-        self.store = open_store(self.config, self.layout, self.namespace.label())
+        with span("connector.open_store", role=role.name):  # start-up: the host pool, the tiers, a writer
+            self.store = open_store(self.config, self.layout, self.namespace.label())
         self._requests: dict[str, Request] = {}
         self.ledger: PrefixLedger | None = None
         self.worker: KVWorker | None = None
@@ -579,7 +580,8 @@ class KVTierConnector(KVConnectorBase_V1):
             self.store.cpu.track_changes()  # reported to the scheduler (build_connector_worker_meta)
         if self.namespace.tp_size > 1:
             self._ranks = RankAgreement.tensor_parallel()
-        self.worker.warm_up()  # Triton: compile the kernels now, not in the first request's step
+        with span("worker.warm_up"):  # Triton: compile the kernels now, not in the first request's step
+            self.worker.warm_up()
         log.info("kvtier: KV cache layout %s, transfer backend %s", paged.describe(),
                  self.worker.backend.__name__.rsplit(".", 1)[-1])
 

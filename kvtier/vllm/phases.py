@@ -26,6 +26,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -139,6 +140,10 @@ def run_phase(model: str, steps: list[dict[str, Any]], kvtier: dict[str, Any] | 
     return run_engine_child([sys.executable, "-m", "kvtier.vllm.phases"], spec, MARK, timeout)
 
 
+# vLLM's INFO lines that time a part of its start-up (model load, torch.compile, CUDA graphs, ...).
+_STARTUP_LINE = re.compile(r"(took|takes|finished|elapsed)\b.*?\b[0-9]+(\.[0-9]+)? ?(s|sec|secs|seconds)\b")
+
+
 def run_engine_child(argv: list[str], spec: dict[str, Any], mark: str, timeout: float = 1200.0) -> dict[str, Any]:
     """Run ``argv`` (a process that starts a vLLM engine) with ``spec`` as JSON on stdin; return
     the JSON of its output line that starts with ``mark``. Whatever is left of its process group
@@ -163,7 +168,11 @@ def run_engine_child(argv: list[str], spec: dict[str, Any], mark: str, timeout: 
         text = log.read()
     for line in text.splitlines():
         if line.startswith(mark):
-            return json.loads(line[len(mark):])
+            result = json.loads(line[len(mark):])
+            timed = [t for t in map(str.strip, text.splitlines()) if _STARTUP_LINE.search(t)]
+            if timed:  # with VLLM_LOGGING_LEVEL=INFO: where the engine's start-up went
+                result["startup_lines"] = timed[:40]
+            return result
     raise RuntimeError(f"engine process failed (exit {proc.returncode}):\n{text[-4000:]}")
 
 
