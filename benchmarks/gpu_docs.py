@@ -8,9 +8,11 @@ cache must evict. Each configuration runs in its own engine process (kvtier.vllm
 2. every document with question 2, one at a time: TTFT of each;
 3. all documents with question 3 at once: wall time, 16 greedy tokens each.
 
-Configurations (``--configs``): ``vllm_alone``; ``kvtier_cpu`` (cpu tier of 24 GiB); ``kvtier_cpu_nosave``
-(the same as a decode instance, ``kv_role: kv_consumer``: kvtier present, nothing saved, so pass 1
-shows what its hooks cost without the saves); ``kvtier_default``
+Configurations (``--configs``): ``vllm_alone``; ``vllm_apc`` (vLLM alone with a GPU cache that holds
+every document: pass 3 reuses KV its prefix cache computed one document at a time, as kvtier's does;
+the control for pass 3's outputs, since bf16 results depend on the batch's shape); ``kvtier_cpu`` (cpu
+tier of 24 GiB); ``kvtier_cpu_nosave`` (the same as a decode instance, ``kv_role: kv_consumer``: kvtier
+present, nothing saved, so pass 1 shows what its hooks cost without the saves); ``kvtier_default``
 (no settings but ``disk_path``: cpu + disk, cpu size from the host's memory); ``kvtier_default_dropped``
 (the same, page cache dropped before pass 2); ``kvtier_default_settled`` (the same, pass 2 only once
 the writes behind pass 1 are done: what they cost pass 2); ``kvtier_cpu4g_disk`` and ``..._dropped`` (a 4 GiB cpu tier:
@@ -52,7 +54,7 @@ from gpu_lmcache import phase as lmcache  # noqa: E402
 from gpu_vllm import LLAMA_8B  # noqa: E402
 
 STATE = Path(os.environ.get("GPU_VLLM_STATE", "/tmp/kvtier-gpu-vllm"))
-ALL = ["vllm_alone", "kvtier_cpu", "kvtier_cpu_nosave", "kvtier_default", "kvtier_default_dropped",
+ALL = ["vllm_alone", "vllm_apc", "kvtier_cpu", "kvtier_cpu_nosave", "kvtier_default", "kvtier_default_dropped",
        "kvtier_default_settled",
        "kvtier_cpu4g_disk",
        "kvtier_cpu4g_disk_dropped", "vllm_offloading", "lmcache_cpu", "lmcache_cpu4g_disk",
@@ -114,6 +116,9 @@ def run_config(name: str, s: dict, docs, questions) -> dict:
     disk = STATE / "docs-disk"
     shutil.rmtree(disk, ignore_errors=True)
     engine = dict(s["engine"])
+    if name == "vllm_apc":  # every document and its questions fit: nothing is evicted
+        per_doc = s["doc_tokens"] + 4 * s["question"] + 64
+        engine["num_gpu_blocks_override"] = s["docs"] * per_doc // engine["block_size"]
     if name == "vllm_offloading":
         if s["native"] is None:
             return {"skipped": "vLLM's offloading runs on GPUs only"}
@@ -182,6 +187,10 @@ def summarize(name: str, result: dict, base: dict | None) -> list[dict]:
         row["tokens_from_connector"] = (after[full] - before.get(full, 0.0)) if full else None
         row["step_host"] = {side: step_host(before, after, side) for side in ("scheduler", "worker")}
         row["outputs_match"] = None if base is None else tokens_of(result, p) == tokens_of(base, p)
+        if p == 3 and base is not None:  # [document, first position that differs] for each that does
+            pairs = enumerate(zip(tokens_of(result, 3), tokens_of(base, 3)))
+            row["outputs_differ_at"] = [[i, next((j for j, (a, b) in enumerate(zip(x, y)) if a != b), len(x))]
+                                        for i, (x, y) in pairs if x != y]
         if p == 2 and dropped:
             row["page_cache"] = {k: v for k, v in dropped[0].items() if k != "op"}
         rows.append(row)

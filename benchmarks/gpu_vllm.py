@@ -50,7 +50,7 @@ import time
 from pathlib import Path
 
 from kvtier.models import kv_bytes_per_token
-from kvtier.vllm.phases import drop_page_cache_now, run_phase
+from kvtier.vllm.phases import drop_page_cache_now, run_phase, trace_engines_to
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_lmcache import phase as lmcache  # noqa: E402
@@ -143,7 +143,7 @@ def part1(model, engine, kv, prompts, reps, cpu_only: bool = True, nosave: bool 
     base = run_phase(model, base_steps, None, engine)
     print(f"vllm alone: {time.time() - t:.0f} s (start-up {base['startup_s']:.0f} s)", flush=True)
     t = time.time()
-    _trace_to(trace, "kvtier")
+    trace_engines_to(trace, "kvtier")
     kvr = run_phase(model, kv_steps, kv, engine)
     print(f"kvtier: {time.time() - t:.0f} s (start-up {kvr['startup_s']:.0f} s)", flush=True)
     nosave_run = None
@@ -151,10 +151,10 @@ def part1(model, engine, kv, prompts, reps, cpu_only: bool = True, nosave: bool 
         t = time.time()
         fresh = kv["disk_path"] + "-nosave"
         shutil.rmtree(fresh, ignore_errors=True)
-        _trace_to(trace, "nosave")
+        trace_engines_to(trace, "nosave")
         nosave_run = run_phase(model, kv_steps, kv | {"disk_path": fresh}, engine, kv_role="kv_consumer")
         print(f"kvtier, saving nothing: {time.time() - t:.0f} s", flush=True)
-    _trace_to(None, "")
+    trace_engines_to(None, "")
     if not cpu_only:
         return {"base": base, "kvtier": kvr, "kvtier_cpu_only": None, "kvtier_nosave": nosave_run}
     # The same with the cpu tier only: no disk tier writing chunks behind the requests, to
@@ -164,14 +164,6 @@ def part1(model, engine, kv, prompts, reps, cpu_only: bool = True, nosave: bool 
                          {"tiers": ["cpu"]}, engine)
     print(f"kvtier, cpu tier only: {time.time() - t:.0f} s", flush=True)
     return {"base": base, "kvtier": kvr, "kvtier_cpu_only": cpu_only, "kvtier_nosave": nosave_run}
-
-
-def _trace_to(trace: str | None, name: str) -> None:
-    """Engines started after this write kvtier's spans to ``trace``/trace_``name``.jsonl (none: off)."""
-    os.environ.pop("KVTIER_TRACE", None)
-    if trace:
-        Path(trace).mkdir(parents=True, exist_ok=True)
-        os.environ["KVTIER_TRACE"] = str(Path(trace) / f"trace_{name}.jsonl")
 
 
 def part2(model, engine, kv, prompts, reps, native_gib: float | None) -> dict:

@@ -218,3 +218,6 @@ def test_cold_causes_sets_each_cold_request_against_the_spans_in_it(tmp_path, mo
     assert row["ttft_ms"] == pytest.approx(55.0) and row["steps"] == 1.5 and row["host_ms"] == pytest.approx(3.0)
     assert row["per_name_ms"]["worker.wait_saves [kvtier-save_0]"] == pytest.approx(15.0)  # median of 30 and 0
     assert "gc" not in row["per_name_ms"]
+    assert row["step_starts_ms"] == [[10.0], [10.0, 20.0]]
+    hit = causes.summarize(path, reps=2, hits=True)[2048]  # the third TTFT span of the length
+    assert hit["ttft_ms"] == pytest.approx(20.0) and hit["host_ms"] == pytest.approx(9.0) and hit["steps"] == 0

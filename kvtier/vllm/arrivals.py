@@ -22,7 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kvtier.vllm.phases import drop_page_cache_now, reset_prefix_cache, run_engine_child, shutdown_engine, start_llm
+from kvtier.vllm.phases import (drop_page_cache_now, reset_prefix_cache, run_engine_child, shutdown_engine, start_llm,
+                                trace_engines_to)
 
 MARK = "@@KVTIER-ARRIVALS@@"
 # The scenario scaled down to vLLM's CPU engine (kvtier bench vllm --arrivals, gpu_async.py --cpu):
@@ -70,15 +71,14 @@ def bench_arrivals(model: str, engine: dict[str, Any], kv_bytes_per_token: int, 
         eng, kvc = configs[mode]
         shutil.rmtree(disk_dir, ignore_errors=True)
         t = time.time()
+        trace_engines_to(trace, mode)
         if trace:
-            Path(trace).mkdir(parents=True, exist_ok=True)
-            os.environ["KVTIER_TRACE"] = str(Path(trace) / f"trace_{mode}.jsonl")
             os.environ.setdefault("KVTIER_TRACE_SAMPLE_MS", "5")  # the engine thread's stacks in late steps
         try:
             r = run_mode({**spec, "engine": eng, "kvtier": kvc, "disk_arrivals": disk_arrivals if kvc else [],
                           "keep_times": bool(trace), "env": envs.get(mode, {})})
         finally:
-            os.environ.pop("KVTIER_TRACE", None)
+            trace_engines_to(None, "")
         if trace:
             (Path(trace) / f"times_{mode}.json").write_text(json.dumps(r))
             for run in r.values():

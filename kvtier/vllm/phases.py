@@ -166,14 +166,23 @@ def run_engine_child(argv: list[str], spec: dict[str, Any], mark: str, timeout: 
             kill_process_group(proc.pid)
         log.seek(0)
         text = log.read()
-    for line in text.splitlines():
+    lines = text.splitlines()
+    for line in lines:
         if line.startswith(mark):
             result = json.loads(line[len(mark):])
-            timed = [t for t in map(str.strip, text.splitlines()) if _STARTUP_LINE.search(t)]
+            timed = [t for t in map(str.strip, lines) if _STARTUP_LINE.search(t)]
             if timed:  # with VLLM_LOGGING_LEVEL=INFO: where the engine's start-up went
                 result["startup_lines"] = timed[:40]
             return result
     raise RuntimeError(f"engine process failed (exit {proc.returncode}):\n{text[-4000:]}")
+
+
+def trace_engines_to(trace: str | None, name: str) -> None:
+    """Engines started after this write kvtier's spans to ``trace``/trace_``name``.jsonl (None: no trace)."""
+    os.environ.pop("KVTIER_TRACE", None)
+    if trace:
+        Path(trace).mkdir(parents=True, exist_ok=True)
+        os.environ["KVTIER_TRACE"] = str(Path(trace) / f"trace_{name}.jsonl")
 
 
 def kill_process_group(pgid: int) -> None:
