@@ -79,12 +79,16 @@ _CFG = {
     "mode": os.environ.get("KVTIER_TRANSFER_MODE", "staged"),
     "staging_bytes": int(os.environ.get("KVTIER_STAGING_MB", "32")) << 20,  # one ring slot
     "staging_slots": int(os.environ.get("KVTIER_STAGING_SLOTS", "2")),
+    # A save's pieces stay this small: vLLM's copy of the sampled tokens to the host queues behind the
+    # save's DMAs in flight (two pieces), and 2 x 32 MiB of them added 1.27 ms to the step's end on an
+    # H100, 2 x 8 MiB 0.07-0.31 ms (benchmarks/bench_save_tail.py). Loads copy the other way.
+    "save_piece_bytes": int(os.environ.get("KVTIER_SAVE_PIECE_MB", "8")) << 20,
     "min_pieces": 4,  # split a transfer into at least this many pieces so DMA and gather overlap
 }
 
 
 def configure(mode: str | None = None, staging_bytes: int | None = None, staging_slots: int | None = None,
-              min_pieces: int | None = None) -> dict:
+              min_pieces: int | None = None, save_piece_bytes: int | None = None) -> dict:
     """Change the tunables (process-wide); returns the current settings."""
     if mode is not None:
         if mode not in ("staged", "uva"):
@@ -98,6 +102,8 @@ def configure(mode: str | None = None, staging_bytes: int | None = None, staging
         _CFG["staging_slots"] = int(staging_slots)
     if min_pieces is not None:
         _CFG["min_pieces"] = max(1, int(min_pieces))
+    if save_piece_bytes is not None:
+        _CFG["save_piece_bytes"] = max(1, int(save_piece_bytes))
     with _LOCK:
         _STATE.clear()  # ring is rebuilt with the new sizes on next use
     return dict(_CFG)
@@ -528,11 +534,12 @@ def _staged(d: _Dev, paged: PagedKV, slots: torch.Tensor, raws: list, tokens: in
     word, vec = _word_size(paged, d.anchor.data_ptr(), [b.data_ptr() for b in ring.bufs])
     geo = _geometry(paged, d, word, tokens)
     a = d.anchor.data_ptr()
-    pkey = (len(raws), tokens, ring.slot_bytes, tuple(runs), _CFG["min_pieces"])
+    limit = ring.slot_bytes if to_paged else min(ring.slot_bytes, _CFG["save_piece_bytes"])
+    pkey = (len(raws), tokens, limit, tuple(runs), _CFG["min_pieces"])
     cache = paged.__dict__.setdefault("_kvtier_pieces", {})
     pieces = cache.get(pkey)
     if pieces is None:
-        pieces = cache[pkey] = list(_pieces(paged, len(raws), tokens, ring.slot_bytes, runs))
+        pieces = cache[pkey] = list(_pieces(paged, len(raws), tokens, limit, runs))
     used: list[int] = []  # ring slots (streams) this call runs on, in first-use order
     j = ring.next
     for c0, c1, p0, npairs in pieces:

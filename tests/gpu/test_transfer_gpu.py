@@ -50,7 +50,7 @@ def _pair(kw, where):
 def _small_pieces():
     _tk().configure(staging_bytes=32 << 20, staging_slots=2, min_pieces=4)
     yield
-    _tk().configure(staging_bytes=32 << 20, staging_slots=2, min_pieces=4)
+    _tk().configure(staging_bytes=32 << 20, staging_slots=2, min_pieces=4, save_piece_bytes=8 << 20)
 
 
 def test_dispatch_picks_triton():
@@ -90,6 +90,24 @@ def test_equal_to_torch_ref(mode, where, kind, variant, dtype):
         torch_ref.scatter(c.paged, c.mapping, c.chunks, skip)
         for a, b in zip(g.storages(), c.storages()):
             assert torch.equal(a.cpu(), b)
+
+
+def test_save_pieces_capped_and_loads_not():
+    """A save's pieces stay within save_piece_bytes, so that the engine's copy of the sampled tokens
+    to the host never queues behind more than two of them; a load fills the ring's slots."""
+    kw = dict(kind="flash", dtype=torch.bfloat16, L=3, NB=40, BS=4, H=2, D=16, T=16, n_chunks=5, hole_p=0.2, seed=7)
+    g, c = _pair(kw, "pinned")
+    pair = g.T * g.paged.width * g.paged.itemsize
+    _tk().configure(staging_bytes=32 << 20, min_pieces=1, save_piece_bytes=pair)
+    gather(g.paged, g.mapping, g.chunks, 0, mode="staged", backend="triton").wait()
+    torch_ref.gather(c.paged, c.mapping, c.chunks, 0)
+    assert all(tt._eq_bytes(a, b) for a, b in zip(g.chunks4, c.chunks4))
+    cut = [p for ps in g.paged.__dict__["_kvtier_pieces"].values() for p in ps]
+    assert cut and all(c1 - c0 == 1 and npairs == 1 for c0, c1, _, npairs in cut), cut
+    g.paged.__dict__["_kvtier_pieces"].clear()
+    scatter(g.paged, g.mapping, g.chunks, 0, mode="staged", backend="triton").wait()
+    (whole,) = g.paged.__dict__["_kvtier_pieces"].values()
+    assert len(whole) == 1, whole  # 5 chunks of every pair fit one 32 MiB slot
 
 
 @pytest.mark.parametrize("mode", MODES)
