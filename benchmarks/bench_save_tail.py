@@ -41,7 +41,7 @@ HIDDEN, FFN = 4096, 14336  # Llama-3.1-8B
 SPACER_CYCLES = 30_000_000  # ~15-20 ms of GPU clock: longer than the host's enqueueing
 VARIANTS = {  # name: (mode, staging MiB, staging slots); None: no save
     "none": None,
-    "staged": ("staged", 32, 2),  # kvtier's default ring
+    "staged": ("staged", 32, 2),  # kvtier's default ring, saves in pieces as large as a slot (before 1e4188d)
     "staged-8M": ("staged", 8, 2),
     "staged-8M-4slots": ("staged", 8, 4),
     "staged-128M": ("staged", 128, 2),
@@ -103,7 +103,8 @@ def main() -> int:
         for name in names:
             v = VARIANTS[name]
             if v is not None and v[0] != "dma":
-                tk.configure(mode=v[0], staging_bytes=v[1] << 20, staging_slots=v[2])
+                # a save's pieces as large as the slot (the variants are ring sizes)
+                tk.configure(mode=v[0], staging_bytes=v[1] << 20, staging_slots=v[2], save_piece_bytes=v[1] << 20)
             tails, saves, hosts, ahead = [], [], [], 0
             for rep in range(args.reps + 2):  # the first two warm up (Triton variants, the ring)
                 torch.cuda.synchronize()
@@ -143,7 +144,7 @@ def main() -> int:
             row["ratio"] = row["tail_ms"] / base if base else None
             rows.append(row)
             print(json.dumps(row), flush=True)
-        tk.configure(mode="staged", staging_bytes=32 << 20, staging_slots=2)
+        tk.configure(mode="staged", staging_bytes=32 << 20, staging_slots=2, save_piece_bytes=8 << 20)
     result = {"command": "python3 " + " ".join(shlex.quote(a) for a in sys.argv), "gpu": torch.cuda.get_device_name(),
               "torch": torch.__version__, "rows": rows}
     with open(args.out, "w") as f:
