@@ -107,7 +107,7 @@ def steps_for(name: str, s: dict, docs: list[list[int]], questions: list[list[li
         out += [{"op": "ttft", "prompt": d + q[i], "pass": p + 1} for i, d in enumerate(docs)]
         out.append({"op": "metrics"})
     out.append({"op": "generate", "prompts": [d + questions[2][i] for i, d in enumerate(docs)], "max_tokens": 16,
-                "pass": 3})
+                "pass": 3, "margins": True})
     out.append({"op": "metrics"})
     return out
 
@@ -191,10 +191,19 @@ def summarize(name: str, result: dict, base: dict | None) -> list[dict]:
             pairs = enumerate(zip(tokens_of(result, 3), tokens_of(base, 3)))
             row["outputs_differ_at"] = [[i, next((j for j, (a, b) in enumerate(zip(x, y)) if a != b), len(x))]
                                         for i, (x, y) in pairs if x != y]
+            # each side's lead of its token over the runner-up where they part: ~0 for a near tie
+            mine, theirs = _pass3_margins(result), _pass3_margins(base)
+            if mine and theirs:
+                row["margins_where_differ"] = [[i, j, mine[i][j], theirs[i][j]] for i, j in row["outputs_differ_at"]
+                                               if j < min(len(mine[i]), len(theirs[i]))]
         if p == 2 and dropped:
             row["page_cache"] = {k: v for k, v in dropped[0].items() if k != "op"}
         rows.append(row)
     return rows
+
+
+def _pass3_margins(result: dict) -> list | None:
+    return next((x.get("margins") for x in result["steps"] if x.get("op") == "generate"), None)
 
 
 def main() -> int:

@@ -6,7 +6,9 @@ survives but what kvtier put on disk. The parent sends a JSON spec; the child st
 
 Steps:
 - ``{"op": "ttft", "prompt": [ids]}``: time of one request generating one token (its TTFT).
-- ``{"op": "generate", "prompts": [[ids]], "max_tokens": n}``: greedy outputs and wall time.
+- ``{"op": "generate", "prompts": [[ids]], "max_tokens": n}``: greedy outputs and wall time; with
+  ``"margins": true``, also each output token's log-probability lead over the runner-up (``margins``:
+  a near tie, where bf16 rounding alone can change the token, shows as a lead near 0).
 - ``{"op": "reset_prefix_cache"}``: empty vLLM's own prefix cache (kvtier keeps its copy); waits
   until vLLM agrees (:func:`reset_prefix_cache`), ``tries`` in its result.
 - ``{"op": "metrics"}``: kvtier's counters in vLLM's metrics so far (``vllm:kvtier_*``, summed over
@@ -177,6 +179,15 @@ def run_engine_child(argv: list[str], spec: dict[str, Any], mark: str, timeout: 
     raise RuntimeError(f"engine process failed (exit {proc.returncode}):\n{text[-4000:]}")
 
 
+def _margins(logprobs: list[dict] | None) -> list[float | None]:
+    """Per generated token, its log-probability minus the best other token's (None: not reported)."""
+    out: list[float | None] = []
+    for pos in logprobs or []:
+        top = sorted((lp.logprob for lp in pos.values()), reverse=True)
+        out.append(round(top[0] - top[1], 5) if len(top) > 1 else None)
+    return out
+
+
 def trace_engines_to(trace: str | None, name: str) -> None:
     """Engines started after this write kvtier's spans to ``trace``/trace_``name``.jsonl (None: no trace)."""
     os.environ.pop("KVTIER_TRACE", None)
@@ -335,13 +346,16 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
             results["steps"].append({"op": op, "s": time.perf_counter() - t, "cached": out.num_cached_tokens,
                                      "tokens": list(out.outputs[0].token_ids), "top2": _top2(out)})
         elif op == "generate":
-            sp = SamplingParams(max_tokens=step["max_tokens"], temperature=0.0, ignore_eos=True)
+            sp = SamplingParams(max_tokens=step["max_tokens"], temperature=0.0, ignore_eos=True,
+                                logprobs=2 if step.get("margins") else None)
             t = time.perf_counter()
             outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in step["prompts"]], sp, use_tqdm=False)
             results["steps"].append({"op": op, "s": time.perf_counter() - t,
                                      "cached": sum(o.num_cached_tokens or 0 for o in outs),
                                      "prompt_tokens": sum(len(p) for p in step["prompts"]),
                                      "outputs": [list(o.outputs[0].token_ids) for o in outs]})
+            if step.get("margins"):
+                results["steps"][-1]["margins"] = [_margins(o.outputs[0].logprobs) for o in outs]
         elif op == "metrics":  # after one more tiny request: the last step's counters reach the front end
             llm.generate([TokensPrompt(prompt_token_ids=[7] * 8)], one, use_tqdm=False)
             time.sleep(0.2)
