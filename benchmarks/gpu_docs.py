@@ -167,7 +167,7 @@ def summarize(name: str, result: dict, base: dict | None) -> list[dict]:
 
     def tokens_of(r: dict, p: int) -> list:
         if p == 3:
-            return [x["outputs"] for x in r["steps"] if x.get("op") == "generate"][0]
+            return _generate_step(r)["outputs"]
         return [x["tokens"] for x in r["steps"] if x.get("pass") == p]
 
     rows = []
@@ -192,7 +192,7 @@ def summarize(name: str, result: dict, base: dict | None) -> list[dict]:
             row["outputs_differ_at"] = [[i, next((j for j, (a, b) in enumerate(zip(x, y)) if a != b), len(x))]
                                         for i, (x, y) in pairs if x != y]
             # each side's lead of its token over the runner-up where they part: ~0 for a near tie
-            mine, theirs = _pass3_margins(result), _pass3_margins(base)
+            mine, theirs = _generate_step(result).get("margins"), _generate_step(base).get("margins")
             if mine and theirs:
                 row["margins_where_differ"] = [[i, j, mine[i][j], theirs[i][j]] for i, j in row["outputs_differ_at"]
                                                if j < min(len(mine[i]), len(theirs[i]))]
@@ -202,8 +202,9 @@ def summarize(name: str, result: dict, base: dict | None) -> list[dict]:
     return rows
 
 
-def _pass3_margins(result: dict) -> list | None:
-    return next((x.get("margins") for x in result["steps"] if x.get("op") == "generate"), None)
+def _generate_step(result: dict) -> dict:
+    """Pass 3's step: all documents at once (its outputs, and margins where recorded)."""
+    return next(x for x in result["steps"] if x.get("op") == "generate")
 
 
 def main() -> int:

@@ -183,8 +183,8 @@ def _margins(logprobs: list[dict] | None) -> list[float | None]:
     """Per generated token, its log-probability minus the best other token's (None: not reported)."""
     out: list[float | None] = []
     for pos in logprobs or []:
-        top = sorted((lp.logprob for lp in pos.values()), reverse=True)
-        out.append(round(top[0] - top[1], 5) if len(top) > 1 else None)
+        two = _two_likeliest(pos)
+        out.append(round(two[0][1] - two[1][1], 5) if len(two) > 1 else None)
     return out
 
 
@@ -219,9 +219,12 @@ def shutdown_engine(llm: Any) -> None:
 def _top2(out: Any) -> list[list[float]]:
     """[[token, logprob], ...] of the two likeliest first tokens (empty if not reported)."""
     lps = out.outputs[0].logprobs
-    if not lps:
-        return []
-    best = sorted(lps[0].items(), key=lambda kv: -kv[1].logprob)[:2]
+    return _two_likeliest(lps[0]) if lps else []
+
+
+def _two_likeliest(position: dict) -> list[list[float]]:
+    """[[token, logprob], ...] of the two likeliest tokens at one generated position."""
+    best = sorted(position.items(), key=lambda kv: -kv[1].logprob)[:2]
     return [[tok, lp.logprob] for tok, lp in best]
 
 
