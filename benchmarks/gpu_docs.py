@@ -26,7 +26,9 @@ imported, its configurations record the exact error (``skipped``) and the others
 The JSON's ``rows``: one per configuration and pass, with ``config``, ``pass``, ``ttft_mean_s``,
 ``wall_s``, ``tokens_from_kvtier`` (kvtier's loaded tokens in that pass), ``tokens_from_connector`` (the
 LMCache runs: vLLM's ``external_prefix_cache_hits``, the tokens LMCache supplied), ``outputs_match`` (first tokens
-of passes 1-2, all 16 tokens of pass 3, against ``vllm_alone``), and kvtier's cost model's view
+of passes 1-2, all 16 tokens of pass 3, against ``vllm_alone``; for pass 3 also ``outputs_differ_at``,
+``margins_where_differ`` and ``differ_from_vllm_apc``: where outputs part, with both sides' margins there),
+and kvtier's cost model's view
 (``predicted_load_s``, ``predicted_saved_s``, ``cost_skipped_tokens``, ``promoted_chunks``, ``fetch_s``).
 Results of earlier calls are kept in ``$GPU_VLLM_STATE/docs.json`` so that configurations can run in
 several device calls (``--configs a,b``) and the last call writes them all.
@@ -158,7 +160,9 @@ def step_host(before: dict, after: dict, side: str) -> dict | None:
             "p99_at_most_s": p99}
 
 
-def summarize(name: str, result: dict, base: dict | None) -> list[dict]:
+def summarize(name: str, result: dict, base: dict | None, control: dict | None = None) -> list[dict]:
+    """Rows of one configuration, one per pass, against ``base`` (vLLM alone) and, for pass 3's outputs,
+    ``control`` (``vllm_apc``: vLLM alone reusing its own prefix cache, the same reuse as a hit)."""
     if "skipped" in result:
         return [{"config": name, "pass": None, "skipped": result["skipped"]}]
     steps = result["steps"]
@@ -187,19 +191,27 @@ def summarize(name: str, result: dict, base: dict | None) -> list[dict]:
         row["tokens_from_connector"] = (after[full] - before.get(full, 0.0)) if full else None
         row["step_host"] = {side: step_host(before, after, side) for side in ("scheduler", "worker")}
         row["outputs_match"] = None if base is None else tokens_of(result, p) == tokens_of(base, p)
-        if p == 3 and base is not None:  # [document, first position that differs] for each that does
-            pairs = enumerate(zip(tokens_of(result, 3), tokens_of(base, 3)))
-            row["outputs_differ_at"] = [[i, next((j for j, (a, b) in enumerate(zip(x, y)) if a != b), len(x))]
-                                        for i, (x, y) in pairs if x != y]
-            # each side's lead of its token over the runner-up where they part: ~0 for a near tie
-            mine, theirs = _generate_step(result).get("margins"), _generate_step(base).get("margins")
-            if mine and theirs:
-                row["margins_where_differ"] = [[i, j, mine[i][j], theirs[i][j]] for i, j in row["outputs_differ_at"]
-                                               if j < min(len(mine[i]), len(theirs[i]))]
+        if p == 3 and base is not None:
+            row["outputs_differ_at"], row["margins_where_differ"] = _pass3_differences(result, base)
+        if p == 3 and control is not None:
+            row["differ_from_vllm_apc"] = _pass3_differences(result, control)[1]
         if p == 2 and dropped:
             row["page_cache"] = {k: v for k, v in dropped[0].items() if k != "op"}
         rows.append(row)
     return rows
+
+
+def _pass3_differences(result: dict, other: dict) -> tuple[list, list | None]:
+    """Where pass 3's outputs part from ``other``'s: [document, first position that differs] for each
+    that does, and [document, position, my margin, other's margin] there (each side's log-probability
+    lead of its token over the runner-up: ~0 for a near tie; None where margins were not recorded)."""
+    mine, theirs = _generate_step(result), _generate_step(other)
+    differ_at = [[i, next((j for j, (a, b) in enumerate(zip(x, y)) if a != b), len(x))]
+                 for i, (x, y) in enumerate(zip(mine["outputs"], theirs["outputs"])) if x != y]
+    m, t = mine.get("margins"), theirs.get("margins")
+    if not (m and t):
+        return differ_at, None
+    return differ_at, [[i, j, m[i][j], t[i][j]] for i, j in differ_at if j < min(len(m[i]), len(t[i]))]
 
 
 def _generate_step(result: dict) -> dict:
@@ -231,8 +243,8 @@ def main() -> int:
             print(f"{name} failed: {e}", flush=True)
             results[name] = {"skipped": f"failed: {str(e)[-2000:]}"}
         saved.write_text(json.dumps(results))
-    base = results.get("vllm_alone")
-    rows = [r for name in ALL if name in results for r in summarize(name, results[name], base)]
+    base, control = results.get("vllm_alone"), results.get("vllm_apc")
+    rows = [r for name in ALL if name in results for r in summarize(name, results[name], base, control)]
     import torch
     import vllm
 

@@ -36,3 +36,20 @@ def test_pass3_names_the_differing_document_position_and_both_margins() -> None:
     assert p3["margins_where_differ"] == [[1, 2, 0.02, 0.01]]
     (same,) = [r for r in gpu_docs.summarize("kvtier_cpu", copy.deepcopy(base), base) if r["pass"] == 3]
     assert same["outputs_match"] is True and same["outputs_differ_at"] == [] and same["margins_where_differ"] == []
+
+
+def test_pass3_is_also_set_against_vllm_apc_the_control_with_the_same_reuse() -> None:
+    """A document that parts from vLLM alone's but equals vLLM-with-its-prefix-cache's shows no
+    difference from the control; one that parts from both shows it with both margins."""
+    base = _run([[5, 6], [1, 2], [3, 4]], [[0.5, 0.4], [0.0, 0.3], [0.2, 0.1]])
+    control = copy.deepcopy(base)
+    next(x for x in control["steps"] if x["op"] == "generate")["outputs"][1] = [7, 2]
+    mine = copy.deepcopy(control)
+    gen = next(x for x in mine["steps"] if x["op"] == "generate")
+    gen["outputs"][2][1] = 8
+    gen["margins"][2][1] = 0.03125
+    (p3,) = [r for r in gpu_docs.summarize("kvtier_cpu", mine, base, control) if r["pass"] == 3]
+    assert p3["outputs_differ_at"] == [[1, 0], [2, 1]]
+    assert p3["differ_from_vllm_apc"] == [[2, 1, 0.03125, 0.1]]
+    (no_control,) = [r for r in gpu_docs.summarize("kvtier_cpu", mine, base) if r["pass"] == 3]
+    assert "differ_from_vllm_apc" not in no_control
