@@ -72,7 +72,7 @@ case "$step" in
       --out "$OUT/gpu_docs_h200.json"
     cp "${GPU_VLLM_STATE:-/tmp/kvtier-gpu-vllm}/docs.json" "$OUT/docs_state.json" ;;
   lmcache_check) python3 benchmarks/gpu_lmcache/phase.py --check ;;
-  disk_read) python3 benchmarks/bench_disk_read.py --out "$OUT/disk_read_h200.json" ;;
+  disk_read) python3 benchmarks/bench_disk_read.py --chunks 128 --json "$OUT/disk_read_h200.json" --label gpu_host ;;
   sched_hooks)  # kvtier's scheduler-side hooks per step on this host's CPU (issue 28), vLLM 0.24's Scheduler
     python3 benchmarks/bench_sched_hooks.py --json "$OUT/sched_hooks_gpu_host.json" --label gpu_host ;;
   remote)  # bench_remote on the GPU host (issue 26.4); needs the remote kit staged on this machine:
